@@ -1,0 +1,3 @@
+from btpo_cli.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""``btpo recipes``: list, show and validate the shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from btpo_cli.console import console, out
+from btpo_cli.errors import BtpoError
+
+app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo train --recipe`).",
+                  no_args_is_help=True)
+
+
+@app.command("list", help="List shipped recipes.")
+def list_recipes(method: str | None = typer.Option(None, "--method", help="Only this method's recipes.")) -> None:
+    from btpo_cli.recipes import description, recipes_dir, shipped
+
+    t = Table(title=f"recipes in {recipes_dir()}")
+    t.add_column("name")
+    t.add_column("description")
+    root = recipes_dir()
+    for p in shipped():
+        name = str(p.relative_to(root).with_suffix(""))
+        if method and not name.startswith(method + "/"):
+            continue
+        t.add_row(name, description(p))
+    out.print(t)
+
+
+@app.command("show", help="Print a recipe resolved into the full config (every key).")
+def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or path.")) -> None:
+    from btpo_cli.config import dump_yaml
+    from btpo_cli.recipes import find, validate_recipe
+
+    out.print(dump_yaml(validate_recipe(find(name))), markup=False, highlight=False, end="")
+
+
+@app.command("validate", help="Validate recipes (default: every shipped one). Exit 1 if any is invalid.")
+def validate(files: list[Path] = typer.Argument(None, help="Recipe files (default: all shipped).")) -> None:
+    from btpo_cli.recipes import shipped, validate_recipe
+
+    paths = files or shipped()
+    bad = 0
+    for p in paths:
+        try:
+            cfg = validate_recipe(p)
+            console.print(f"[green]ok[/]   {p}  ({cfg.method}, {cfg.model.name})", highlight=False)
+        except BtpoError as e:
+            bad += 1
+            console.print(f"[red]bad[/]  {e}", highlight=False)
+    if bad:
+        raise BtpoError(f"{bad} of {len(paths)} recipe(s) invalid")
+    console.print(f"{len(paths)} recipe(s) valid")

@@ -1,0 +1,333 @@
+"""The canonical preference-pair format (METHOD.md §8): validation, reading, writing.
+
+A record, one JSON object per line of ``train.jsonl`` / ``test.jsonl``::
+
+    {"id": "hh-00017",
+     "prompt":   [{"role": "system"|"user"|"assistant", "content": str}, ...],  # ends with a user turn
+     "chosen":   [{"role": "assistant", "content": str}],
+     "rejected": [{"role": "assistant", "content": str}],
+     "aspect": "helpful and harmless", "source": "hh-rlhf/helpful-base"}
+
+On import, a plain string is accepted for ``prompt`` (one user turn) and for ``chosen`` /
+``rejected`` (one assistant turn). A record that cannot be used is *skipped and counted*
+with its reason; ``strict=True`` turns the first skip into a :class:`DataError` that names
+the file, the line and the field.
+
+A dataset folder holds ``train.jsonl``, ``test.jsonl`` and ``manifest.json`` (counts,
+seed, sources, skip reasons, sha256 of every file).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from btpo_cli.errors import BtpoError, DataError
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_ASPECT = "helpful and harmless"
+SPLITS = ("train", "test")
+
+
+@dataclass
+class PairRecord:
+    """One preference pair in the canonical conversational format."""
+
+    id: str
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    aspect: str = DEFAULT_ASPECT
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen_text(self) -> str:
+        return self.chosen[-1]["content"]
+
+    @property
+    def rejected_text(self) -> str:
+        return self.rejected[-1]["content"]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not d["meta"]:
+            d.pop("meta")
+        return d
+
+
+class RecordSkip(Exception):
+    """Raised by :func:`normalize_record` for a record that cannot be used."""
+
+    def __init__(self, field: str | None, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped records by reason; in strict mode the first skip is an error."""
+
+    strict: bool = False
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, file: str, record: int | str | None, field: str | None, reason: str) -> None:
+        if self.strict:
+            raise DataError(file, record, field, reason + " (--strict)")
+        key = f"{field}: {reason}" if field else reason
+        self.counts[key] += 1
+        if key not in self.examples:
+            where = f"{file}:{record}" if record is not None else file
+            self.examples[key] = where
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
+                "first_seen": dict(sorted(self.examples.items()))}
+
+    def merge(self, other: SkipLog) -> None:
+        self.counts.update(other.counts)
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, v)
+
+
+def _messages(value: Any, field_name: str, default_role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict) and "role" in value:
+        value = [value]
+    if not isinstance(value, list):
+        raise RecordSkip(field_name, f"expected a string or a list of messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RecordSkip(f"{field_name}[{i}]", f"expected a message object, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RecordSkip(f"{field_name}[{i}].role", f"unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise RecordSkip(f"{field_name}[{i}].content", "missing or not a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _response(value: Any, field_name: str) -> list[dict[str, str]]:
+    msgs = _messages(value, field_name, "assistant")
+    if not msgs:
+        raise RecordSkip(field_name, "empty")
+    if msgs[-1]["role"] != "assistant":
+        raise RecordSkip(field_name, "the last message is not an assistant turn")
+    # Only the final assistant turn is the response being judged.
+    msgs = msgs[-1:]
+    if not msgs[0]["content"].strip():
+        raise RecordSkip(field_name, "empty response")
+    return msgs
+
+
+def normalize_record(raw: Any, index: int, default_aspect: str = DEFAULT_ASPECT,
+                     default_source: str = "") -> PairRecord:
+    """Validate one raw record and return it in canonical form, or raise :class:`RecordSkip`."""
+    if not isinstance(raw, dict):
+        raise RecordSkip(None, f"expected a JSON object, got {type(raw).__name__}")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in raw or raw[key] is None:
+            raise RecordSkip(key, "missing")
+    prompt = _messages(raw["prompt"], "prompt", "user")
+    if not prompt:
+        raise RecordSkip("prompt", "empty")
+    if prompt[-1]["role"] != "user":
+        raise RecordSkip("prompt", "must end with a user turn")
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
+        raise RecordSkip("prompt", "no non-empty user turn")
+    chosen = _response(raw["chosen"], "chosen")
+    rejected = _response(raw["rejected"], "rejected")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise RecordSkip("rejected", "identical to chosen")
+    aspect = raw.get("aspect") or default_aspect
+    if not isinstance(aspect, str):
+        raise RecordSkip("aspect", "not a string")
+    rid = raw.get("id")
+    rid = str(rid) if rid is not None else f"{default_source or 'pair'}-{index:07d}"
+    source = raw.get("source") or default_source
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    return PairRecord(id=rid, prompt=prompt, chosen=chosen, rejected=rejected,
+                      aspect=aspect, source=str(source), meta=meta)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def open_text(path: Path):
+    """Open a text file, reading ``.gz`` transparently."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)``; unparsable lines are skipped (or raise in strict mode)."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _iter_table(path: Path) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if isinstance(ds, datasets.DatasetDict):
+        raise BtpoError(f"{path}: holds several splits {list(ds)}; name one with --split")
+    yield from enumerate(ds, start=1)
+
+
+def iter_raw_records(source: str | Path, split: str | None, skips: SkipLog) -> Iterator[tuple[str, int, Any]]:
+    """Yield ``(file, record_number, raw_object)`` from any supported source.
+
+    ``source`` is a JSONL(.gz) file, a parquet file, a folder holding ``<split>.jsonl``, a folder
+    written by ``datasets.save_to_disk``, or a Hub dataset id (``owner/name``).
+    """
+    path = Path(source)
+    if path.is_dir():
+        for cand in (f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.parquet"):
+            if split and (path / cand).exists():
+                path = path / cand
+                break
+        else:
+            if (path / "dataset_dict.json").exists():
+                import datasets
+
+                dd = datasets.load_from_disk(str(path))
+                if split not in dd:
+                    raise BtpoError(f"{path}: no split '{split}' (has {list(dd)})")
+                for i, row in enumerate(dd[split], start=1):
+                    yield str(path), i, row
+                return
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+                for i, row in _iter_table(path):
+                    yield str(path), i, row
+                return
+            raise BtpoError(f"{path}: no {split}.jsonl here and not a saved datasets folder")
+    if path.exists():
+        name = path.name
+        if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            for lineno, obj in iter_jsonl(path, skips):
+                yield str(path), lineno, obj
+            return
+        if name.endswith(".parquet"):
+            for i, row in _iter_table(path):
+                yield str(path), i, row
+            return
+        raise BtpoError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+    if "/" in str(source) and not str(source).startswith((".", "/")):
+        yield from _iter_hub(str(source), split or "train")
+        return
+    raise BtpoError(f"{source}: no such file or folder")
+
+
+def _iter_hub(repo_id: str, split: str) -> Iterator[tuple[str, int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo_id, split=split)
+    except Exception as e:  # network, auth, missing split: say which source failed
+        raise BtpoError(
+            f"{repo_id}: could not load split '{split}' from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "download it and pass a local path instead"
+        ) from e
+    for i, row in enumerate(ds, start=1):
+        yield f"{repo_id}:{split}", i, row
+
+
+def read_pairs(source: str | Path, split: str = "train", strict: bool = False,
+               default_aspect: str = DEFAULT_ASPECT, skips: SkipLog | None = None) -> tuple[list[PairRecord], SkipLog]:
+    """Read and validate canonical pair records. Returns the records and the skip log."""
+    skips = skips if skips is not None else SkipLog(strict=strict)
+    out: list[PairRecord] = []
+    for file, num, raw in iter_raw_records(source, split, skips):
+        try:
+            out.append(normalize_record(raw, num, default_aspect=default_aspect))
+        except RecordSkip as s:
+            skips.skip(file, num, s.field, s.reason)
+    return out, skips
+
+
+# ----------------------------------------------------------------------------- writing
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSONL atomically (temp file + rename). Deterministic bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def write_dataset(out_dir: str | Path, splits: dict[str, list[PairRecord]], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<split>.jsonl`` for each split and ``manifest.json``; return the manifest.
+
+    The manifest gets ``counts`` and ``sha256`` filled in; everything else (``builder``, ``seed``,
+    ``sources``, ``skipped``, ...) comes from the caller. No timestamps, so the same inputs and
+    seed give byte-identical folders.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts, digests = {}, {}
+    for name, records in splits.items():
+        p = out / f"{name}.jsonl"
+        counts[name] = write_jsonl(p, (r.to_json() for r in records))
+        digests[p.name] = sha256_file(p)
+    from btpo_cli import __version__
+
+    full = {"format": "btpo-pairs/1", "btpo_version": __version__, **manifest,
+            "counts": counts, "sha256": digests}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
+    return full
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    p = Path(data_dir) / "manifest.json"
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(str(p), e.lineno, None, f"invalid JSON ({e.msg})") from e
+
+
+def dataset_name(data_dir: str | Path) -> str:
+    """The dataset's short name: the manifest's ``name`` or the folder name."""
+    m = read_manifest(data_dir) if Path(data_dir).is_dir() else {}
+    return str(m.get("name") or Path(str(data_dir).rstrip("/")).name or "data")

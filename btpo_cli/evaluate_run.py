@@ -1,0 +1,85 @@
+"""Evaluate a run folder on a dataset split and write ``eval/<dataset>.json`` (shared by all methods)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from btpo_cli import __version__
+from btpo_cli.config import Config
+from btpo_cli.data import dataset_name
+from btpo_cli.errors import BtpoError
+from btpo_cli.evaluation import EVAL_VERSION, PairResult, summarize
+from btpo_cli.runs import Run
+
+
+def model_dir_of(run: Run) -> Path:
+    if not run.final_dir.exists():
+        raise BtpoError(f"{run.root}: no final/ model yet (did training finish? `btpo train --out {run.root} "
+                        "--resume` completes it)")
+    return run.final_dir
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
+                 batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
+                 max_new_tokens: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """Run the method's evaluator and the shared protocol; write and return the eval summary."""
+    from btpo_cli.console import console
+    from btpo_cli.methods import get_method
+    from btpo_cli.trainer import load_split
+
+    run = Run(run_dir)
+    cfg: Config = run.load_config()
+    if data:
+        cfg.data.path = data
+    if batch_size:
+        cfg.eval.batch_size = batch_size
+    if samples is not None:
+        cfg.eval.samples = samples
+    if max_new_tokens:
+        cfg.eval.max_new_tokens = max_new_tokens
+    split = split or cfg.data.eval_split
+    model_dir = model_dir_of(run)
+    records = load_split(cfg, split, limit=limit if limit is not None else cfg.eval.limit)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impl = get_method(cfg.method)
+    name = dataset_name(cfg.data.path)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"{run.root.name} on {name}/{split}", total=len(records))
+        results: list[PairResult] = impl.evaluate(cfg, str(model_dir), records, dev,
+                                                  progress=lambda k: bar.advance(task, k))
+    summary = {
+        "eval_version": EVAL_VERSION,
+        "run": run.root.name,
+        "method": cfg.method,
+        "model": cfg.model.name,
+        "dataset": name,
+        "data_path": cfg.data.path,
+        "split": split,
+        "protocol": getattr(impl, "PROTOCOL", "pointwise"),
+        **summarize(results),
+        "checkpoint": str(model_dir),
+        "btpo_version": __version__,
+        "eval_config": cfg.eval.__dict__,
+    }
+    out_dir = run.root / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out_dir / f"{name}.json", summary)
+    with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

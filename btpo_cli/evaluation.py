@@ -1,0 +1,87 @@
+"""The evaluation protocol every method shares (METHOD.md §7).
+
+- Pointwise methods (BT, BT-prefilled, BTPO, GRPO-point) give each response a score; a pair is
+  correct iff ``score(chosen) > score(rejected)``; a tie counts 0.5; a missing score (format
+  failure) counts 0.
+- Pairwise methods (GRAM, GRPO-pair) are asked twice, chosen as A and chosen as B; each order
+  earns 1 / 0.5 (tie) / 0 (wrong or format failure) and the pair's credit is the mean.
+- Accuracy below 50% is clipped to 50%; the raw figure, the tie rate and the format-error rate
+  are reported beside it.
+
+The eval JSON carries ``eval_version``; ``btpo compare`` only puts results of one version side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+EVAL_VERSION = "btpo-eval/1"
+
+
+@dataclass
+class PairResult:
+    """The outcome of one test pair."""
+
+    id: str
+    credit: float
+    """In [0, 1]: 1 correct, 0.5 tie, 0 wrong or format failure (mean over orders for pairwise)."""
+    ties: int = 0
+    """Judgements that were ties (0..2 for pairwise, 0..1 for pointwise)."""
+    format_errors: int = 0
+    """Unparsable outputs: 0..2 (pointwise: one per response; pairwise: one per order)."""
+    judgements: int = 1
+    """How many judgements the pair took (1 pointwise comparison, or 2 orders)."""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def pointwise_result(pair_id: str, score_chosen: float | None, score_rejected: float | None,
+                     **detail: Any) -> PairResult:
+    """Correct iff score(chosen) > score(rejected); tie 0.5; a missing score is a format error (0)."""
+    errors = int(score_chosen is None) + int(score_rejected is None)
+    if errors:
+        return PairResult(pair_id, 0.0, 0, errors, 1, dict(detail, chosen=score_chosen, rejected=score_rejected))
+    if score_chosen > score_rejected:
+        credit, tie = 1.0, 0
+    elif score_chosen == score_rejected:
+        credit, tie = 0.5, 1
+    else:
+        credit, tie = 0.0, 0
+    return PairResult(pair_id, credit, tie, 0, 1, dict(detail, chosen=score_chosen, rejected=score_rejected))
+
+
+def order_credit(verdict: str | None, correct: str) -> tuple[float, int, int]:
+    """One order of a pairwise judgement → (credit, tie, format_error). ``verdict`` is 'A', 'B', 'tie' or None."""
+    if verdict is None:
+        return 0.0, 0, 1
+    if verdict == "tie":
+        return 0.5, 1, 0
+    return (1.0 if verdict == correct else 0.0), 0, 0
+
+
+def pairwise_result(pair_id: str, verdict_chosen_as_a: str | None, verdict_chosen_as_b: str | None,
+                    **detail: Any) -> PairResult:
+    """Average of the two orders: chosen shown as A (correct verdict 'A'), then as B (correct 'B')."""
+    c1, t1, e1 = order_credit(verdict_chosen_as_a, "A")
+    c2, t2, e2 = order_credit(verdict_chosen_as_b, "B")
+    return PairResult(pair_id, (c1 + c2) / 2, t1 + t2, e1 + e2, 2,
+                      dict(detail, chosen_as_a=verdict_chosen_as_a, chosen_as_b=verdict_chosen_as_b))
+
+
+def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
+    """Accuracy (clipped at 0.5), raw accuracy, tie and format-error rates (per judgement)."""
+    n = len(results)
+    if n == 0:
+        return {"n": 0, "accuracy": None, "raw_accuracy": None, "clipped": False,
+                "tie_rate": None, "format_error_rate": None}
+    raw = sum(r.credit for r in results) / n
+    judgements = sum(r.judgements for r in results)
+    return {
+        "n": n,
+        "accuracy": max(raw, 0.5),
+        "raw_accuracy": raw,
+        "clipped": raw < 0.5,
+        "tie_rate": sum(r.ties for r in results) / judgements,
+        "format_error_rate": sum(r.format_errors for r in results) / (2 * n),  # 2 scores or 2 orders per pair
+    }

@@ -1,0 +1,277 @@
+"""Pieces every training loop shares: accelerator, data order, optimizer, checkpoints, progress.
+
+The loops themselves live in ``btpo_cli/methods/<method>.py`` and read top to bottom; this module
+only holds what they would otherwise each repeat.
+
+Data order. Each optimizer step consumes one *global batch* of ``train.batch_size`` pairs drawn
+from a seeded permutation of the training set (a new permutation per epoch). Process ``r`` of
+``W`` takes the ``r``-th contiguous slice of that global batch and splits it into micro-batches
+for gradient accumulation. The sequence of global batches therefore depends only on the seed
+and the step, not on the number of processes, and resuming at step ``s`` needs nothing but
+``s``. (We slice ourselves rather than ``accelerator.prepare(dataloader)`` for exactly these
+two properties.) Each process's loss is ``sum over its pairs / (pairs per process)``; DDP's
+gradient averaging over processes then gives the global mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from btpo_cli.config import Config
+from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.runs import Run
+
+
+def use_cpu() -> bool:
+    """Train on CPU when no GPU is present. Under torchrun / ``accelerate launch --multi_gpu`` on a
+    CPU-only machine this makes accelerate form a gloo process group (MULTI_CPU) instead of
+    silently running each process alone."""
+    import os
+
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+def make_accelerator(cfg: Config, run: Run) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
+    acc = Accelerator(
+        cpu=use_cpu(),
+        mixed_precision="bf16" if use_bf16 else "no",
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
+        step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
+    )
+    run.is_main = acc.is_main_process
+    return acc
+
+
+@dataclass
+class BatchPlan:
+    """Deterministic global batches: step → pair indices (see the module docstring)."""
+
+    n: int
+    batch_size: int
+    seed: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, n: int, cfg: Config, num_processes: int) -> BatchPlan:
+        b = cfg.train.batch_size
+        if b % num_processes:
+            raise ConfigError(f"train.batch_size={b} is not divisible by the {num_processes} processes")
+        if n < b:
+            raise BtpoError(f"the training set has {n} usable pairs, fewer than train.batch_size={b}")
+        per_epoch = n // b
+        total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * per_epoch))
+        return cls(n=n, batch_size=b, seed=cfg.train.seed, total_steps=total)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def epoch_of(self, step: int) -> float:
+        """Fractional epoch reached after optimizer step ``step`` (1-based)."""
+        return step / self.steps_per_epoch
+
+    def global_batch(self, step: int) -> list[int]:
+        """Pair indices of optimizer step ``step`` (1-based)."""
+        epoch, pos = divmod(step - 1, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        return perm[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+
+    def local_batch(self, step: int, rank: int, world: int) -> list[int]:
+        idx = self.global_batch(step)
+        per = len(idx) // world
+        return idx[rank * per:(rank + 1) * per]
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                             eps=cfg.optim.eps)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    kind, floor = cfg.optim.scheduler, cfg.optim.min_lr_ratio
+
+    def factor(i: int) -> float:  # i = optimizer steps taken so far
+        if i < warmup:
+            return (i + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (i - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(floor, 1.0 - progress * (1 - floor))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def resume_step(acc: Any, run: Run, resume: bool) -> int:
+    """Load the latest complete checkpoint when resuming; return the step it ended at (0 if none)."""
+    if not resume:
+        return 0
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        if acc.is_main_process:
+            print(f"[btpo] {run.root}: no complete checkpoint; starting from step 0")
+        run.truncate_metrics(0)
+        return 0
+    acc.load_state(str(ckpt))
+    step = int(run.read_state(ckpt)["step"])
+    run.truncate_metrics(step)
+    acc.wait_for_everyone()
+    return step
+
+
+def reduce_stats(acc: Any, sums: dict[str, float], device: Any) -> dict[str, float]:
+    """Sum per-process sums of statistics across processes (same keys on every process)."""
+    if acc.num_processes == 1:
+        return dict(sums)
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    t = acc.reduce(t, reduction="sum")
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+class StepTimer:
+    """Accumulates wall time per named phase (``perf/<phase>_s``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = {f"perf/{k}_s": round(v, 4) for k, v in self.times.items()}, {}
+        return out
+
+
+class TrainProgress:
+    """A rich progress bar with loss and ETA on the main process; silent elsewhere."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from btpo_cli.console import console
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console, transient=False)
+        self.task = self.progress.add_task(description, total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, info: str) -> None:
+        if self.enabled:
+            self.progress.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def save_final(acc: Any, model: Any, tokenizer: Any, run: Run, meta: dict[str, Any]) -> None:
+    """Write ``final/`` atomically: weights loadable by plain transformers, tokenizer, btpo.json."""
+    import json
+    import os
+    import shutil
+
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        tmp = run.root / ".final.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        acc.unwrap_model(model).save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "btpo.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if run.final_dir.exists():
+            shutil.rmtree(run.final_dir)
+        os.replace(tmp, run.final_dir)
+    acc.wait_for_everyone()
+
+
+def load_split(cfg: Config, split: str, acc: Any = None, limit: int | None = None) -> list[Any]:
+    """Read and validate one split of ``cfg.data.path``; print the skip summary on the main process."""
+    from btpo_cli.console import console
+    from btpo_cli.data import read_pairs
+
+    records, skips = read_pairs(cfg.data.path, split, strict=cfg.data.strict)
+    lim = limit if limit is not None else (cfg.data.limit if split == cfg.data.train_split else None)
+    if lim is not None:
+        records = records[:lim]
+    if skips.total and (acc is None or acc.is_main_process):
+        reasons = "; ".join(f"{k} ×{v}" for k, v in skips.counts.most_common(5))
+        console.print(f"[yellow]{cfg.data.path} [{split}]: skipped {skips.total} record(s): {reasons}[/]")
+    if not records:
+        raise BtpoError(f"{cfg.data.path} [{split}]: no usable records")
+    return records
+
+
+def launch(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
+    """Prepare the run folder and run the method's training loop (every process calls this)."""
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from btpo_cli.console import console
+    from btpo_cli.methods import get_method
+
+    cfg.name = cfg.name or Path(cfg.out).name
+    impl = get_method(cfg.method)
+    state = PartialState(cpu=use_cpu())
+    run = Run(cfg.out, is_main=state.is_main_process)
+    run.check_new(resume, overwrite)
+    state.wait_for_everyone()
+    if not resume:
+        run.write_start(cfg, state.num_processes)
+    if state.is_main_process:
+        console.print(f"[bold]btpo train[/] method={cfg.method} model={cfg.model.name} data={cfg.data.path} "
+                      f"→ {run.root}  ({state.num_processes} process(es), {state.device})", highlight=False)
+    impl.train(cfg, run, resume)
+    if state.is_main_process:
+        console.print(f"[green]done[/]: {run.final_dir}", highlight=False)
+    return run
