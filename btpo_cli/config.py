@@ -111,7 +111,7 @@ class BTPOConfig:
     yes_no_normalize: bool = False
     """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
     schedule: str = "joint"
-    """``joint`` (L_score + L_thought together) or ``alternating`` (the earlier paper version)."""
+    """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
     rollout_engine: str = "hf"
     """Rollout engine: ``hf`` (transformers generate with a shared prefill)."""
 
@@ -291,7 +291,7 @@ _CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float32"),
     "btpo.thought_advantage": ("grpo", "exact"),
     "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
-    "btpo.schedule": ("joint", "alternating"),
+    "btpo.schedule": ("joint",),
     "btpo.rollout_engine": ("hf",),
 }
 

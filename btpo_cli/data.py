@@ -102,7 +102,7 @@ class SkipLog:
             self.examples.setdefault(k, v)
 
 
-def _messages(value: Any, field_name: str, default_role: str) -> list[dict[str, str]]:
+def to_messages(value: Any, field_name: str, default_role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if isinstance(value, dict) and "role" in value:
@@ -123,7 +123,7 @@ def _messages(value: Any, field_name: str, default_role: str) -> list[dict[str, 
 
 
 def _response(value: Any, field_name: str) -> list[dict[str, str]]:
-    msgs = _messages(value, field_name, "assistant")
+    msgs = to_messages(value, field_name, "assistant")
     if not msgs:
         raise RecordSkip(field_name, "empty")
     if msgs[-1]["role"] != "assistant":
@@ -143,7 +143,7 @@ def normalize_record(raw: Any, index: int, default_aspect: str = DEFAULT_ASPECT,
     for key in ("prompt", "chosen", "rejected"):
         if key not in raw or raw[key] is None:
             raise RecordSkip(key, "missing")
-    prompt = _messages(raw["prompt"], "prompt", "user")
+    prompt = to_messages(raw["prompt"], "prompt", "user")
     if not prompt:
         raise RecordSkip("prompt", "empty")
     if prompt[-1]["role"] != "user":
@@ -181,9 +181,9 @@ def iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")
+                skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg})")
 
 
 def _iter_table(path: Path) -> Iterator[tuple[int, Any]]:

@@ -11,6 +11,9 @@ BUDGETS = {
     # method: (steps full, steps quick, overrides)
     "bt": (60, 10, ["train.batch_size=16", "train.micro_batch_size=16", "optim.lr=1e-3",
                     "optim.warmup_ratio=0.05", "data.max_length=128"]),
+    "btpo": (20, 4, ["btpo.rollout_batch_size=16", "train.batch_size=8", "train.micro_batch_size=4", "btpo.k=4",
+                     "btpo.max_thought_tokens=16", "optim.lr=1e-3", "optim.warmup_ratio=0",
+                     "data.max_length=128", "eval.max_new_tokens=16"]),
 }
 
 

@@ -54,8 +54,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task(f"{run.root.name} on {name}/{split}", total=len(records))
+        out_dir = run.root / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
         results: list[PairResult] = impl.evaluate(cfg, str(model_dir), records, dev,
-                                                  progress=lambda k: bar.advance(task, k))
+                                                  progress=lambda k: bar.advance(task, k),
+                                                  artifacts=out_dir / name)
     summary = {
         "eval_version": EVAL_VERSION,
         "run": run.root.name,
@@ -70,8 +73,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
     }
-    out_dir = run.root / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sampled = [r for r in results if "sampled_chosen" in r.detail]
+    if sampled:
+        from btpo_cli.evaluation import pointwise_result
+
+        summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
+            [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
     _atomic_json(out_dir / f"{name}.json", summary)
     with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
         for r in results:

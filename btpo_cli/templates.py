@@ -81,3 +81,84 @@ def encode_response(tokenizer: Any, prompt: Messages, response: str, max_length:
         # fall back to the common prefix of the two renderings.
         head = head[: common_prefix_len(list(head), list(full))]
     return encode_split(tokenizer, head, full, max_length)
+
+
+# ----------------------------------------------------------------------------- the dialog-based GPM
+
+EVAL_INSTRUCTION = "Evaluate your previous response for {aspect}. Think it through step by step."
+RATING_QUESTION = "Based on your evaluation, is the response {aspect}? Strict format: Yes/No"
+_THOUGHT_SLOT = "\u2063THOUGHT\u2063"   # a sentinel that no tokenizer merges with its neighbours
+
+
+@dataclass
+class GPMPrompt:
+    """Token ids around the thought of one (prompt, response) in the dialog format (METHOD.md §2).
+
+    ``prefix``: turns 1-3 and the generation head of turn 4 — what the thought is sampled from.
+    ``suffix``: what follows the thought: the end of turn 4 (its end-of-turn token first), turn 5
+    (the rating question) and the generation head of turn 6. ``p(Yes)`` is read at its last token.
+    """
+
+    prefix: list[int]
+    suffix: list[int]
+    truncated: bool = False
+
+
+def gpm_messages(prompt: Messages, response: str, aspect: str, thought: str) -> Messages:
+    return prompt + [
+        {"role": "assistant", "content": response},
+        {"role": "user", "content": EVAL_INSTRUCTION.format(aspect=aspect)},
+        {"role": "assistant", "content": thought},
+        {"role": "user", "content": RATING_QUESTION.format(aspect=aspect)},
+    ]
+
+
+def encode_gpm(tokenizer: Any, prompt: Messages, response: str, aspect: str, max_prefix: int) -> GPMPrompt:
+    """Render the dialog with a sentinel thought and split the token ids around it.
+
+    The split is done on text at the sentinel; the suffix starts with a special token (the
+    end-of-turn), so tokenizing the two sides separately gives the same ids as the whole. The
+    prefix is cut from the left beyond ``max_prefix`` tokens (the response is kept when possible).
+    """
+    full = render(tokenizer, gpm_messages(prompt, response, aspect, _THOUGHT_SLOT), add_generation_prompt=True)
+    head, sep, tail = full.partition(_THOUGHT_SLOT)
+    if not sep:
+        raise ValueError("the chat template dropped the thought")
+    head_ids = encode_text(tokenizer, head)
+    truncated = len(head_ids) > max_prefix
+    if truncated:
+        # keep the response and the evaluation turn: cut only inside the original prompt
+        resp_head = render(tokenizer, prompt, add_generation_prompt=True)
+        n_prompt = common_prefix_len(encode_text(tokenizer, resp_head), head_ids)
+        rest = head_ids[n_prompt:]
+        if len(rest) >= max_prefix:
+            raise TooLong(f"response + evaluation turn is {len(rest)} tokens, more than {max_prefix}")
+        head_ids = left_truncate(head_ids[:n_prompt], max_prefix - len(rest), tokenizer.bos_token_id) + rest
+    return GPMPrompt(head_ids, encode_text(tokenizer, tail), truncated)
+
+
+def answer_token_id(tokenizer: Any, word: str) -> int:
+    """The id of ``word`` as the first token of an assistant turn, read off the chat template.
+
+    Families differ (leading space, BOS, header newlines); rendering an assistant turn whose
+    content is ``word`` and taking the first token after the generation head avoids guessing.
+    """
+    msgs = [{"role": "user", "content": "?"}]
+    head = encode_text(tokenizer, render(tokenizer, msgs, add_generation_prompt=True))
+    full = encode_text(tokenizer, render(tokenizer, msgs + [{"role": "assistant", "content": word}]))
+    n = common_prefix_len(head, full)
+    if n >= len(full):
+        raise ValueError(f"the chat template renders no token for {word!r}")
+    return full[n]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn (the thought's stop token), read off the template."""
+    msgs = [{"role": "user", "content": "?"}]
+    head = encode_text(tokenizer, render(tokenizer, msgs, add_generation_prompt=True))
+    full = encode_text(tokenizer, render(tokenizer, msgs + [{"role": "assistant", "content": "ok"}]))
+    ok = encode_text(tokenizer, "ok")
+    rest = full[common_prefix_len(head, full) + len(ok):]
+    if not rest:
+        raise ValueError("could not find the end-of-turn token in the chat template")
+    return rest[0]

@@ -18,7 +18,7 @@ EPILOG = """[bold]Examples[/]
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for data/ and runs/."),
     quick: bool = typer.Option(False, "--quick", help="A smaller budget (for smoke tests)."),
-    methods: str = typer.Option("bt", "--methods", help="Comma-separated methods to train."),
+    methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated methods to train."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Start the runs over if they exist."),
 ) -> None:

@@ -3,7 +3,7 @@
 | method        | module                 | protocol  |
 |---------------|------------------------|-----------|
 | bt            | ``methods/bt.py``      | pointwise |
-| btpo          | ``methods/btpo.py``    | pointwise |
+| btpo          | ``methods/btpo.py``    | pointwise (greedy thought, then p(Yes)) |
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
 
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
-             progress: Any = None) -> list[PairResult]:
+             progress: Any = None, artifacts: Any = None) -> list[PairResult]:
     """Score chosen and rejected of every pair with the trained reward model (pointwise protocol)."""
     tok = load_tokenizer(model_dir)
     model = load_reward_model(cfg.model, tok.pad_token_id, device.type, inference=True, path=model_dir)

@@ -1,0 +1,93 @@
+"""The dialog-based generative preference model (METHOD.md §2): sequences and one-pass scoring.
+
+A scored sequence is ``prefix + thought + tail`` where ``prefix`` ends at the generation head of
+the thought turn, ``thought`` is what the policy sampled (its end-of-turn token included when it
+stopped on it) and ``tail`` closes the thought turn, asks the rating question and opens the
+answer turn. ONE forward pass over it gives
+
+- the per-token log-probabilities of the thought tokens (the policy term ``log π(z | x, y)``), and
+- ``log p(Yes | x, y, z)`` from the next-token distribution at the last position,
+
+for the no-grad rollout pass (old log-probs, weights) and the training pass alike.
+
+The thought's log-probabilities include its end-of-turn token when it has one, so that π is a
+proper distribution over thoughts of at most ``max_thought_tokens`` tokens. They are computed at
+the sampling temperature (``logits / T``), the distribution the thoughts were drawn from; at
+``T = 1`` that is π itself. ``p(Yes)`` always uses the raw logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from btpo_cli.rollout import Sample, left_pad, positions
+from btpo_cli.templates import GPMPrompt
+
+
+@dataclass
+class ThoughtSeq:
+    ids: list[int]
+    """prefix + thought + tail."""
+    n_thought: int
+    """Thought tokens (scored by the policy term), directly before the tail."""
+    n_tail: int
+
+
+def thought_sequence(prompt: GPMPrompt, sample: Sample | list[int], eot_id: int) -> ThoughtSeq:
+    """Join a GPM prompt and a sampled thought. A thought that ended on the end-of-turn token
+    shares it with the tail (the tail's first token); a cut-off thought gets the whole tail."""
+    toks = sample.token_ids if isinstance(sample, Sample) else list(sample)
+    tail = prompt.suffix
+    if toks and toks[-1] == eot_id and tail and tail[0] == eot_id:
+        tail = tail[1:]
+    return ThoughtSeq(prompt.prefix + toks + tail, len(toks), len(tail))
+
+
+@dataclass
+class Scores:
+    logp: torch.Tensor
+    """(N, Tz) log-probabilities of the thought tokens (0 where masked)."""
+    mask: torch.Tensor
+    """(N, Tz) 1 for thought tokens."""
+    logp_yes: torch.Tensor
+    """(N,) log p(Yes | x, y, z)."""
+
+
+def score_thoughts(model: Any, seqs: list[ThoughtSeq], yes_id: int, no_id: int, pad_id: int,
+                   yes_no_normalize: bool = False, temperature: float = 1.0) -> Scores:
+    """One forward over N sequences → thought log-probs and log p(Yes). Grad flows if enabled.
+
+    Sequences are left-padded so that their tails align at the end; only the last
+    ``max(n_thought + n_tail) + 1`` positions go through the LM head (``logits_to_keep``).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad([s.ids for s in seqs], pad_id, device)                  # (N, T)
+    n, t = ids.shape
+    keep = max(s.n_thought + s.n_tail for s in seqs) + 1
+    keep = min(keep, t)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                logits_to_keep=keep)
+    logits = out.logits                                                          # (N, keep, V)
+    tz = max(1, max(s.n_thought for s in seqs))
+    n_th = torch.tensor([s.n_thought for s in seqs], device=device)
+    n_tl = torch.tensor([s.n_tail for s in seqs], device=device)
+    start_abs = t - n_tl - n_th                                                  # (N,) first thought token
+    ar = torch.arange(tz, device=device)
+    tok_abs = (start_abs[:, None] + ar[None, :]).clamp(max=t - 1)                # (N, Tz)
+    zmask = ar[None, :] < n_th[:, None]                                          # (N, Tz)
+    rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)                  # logits predicting the token
+    sel = logits[torch.arange(n, device=device)[:, None], rel].float()           # (N, Tz, V)
+    if temperature != 1.0:
+        sel = sel / temperature
+    tok = ids.gather(1, tok_abs)                                                 # (N, Tz)
+    logp = sel.gather(-1, tok[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
+    logp = torch.where(zmask, logp, torch.zeros_like(logp))
+    last = logits[:, -1, :].float()                                              # (N, V)
+    if yes_no_normalize:
+        logp_yes = torch.nn.functional.logsigmoid(last[:, yes_id] - last[:, no_id])
+    else:
+        logp_yes = last[:, yes_id] - torch.logsumexp(last, dim=-1)
+    return Scores(logp, zmask.to(logp.dtype), logp_yes)
