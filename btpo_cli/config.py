@@ -117,6 +117,41 @@ class BTPOConfig:
 
 
 @dataclass
+class PrefilledConfig:
+    """BT with a prefilled thought: the base model writes one greedy thought per response offline."""
+
+    max_thought_tokens: int = 1000
+    batch_size: int = 16
+    """Responses per generation batch when writing the thoughts."""
+
+
+@dataclass
+class GRAMConfig:
+    """GRAM: pairwise A/B label token trained by cross-entropy on both orders."""
+
+    label_smoothing: float = 0.0
+    """0.1 is the optional smoothing of METHOD.md §6."""
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate."""
+
+    g: int = 4
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1000
+    rollout_batch_size: int = 256
+    """Pairs per rollout; updates follow in minibatches of ``train.batch_size``."""
+    update_epochs: int = 1
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    agg: str = "token-mean"
+    beta: float = 0.0
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 1000
@@ -138,6 +173,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     btpo: BTPOConfig = field(default_factory=BTPOConfig)
+    prefilled: PrefilledConfig = field(default_factory=PrefilledConfig)
+    gram: GRAMConfig = field(default_factory=GRAMConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,6 +331,7 @@ _CHOICES = {
     "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
     "btpo.schedule": ("joint",),
     "btpo.rollout_engine": ("hf",),
+    "grpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
 }
 
 
@@ -309,7 +348,9 @@ def validate(cfg: Config) -> None:
         if v not in choices:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
     positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "btpo.k",
-                "btpo.max_thought_tokens", "btpo.rollout_batch_size", "btpo.update_epochs", "eval.batch_size"]
+                "btpo.max_thought_tokens", "btpo.rollout_batch_size", "btpo.update_epochs", "eval.batch_size",
+                "grpo.g", "grpo.max_new_tokens", "grpo.rollout_batch_size", "grpo.update_epochs",
+                "prefilled.max_thought_tokens", "prefilled.batch_size"]
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
@@ -319,6 +360,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if not 0 <= cfg.gram.label_smoothing < 1:
+        raise ConfigError(f"gram.label_smoothing: must be in [0, 1), got {cfg.gram.label_smoothing}")
     if cfg.btpo.temperature <= 0:
         raise ConfigError(f"btpo.temperature: must be positive, got {cfg.btpo.temperature}")
 

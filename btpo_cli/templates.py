@@ -162,3 +162,56 @@ def end_of_turn_id(tokenizer: Any) -> int:
     if not rest:
         raise ValueError("could not find the end-of-turn token in the chat template")
     return rest[0]
+
+
+# ----------------------------------------------------------------------------- baselines (METHOD.md §6)
+
+def conversation_text(prompt: Messages) -> str:
+    """The prompt turns as plain text, for judge prompts that quote a conversation."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in prompt)
+
+
+GRAM_PROMPT = (
+    "You are given a conversation and two candidate final responses from the assistant.\n\n"
+    "[Conversation]\n{conversation}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
+    "Which response is more {aspect}? Answer with a single letter: A or B."
+)
+"""GRAM: pairwise, no thought; the label token (A or B) is read at the assistant's generation head."""
+
+GRPO_PAIR_PROMPT = (
+    "You are given a conversation and two candidate final responses from the assistant.\n\n"
+    "[Conversation]\n{conversation}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
+    "Which response is more {aspect}? First explain your reasoning step by step, then give your final "
+    "verdict in exactly this format: [[A]] or [[B]]."
+)
+"""GRPO (pair), J1 / RM-R1 style: a rationale, then the verdict ``[[A]]`` or ``[[B]]``."""
+
+GRPO_POINT_PROMPT = (
+    "You are given a conversation and a candidate final response from the assistant.\n\n"
+    "[Conversation]\n{conversation}\n\n[Response]\n{response}\n\n"
+    "How {aspect} is the response? First explain your reasoning step by step, then give a score from 1 "
+    "to 10 in exactly this format: <score>N</score>."
+)
+"""GRPO (point), pointwise J1 style: a rationale, then ``<score>N</score>`` with N in 1..10."""
+
+
+def pairwise_messages(template: str, prompt: Messages, response_a: str, response_b: str,
+                      aspect: str) -> Messages:
+    return [{"role": "user", "content": template.format(conversation=conversation_text(prompt),
+                                                        response_a=response_a, response_b=response_b,
+                                                        aspect=aspect)}]
+
+
+def pointwise_messages(prompt: Messages, response: str, aspect: str) -> Messages:
+    return [{"role": "user", "content": GRPO_POINT_PROMPT.format(conversation=conversation_text(prompt),
+                                                                 response=response, aspect=aspect)}]
+
+
+def prefilled_messages(prompt: Messages, response: str, aspect: str, thought: str) -> Messages:
+    """BT with a prefilled thought: turns 1-4 of the GPM dialog (the thought written offline)."""
+    return prompt + [
+        {"role": "assistant", "content": response},
+        {"role": "user", "content": EVAL_INSTRUCTION.format(aspect=aspect)},
+        {"role": "assistant", "content": thought},
+    ]
