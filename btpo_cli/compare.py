@@ -1,96 +1,511 @@
-"""Collect eval results from run folders into the paper's results table (rows: backbone × method)."""
+"""Collect eval results from run folders into the paper's results table (Appendix B).
+
+Layout: one row per backbone (``model``) × ``method`` — methods in the order of
+:data:`METHOD_ORDER`, unknown methods after them alphabetically — and one column per dataset,
+plus an ``avg`` column. Figures are accuracies in percent (METHOD.md §7).
+
+Rules (also in ``btpo compare --help``):
+
+- **Shown figure.** The clipped accuracy (``max(raw, 50)``) by default; where a run was clipped the
+  raw figure follows in brackets, ``50.0 [43.2]``. ``show="raw"`` shows the raw accuracy instead,
+  and then ranks, averages and deltas use the raw figures.
+- **Seeds.** Several runs with the same (model, method, dataset), e.g. seeds, make one cell: the
+  mean over the runs of each run's figure (each run is clipped on its own before averaging), ± the
+  sample standard deviation (ddof = 1), and ``n=K`` the number of runs. One run: no ± and no n.
+- **avg.** Per backbone block, the mean of a row's cell means over the datasets that every row of
+  that block has; datasets only some rows have are left out of every row's avg, so the column
+  compares like with like within a block. The datasets used are listed per model (``avg_datasets``).
+  No ± on avg.
+- **Best.** Per backbone block (as the paper marks the best method for each model) and per column
+  (avg included), the highest shown figure, compared at the displayed precision (one decimal),
+  so ties are all marked. Marked only where at least two rows of the block have a figure.
+  Markdown: bold; rich table: bold green with a trailing ``*``; csv: ``<ds>_best``; json: ``best``.
+- **Delta to BT.** For every non-BT row, shown figure minus the BT row of the same backbone and
+  dataset (percentage points, ``(+3.2)``), when that BT cell exists.
+- **What is left out, and said so.** Eval files whose ``eval_version`` differs from this version
+  of btpo's (:data:`btpo_cli.evaluation.EVAL_VERSION`) are never mixed in: they are listed as
+  skipped, as are invalid JSON, empty evals and folders that are not run folders. A run folder
+  with no usable eval is listed as not evaluated. A folder that is not a run folder but holds run
+  folders (``runs/``) is expanded one level.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btpo_cli.errors import BtpoError
 from btpo_cli.evaluation import EVAL_VERSION
 
 METHOD_ORDER = ["bt", "bt-prefilled", "gram", "grpo-pair", "grpo-point", "btpo"]
+BASELINE = "bt"
+SHOW = ("clipped", "raw")
+
+
+class PlotDependencyMissing(BtpoError, ImportError):
+    """matplotlib is not installed (a BtpoError for the CLI, an ImportError for callers that catch that)."""
 
 
 @dataclass
-class Row:
+class RunEvals:
+    """One run folder and its usable eval summaries."""
+
+    path: Path
+    name: str
     model: str
     method: str
-    run: str
     results: dict[str, dict[str, Any]] = field(default_factory=dict)   # dataset → eval summary
 
 
 @dataclass
 class Collected:
-    rows: list[Row]
+    runs: list[RunEvals]
     datasets: list[str]
     missing_eval: list[str]
     skipped: list[str]
 
 
-def collect(run_dirs: list[Path]) -> Collected:
-    rows, datasets, missing, skipped = [], [], [], []
-    for d in run_dirs:
+@dataclass
+class Cell:
+    """One (model, method, dataset) figure, aggregated over runs. Percent."""
+
+    acc: float                 # mean of the clipped accuracies
+    acc_std: float | None      # sample std over runs (None with one run)
+    raw: float
+    raw_std: float | None
+    k: int                     # runs aggregated
+    clipped: bool              # any of them clipped
+    runs: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)       # per-run clipped figure
+    raw_values: list[float] = field(default_factory=list)   # per-run raw figure
+    n_pairs: int | None = None  # test pairs (None if the runs differ)
+    tie_rate: float | None = None
+    format_error_rate: float | None = None
+    best: bool = False
+    delta_bt: float | None = None
+
+    def shown(self, show: str) -> float:
+        return self.raw if show == "raw" else self.acc
+
+    def shown_std(self, show: str) -> float | None:
+        return self.raw_std if show == "raw" else self.acc_std
+
+
+@dataclass
+class TableRow:
+    model: str
+    method: str
+    runs: list[RunEvals]
+    cells: dict[str, Cell]
+    avg: Cell | None = None
+
+
+@dataclass
+class Table:
+    rows: list[TableRow]
+    datasets: list[str]
+    avg_datasets: dict[str, list[str]]      # model → datasets its avg column covers
+    show: str
+    missing_eval: list[str]
+    skipped: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def _expand(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """Run folders among ``paths`` (a folder of run folders is expanded one level), deduplicated."""
+    out, skipped, seen = [], [], set()
+    for p in paths:
+        if not p.is_dir():
+            skipped.append(f"{p}: not a folder")
+            continue
+        if (p / "config.yaml").exists():
+            cands = [p]
+        else:
+            cands = sorted(q for q in p.iterdir() if q.is_dir() and (q / "config.yaml").exists())
+            if not cands:
+                skipped.append(f"{p}: not a run folder")
+                continue
+        for q in cands:
+            key = q.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
+    return out, skipped
+
+
+def collect(run_dirs: Iterable[Path]) -> Collected:
+    dirs, skipped = _expand(run_dirs)
+    runs, datasets, missing = [], set(), []
+    for d in dirs:
         evals = sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []
-        if not (d / "config.yaml").exists():
-            skipped.append(f"{d}: not a run folder")
-            continue
-        if not evals:
-            missing.append(str(d))
-            continue
-        row = None
+        rec: RunEvals | None = None
         for e in evals:
             try:
                 s = json.loads(e.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 skipped.append(f"{e}: invalid JSON")
                 continue
-            if s.get("eval_version") != EVAL_VERSION:
-                skipped.append(f"{e}: eval_version {s.get('eval_version')!r} != {EVAL_VERSION}")
+            if not isinstance(s, dict):
+                skipped.append(f"{e}: not an eval summary")
                 continue
-            row = row or Row(model=s["model"], method=s["method"], run=d.name)
-            row.results[s["dataset"]] = s
-            if s["dataset"] not in datasets:
-                datasets.append(s["dataset"])
-        if row:
-            rows.append(row)
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    rows.sort(key=lambda r: (r.model, rank.get(r.method, 99), r.run))
-    return Collected(rows, sorted(datasets), missing, skipped)
+            if s.get("eval_version") != EVAL_VERSION:
+                skipped.append(f"{e}: eval_version {s.get('eval_version')!r} != {EVAL_VERSION!r} (re-run btpo eval)")
+                continue
+            if any(k not in s for k in ("model", "method", "dataset", "accuracy", "raw_accuracy")):
+                skipped.append(f"{e}: not an eval summary (missing keys)")
+                continue
+            if s["accuracy"] is None or not s.get("n"):
+                skipped.append(f"{e}: no pairs evaluated")
+                continue
+            if rec is None:
+                rec = RunEvals(path=d, name=d.name, model=str(s["model"]), method=method_label(s))
+            elif (s["model"], method_label(s)) != (rec.model, rec.method):
+                skipped.append(f"{e}: model/method {s['model']}/{s['method']} differ from the run's other evals "
+                               f"({rec.model}/{rec.method})")
+                continue
+            rec.results[str(s["dataset"])] = s
+            datasets.add(str(s["dataset"]))
+        if rec is None:
+            missing.append(str(d))
+        else:
+            runs.append(rec)
+    return Collected(runs, sorted(datasets), missing, skipped)
 
 
-def table_rows(c: Collected) -> list[dict[str, Any]]:
-    """Flat records: one per run, accuracy (percent) per dataset."""
-    out = []
-    for r in c.rows:
-        rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": r.run}
+# ----------------------------------------------------------------------------- the table
+
+
+def method_label(summary: dict[str, Any]) -> str:
+    """The row label: the method, with the run's ``tag`` (a variant such as ``no-omega``) in brackets."""
+    tag = summary.get("tag") or ""
+    return f"{summary['method']} ({tag})" if tag else str(summary["method"])
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    base = method.split(" (")[0]
+    return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def _std(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def _mean_opt(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _cell(entries: list[tuple[str, dict[str, Any]]]) -> Cell:
+    vals = [100 * float(s["accuracy"]) for _, s in entries]
+    raws = [100 * float(s["raw_accuracy"]) for _, s in entries]
+    ns = {s.get("n") for _, s in entries}
+    return Cell(acc=sum(vals) / len(vals), acc_std=_std(vals), raw=sum(raws) / len(raws), raw_std=_std(raws),
+                k=len(entries), clipped=any(bool(s.get("clipped")) for _, s in entries),
+                runs=[r for r, _ in entries], values=vals, raw_values=raws,
+                n_pairs=ns.pop() if len(ns) == 1 else None,
+                tie_rate=_mean_opt([s.get("tie_rate") for _, s in entries]),
+                format_error_rate=_mean_opt([s.get("format_error_rate") for _, s in entries]))
+
+
+def _mark_best(cells: list[Cell], show: str) -> None:
+    if len(cells) < 2:
+        return
+    top = max(round(c.shown(show), 1) for c in cells)
+    for c in cells:
+        c.best = round(c.shown(show), 1) == top
+
+
+def build_table(c: Collected, show: str = "clipped") -> Table:
+    """Aggregate runs into rows (model × method), mark the best per block, compute avg and deltas to BT."""
+    if show not in SHOW:
+        raise BtpoError(f"show={show!r}: expected one of {', '.join(SHOW)}")
+    groups: dict[tuple[str, str], list[RunEvals]] = {}
+    for r in c.runs:
+        groups.setdefault((r.model, r.method), []).append(r)
+    rows = []
+    warnings = []
+    for (model, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], method_rank(kv[0][1]))):
+        runs = sorted(runs, key=lambda r: r.name)
+        cells = {}
         for ds in c.datasets:
-            s = r.results.get(ds)
-            rec[ds] = None if s is None else round(100 * s["accuracy"], 2)
-            rec[f"{ds}_raw"] = None if s is None else round(100 * s["raw_accuracy"], 2)
-            rec[f"{ds}_n"] = None if s is None else s["n"]
-        out.append(rec)
-    return out
+            entries = [(r.name, r.results[ds]) for r in runs if ds in r.results]
+            if entries:
+                cells[ds] = _cell(entries)
+                if cells[ds].n_pairs is None:
+                    warnings.append(f"{model}/{method}/{ds}: runs were evaluated on different numbers of pairs")
+        rows.append(TableRow(model, method, runs, cells))
+
+    avg_datasets: dict[str, list[str]] = {}
+    for model in dict.fromkeys(r.model for r in rows):
+        block = [r for r in rows if r.model == model]
+        common = [ds for ds in c.datasets if all(ds in r.cells for r in block)]
+        avg_datasets[model] = common
+        for r in block:
+            if common:
+                acc = sum(r.cells[ds].acc for ds in common) / len(common)
+                raw = sum(r.cells[ds].raw for ds in common) / len(common)
+                r.avg = Cell(acc=acc, acc_std=None, raw=raw, raw_std=None, k=min(r.cells[ds].k for ds in common),
+                             clipped=False, runs=sorted({n for ds in common for n in r.cells[ds].runs}))
+        for ds in c.datasets:
+            _mark_best([r.cells[ds] for r in block if ds in r.cells], show)
+        _mark_best([r.avg for r in block if r.avg is not None], show)
+        base = next((r for r in block if r.method == BASELINE), None)
+        if base is not None:
+            for r in block:
+                if r is base:
+                    continue
+                for ds, cell in r.cells.items():
+                    if ds in base.cells:
+                        cell.delta_bt = cell.shown(show) - base.cells[ds].shown(show)
+                if r.avg is not None and base.avg is not None:
+                    r.avg.delta_bt = r.avg.shown(show) - base.avg.shown(show)
+    return Table(rows, c.datasets, avg_datasets, show, c.missing_eval, c.skipped, warnings)
 
 
-def to_csv(c: Collected) -> str:
-    rows = table_rows(c)
+# ----------------------------------------------------------------------------- formatting
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.1f}"
+
+
+def cell_text(cell: Cell | None, show: str, bold: tuple[str, str] = ("", "")) -> str:
+    """``74.5 ± 1.2 n=3 (+3.2)``; clipped: ``50.0 [43.2]``; ``bold`` wraps the value when best."""
+    if cell is None:
+        return "–"
+    v = f"{cell.shown(show):.1f}"
+    txt = f"{bold[0]}{v}{bold[1]}" if cell.best else v
+    if show == "clipped" and cell.clipped:
+        txt += f" [{cell.raw:.1f}]"
+    std = cell.shown_std(show)
+    if std is not None:
+        txt += f" ± {std:.1f}"
+    if std is not None:
+        txt += f" n={cell.k}"
+    if cell.delta_bt is not None:
+        txt += f" ({_signed(cell.delta_bt)})"
+    return txt
+
+
+def legend(t: Table) -> list[str]:
+    fig = "raw accuracy" if t.show == "raw" else "accuracy clipped at 50, raw in [brackets] where clipped"
+    lines = [f"{fig} (%); mean ± std over n runs (seeds); (±x) = difference to BT of the same backbone; "
+             "best per backbone block marked"]
+    for model, ds in t.avg_datasets.items():
+        if ds != t.datasets:
+            lines.append(f"avg for {model} over: {', '.join(ds) if ds else '(no dataset common to all rows)'}")
+    return lines
+
+
+def _as_table(t: Table | Collected) -> Table:
+    return build_table(t) if isinstance(t, Collected) else t
+
+
+def to_markdown(t: Table | Collected) -> str:
+    t = _as_table(t)
+    cols = [*t.datasets, "avg"]
+    lines = ["| model | method | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for r in t.rows:
+        cells = [cell_text(r.cells.get(ds), t.show, ("**", "**")) for ds in t.datasets]
+        cells.append(cell_text(r.avg, t.show, ("**", "**")))
+        lines.append(f"| {r.model} | {r.method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"_{ln}_  " for ln in legend(t))
+    return "\n".join(lines) + "\n"
+
+
+def to_rich(t: Table | Collected) -> Any:
+    t = _as_table(t)
+    from rich.table import Table as RichTable
+
+    fig = "raw accuracy (%)" if t.show == "raw" else "accuracy (%), clipped at 50, raw in [ ]"
+    rt = RichTable(title=fig, caption="* best in its backbone block · ± std over n runs · (±x) vs BT",
+                   show_lines=False)
+    rt.add_column("model", no_wrap=True)
+    rt.add_column("method", no_wrap=True)
+    for ds in [*t.datasets, "avg"]:
+        rt.add_column(ds, justify="right")
+    prev = None
+    for r in t.rows:
+        if prev is not None and r.model != prev:
+            rt.add_section()
+        prev = r.model
+        cells = [cell_text(r.cells.get(ds), t.show, ("[bold green]", "*[/]")) for ds in t.datasets]
+        cells.append(cell_text(r.avg, t.show, ("[bold green]", "*[/]")))
+        rt.add_row(r.model, r.method, *cells)
+    return rt
+
+
+def _r(x: float | None, nd: int = 2) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def _cell_json(cell: Cell, show: str) -> dict[str, Any]:
+    return {"value": _r(cell.shown(show)), "std": _r(cell.shown_std(show)), "accuracy": _r(cell.acc),
+            "accuracy_std": _r(cell.acc_std), "raw_accuracy": _r(cell.raw), "raw_accuracy_std": _r(cell.raw_std),
+            "clipped": cell.clipped, "n_runs": cell.k, "runs": cell.runs, "values": [_r(v) for v in cell.values],
+            "raw_values": [_r(v) for v in cell.raw_values], "n_pairs": cell.n_pairs,
+            "tie_rate": _r(cell.tie_rate, 4), "format_error_rate": _r(cell.format_error_rate, 4),
+            "best": cell.best, "delta_bt": _r(cell.delta_bt)}
+
+
+def to_json(t: Table | Collected) -> str:
+    t = _as_table(t)
+    rows = []
+    for r in t.rows:
+        rows.append({"model": r.model, "method": r.method, "runs": [x.name for x in r.runs],
+                     "run_paths": [str(x.path) for x in r.runs],
+                     "cells": {ds: _cell_json(c, t.show) for ds, c in r.cells.items()},
+                     "avg": None if r.avg is None else {k: v for k, v in _cell_json(r.avg, t.show).items()
+                                                        if k in ("value", "accuracy", "raw_accuracy", "n_runs",
+                                                                 "best", "delta_bt")}})
+    doc = {"eval_version": EVAL_VERSION, "show": t.show, "datasets": t.datasets, "avg_datasets": t.avg_datasets,
+           "rows": rows, "missing_eval": t.missing_eval, "skipped": t.skipped, "warnings": t.warnings}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def csv_columns(datasets: list[str]) -> list[str]:
+    per_ds = ("", "_raw", "_n", "_std", "_runs", "_clipped", "_best", "_delta_bt")
+    return (["model", "method", "run"] + [f"{ds}{s}" for ds in datasets for s in per_ds]
+            + ["avg", "avg_raw", "avg_best", "avg_delta_bt"])
+
+
+def to_csv(t: Table | Collected) -> str:
+    """One line per (model, method); ``<ds>`` is the shown figure (mean over runs), ``<ds>_n`` test pairs,
+    ``<ds>_runs`` runs aggregated, ``run`` the run folder names joined by ``;``."""
+    t = _as_table(t)
     buf = io.StringIO()
-    cols = ["model", "method", "run"] + [k for ds in c.datasets for k in (ds, f"{ds}_raw", f"{ds}_n")]
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=csv_columns(t.datasets), lineterminator="\n")
     w.writeheader()
-    for r in rows:
-        w.writerow(r)
+    for r in t.rows:
+        rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": ";".join(x.name for x in r.runs)}
+        for ds in t.datasets:
+            c = r.cells.get(ds)
+            if c is None:
+                continue
+            rec.update({ds: _r(c.shown(t.show)), f"{ds}_raw": _r(c.raw), f"{ds}_n": c.n_pairs,
+                        f"{ds}_std": _r(c.shown_std(t.show)), f"{ds}_runs": c.k, f"{ds}_clipped": int(c.clipped),
+                        f"{ds}_best": int(c.best), f"{ds}_delta_bt": _r(c.delta_bt)})
+        if r.avg is not None:
+            rec.update({"avg": _r(r.avg.shown(t.show)), "avg_raw": _r(r.avg.raw), "avg_best": int(r.avg.best),
+                        "avg_delta_bt": _r(r.avg.delta_bt)})
+        w.writerow(rec)
     return buf.getvalue()
 
 
-def to_markdown(c: Collected) -> str:
-    head = "| model | method | " + " | ".join(c.datasets) + " |"
-    sep = "|---|---|" + "---:|" * len(c.datasets)
-    lines = [head, sep]
-    for r in table_rows(c):
-        cells = ["–" if r[ds] is None else f"{r[ds]:.1f}" for ds in c.datasets]
-        lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------- the figure
+
+
+def _curve(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = sorted((int(r["step"]), float(r[key])) for r in rows
+                 if key in r and "step" in r and isinstance(r[key], (int, float)) and math.isfinite(r[key]))
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _smooth(ys: list[float], w: int) -> list[float]:
+    if w <= 1:
+        return ys
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= w:
+            acc -= ys[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def plot(t: Table | Collected, path: str | Path) -> Path:
+    """(a) grouped accuracy bars per dataset (+avg), error bars = std over runs; (b) ``train/loss`` per run;
+    (c) ``btpo/omega_mean`` per btpo run, when logged. Curves with more than 60 points are drawn with a
+    trailing moving average over ~1/30 of the run (the raw curve faint behind it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise PlotDependencyMissing("--plot needs matplotlib: pip install 'btpo[plot]'") from e
+    from btpo_cli.runs import Run
+
+    t = _as_table(t)
+    path = Path(path)
+    curves: list[tuple[int, str, dict[str, tuple[list[int], list[float]]]]] = []
+    for i, r in enumerate(t.rows):
+        for run in r.runs:
+            m = Run(run.path).read_metrics()
+            curves.append((i, f"{r.model} / {r.method} / {run.name}",
+                           {k: _curve(m, k) for k in ("train/loss", "btpo/omega_mean")}))
+    has_omega = any(c[2]["btpo/omega_mean"][0] for c in curves)
+
+    fig = Figure(figsize=(13, 9.5), layout="constrained")
+    gs = fig.add_gridspec(2, 2 if has_omega else 1, height_ratios=[1.1, 1])
+    ax = fig.add_subplot(gs[0, :])
+    cmap = matplotlib.colormaps["tab10" if len(t.rows) <= 10 else "tab20"]
+    colors = [cmap(i % cmap.N) for i in range(len(t.rows))]
+    cols = [*t.datasets, "avg"]
+    width = 0.8 / max(1, len(t.rows))
+    lo = 100.0
+    for i, r in enumerate(t.rows):
+        xs, hs, es = [], [], []
+        for j, ds in enumerate(cols):
+            cell = r.avg if ds == "avg" else r.cells.get(ds)
+            if cell is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            hs.append(cell.shown(t.show))
+            es.append(cell.shown_std(t.show) or 0.0)
+            lo = min(lo, cell.shown(t.show))
+        label = f"{r.model} / {r.method}" + (f" (n={max(c.k for c in r.cells.values())})"
+                                             if any(c.k > 1 for c in r.cells.values()) else "")
+        ax.bar(xs, hs, width=width * 0.95, color=colors[i], label=label)
+        err = [(x, h, e) for x, h, e in zip(xs, hs, es, strict=True) if e > 0]
+        if err:
+            ax.errorbar([x for x, _, _ in err], [h for _, h, _ in err], yerr=[e for _, _, e in err], fmt="none",
+                        ecolor="black", elinewidth=1, capsize=3)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylim(max(0.0, min(45.0, lo - 5)), 100)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("accuracy (%)" + (" — raw" if t.show == "raw" else " — clipped at 50"))
+    ax.set_title("(a) test accuracy per dataset (error bars: std over runs)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="model / method")
+
+    panels = [("train/loss", "(b) training loss", fig.add_subplot(gs[1, 0]))]
+    if has_omega:
+        panels.append(("btpo/omega_mean", "(c) BTPO misalignment weight ω̂ (mean)", fig.add_subplot(gs[1, 1])))
+    styles = ["-", "--", ":", "-."]
+    for key, title, pax in panels:
+        seen: dict[int, int] = {}
+        drawn = False
+        for i, label, cs in curves:
+            xs, ys = cs[key]
+            if not xs:
+                continue
+            k = seen.get(i, 0)
+            seen[i] = k + 1
+            w = max(1, len(xs) // 30) if len(xs) > 60 else 1
+            if w > 1:
+                pax.plot(xs, ys, color=colors[i], alpha=0.2, lw=0.6)
+            pax.plot(xs, _smooth(ys, w), color=colors[i], ls=styles[k % len(styles)], lw=1.4, label=label)
+            drawn = True
+        pax.set_title(title)
+        pax.set_xlabel("optimizer step")
+        pax.set_ylabel(key)
+        pax.grid(alpha=0.3)
+        if drawn:
+            pax.legend(fontsize=7, loc="best")
+        else:
+            pax.text(0.5, 0.5, f"no {key} in metrics.jsonl", ha="center", va="center", transform=pax.transAxes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -167,6 +167,8 @@ class Config:
     """One of: bt, bt-prefilled, gram, grpo-pair, grpo-point, btpo."""
     name: str = ""
     """Run name (defaults to the output folder's name)."""
+    tag: str = ""
+    """A variant label shown beside the method in ``btpo compare`` (e.g. ``no-omega``)."""
     out: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

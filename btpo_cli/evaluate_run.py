@@ -63,6 +63,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "eval_version": EVAL_VERSION,
         "run": run.root.name,
         "method": cfg.method,
+        "tag": cfg.tag,
         "model": cfg.model.name,
         "dataset": name,
         "data_path": cfg.data.path,

@@ -79,15 +79,20 @@ def score_thoughts(model: Any, seqs: list[ThoughtSeq], yes_id: int, no_id: int, 
     tok_abs = (start_abs[:, None] + ar[None, :]).clamp(max=t - 1)                # (N, Tz)
     zmask = ar[None, :] < n_th[:, None]                                          # (N, Tz)
     rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)                  # logits predicting the token
-    sel = logits[torch.arange(n, device=device)[:, None], rel].float()           # (N, Tz, V)
+    sel = _upcast(logits[torch.arange(n, device=device)[:, None], rel])         # (N, Tz, V)
     if temperature != 1.0:
         sel = sel / temperature
     tok = ids.gather(1, tok_abs)                                                 # (N, Tz)
     logp = sel.gather(-1, tok[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
     logp = torch.where(zmask, logp, torch.zeros_like(logp))
-    last = logits[:, -1, :].float()                                              # (N, V)
+    last = _upcast(logits[:, -1, :])                                             # (N, V)
     if yes_no_normalize:
         logp_yes = torch.nn.functional.logsigmoid(last[:, yes_id] - last[:, no_id])
     else:
         logp_yes = last[:, yes_id] - torch.logsumexp(last, dim=-1)
     return Scores(logp, zmask.to(logp.dtype), logp_yes)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions to float32; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -29,6 +29,8 @@ ALIASES: dict[str, ModelAlias] = {a.alias: a for a in [
     ModelAlias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "small, for benchmarks and smoke runs"),
     ModelAlias("tiny-qwen2", "(built locally)", "qwen2", "2 layers, 64 wide, local tokenizer: tests and demo"),
     ModelAlias("tiny-llama", "(built locally)", "llama3", "2 layers, 64 wide, local tokenizer: tests"),
+    ModelAlias("tiny-thinker", "(pre-trained locally)", "qwen2",
+               "3 layers, 96 wide, pre-trained on CPU to think a little about the synthetic task (demo)"),
 ]}
 
 
@@ -42,6 +44,10 @@ def quiet_transformers() -> None:
 
 def resolve_model(name: str) -> str:
     """Alias → local folder or Hub id; a path or Hub id is returned unchanged."""
+    if name == "tiny-thinker":
+        from btpo_cli.thinker import ensure_thinker
+
+        return str(ensure_thinker())
     if name.startswith("tiny-"):
         from btpo_cli.tiny import TINY_MODELS, ensure_tiny
 

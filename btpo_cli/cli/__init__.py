@@ -13,7 +13,7 @@ import click
 import typer
 
 from btpo_cli import __version__
-from btpo_cli.cli import build_data, compare, demo, models, recipes, train
+from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, train
 from btpo_cli.cli import eval as eval_cmd
 from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
@@ -53,6 +53,7 @@ app.command("compare", help=compare.HELP, epilog=compare.EPILOG)(compare.compare
 app.add_typer(recipes.app, name="recipes")
 app.command("models", help=models.HELP)(models.models)
 app.command("demo", help=demo.HELP, epilog=demo.EPILOG)(demo.demo)
+app.command("base-model", help=base_model.HELP, epilog=base_model.EPILOG)(base_model.base_model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,20 +22,22 @@ def _done(manifest: dict, folder: Path) -> None:
     out.print(str(folder), markup=False, highlight=False)
 
 
-@app.command("synthetic", epilog="[bold]Example[/]\n\n  btpo build-data synthetic --out data/synthetic --n-train 2000 --n-test 200")
+@app.command("synthetic", epilog="[bold]Example[/]\n\n  btpo build-data synthetic --out data/synthetic --n-train 2000 "
+             "--n-test 200 --ops 3 --label-noise 0.1")
 def synthetic(
     out_dir: Path = typer.Option(Path("data/synthetic"), "--out", "-o", help="Output folder."),
     n_train: int = typer.Option(2000, "--n-train", min=1, help="Training pairs."),
     n_test: int = typer.Option(200, "--n-test", min=1, help="Test pairs."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    digits: int = typer.Option(2, "--digits", min=1, max=9, help="Digits per operand (difficulty)."),
+    digits: int = typer.Option(1, "--digits", min=1, max=6, help="Digits per operand (difficulty)."),
+    ops: int = typer.Option(3, "--ops", min=1, max=8, help="Operations per expression (difficulty)."),
+    label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=0.5,
+                                      help="Fraction of training pairs with chosen/rejected swapped."),
 ) -> None:
-    """A small arithmetic preference set (right result vs near miss); needs no Hub."""
+    """Multi-step arithmetic pairs (right result vs near miss): hard to judge without thinking; no Hub."""
     from data_builders.synthetic import build_synthetic
 
-    _done(build_synthetic(out_dir, n_train, n_test, seed, digits), out_dir)
-
-
+    _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise), out_dir)
 
 
 def print_manifest(manifest: dict) -> None:

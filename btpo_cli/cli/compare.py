@@ -1,62 +1,74 @@
-"""``btpo compare``: the results table from run folders."""
+"""``btpo compare``: the results table (the paper's Appendix B layout) and an optional figure."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
 
-HELP = "Compare evaluated runs: rows = backbone × method, columns = datasets."
+HELP = """Compare evaluated runs: rows = backbone × method, columns = datasets + avg.
+
+Figures are test accuracies (%), clipped at 50 with the raw figure in [brackets] where clipped
+(--show raw shows raw accuracies instead). Runs with the same model, method and dataset (seeds)
+are averaged: mean ± sample std, n = number of runs. avg = mean over the datasets every row of
+that backbone has. The best figure of each column within each backbone block is marked (bold in
+markdown, * in the table, best flags in csv/json). (+x) = difference to the BT row of the same
+backbone, in points. Eval files of another eval_version are skipped and listed; run folders
+without an eval are listed as not evaluated. A folder of run folders (runs/) is expanded."""
+
 EPILOG = """[bold]Examples[/]
 
   btpo compare runs/*
 
-  btpo compare runs/* --format markdown > results.md
+  btpo compare runs/ --format markdown > results.md
+
+  btpo compare runs/* --format csv --show raw
+
+  btpo compare runs/* --plot results.png     [dim](needs matplotlib: pip install 'btpo\\[plot]')[/]
 """
 
 
 def compare(
-    runs: list[Path] = typer.Argument(..., help="Run folders (each with eval/*.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with eval/*.json), or folders of run folders."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json."),
+    show: str = typer.Option("clipped", "--show", help="clipped (default, raw in brackets when clipped) | raw."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
+                                     "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
 ) -> None:
-    from btpo_cli.compare import collect, table_rows, to_csv, to_markdown
+    from btpo_cli.compare import build_table, collect, to_csv, to_json, to_markdown, to_rich
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: expected table, markdown, csv or json")
-    c = collect([p for p in runs if p.is_dir()])
-    if not c.rows:
+    if show not in ("clipped", "raw"):
+        raise typer.BadParameter(f"--show {show!r}: expected clipped or raw")
+    c = collect(runs)
+    if not c.runs:
         raise BtpoError("no evaluated runs among the given folders (run `btpo eval --checkpoint RUN` first)"
-                        + (f"; not evaluated: {', '.join(c.missing_eval)}" if c.missing_eval else ""))
+                        + (f"; not evaluated: {', '.join(c.missing_eval)}" if c.missing_eval else "")
+                        + (f"; skipped: {'; '.join(c.skipped)}" if c.skipped else ""))
+    t = build_table(c, show)
     if fmt == "csv":
-        out.print(to_csv(c), end="", markup=False, highlight=False)
+        out.print(to_csv(t), end="", markup=False, highlight=False, soft_wrap=True)
     elif fmt == "markdown":
-        out.print(to_markdown(c), end="", markup=False, highlight=False)
+        out.print(to_markdown(t), end="", markup=False, highlight=False, soft_wrap=True)
     elif fmt == "json":
-        out.print(json.dumps({"datasets": c.datasets, "rows": table_rows(c), "missing_eval": c.missing_eval},
-                             indent=2), markup=False, highlight=False)
+        out.print(to_json(t), end="", markup=False, highlight=False, soft_wrap=True)
     else:
-        t = Table(title="accuracy (%) — clipped at 50; raw in brackets when clipped")
-        t.add_column("model")
-        t.add_column("method")
-        for ds in c.datasets:
-            t.add_column(ds, justify="right")
-        for r in c.rows:
-            cells = []
-            for ds in c.datasets:
-                s = r.results.get(ds)
-                if s is None:
-                    cells.append("–")
-                else:
-                    cell = f"{100 * s['accuracy']:.1f}"
-                    cells.append(cell + (f" ({100 * s['raw_accuracy']:.1f})" if s["clipped"] else ""))
-            t.add_row(r.model, r.method, *cells)
-        out.print(t)
+        from btpo_cli.compare import legend
+
+        out.print(to_rich(t))
+        for line in legend(t)[1:]:
+            out.print(line, style="dim", highlight=False)
+    if plot is not None:
+        from btpo_cli.compare import plot as make_plot
+
+        console.print(f"figure: {make_plot(t, plot)}", highlight=False)
     for m in c.missing_eval:
         console.print(f"[yellow]not evaluated:[/] {m}", highlight=False)
     for m in c.skipped:
         console.print(f"[yellow]skipped:[/] {m}", highlight=False)
+    for m in t.warnings:
+        console.print(f"[yellow]warning:[/] {m}", highlight=False)

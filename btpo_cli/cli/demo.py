@@ -6,23 +6,31 @@ from pathlib import Path
 
 import typer
 
-HELP = "Run the pipeline on the built-in default: build synthetic data, train, evaluate, compare."
+HELP = ("Does thinking pay? Synthetic multi-step arithmetic pairs → tiny-thinker base GPM → "
+        "train BT and BTPO → evaluate (base GPM too) → table and plot. CPU, minutes.")
 EPILOG = """[bold]Examples[/]
 
-  btpo demo                 (tiny-qwen2 on the synthetic arithmetic set, CPU)
+  btpo demo                                   (the README's main job)
 
-  btpo demo --quick --out demo_out
+  btpo demo --quick                           (smaller budget; what the integration test runs)
+
+  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2 --out demo_out
 """
 
 
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for data/ and runs/."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller budget (for smoke tests)."),
-    methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated methods to train."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for data/, runs/ and the plot."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller budget (smoke tests, CI)."),
+    methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated: bt, btpo, btpo-no-omega."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds."),
     overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Start the runs over if they exist."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write <out>/compare.png."),
 ) -> None:
     from btpo_cli.demo import run_demo
 
-    run_demo(out, quick=quick, methods=[m.strip() for m in methods.split(",") if m.strip()], seed=seed,
-             overwrite=overwrite)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"--seeds {seeds!r}: expected integers like 0,1,2") from e
+    run_demo(out, quick=quick, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seed_list,
+             overwrite=overwrite, plot=out / "compare.png" if plot else None)

@@ -19,6 +19,7 @@ Run it::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,10 @@ def encode_pairs(tokenizer: Any, records: list[PairRecord], max_length: int,
     return out, stats
 
 
+Encoder = Callable[[Any, list[PairRecord]], tuple[list[EncodedPair], dict[str, int]]]
+"""``(tokenizer, records) → (encoded pairs, counts)``: replaces :func:`encode_pairs` (BT-prefilled)."""
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, device: Any, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) ragged lists → input_ids, attention_mask of shape (N, T_max)."""
     t = max(len(s) for s in seqs)
@@ -98,14 +103,16 @@ def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torc
     return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
 
-def train(cfg: Config, run: Run, resume: bool) -> None:
+def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
+          meta: dict[str, Any] | None = None) -> None:
+    """The BT loop. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins btpo.json."""
     acc = make_accelerator(cfg, run)
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name)
     records = load_split(cfg, cfg.data.train_split, acc)
-    pairs, enc_stats = encode_pairs(tok, records, cfg.data.max_length)
+    pairs, enc_stats = encode(tok, records) if encode else encode_pairs(tok, records, cfg.data.max_length)
     model = load_reward_model(cfg.model, tok.pad_token_id, acc.device.type)
     plan = BatchPlan.from_config(len(pairs), cfg, acc.num_processes)
     opt = make_optimizer(model, cfg)
@@ -120,7 +127,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                  "data/too_long": enc_stats["too_long"]})
     per_proc = cfg.train.batch_size // acc.num_processes
     timer = StepTimer()
-    bar = TrainProgress(plan.total_steps, start, f"bt {run.root.name}", acc.is_main_process)
+    bar = TrainProgress(plan.total_steps, start, f"{cfg.method} {run.root.name}", acc.is_main_process)
     model.train()
     for step in range(start + 1, plan.total_steps + 1):
         t0 = time.perf_counter()
@@ -167,18 +174,18 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                                 cfg.train.keep_checkpoints)
         maybe_fault(step)
     bar.close()
-    save_final(acc, model, tok, run, {"method": "bt", "base_model": cfg.model.name,
-                                      "model_class": "AutoModelForSequenceClassification"})
+    save_final(acc, model, tok, run, {"method": cfg.method, "base_model": cfg.model.name,
+                                      "model_class": "AutoModelForSequenceClassification", **(meta or {})})
     acc.end_training()
 
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
-             progress: Any = None, artifacts: Any = None) -> list[PairResult]:
+             progress: Any = None, artifacts: Any = None, encode: Encoder | None = None) -> list[PairResult]:
     """Score chosen and rejected of every pair with the trained reward model (pointwise protocol)."""
     tok = load_tokenizer(model_dir)
     model = load_reward_model(cfg.model, tok.pad_token_id, device.type, inference=True, path=model_dir)
     model.to(device).eval()
-    pairs, _ = encode_pairs(tok, records, cfg.data.max_length)
+    pairs, _ = encode(tok, records) if encode else encode_pairs(tok, records, cfg.data.max_length)
     results: list[PairResult] = []
     with torch.no_grad():
         for batch_ids in chunks(list(range(len(pairs))), cfg.eval.batch_size):

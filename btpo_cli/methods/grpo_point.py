@@ -1,0 +1,139 @@
+"""GRPO (point) — a pointwise judge trained with GRPO on a paired-comparison reward (METHOD.md §6; J1 style).
+
+Objective. The judge prompt (``templates.GRPO_POINT_PROMPT``) shows the conversation and ONE
+response and asks for a rationale, then a score ``<score>N</score>`` with ``1 ≤ N ≤ 10``. Per
+rollout, each pair gives two prompts (``y_w`` and ``y_l``), each sampled ``G = grpo.g`` times.
+Sample ``k`` of ``y_w`` is paired with sample ``k`` of ``y_l``: ``w_k`` earns 1 iff
+``score(w_k) > score(l_k)``, and symmetrically ``l_k`` earns 1 iff ``score(l_k) < score(w_k)``, so
+both members of a correctly ranked pair of samples are rewarded and an unparsable score on either
+side fails the comparison (0 for both) (:func:`paired_rewards`). Advantages are standardized within
+each group, the ``G`` samples of one response; the policy minimizes the clipped surrogate over the
+completion tokens, plus ``β · k3`` KL when ``grpo.beta > 0``. The loop is ``methods/grpo_common.py``.
+
+Evaluation (METHOD.md §7): a greedy rationale and score per response; ``pointwise_result(score_w,
+score_l)`` — higher chosen score correct, equal scores a tie (0.5), a parse failure on either side a
+format error. The rationales go to ``eval/<dataset>.rationales.jsonl``.
+
+Differences from J1: J1's pointwise variant is trained from pairwise data with a reward on the
+score difference and its own prompt; here the reward is METHOD.md §6's paired comparison, ``G = 8``
+is our choice, and ties between the two samples earn 0.
+
+Run it::
+
+    btpo train --method grpo-point --model tiny-qwen2 --data data/synthetic --out runs/grpo-point --max-steps 5
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from btpo_cli.config import Config
+from btpo_cli.data import PairRecord
+from btpo_cli.evaluation import PairResult, pointwise_result
+from btpo_cli.methods.grpo_common import EvalJudge, JsonlWriter, Parse, Query, encode_judge
+from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.parsers import ParseStats, ScoreParse, parse_score
+from btpo_cli.runs import Run
+from btpo_cli.templates import TooLong, pointwise_messages
+from btpo_cli.trainer import chunks
+
+PROTOCOL = "pointwise"
+
+
+@dataclass
+class PointUnit:
+    """A pair's two judge prompts (int32 arrays keep long prompts small in memory)."""
+
+    index: int
+    chosen: array
+    rejected: array
+
+
+def paired_rewards(chosen: list[ScoreParse], rejected: list[ScoreParse]) -> tuple[list[float], list[float]]:
+    """Rewards of the ``G`` samples of ``y_w`` and of ``y_l``: sample ``k`` of each against sample ``k`` of the other.
+
+    ``w_k`` gets 1 iff ``score(w_k) > score(l_k)``; ``l_k`` gets 1 iff ``score(l_k) < score(w_k)``;
+    a missing score on either side, or a tie, gives 0 to both.
+    """
+    out_w, out_l = [], []
+    for w, lo in zip(chosen, rejected, strict=True):
+        ok = w.score is not None and lo.score is not None and w.score > lo.score
+        out_w.append(1.0 if ok else 0.0)
+        out_l.append(1.0 if ok else 0.0)
+    return out_w, out_l
+
+
+class PointTask:
+    name = "grpo-point"
+    queries_per_unit = 2
+
+    def encode(self, tok: Any, records: list[PairRecord], max_length: int) -> tuple[list[PointUnit], dict[str, int]]:
+        units, stats = [], {"truncated": 0, "too_long": 0}
+        for k, r in enumerate(records):
+            try:
+                w, t1 = encode_judge(tok, lambda p, r=r: pointwise_messages(p, r.chosen_text, r.aspect),
+                                     r.prompt, max_length)
+                lo, t2 = encode_judge(tok, lambda p, r=r: pointwise_messages(p, r.rejected_text, r.aspect),
+                                      r.prompt, max_length)
+            except TooLong:
+                stats["too_long"] += 1
+                continue
+            stats["truncated"] += int(t1) + int(t2)
+            units.append(PointUnit(k, array("i", w), array("i", lo)))
+        return units, stats
+
+    def queries(self, units: list[PointUnit], rollout: int, seed: int) -> list[Query]:
+        return [Query(ids.tolist(), label) for u in units
+                for ids, label in ((u.chosen, "chosen"), (u.rejected, "rejected"))]
+
+    def parse(self, text: str, finished: bool) -> Parse:
+        return parse_score(text, finished=finished)
+
+    def new_stats(self) -> ParseStats:
+        return ParseStats.scores()
+
+    def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+        rows: list[list[float]] = []
+        for i in range(0, len(queries), 2):
+            assert queries[i].label == "chosen" and queries[i + 1].label == "rejected"
+            rw, rl = paired_rewards(parses[i], parses[i + 1])                    # type: ignore[arg-type]
+            rows.extend((rw, rl))
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+def train(cfg: Config, run: Run, resume: bool) -> None:
+    grpo_train(cfg, run, resume, PointTask())
+
+
+def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
+             artifacts: Path | None = None) -> list[PairResult]:
+    """Greedy score per response → ``pointwise_result(score_w, score_l)`` (METHOD.md §7)."""
+    judge = EvalJudge.load(cfg, model_dir, device, cfg.eval.batch_size * 2)
+    units, _ = PointTask().encode(judge.tok, records, cfg.data.max_length)
+    results: list[PairResult] = []
+    with JsonlWriter(artifacts) as out:
+        for part in chunks(units, cfg.eval.batch_size):
+            gens = judge.greedy([ids.tolist() for u in part for ids in (u.chosen, u.rejected)])
+            for j, u in enumerate(part):
+                rec = records[u.index]
+                (t_w, f_w), (t_l, f_l) = gens[2 * j], gens[2 * j + 1]
+                p_w, p_l = parse_score(t_w, finished=f_w), parse_score(t_l, finished=f_l)
+                stats = ParseStats.scores()
+                stats.add(p_w)
+                stats.add(p_l)
+                results.append(pointwise_result(rec.id, p_w.score, p_l.score, error_chosen=p_w.error,
+                                                error_rejected=p_l.error, parse=stats.as_dict()))
+                out.write({"id": rec.id, "rationale_chosen": t_w, "score_chosen": p_w.score,
+                           "error_chosen": p_w.error, "rationale_rejected": t_l, "score_rejected": p_l.score,
+                           "error_rejected": p_l.error})
+            if progress:
+                progress(len(part))
+    scored = {u.index for u in units}
+    results.extend(pointwise_result(r.id, None, None, reason="too_long")
+                   for k, r in enumerate(records) if k not in scored)
+    return results
