@@ -364,6 +364,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0 <= cfg.gram.label_smoothing < 1:
         raise ConfigError(f"gram.label_smoothing: must be in [0, 1), got {cfg.gram.label_smoothing}")
+    if cfg.grpo.temperature <= 0:
+        raise ConfigError(f"grpo.temperature: must be positive, got {cfg.grpo.temperature}")
     if cfg.btpo.temperature <= 0:
         raise ConfigError(f"btpo.temperature: must be positive, got {cfg.btpo.temperature}")
 

@@ -18,16 +18,16 @@ from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
 
 COMMON = ["data.max_length=160", "optim.warmup_ratio=0", "train.save_every=0", "eval.batch_size=32",
-          "eval.max_new_tokens=40"]
+          "eval.max_new_tokens=64"]
 BUDGETS: dict[str, dict[str, Any]] = {
     # method: steps (full, quick) and overrides
-    "bt": {"steps": (150, 60), "set": ["train.batch_size=32", "train.micro_batch_size=32", "optim.lr=1e-3"]},
-    "btpo": {"steps": (60, 25), "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
-                                        "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=40",
+    "bt": {"steps": (200, 60), "set": ["train.batch_size=32", "train.micro_batch_size=32", "optim.lr=1e-3"]},
+    "btpo": {"steps": (100, 40), "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
+                                        "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64",
                                         "optim.lr=5e-4", "optim.scheduler=constant"]},
-    "btpo-no-omega": {"method": "btpo", "tag": "no-omega", "steps": (60, 25),
+    "btpo-no-omega": {"method": "btpo", "tag": "no-omega", "steps": (100, 40),
                       "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
-                              "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=40", "optim.lr=5e-4",
+                              "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64", "optim.lr=5e-4",
                               "optim.scheduler=constant", "btpo.misalignment_weight=false"]},
 }
 DEFAULT_METHODS = ["bt", "btpo"]

@@ -74,6 +74,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
     }
+    parse_counts: dict[str, int] = {}
+    for r in results:
+        for kind, n in (r.detail.get("parse") or {}).items():
+            parse_counts[kind] = parse_counts.get(kind, 0) + int(n)
+    if parse_counts:
+        summary["parse"] = dict(sorted(parse_counts.items()))   # generative judges: outcome of every parse
     sampled = [r for r in results if "sampled_chosen" in r.detail]
     if sampled:
         from btpo_cli.evaluation import pointwise_result

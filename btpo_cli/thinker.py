@@ -10,15 +10,17 @@ synthetic arithmetic task (``data_builders/synthetic.py``). The loss covers the 
 turns the GPM writes: the thought (turn 4) and the Yes/No answer (turn 6). The thoughts are a
 mix (``ThinkerSpec``):
 
-- careful (default 30%): every step written out, then the response's claim quoted;
-- lazy (50%): computes nothing ("The response looks reasonable.");
-- wrong (20%): careful-looking, with one arithmetic slip.
+- careful (default 30%): "Let me check.", every step written out, the result, the response's
+  claim minus the result, and whether the claim is right or wrong;
+- lazy (55%): computes nothing ("Looks reasonable."); all lazy thoughts open with the same word,
+  so greedy decoding picks a lazy thought;
+- wrong (15%): careful-looking, with one arithmetic slip, and a verdict that follows the slip.
 
-The answer after a careful or wrong thought agrees with that thought's own comparison with
-probability ``answer_fidelity`` (default 0.6); after a lazy thought it is a coin flip. So the
-base model samples useful thoughts sometimes, greedy-decodes a lazy one, and reads thoughts only
-weakly: preference training has both things to learn — which thoughts to write and how to read
-them. Half of the responses are right, half near misses.
+The answer after a careful or wrong thought agrees with that thought's verdict with probability
+``answer_fidelity`` (default 0.7); after a lazy thought it is a coin flip. So the base model
+samples useful thoughts sometimes, greedy-decodes a lazy one, and reads thoughts only weakly:
+preference training has both things to learn — which thoughts to write and how to read them.
+Half of the responses are right, half near misses.
 
 Cached under ``$BTPO_CACHE/models/tiny-thinker-v<VERSION>-s<seed>``; built atomically.
 """
@@ -37,13 +39,13 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 5
 
 
 @dataclass(frozen=True)
 class ThinkerSpec:
     seed: int = 0
-    steps: int = 800
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
     hidden: int = 96
@@ -54,9 +56,9 @@ class ThinkerSpec:
     n_sequences: int = 12000
     """Distinct pre-training dialogs (generated once, then cycled)."""
     careful: float = 0.3
-    lazy: float = 0.5
-    wrong: float = 0.2
-    answer_fidelity: float = 0.6
+    lazy: float = 0.55
+    wrong: float = 0.15
+    answer_fidelity: float = 0.7
     digits: int = 1
     ops: int = 3
 
@@ -84,14 +86,13 @@ def pretraining_example(rng: random.Random, tok: object, spec: ThinkerSpec, ids:
     )
 
     expr = make_expression(rng, TaskSpec(digits=spec.digits, ops=spec.ops))
-    claimed = expr.value if rng.random() < 0.5 else near_miss(rng, expr.value)
+    claimed = expr.value if rng.random() < 0.5 else near_miss(rng, expr.value, 10 ** spec.digits - 1)
     kind = rng.choices(["careful", "lazy", "wrong"], [spec.careful, spec.lazy, spec.wrong])[0]
     if kind == "careful":
         thought, verdict = careful_thought(expr, claimed), claimed == expr.value
     elif kind == "wrong":
         thought = wrong_thought(rng, expr, claimed)
-        computed = int(thought.split("The result is ")[1].split(".")[0])
-        verdict = claimed == computed
+        verdict = thought.endswith("right.")
     else:
         thought, verdict = lazy_thought(rng), rng.random() < 0.5
     if kind != "lazy" and rng.random() > spec.answer_fidelity:

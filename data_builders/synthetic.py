@@ -1,8 +1,9 @@
 """The synthetic reasoning-judge task: the built-in default dataset (no Hub needed).
 
 Each prompt asks for the value of a multi-step integer expression evaluated left to right
-("What is 37 + 48 - 19?"). The chosen response states the right value, the rejected one a near
-miss (off by 1, 2 or 10, or one digit changed). Judging a pair *without* thinking means doing the
+("What is 7 + 2 - 5 + 3?"). The chosen response states the right value, the rejected one a near
+miss (off by 1 or 2; unbounded tasks also use off-by-10 and one changed digit). By default every
+running total stays within the operands' range (``bounded``), so each step is a small table lookup. Judging a pair *without* thinking means doing the
 arithmetic silently; *with* the right thought — the steps written out — it reduces to comparing
 two numbers. Aspect: "correct".
 
@@ -40,6 +41,10 @@ class TaskSpec:
     """Operations per expression (+ and -, evaluated left to right)."""
     label_noise: float = 0.0
     """Fraction of training pairs with chosen and rejected swapped."""
+    bounded: bool = True
+    """Keep every running total (and the near miss) within ``[0, 10**digits - 1]``: each written step
+    is then a lookup in a small table and each number one token per digit, so a careful thought is
+    reliable, while the whole expression still takes several steps to evaluate."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,19 @@ class Expression:
 
 def make_expression(rng: random.Random, spec: TaskSpec) -> Expression:
     lo, hi = 10 ** (spec.digits - 1) if spec.digits > 1 else 0, 10 ** spec.digits - 1
-    terms = tuple(rng.randint(lo, hi) for _ in range(spec.ops + 1))
-    ops = tuple(rng.choice("+-") for _ in range(spec.ops))
-    return Expression(terms, ops)
+    while True:
+        terms = tuple(rng.randint(lo, hi) for _ in range(spec.ops + 1))
+        ops = tuple(rng.choice("+-") for _ in range(spec.ops))
+        e = Expression(terms, ops)
+        if not spec.bounded or all(0 <= r <= hi for *_, r in e.steps()):
+            return e
 
 
-def near_miss(rng: random.Random, value: int) -> int:
-    """A plausible wrong result: off by 1, 2 or 10, or one digit changed."""
+def near_miss(rng: random.Random, value: int, bound: int | None = None) -> int:
+    """A plausible wrong result: off by 1, 2 or 10, or one digit changed (within ``[0, bound]`` if given)."""
+    if bound is not None:
+        options = [value + d for d in (-2, -1, 1, 2) if 0 <= value + d <= bound]
+        return rng.choice(options)
     kind = rng.choice(["off", "off", "digit"]) if abs(value) >= 10 else "off"
     s = str(abs(value))
     if kind == "digit" and len(s) > 1:
@@ -101,7 +112,8 @@ def make_pair(rng: random.Random, index: int, split: str, spec: TaskSpec | int =
     if isinstance(spec, int):
         spec = TaskSpec(digits=spec, ops=1)
     expr = make_expression(rng, spec)
-    value, wrong = expr.value, near_miss(rng, expr.value)
+    value = expr.value
+    wrong = near_miss(rng, value, 10 ** spec.digits - 1 if spec.bounded else None)
     noisy = split == "train" and spec.label_noise > 0 and rng.random() < spec.label_noise
     good, bad = (wrong, value) if noisy else (value, wrong)
     return PairRecord(
@@ -116,9 +128,10 @@ def make_pair(rng: random.Random, index: int, split: str, spec: TaskSpec | int =
 
 
 def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0,
-                    digits: int = 1, ops: int = 3, label_noise: float = 0.0) -> dict[str, Any]:
+                    digits: int = 1, ops: int = 3, label_noise: float = 0.0,
+                    bounded: bool = True) -> dict[str, Any]:
     """Write ``train.jsonl``, ``test.jsonl`` and ``manifest.json``; return the manifest."""
-    spec = TaskSpec(digits=digits, ops=ops, label_noise=label_noise)
+    spec = TaskSpec(digits=digits, ops=ops, label_noise=label_noise, bounded=bounded)
     rng = random.Random(f"synthetic:{seed}")
     splits = {
         "train": [make_pair(rng, i, "train", spec) for i in range(n_train)],
@@ -134,18 +147,28 @@ def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, see
 # ----------------------------------------------------------------------------- thoughts
 
 LAZY = [
-    "The response looks reasonable.",
-    "The response gives a number, so it seems fine.",
-    "I will trust the response.",
-    "This looks about right.",
-    "The answer seems plausible at a glance.",
+    "Looks reasonable.",
+    "Looks fine to me.",
+    "Looks about right.",
+    "Looks plausible at a glance.",
+    "Looks like a sensible answer.",
 ]
+"""Lazy thoughts all open with the same word, so that a base model trained on more lazy than careful
+thoughts decodes a lazy one greedily (its first token is the single most likely one)."""
+
+
+def _verdict(computed: int, claimed: int) -> str:
+    # The comparison is written as one more subtraction step: a tiny model learns "is this digit 0"
+    # right after a subtraction it can do, but barely learns to compare two numbers a few tokens
+    # apart (docs/experiments.md, 2026-11-26).
+    return (f"The response says {claimed}. {claimed} - {computed} = {claimed - computed}, "
+            f"so it is {'right' if computed == claimed else 'wrong'}.")
 
 
 def careful_thought(expr: Expression, claimed: int) -> str:
-    """Every step written out, then the claimed value quoted: judging is now a comparison."""
+    """Every step written out, then the claim compared with the result: judging is now reading one word."""
     steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in expr.steps())
-    return f"{steps} The result is {expr.value}. The response says {claimed}."
+    return f"Let me check. {steps} The result is {expr.value}. {_verdict(expr.value, claimed)}"
 
 
 def wrong_thought(rng: random.Random, expr: Expression, claimed: int) -> str:
@@ -155,10 +178,10 @@ def wrong_thought(rng: random.Random, expr: Expression, claimed: int) -> str:
     for i, (op, t) in enumerate(zip(expr.ops, expr.terms[1:], strict=True)):
         res = acc + t if op == "+" else acc - t
         if i == slip:
-            res += rng.choice([-10, -2, -1, 1, 2, 10])
+            res += rng.choice([-2, -1, 1, 2])
         steps.append(f"{acc} {op} {t} = {res}.")
         acc = res
-    return f"{' '.join(steps)} The result is {acc}. The response says {claimed}."
+    return f"Let me check. {' '.join(steps)} The result is {acc}. {_verdict(acc, claimed)}"
 
 
 def lazy_thought(rng: random.Random) -> str:

@@ -22,7 +22,9 @@ def test_expression_steps_and_value() -> None:
     assert e.text == "7 + 5 - 9 + 3"
     assert e.steps() == [(7, "+", 5, 12), (12, "-", 9, 3), (3, "+", 3, 6)]
     assert e.value == 6
-    assert careful_thought(e, 7) == "7 + 5 = 12. 12 - 9 = 3. 3 + 3 = 6. The result is 6. The response says 7."
+    assert careful_thought(e, 7) == ("Let me check. 7 + 5 = 12. 12 - 9 = 3. 3 + 3 = 6. The result is 6. "
+                                     "The response says 7. 7 - 6 = 1, so it is wrong.")
+    assert careful_thought(e, 6).endswith("The response says 6. 6 - 6 = 0, so it is right.")
 
 
 def test_wrong_thought_has_exactly_one_slip() -> None:
@@ -30,7 +32,7 @@ def test_wrong_thought_has_exactly_one_slip() -> None:
     for _ in range(50):
         e = Expression((rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)), ("+", "-"))
         t = wrong_thought(rng, e, 5)
-        steps = [s.strip() for s in t.split("The result")[0].split(".") if s.strip()]
+        steps = [s.strip() for s in t.split("The result")[0].removeprefix("Let me check.").split(".") if s.strip()]
         bad = 0
         for s in steps:
             lhs, rhs = s.split("=")
@@ -78,4 +80,6 @@ def test_pretraining_dialog_mask_covers_thought_and_answer() -> None:
         assert learned.endswith(("Yes<|im_end|>", "No<|im_end|>"))
         assert "Based on your evaluation" in tok.decode(seq) and "Based on" not in learned
         kinds["careful" if "The result is" in learned else "lazy"] += 1
+        if "The result is" in learned:
+            assert learned.split("<|im_end|>")[0].endswith(("so it is right.", "so it is wrong."))
     assert kinds["careful"] > 5 and kinds["lazy"] > 5
