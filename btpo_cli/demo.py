@@ -24,10 +24,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "bt": {"steps": (200, 60), "set": ["train.batch_size=32", "train.micro_batch_size=32", "optim.lr=1e-3"]},
     "btpo": {"steps": (100, 40), "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
                                         "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64",
-                                        "optim.lr=5e-4", "optim.scheduler=constant"]},
+                                        "optim.lr=2.5e-4", "optim.scheduler=constant"]},
     "btpo-no-omega": {"method": "btpo", "tag": "no-omega", "steps": (100, 40),
                       "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
-                              "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64", "optim.lr=5e-4",
+                              "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64", "optim.lr=2.5e-4",
                               "optim.scheduler=constant", "btpo.misalignment_weight=false"]},
 }
 DEFAULT_METHODS = ["bt", "btpo"]
