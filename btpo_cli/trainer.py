@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,3 +275,38 @@ def launch(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
     if state.is_main_process:
         console.print(f"[green]done[/]: {run.final_dir}", highlight=False)
     return run
+
+
+def optimizer_step(acc: Any, model: Any, opt: Any, sched: Any, max_grad_norm: float) -> tuple[float, float]:
+    """Clip, step, schedule, zero. Returns (gradient norm before clipping, the lr this step used)."""
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
+def log_metrics(acc: Any, run: Run, cfg: Config, metrics: dict[str, Any], step: int, total_steps: int) -> None:
+    """Every ``train.log_every`` steps (and the last): append to metrics.jsonl and send to the trackers."""
+    if step % cfg.train.log_every == 0 or step == total_steps:
+        run.log(metrics)
+        if cfg.train.report_to != "none":
+            acc.log(metrics, step=step)
+
+
+def accumulate(acc: Any, model: Any, micro: list[list[int]], per_proc: int, loss_fn: Any) -> dict[str, float]:
+    """Forward/backward over the micro-batches of one optimizer step (DDP sync on the last only).
+
+    ``loss_fn(ids) -> (mean loss over the micro-batch's units, stats)``; each micro-batch's loss is
+    scaled by its share of the per-process batch. Returns stat sums weighted by units.
+    """
+    sums: dict[str, float] = {}
+    for j, ids in enumerate(micro):
+        sync = j == len(micro) - 1
+        with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+            loss, stats = loss_fn(ids)
+            acc.backward(loss * len(ids) / per_proc)
+        for key, v in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(v) * len(ids)
+    return sums

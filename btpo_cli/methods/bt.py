@@ -39,9 +39,11 @@ from btpo_cli.trainer import (
     TrainProgress,
     chunks,
     load_split,
+    log_metrics,
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     reduce_stats,
     resume_step,
     save_final,
@@ -150,11 +152,7 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
                 sums["r_w"] += r_w.sum().item()
                 sums["r_l"] += r_l.sum().item()
                 sums["tokens"] += sum(len(s) for s in seqs)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
-            lr = sched.get_last_lr()[0]   # the rate this step uses
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
         tot = reduce_stats(acc, sums, acc.device)
         n = cfg.train.batch_size
         dt = time.perf_counter() - t0
@@ -164,10 +162,7 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
                    "train/grad_norm": float(grad_norm), "train/lr": lr,
                    "perf/step_s": round(dt, 4), "perf/tokens_per_s": round(tot["tokens"] / dt, 1),
                    **timer.pop()}
-        if step % cfg.train.log_every == 0 or step == plan.total_steps:
-            run.log(metrics)
-            if cfg.train.report_to != "none":
-                acc.log(metrics, step=step)
+        log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
         bar.update(step, f"loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps:
             run.save_checkpoint(acc, step, {"step": step, "epoch": plan.epoch_of(step)},

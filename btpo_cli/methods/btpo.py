@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,14 @@ from btpo_cli.trainer import (
     BatchPlan,
     StepTimer,
     TrainProgress,
+    accumulate,
     chunks,
     load_split,
+    log_metrics,
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     reduce_stats,
     resume_step,
     save_final,
@@ -214,21 +216,11 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                     break
                 step += 1
                 t0 = time.perf_counter()
-                sums: dict[str, float] = {}
                 micro = list(chunks(mb, cfg.train.micro_batch_size))
                 with timer.phase("update"):
-                    for j, ids in enumerate(micro):
-                        sync = j == len(micro) - 1
-                        with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                            loss, stats = _micro_loss(model, ro, ids, judge, cfg, acc.device)
-                            acc.backward(loss * len(ids) / per_proc)
-                        for key, v in stats.items():
-                            sums[key] = sums.get(key, 0.0) + float(v) * len(ids)
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
-                    lr = sched.get_last_lr()[0]
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                    sums = accumulate(acc, model, micro, per_proc,
+                                      lambda ids, ro=ro: _micro_loss(model, ro, ids, judge, cfg, acc.device))
+                    grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
                 tot = reduce_stats(acc, sums, acc.device)
                 n = cfg.train.batch_size
                 metrics = {"step": step, "train/epoch": round((r_idx - 1 + (epoch + 1) / cfg.btpo.update_epochs)
@@ -240,10 +232,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                 if roll_metrics:
                     metrics.update(roll_metrics)
                     roll_metrics = {}
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    run.log(metrics)
-                    if cfg.train.report_to != "none":
-                        acc.log(metrics, step=step)
+                log_metrics(acc, run, cfg, metrics, step, total_steps)
                 bar.update(step, f"loss {metrics['train/loss']:.4f} ω̂ {metrics.get('btpo/omega_mean', 0):.3f}")
                 maybe_fault(step)
         # checkpoints only at rollout boundaries: the next rollout starts from here

@@ -64,9 +64,11 @@ from btpo_cli.trainer import (
     TrainProgress,
     chunks,
     load_split,
+    log_metrics,
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     reduce_stats,
     resume_step,
     save_final,
@@ -230,11 +232,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                     sums["margin"] += margin.sum().item()
                     sums["label_mass"] += (la.exp() + lb.exp()).sum().item()
                 sums["tokens"] += sum(len(s) for s in seqs)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
         tot = reduce_stats(acc, sums, acc.device)
         n = 2 * cfg.train.batch_size                                   # judgements per step
         dt = time.perf_counter() - t0
@@ -244,10 +242,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                    "train/grad_norm": float(grad_norm), "train/lr": lr,
                    "perf/step_s": round(dt, 4), "perf/tokens_per_s": round(tot["tokens"] / dt, 1),
                    **timer.pop()}
-        if step % cfg.train.log_every == 0 or step == plan.total_steps:
-            run.log(metrics)
-            if cfg.train.report_to != "none":
-                acc.log(metrics, step=step)
+        log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
         bar.update(step, f"loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps:
             run.save_checkpoint(acc, step, {"step": step, "epoch": plan.epoch_of(step)},
