@@ -167,11 +167,11 @@ def normalize_record(raw: Any, index: int, default_aspect: str = DEFAULT_ASPECT,
 
 # ----------------------------------------------------------------------------- reading
 
-def open_text(path: Path):
-    """Open a text file, reading ``.gz`` transparently."""
+def open_text(path: Path, newline: str | None = None):
+    """Open a UTF-8 text file (a leading BOM is dropped), reading ``.gz`` transparently."""
     if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:

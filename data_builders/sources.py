@@ -22,16 +22,15 @@ says how to point at a local copy.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from btpo_cli.data import SkipLog
+from btpo_cli.data import SkipLog, iter_jsonl, open_text
 from btpo_cli.errors import BtpoError, DataError
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
@@ -255,14 +254,8 @@ def available_splits(spec: SourceSpec) -> list[str]:
 
 # ----------------------------------------------------------------------------- readers
 
-def _open(path: Path, newline: str | None = None) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    return open(path, encoding="utf-8-sig", newline=newline)
-
-
 def _first_char(path: Path) -> str:
-    with _open(path) as f:
+    with open_text(path) as f:
         while True:
             chunk = f.read(4096)
             if not chunk:
@@ -272,21 +265,10 @@ def _first_char(path: Path) -> str:
                 return s[0]
 
 
-def _iter_json_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
-    with _open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg})")
-
-
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     """Stream the elements of a top-level JSON list without loading the whole file."""
     decoder = json.JSONDecoder()
-    with _open(path) as f:
+    with open_text(path) as f:
         buf, pos, eof, index = "", 0, False, 0
 
         def more() -> bool:
@@ -339,7 +321,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
             break
         except OverflowError:
             limit //= 10
-    with _open(path, newline="") as f:
+    with open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:  # reads the header; an empty file has no rows
             return
@@ -377,9 +359,9 @@ def _iter_file(path: Path, split: str | None, skips: SkipLog) -> Iterator[tuple[
     if path.is_dir():
         return _iter_datasets_folder(path, split)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return _iter_json_lines(path, skips)
+        return iter_jsonl(path, skips)
     if name.endswith((".json", ".json.gz")):
-        return _iter_json_array(path) if _first_char(path) == "[" else _iter_json_lines(path, skips)
+        return _iter_json_array(path) if _first_char(path) == "[" else iter_jsonl(path, skips)
     if name.endswith((".csv", ".csv.gz")):
         return _iter_csv(path)
     if name.endswith(".parquet"):
