@@ -22,8 +22,6 @@ Run it::
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,27 +30,22 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
-from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.errors import ConfigError
 from btpo_cli.evaluation import PairResult, pointwise_result
 from btpo_cli.gpm import ThoughtSeq, score_thoughts, thought_sequence
 from btpo_cli.losses import btpo_loss
 from btpo_cli.models import load_causal_lm, load_tokenizer
+from btpo_cli.rl_loop import RolloutPlan, run_rollouts
 from btpo_cli.rollout import HFEngine, SamplingParams
-from btpo_cli.runs import Run, maybe_fault
+from btpo_cli.runs import Run
 from btpo_cli.templates import GPMPrompt, TooLong, answer_token_id, encode_gpm, end_of_turn_id
 from btpo_cli.trainer import (
-    BatchPlan,
     StepTimer,
-    TrainProgress,
-    accumulate,
     chunks,
     load_split,
-    log_metrics,
     make_accelerator,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
-    reduce_stats,
     resume_step,
     save_final,
 )
@@ -161,19 +154,10 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
         ref.requires_grad_(False)
 
-    k, world = cfg.btpo.k, acc.num_processes
-    steps_per_rollout = cfg.btpo.update_epochs * (cfg.btpo.rollout_batch_size // cfg.train.batch_size)
-    n_rollout_per_epoch = len(pairs) // cfg.btpo.rollout_batch_size
-    if n_rollout_per_epoch == 0:
-        raise BtpoError(f"the training set has {len(pairs)} usable pairs, fewer than btpo.rollout_batch_size="
-                        f"{cfg.btpo.rollout_batch_size}")
-    total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * n_rollout_per_epoch) * steps_per_rollout)
-    n_rollouts = math.ceil(total_steps / steps_per_rollout)
-    rollouts = BatchPlan(n=len(pairs), batch_size=cfg.btpo.rollout_batch_size, seed=cfg.train.seed,
-                         total_steps=n_rollouts)
-
+    k = cfg.btpo.k
+    plan = RolloutPlan.from_config(len(pairs), cfg, cfg.btpo.rollout_batch_size, cfg.btpo.update_epochs, "btpo")
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, total_steps)
+    sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     if cfg.train.report_to != "none":
         acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
@@ -182,66 +166,20 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         run.log({"step": 0, "data/train_pairs": len(pairs), "data/truncated": enc_stats["truncated"],
                  "data/too_long": enc_stats["too_long"]})
     engine = HFEngine(acc.unwrap_model(model), judge.pad_id, batch_size=max(1, 64 // k))
-    per_proc = cfg.train.batch_size // world
-    timer = StepTimer()
-    bar = TrainProgress(total_steps, start, f"btpo {run.root.name}", acc.is_main_process)
-    step = start
-    for r_idx in range(start // steps_per_rollout + 1, n_rollouts + 1):
-        # ---- rollout with the current ("old") weights
-        t_roll = time.perf_counter()
-        local = [pairs[i] for i in rollouts.local_batch(r_idx, acc.process_index, world)]
-        model.eval()
-        engine.model = acc.unwrap_model(model)
-        gen_before = engine.stats["generated_tokens"]
-        with acc.autocast():
-            ro = do_rollout(engine.model, ref, engine, local, judge, cfg, timer)
-        roll_times = timer.pop()
-        lens = torch.tensor([s.n_thought for s in ro.seqs], dtype=torch.float64)
-        roll_stats = reduce_stats(acc, {"gen": engine.stats["generated_tokens"] - gen_before, "len": float(lens.sum()),
-                                        "n": float(len(lens)), "cut": float(sum(1 for s in ro.seqs
-                                                                                 if s.n_thought >= cfg.btpo.max_thought_tokens))},
-                                  acc.device)
-        roll_metrics = {"btpo/thought_len": roll_stats["len"] / roll_stats["n"],
-                        "btpo/thought_cut_fraction": roll_stats["cut"] / roll_stats["n"],
-                        "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
-                        "perf/gen_tokens_per_s": round(roll_stats["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9), 1),
-                        **roll_times}
-        # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size pairs
-        model.train()
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx)
-        for epoch in range(cfg.btpo.update_epochs):
-            order = torch.randperm(len(local), generator=g).tolist()
-            for mb in chunks(order, per_proc):
-                if step >= total_steps:
-                    break
-                step += 1
-                t0 = time.perf_counter()
-                micro = list(chunks(mb, cfg.train.micro_batch_size))
-                with timer.phase("update"):
-                    sums = accumulate(acc, model, micro, per_proc,
-                                      lambda ids, ro=ro: _micro_loss(model, ro, ids, judge, cfg, acc.device))
-                    grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
-                tot = reduce_stats(acc, sums, acc.device)
-                n = cfg.train.batch_size
-                metrics = {"step": step, "train/epoch": round((r_idx - 1 + (epoch + 1) / cfg.btpo.update_epochs)
-                                                               / n_rollout_per_epoch, 4),
-                           "train/loss": tot["loss"] / n, "train/grad_norm": float(grad_norm), "train/lr": lr,
-                           "train/rollout": r_idx,
-                           **{f"btpo/{key}": v / n for key, v in tot.items() if key != "loss"},
-                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop()}
-                if roll_metrics:
-                    metrics.update(roll_metrics)
-                    roll_metrics = {}
-                log_metrics(acc, run, cfg, metrics, step, total_steps)
-                bar.update(step, f"loss {metrics['train/loss']:.4f} ω̂ {metrics.get('btpo/omega_mean', 0):.3f}")
-                maybe_fault(step)
-        # checkpoints only at rollout boundaries: the next rollout starts from here
-        every = cfg.train.save_every
-        if (every and (step // every) > ((step - steps_per_rollout) // every)) or step >= total_steps:
-            run.save_checkpoint(acc, step, {"step": step, "rollout": r_idx}, cfg.train.keep_checkpoints)
-        if step >= total_steps:
-            break
-    bar.close()
+
+    def rollout(local: list[int], r_idx: int, timer: StepTimer) -> tuple[Rollout, dict[str, float]]:
+        ro = do_rollout(engine.model, ref, engine, [pairs[i] for i in local], judge, cfg, timer)
+        lens = [s.n_thought for s in ro.seqs]
+        return ro, {"len": float(sum(lens)), "n": float(len(lens)),
+                    "cut": float(sum(1 for n in lens if n >= cfg.btpo.max_thought_tokens))}
+
+    run_rollouts(
+        acc=acc, cfg=cfg, run=run, model=model, opt=opt, sched=sched, engine=engine, plan=plan, start=start,
+        prefix="btpo", title=f"btpo {run.root.name}", rollout=rollout,
+        rollout_metrics=lambda rs: {"btpo/thought_len": rs["len"] / rs["n"],
+                                    "btpo/thought_cut_fraction": rs["cut"] / rs["n"]},
+        loss=lambda ro, ids: _micro_loss(model, ro, ids, judge, cfg, acc.device),
+        bar_info=lambda m: f"loss {m['train/loss']:.4f} ω̂ {m.get('btpo/omega_mean', 0):.3f}")
     save_final(acc, model, tok, run, {"method": "btpo", "base_model": cfg.model.name,
                                       "model_class": "AutoModelForCausalLM"})
     acc.end_training()

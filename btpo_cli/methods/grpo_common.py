@@ -40,8 +40,6 @@ Metrics (every key documented):
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,27 +50,22 @@ from torch.nn.utils.rnn import pad_sequence
 
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
-from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.errors import ConfigError
 from btpo_cli.gpm import ThoughtSeq, score_thoughts
 from btpo_cli.losses import clipped_surrogate, kl_k3
 from btpo_cli.models import load_causal_lm, load_tokenizer
 from btpo_cli.parsers import ParseStats, ScoreParse, VerdictParse
+from btpo_cli.rl_loop import RolloutPlan, run_rollouts
 from btpo_cli.rollout import HFEngine, Sample, SamplingParams
-from btpo_cli.runs import Run, maybe_fault
+from btpo_cli.runs import Run
 from btpo_cli.templates import Messages, TooLong, encode_text, end_of_turn_id, render
 from btpo_cli.trainer import (
-    BatchPlan,
     StepTimer,
-    TrainProgress,
-    accumulate,
     chunks,
     load_split,
-    log_metrics,
     make_accelerator,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
-    reduce_stats,
     resume_step,
     save_final,
 )
@@ -275,20 +268,11 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask) -> None:
         ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
         ref.requires_grad_(False)
 
-    g, world = cfg.grpo.g, acc.num_processes
+    g = cfg.grpo.g
     per_unit = task.queries_per_unit * g
-    steps_per_rollout = cfg.grpo.update_epochs * (cfg.grpo.rollout_batch_size // cfg.train.batch_size)
-    n_rollout_per_epoch = len(units) // cfg.grpo.rollout_batch_size
-    if n_rollout_per_epoch == 0:
-        raise BtpoError(f"the training set has {len(units)} usable pairs, fewer than grpo.rollout_batch_size="
-                        f"{cfg.grpo.rollout_batch_size}")
-    total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * n_rollout_per_epoch) * steps_per_rollout)
-    n_rollouts = math.ceil(total_steps / steps_per_rollout)
-    rollouts = BatchPlan(n=len(units), batch_size=cfg.grpo.rollout_batch_size, seed=cfg.train.seed,
-                         total_steps=n_rollouts)
-
+    plan = RolloutPlan.from_config(len(units), cfg, cfg.grpo.rollout_batch_size, cfg.grpo.update_epochs, "grpo")
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, total_steps)
+    sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     if cfg.train.report_to != "none":
         acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
@@ -297,66 +281,24 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask) -> None:
         run.log({"step": 0, "data/train_pairs": len(units), "data/truncated": enc_stats["truncated"],
                  "data/too_long": enc_stats["too_long"]})
     engine = HFEngine(acc.unwrap_model(model), pad_id, batch_size=max(1, 64 // g))
-    per_proc = cfg.train.batch_size // world
-    timer = StepTimer()
-    bar = TrainProgress(total_steps, start, f"{task.name} {run.root.name}", acc.is_main_process)
-    step = start
-    for r_idx in range(start // steps_per_rollout + 1, n_rollouts + 1):
-        # ---- rollout with the current ("old") weights
-        t_roll = time.perf_counter()
-        local = [units[i] for i in rollouts.local_batch(r_idx, acc.process_index, world)]
-        queries = task.queries(local, r_idx, cfg.train.seed)
-        model.eval()
-        engine.model = acc.unwrap_model(model)
-        gen_before = engine.stats["generated_tokens"]
-        with acc.autocast():
-            ro = do_rollout(engine.model, ref, engine, tok, task, queries, cfg, eot_id, timer)
-        roll_times = timer.pop()
-        rs = reduce_stats(acc, {**ro.stats, "gen": float(engine.stats["generated_tokens"] - gen_before)}, acc.device)
+
+    def rollout(local: list[int], r_idx: int, timer: StepTimer) -> tuple[Any, dict[str, float]]:
+        queries = task.queries([units[i] for i in local], r_idx, cfg.train.seed)
+        ro = do_rollout(engine.model, ref, engine, tok, task, queries, cfg, eot_id, timer)
+        return ro, dict(ro.stats)
+
+    def rollout_metrics(rs: dict[str, float]) -> dict[str, float]:
         n = max(rs["n"], 1.0)
-        roll_metrics = {"grpo/reward_mean": rs["reward"] / n, "grpo/format_error_rate": rs["errors"] / n,
-                        **{f"grpo/format_{k[4:]}": v / n for k, v in rs.items() if k.startswith("fmt_")},
-                        "grpo/completion_len": rs["len"] / n, "grpo/cut_fraction": rs["cut"] / n,
-                        "grpo/flat_group_fraction": rs["flat"] / max(rs["groups"], 1.0),
-                        "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
-                        "perf/gen_tokens_per_s": round(rs["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9), 1),
-                        **roll_times}
-        # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size pairs
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx)
-        for epoch in range(cfg.grpo.update_epochs):
-            order = torch.randperm(len(local), generator=gen).tolist()
-            for mb in chunks(order, per_proc):
-                if step >= total_steps:
-                    break
-                step += 1
-                t0 = time.perf_counter()
-                micro = list(chunks(mb, cfg.train.micro_batch_size))
-                with timer.phase("update"):
-                    sums = accumulate(acc, model, micro, per_proc,
-                                      lambda ids, ro=ro: micro_loss(model, ro, ids, per_unit, pad_id, cfg, acc.device))
-                    grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
-                tot = reduce_stats(acc, sums, acc.device)
-                b = cfg.train.batch_size
-                metrics = {"step": step, "train/epoch": round((r_idx - 1 + (epoch + 1) / cfg.grpo.update_epochs)
-                                                               / n_rollout_per_epoch, 4),
-                           "train/loss": tot["loss"] / b, "train/grad_norm": float(grad_norm), "train/lr": lr,
-                           "train/rollout": r_idx,
-                           **{f"grpo/{key}": v / b for key, v in tot.items() if key != "loss"},
-                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop()}
-                if roll_metrics:
-                    metrics.update(roll_metrics)
-                    roll_metrics = {}
-                log_metrics(acc, run, cfg, metrics, step, total_steps)
-                bar.update(step, f"loss {metrics['train/loss']:.4f} reward {metrics.get('grpo/reward_mean', 0):.3f}")
-                maybe_fault(step)
-        # checkpoints only at rollout boundaries: the next rollout starts from here
-        every = cfg.train.save_every
-        if (every and (step // every) > ((step - steps_per_rollout) // every)) or step >= total_steps:
-            run.save_checkpoint(acc, step, {"step": step, "rollout": r_idx}, cfg.train.keep_checkpoints)
-        if step >= total_steps:
-            break
-    bar.close()
+        return {"grpo/reward_mean": rs["reward"] / n, "grpo/format_error_rate": rs["errors"] / n,
+                **{f"grpo/format_{k[4:]}": v / n for k, v in rs.items() if k.startswith("fmt_")},
+                "grpo/completion_len": rs["len"] / n, "grpo/cut_fraction": rs["cut"] / n,
+                "grpo/flat_group_fraction": rs["flat"] / max(rs["groups"], 1.0)}
+
+    run_rollouts(
+        acc=acc, cfg=cfg, run=run, model=model, opt=opt, sched=sched, engine=engine, plan=plan, start=start,
+        prefix="grpo", title=f"{task.name} {run.root.name}", rollout=rollout, rollout_metrics=rollout_metrics,
+        loss=lambda ro, ids: micro_loss(model, ro, ids, per_unit, pad_id, cfg, acc.device),
+        bar_info=lambda m: f"loss {m['train/loss']:.4f} reward {m.get('grpo/reward_mean', 0):.3f}")
     save_final(acc, model, tok, run, {"method": task.name, "base_model": cfg.model.name,
                                       "model_class": "AutoModelForCausalLM"})
     acc.end_training()

@@ -1,0 +1,130 @@
+"""The rollout → minibatch-update loop shared by BTPO and the GRPO baselines.
+
+Per rollout batch (``rollout_batch_size`` units; process ``r`` takes its slice):
+
+1. with the current ("old") weights in eval mode, the method's ``rollout`` samples and scores;
+2. ``update_epochs`` passes over the rollout in shuffled minibatches of ``train.batch_size``
+   units, each one optimizer step over micro-batches (``accumulate``), the method's ``loss``
+   giving a micro-batch's mean loss and stats;
+3. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end),
+   so that a resumed run re-samples the next rollout with the saved RNG state.
+
+What differs between methods — how a rollout is sampled, which statistics it reports, the loss —
+comes in as callbacks; everything else is here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from btpo_cli.config import Config
+from btpo_cli.errors import BtpoError
+from btpo_cli.runs import Run, maybe_fault
+from btpo_cli.trainer import (
+    BatchPlan,
+    StepTimer,
+    TrainProgress,
+    accumulate,
+    chunks,
+    log_metrics,
+    optimizer_step,
+    reduce_stats,
+)
+
+
+@dataclass
+class RolloutPlan:
+    """How many optimizer steps and rollouts a run takes, and which units each rollout draws."""
+
+    steps_per_rollout: int
+    rollouts_per_epoch: int
+    total_steps: int
+    update_epochs: int
+    batches: BatchPlan
+    """Rollout index (1-based) → unit indices."""
+
+    @classmethod
+    def from_config(cls, n_units: int, cfg: Config, rollout_batch_size: int, update_epochs: int,
+                    key: str) -> RolloutPlan:
+        per_epoch = n_units // rollout_batch_size
+        if per_epoch == 0:
+            raise BtpoError(f"the training set has {n_units} usable pairs, fewer than {key}.rollout_batch_size="
+                            f"{rollout_batch_size}")
+        spr = update_epochs * (rollout_batch_size // cfg.train.batch_size)
+        total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * per_epoch) * spr)
+        batches = BatchPlan(n=n_units, batch_size=rollout_batch_size, seed=cfg.train.seed,
+                            total_steps=math.ceil(total / spr))
+        return cls(spr, per_epoch, total, update_epochs, batches)
+
+
+def run_rollouts(*, acc: Any, cfg: Config, run: Run, model: Any, opt: Any, sched: Any, engine: Any,
+                 plan: RolloutPlan, start: int, prefix: str, title: str,
+                 rollout: Callable[[list[int], int, StepTimer], tuple[Any, dict[str, float]]],
+                 rollout_metrics: Callable[[dict[str, float]], dict[str, float]],
+                 loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                 bar_info: Callable[[dict[str, Any]], str]) -> None:
+    """Train from optimizer step ``start`` to ``plan.total_steps``.
+
+    ``rollout(local_unit_indices, rollout_index, timer) -> (rollout, stat sums)`` runs in eval mode
+    under autocast; the sums (plus generated tokens) are reduced over processes and turned into
+    metrics by ``rollout_metrics``. ``loss(rollout, local_positions) -> (mean loss, stats)``; the
+    stats are logged as ``<prefix>/<key>`` averaged over the global batch.
+    """
+    world = acc.num_processes
+    per_proc = cfg.train.batch_size // world
+    timer = StepTimer()
+    bar = TrainProgress(plan.total_steps, start, title, acc.is_main_process)
+    step = start
+    for r_idx in range(start // plan.steps_per_rollout + 1, plan.batches.total_steps + 1):
+        # ---- rollout with the current ("old") weights
+        t_roll = time.perf_counter()
+        local = plan.batches.local_batch(r_idx, acc.process_index, world)
+        model.eval()
+        engine.model = acc.unwrap_model(model)
+        gen_before = engine.stats["generated_tokens"]
+        with acc.autocast():
+            ro, sums = rollout(local, r_idx, timer)
+        roll_times = timer.pop()
+        rs = reduce_stats(acc, {**sums, "gen": float(engine.stats["generated_tokens"] - gen_before)}, acc.device)
+        roll_metrics = {**rollout_metrics(rs), "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
+                        "perf/gen_tokens_per_s": round(rs["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9),
+                                                       1),
+                        **roll_times}
+        # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
+        model.train()
+        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx)
+        for epoch in range(plan.update_epochs):
+            order = torch.randperm(len(local), generator=g).tolist()
+            for mb in chunks(order, per_proc):
+                if step >= plan.total_steps:
+                    break
+                step += 1
+                t0 = time.perf_counter()
+                micro = list(chunks(mb, cfg.train.micro_batch_size))
+                with timer.phase("update"):
+                    sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
+                    grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
+                tot = reduce_stats(acc, sums, acc.device)
+                n = cfg.train.batch_size
+                metrics = {"step": step,
+                           "train/epoch": round((r_idx - 1 + (epoch + 1) / plan.update_epochs) / plan.rollouts_per_epoch, 4),
+                           "train/loss": tot["loss"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
+                           "train/rollout": r_idx,
+                           **{f"{prefix}/{key}": v / n for key, v in tot.items() if key != "loss"},
+                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop(), **roll_metrics}
+                roll_metrics = {}   # rollout metrics go with the first step after each rollout
+                log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
+                bar.update(step, bar_info(metrics))
+                maybe_fault(step)
+        every = cfg.train.save_every
+        if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps:
+            run.save_checkpoint(acc, step, {"step": step, "rollout": r_idx}, cfg.train.keep_checkpoints)
+        if step >= plan.total_steps:
+            break
+    bar.close()
