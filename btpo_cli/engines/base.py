@@ -1,0 +1,122 @@
+"""The rollout-engine contract: what every engine takes, returns and promises.
+
+An engine turns prompt token ids into sampled continuations. It is built by name
+(:func:`btpo_cli.engines.build_engine`) from the ``rollout`` config section and lives for a whole
+training run or evaluation::
+
+    engine.generate(prompts, n, params, seeds) -> result      # result[i][j]: j-th sample of prompt i
+    engine.update_weights(named_tensors)                     # once per rollout, full (unsharded) weights
+    engine.sleep(); engine.wake()                            # free / take back memory around the update
+    engine.stats() -> dict                                   # counters since construction
+    engine.close()
+
+Promises every engine keeps (``tests/test_engines.py`` checks them for each registered engine):
+
+- greedy (``temperature == 0``) equals a cache-free argmax decode of the engine's weights;
+- a continuation's ``token_ids`` include the stop token when generation stopped on one
+  (``finished=True``); one cut at ``max_new_tokens`` has ``finished=False``;
+- sampling is a pure function of (weights, prompt, params, seed of the sample): the ``j``-th
+  sample of prompt ``i`` uses :func:`sample_seed` ``(seeds[i], j)``, so a killed and resumed run
+  re-draws exactly the thoughts an uninterrupted one draws, whatever RNG the engine uses inside;
+- after ``update_weights`` the engine generates with the new weights.
+
+Seeds are derived, never carried: the trainer names each request by (run seed, rollout, unit,
+response) through :func:`request_seed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    """Base seed when ``generate`` gets no per-prompt seeds: prompt ``i`` uses ``request_seed(seed, i)``.
+    With neither, each prompt's seed is drawn from the global torch RNG."""
+    logprobs: bool = False
+    """Return the engine's log-probability of every sampled token (``Sample.logprobs``), taken at
+    ``temperature`` (the distribution sampled from)."""
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    finished: bool
+    """True iff generation stopped on one of ``stop_token_ids`` (which ends ``token_ids``)."""
+    logprobs: list[float] | None = None
+    """The engine's log-prob of each token of ``token_ids`` when ``SamplingParams.logprobs``."""
+
+    def __eq__(self, other: object) -> bool:          # log-probs are diagnostics, not identity
+        return isinstance(other, Sample) and (self.token_ids, self.finished) == (other.token_ids, other.finished)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer, the evaluators and the data builders may call."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[Sample]]:
+        """``n`` continuations of every prompt; ``seeds[i]`` (optional) names prompt ``i``'s request."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full (unsharded) weights, named as in the Hugging Face checkpoint of the model."""
+        ...
+
+    def sleep(self) -> None:
+        """Release what memory the engine can (KV cache, weights) until :meth:`wake`; may be a no-op."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters since construction: at least ``generated_tokens`` and ``prompt_tokens``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------- seeds
+
+_MASK63 = (1 << 63) - 1
+
+
+def _hash(*parts: Any) -> int:
+    text = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & _MASK63
+
+
+def request_seed(*parts: Any) -> int:
+    """A 63-bit seed named by its parts, e.g. ``request_seed(run_seed, rollout, unit, response)``.
+
+    Stable across processes, machines and Python versions (no ``hash()`` randomization)."""
+    return _hash("request", *parts)
+
+
+def sample_seed(request: int, j: int) -> int:
+    """The seed of the ``j``-th sample of a request (what every engine samples sample ``j`` with)."""
+    return _hash("sample", request, j)
+
+
+def resolve_seeds(n_prompts: int, params: SamplingParams, seeds: Sequence[int] | None) -> list[int]:
+    """Per-prompt request seeds: given, derived from ``params.seed``, or drawn from torch's RNG."""
+    if seeds is not None:
+        if len(seeds) != n_prompts:
+            raise ValueError(f"got {len(seeds)} seeds for {n_prompts} prompts")
+        return [int(s) for s in seeds]
+    if params.seed is not None:
+        return [request_seed(params.seed, i) for i in range(n_prompts)]
+    return [int(x) for x in torch.randint(0, 2**62, (n_prompts,)).tolist()]
