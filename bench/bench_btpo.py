@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from btpo_cli.config import Config, ModelConfig  # noqa: E402
-from btpo_cli.gpm import thought_sequence  # noqa: E402
-from btpo_cli.methods.btpo import Judge, Rollout, _micro_loss, encode_pairs, score_chunked  # noqa: E402
+from btpo_cli.engines import SamplingParams
+from btpo_cli.engines.hf import HFEngine  # noqa: E402
+from btpo_cli.gpm import SeqBatch, thought_sequence  # noqa: E402
+from btpo_cli.methods.btpo import Judge, Rollout, encode_pairs, micro_loss, score_chunked  # noqa: E402
 from btpo_cli.models import load_causal_lm, load_tokenizer  # noqa: E402
-from btpo_cli.rollout import HFEngine, SamplingParams  # noqa: E402
 from btpo_cli.trainer import chunks  # noqa: E402
 from data_builders.synthetic import make_pair  # noqa: E402
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
 
     cfg = Config(method="btpo")
-    cfg.btpo.k, cfg.btpo.max_thought_tokens = args.k, args.max_thought_tokens
+    cfg.rollout.n, cfg.rollout.max_new_tokens = args.k, args.max_thought_tokens
     cfg.train.micro_batch_size = args.micro_batch or args.pairs
     records = long_records(tok, args.pairs, args.prompt_tokens, args.seed)
     pairs, enc = encode_pairs(judge, records, args.prompt_tokens)
@@ -148,13 +149,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         one = SamplingParams(temperature=1.0, max_new_tokens=1, stop_token_ids=[], seed=args.seed + rep)
         res, rt = {}, {}
         for name in order:
-            before = engines[name].stats["generated_tokens"]
+            before = engines[name].stats()["generated_tokens"]
             rt[name], res[name] = timer(lambda e=engines[name], sp=sample: e.generate(prefixes, k, sp))
             if name == "shared":
-                gen_tokens = engines[name].stats["generated_tokens"] - before
+                gen_tokens = engines[name].stats()["generated_tokens"] - before
         pt = {name: timer(lambda e=engines[name], sp=one: e.generate(prefixes, k, sp))[0] for name in order}
         sampled_diff += sum(a != b for a, b in zip(tok_lists(res["shared"]), tok_lists(res["naive"]), strict=True))
-        seqs = [thought_sequence(p, s, judge.eot_id) for p, g in zip(prompts, res["shared"], strict=True) for s in g]
+        seqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, g in zip(prompts, res["shared"], strict=True)
+                                   for s in g], judge.pad_id)
 
         def score(seqs=seqs):
             return score_chunked(model, seqs, judge, cfg, cfg.train.micro_batch_size * 2 * k)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def update(ro=ro):
             model.train()
             for ids in chunks(list(range(len(pairs))), cfg.train.micro_batch_size):
-                loss, _ = _micro_loss(model, ro, ids, judge, cfg, device)
+                loss, _ = micro_loss(model, ro, ids, judge, cfg, device)
                 (loss * len(ids) / len(pairs)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
             opt.step()
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times["prefill_naive"].append(pt["naive"])
             times["score"].append(t_score)
             times["update"].append(t_update)
-        seq_tokens = sum(len(s.ids) for s in seqs)
+        seq_tokens = int(seqs.mask.sum())
         print(f"[{'rep' if keep else 'warmup'} {rep}] gen shared {rt['shared']:.3f}s naive {rt['naive']:.3f}s | "
               f"prefill shared {pt['shared']:.3f}s naive {pt['naive']:.3f}s | score {t_score:.3f}s | "
               f"update {t_update:.3f}s", flush=True)

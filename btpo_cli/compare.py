@@ -1,7 +1,7 @@
 """Collect eval results from run folders into the paper's results table (Appendix B).
 
 Layout: one row per backbone (``model``) × ``method`` — methods in the order of
-:data:`METHOD_ORDER`, unknown methods after them alphabetically — and one column per dataset,
+:func:`method_order` (the method registry), unknown methods after them alphabetically — and one column per dataset,
 plus an ``avg`` column. Figures are accuracies in percent (METHOD.md §7).
 
 Rules (also in ``btpo compare --help``):
@@ -44,7 +44,6 @@ from typing import Any
 from btpo_cli.errors import BtpoError
 from btpo_cli.evaluation import EVAL_VERSION
 
-METHOD_ORDER = ["bt", "bt-prefilled", "gram", "grpo-pair", "grpo-point", "btpo"]
 BASELINE = "bt"
 SHOW = ("clipped", "raw")
 
@@ -191,9 +190,17 @@ def method_label(summary: dict[str, Any]) -> str:
     return f"{summary['method']} ({tag})" if tag else str(summary["method"])
 
 
+def method_order() -> list[str]:
+    """Row order: the registry's (``MethodSpec.order``); unknown methods follow alphabetically."""
+    from btpo_cli.methods import method_names
+
+    return method_names()
+
+
 def method_rank(method: str) -> tuple[int, str]:
     base = method.split(" (")[0]
-    return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
+    order = method_order()
+    return (order.index(base), method) if base in order else (len(order), method)
 
 
 def _std(xs: list[float]) -> float | None:

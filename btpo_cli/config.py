@@ -19,8 +19,6 @@ import yaml
 
 from btpo_cli.errors import ConfigError
 
-METHODS = ("bt", "bt-prefilled", "gram", "grpo-pair", "grpo-point", "btpo")
-
 
 @dataclass
 class ModelConfig:
@@ -86,18 +84,49 @@ class TrainConfig:
 
 
 @dataclass
-class BTPOConfig:
-    """BTPO (METHOD.md §5). Defaults marked (ours) were lost from the paper and are our choice."""
+class RolloutConfig:
+    """Sampling for the rollout methods (BTPO, GRPO pair/point) and the engine that does it.
 
-    k: int = 4
-    """Thoughts sampled per response (ours: the paper's value was lost)."""
+    Read by BTPO (``n`` = K thoughts per response, ``max_new_tokens`` = ``max_thought_tokens``),
+    by both GRPO baselines (``n`` = the group size G) and, for ``engine`` and its options, by every
+    other path that generates text (bt-prefilled's thought writer, generative evaluation).
+    """
+
+    engine: str = "auto"
+    """Rollout engine (``btpo_cli/engines``): ``auto`` (vllm on a GPU where vLLM imports, else hf), ``hf``, ``vllm``."""
+    n: int = 4
+    """Samples per prompt: K thoughts per response (BTPO; ours: the paper's value was lost), G per prompt (GRPO)."""
     temperature: float = 1.0
     top_p: float = 1.0
-    max_thought_tokens: int = 1000
-    rollout_batch_size: int = 256
+    max_new_tokens: int = 1000
+    """Longest sampled thought / rationale in tokens (paper: ``max_thought_tokens`` 1000)."""
+    batch_size: int = 256
     """Pairs per rollout (paper: 256). Each rollout is followed by updates in minibatches of ``train.batch_size``."""
     update_epochs: int = 1
     """Passes over each rollout batch."""
+    prompts_per_batch: int = 16
+    """``hf`` engine: prompts per prefill (each decodes ``n`` rows). Speed only: samples do not depend on it."""
+    gpu_memory_utilization: float = 0.3
+    """``vllm``: share of the GPU the engine may take (the trainer needs the rest)."""
+    tensor_parallel_size: int = 1
+    """``vllm``: GPUs one engine spans."""
+    max_model_len: int | None = None
+    """``vllm``: longest prompt + continuation; None = ``data.max_length`` + ``max_new_tokens`` + the GPM tail."""
+    max_num_seqs: int = 256
+    """``vllm``: sequences decoded at once."""
+    enable_prefix_caching: bool = True
+    """``vllm``: share the KV cache of a prompt across its ``n`` samples."""
+    sleep: bool = True
+    """Free the engine's memory (``sleep``/``wake``) around each update phase where the engine supports it."""
+
+
+@dataclass
+class BTPOConfig:
+    """BTPO (METHOD.md §5). Defaults marked (ours) were lost from the paper and are our choice.
+
+    The sampling settings (K, temperature, thought budget, rollout batch, update epochs, engine)
+    live in the ``rollout`` section."""
+
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     misalignment_weight: bool = True
@@ -105,15 +134,13 @@ class BTPOConfig:
     thought_advantage: str = "grpo"
     """``grpo`` (the paper's implementation) or ``exact`` (the §4 estimator with a 1/K baseline)."""
     agg: str = "token-mean"
-    """``token-mean`` (GRPO), ``seq-sum``, or ``token-sum-norm`` (Dr. GRPO: token sum / max_thought_tokens)."""
+    """``token-mean`` (GRPO), ``seq-sum``, or ``token-sum-norm`` (Dr. GRPO: token sum / rollout.max_new_tokens)."""
     beta: float = 0.0
     """KL (k3) coefficient to the frozen reference model; 0 loads no reference."""
     yes_no_normalize: bool = False
     """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
     schedule: str = "joint"
     """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
-    rollout_engine: str = "hf"
-    """Rollout engine: ``hf`` (transformers generate with a shared prefill)."""
 
 
 @dataclass
@@ -135,16 +162,10 @@ class GRAMConfig:
 
 @dataclass
 class GRPOConfig:
-    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate."""
+    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate.
 
-    g: int = 4
-    """Samples per prompt (the GRPO group size)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1000
-    rollout_batch_size: int = 256
-    """Pairs per rollout; updates follow in minibatches of ``train.batch_size``."""
-    update_epochs: int = 1
+    Group size, temperature, completion budget, rollout batch and engine live in ``rollout``."""
+
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     agg: str = "token-mean"
@@ -164,7 +185,7 @@ class EvalConfig:
 @dataclass
 class Config:
     method: str = "bt"
-    """One of: bt, bt-prefilled, gram, grpo-pair, grpo-point, btpo."""
+    """A registered method (``btpo train --help`` lists them): bt, bt-prefilled, gram, grpo-pair, grpo-point, btpo."""
     name: str = ""
     """Run name (defaults to the output folder's name)."""
     tag: str = ""
@@ -174,14 +195,52 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     btpo: BTPOConfig = field(default_factory=BTPOConfig)
     prefilled: PrefilledConfig = field(default_factory=PrefilledConfig)
     gram: GRAMConfig = field(default_factory=GRAMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Sections registered by plugin methods (:func:`register_section`), by name."""
+
+    def __getattr__(self, name: str) -> Any:      # only reached for names that are not fields
+        if name in _EXTRA_SECTIONS:
+            secs = self.__dict__.setdefault("sections", {})
+            if name not in secs:
+                secs[name] = _EXTRA_SECTIONS[name]()
+            return secs[name]
+        raise AttributeError(f"'Config' has no section or key '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        for name in _EXTRA_SECTIONS:
+            d[name] = dataclasses.asdict(getattr(self, name))
+        return d
+
+
+_EXTRA_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add a top-level config section (a dataclass) for a method that is not built in."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"config section '{name}' already exists")
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"config section '{name}' must be a dataclass, got {cls!r}")
+    _EXTRA_SECTIONS[name] = cls
+
+
+# Keys of version 0.1, before the rollout settings moved to the shared ``rollout`` section.
+# ``--set`` and recipes may still use them; a saved config.yaml of an old run loads through them.
+RENAMED: dict[str, dict[str, str]] = {
+    "btpo": {"k": "n", "temperature": "temperature", "top_p": "top_p", "max_thought_tokens": "max_new_tokens",
+             "rollout_batch_size": "batch_size", "update_epochs": "update_epochs", "rollout_engine": "engine"},
+    "grpo": {"g": "n", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
+             "rollout_batch_size": "batch_size", "update_epochs": "update_epochs"},
+}
+_OWNER = {"btpo": "btpo", "grpo-pair": "grpo", "grpo-point": "grpo"}
 
 
 # ----------------------------------------------------------------------------- building
@@ -194,11 +253,16 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """All dotted keys of a config class, e.g. ``train.batch_size``."""
     out = []
     for f in dataclasses.fields(cls):
+        if cls is Config and f.name == "sections":
+            continue
         t = _field_types(cls)[f.name]
         if dataclasses.is_dataclass(t):
             out.extend(valid_keys(t, prefix + f.name + "."))
         else:
             out.append(prefix + f.name)
+    if cls is Config:
+        for name, sec in _EXTRA_SECTIONS.items():
+            out.extend(valid_keys(sec, prefix + name + "."))
     return out
 
 
@@ -242,9 +306,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
     types = _field_types(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    names = {f.name for f in dataclasses.fields(obj)} - {"sections"}
     for k, v in data.items():
         key = prefix + str(k)
+        if isinstance(obj, Config) and k in _EXTRA_SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' is a section; expected a mapping, got {v!r}")
+            _apply(getattr(obj, k), v, key + ".", source)
+            continue
+        if isinstance(obj, Config) and k in RENAMED and isinstance(v, dict):
+            moved = {RENAMED[k][old]: v[old] for old in v if old in RENAMED[k]}
+            v = {key2: val for key2, val in v.items() if key2 not in RENAMED[k]}
+            if moved:
+                _apply(obj.rollout, moved, "rollout.", source)
         if k not in names:
             section = type(obj)
             choices = ", ".join(valid_keys(section, prefix))
@@ -256,6 +330,30 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
             _apply(getattr(obj, k), v, key + ".", source)
         else:
             setattr(obj, k, _coerce(v, t, key))
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping of version 0.1 → the current layout.
+
+    Old runs dumped every section, so a BTPO run's ``config.yaml`` also holds ``grpo.g``: each
+    renamed key moves to ``rollout`` only from the section of the method that reads it (explicit
+    ``rollout`` keys win); the other method's old keys are dropped.
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    owner = _OWNER.get(str(data.get("method", "")))
+    for section, renames in RENAMED.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for old, new in renames.items():
+            if old not in sec:
+                continue
+            value = sec.pop(old)
+            if owner in (None, section):
+                data.setdefault("rollout", {})
+                if isinstance(data["rollout"], dict):
+                    data["rollout"].setdefault(new, value)
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -301,12 +399,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def build_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
                  flags: dict[str, Any] | None = None) -> Config:
     """Defaults ← recipe ← flags (``--method`` …) ← ``--set`` overrides; then validate."""
+    _load_methods()
     cfg = Config()
     if recipe:
         from btpo_cli.recipes import find
 
         path = find(recipe)
-        _apply(cfg, load_recipe(path), "", str(path))
+        _apply(cfg, migrate(load_recipe(path)), "", str(path))
     for key, value in (flags or {}).items():
         if value is not None:
             _apply(cfg, _nest(key, value), "", "flag")
@@ -318,13 +417,20 @@ def build_config(recipe: str | Path | None = None, overrides: list[str] | None =
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    _load_methods()
     cfg = Config()
-    _apply(cfg, data, "", source)
+    _apply(cfg, migrate(data), "", source)
     return cfg
 
 
-_CHOICES = {
-    "method": METHODS,
+def _load_methods() -> None:
+    """Method modules (and plugins) register their config sections when the registry loads."""
+    from btpo_cli.methods import method_names
+
+    method_names()
+
+
+_CHOICES: dict[str, Any] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "train.report_to": ("none", "tensorboard", "wandb"),
     "train.precision": ("auto", "bf16", "fp32"),
@@ -332,7 +438,6 @@ _CHOICES = {
     "btpo.thought_advantage": ("grpo", "exact"),
     "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
     "btpo.schedule": ("joint",),
-    "btpo.rollout_engine": ("hf",),
     "grpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
 }
 
@@ -345,13 +450,17 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
+    from btpo_cli.engines import available_engines
+    from btpo_cli.methods import method_names
+
+    choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
+    for key, choices in choices_now.items():
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
-    positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "btpo.k",
-                "btpo.max_thought_tokens", "btpo.rollout_batch_size", "btpo.update_epochs", "eval.batch_size",
-                "grpo.g", "grpo.max_new_tokens", "grpo.rollout_batch_size", "grpo.update_epochs",
+    positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "rollout.n",
+                "rollout.max_new_tokens", "rollout.batch_size", "rollout.update_epochs", "eval.batch_size",
+                "rollout.prompts_per_batch", "rollout.max_num_seqs", "rollout.tensor_parallel_size",
                 "prefilled.max_thought_tokens", "prefilled.batch_size"]
     for key in positive:
         if _get(cfg, key) <= 0:
@@ -364,10 +473,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0 <= cfg.gram.label_smoothing < 1:
         raise ConfigError(f"gram.label_smoothing: must be in [0, 1), got {cfg.gram.label_smoothing}")
-    if cfg.grpo.temperature <= 0:
-        raise ConfigError(f"grpo.temperature: must be positive, got {cfg.grpo.temperature}")
-    if cfg.btpo.temperature <= 0:
-        raise ConfigError(f"btpo.temperature: must be positive, got {cfg.btpo.temperature}")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: must be positive, got {cfg.rollout.temperature}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if not 0 < cfg.rollout.gpu_memory_utilization < 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1), got "
+                          f"{cfg.rollout.gpu_memory_utilization}")
 
 
 def dump_yaml(cfg: Config) -> str:

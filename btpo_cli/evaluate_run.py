@@ -12,6 +12,7 @@ import torch
 from btpo_cli import __version__
 from btpo_cli.config import Config
 from btpo_cli.data import dataset_name
+from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
 from btpo_cli.evaluation import EVAL_VERSION, PairResult, summarize
 from btpo_cli.runs import Run
@@ -26,7 +27,8 @@ def model_dir_of(run: Run) -> Path:
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
                  batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
-                 max_new_tokens: int | None = None, device: str | None = None) -> dict[str, Any]:
+                 max_new_tokens: int | None = None, device: str | None = None,
+                 engine: str | None = None) -> dict[str, Any]:
     """Run the method's evaluator and the shared protocol; write and return the eval summary."""
     from btpo_cli.console import console
     from btpo_cli.methods import get_method
@@ -42,11 +44,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         cfg.eval.samples = samples
     if max_new_tokens:
         cfg.eval.max_new_tokens = max_new_tokens
+    impl = get_method(cfg.method)
+    if engine:
+        if engine != "auto" and engine not in available_engines():
+            raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
+        cfg.rollout.engine = engine
+    if impl.generative:
+        engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
     split = split or cfg.data.eval_split
     model_dir = model_dir_of(run)
     records = load_split(cfg, split, limit=limit if limit is not None else cfg.eval.limit)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    impl = get_method(cfg.method)
     name = dataset_name(cfg.data.path)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -68,11 +76,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "dataset": name,
         "data_path": cfg.data.path,
         "split": split,
-        "protocol": getattr(impl, "PROTOCOL", "pointwise"),
+        "protocol": impl.protocol,
         **summarize(results),
         "checkpoint": str(model_dir),
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
+        "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
     }
     parse_counts: dict[str, int] = {}
     for r in results:

@@ -69,6 +69,14 @@ def pairwise_result(pair_id: str, verdict_chosen_as_a: str | None, verdict_chose
                       dict(detail, chosen_as_a=verdict_chosen_as_a, chosen_as_b=verdict_chosen_as_b))
 
 
+def with_unjudged(results: list[PairResult], records: Sequence[Any], judged: set[int],
+                  protocol: str) -> list[PairResult]:
+    """Append a format failure (credit 0, ``reason="too_long"``) for every record whose index is not in
+    ``judged`` (a pair too long to judge), so ``n`` always equals the size of the test set."""
+    make = pointwise_result if protocol == "pointwise" else pairwise_result
+    return results + [make(r.id, None, None, reason="too_long") for k, r in enumerate(records) if k not in judged]
+
+
 def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
     """Accuracy (clipped at 0.5), raw accuracy, tie and format-error rates (per judgement)."""
     n = len(results)

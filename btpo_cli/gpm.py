@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from btpo_cli.rollout import Sample, left_pad, positions
+from btpo_cli.engines.base import Sample
+from btpo_cli.engines.hf import left_pad, positions
 from btpo_cli.templates import GPMPrompt
 
 
@@ -47,6 +48,44 @@ def thought_sequence(prompt: GPMPrompt, sample: Sample | list[int], eot_id: int)
 
 
 @dataclass
+class SeqBatch:
+    """N sequences to score as ONE left-padded tensor, kept from the rollout to the loss.
+
+    Built once per rollout (:meth:`from_seqs`); a micro-batch is :meth:`select` of its rows (only
+    the columns some selected row uses are kept), so nothing is re-padded from Python lists at
+    every micro-step.
+    """
+
+    ids: torch.Tensor
+    """(N, T) token ids, left-padded with the pad id."""
+    mask: torch.Tensor
+    """(N, T) 1 for real tokens."""
+    n_thought: torch.Tensor
+    """(N,) thought tokens, directly before the tail."""
+    n_tail: torch.Tensor
+    """(N,) tail tokens at the end."""
+
+    @classmethod
+    def from_seqs(cls, seqs: list[ThoughtSeq], pad_id: int) -> SeqBatch:
+        ids, mask = left_pad([s.ids for s in seqs], pad_id, "cpu")
+        return cls(ids, mask, torch.tensor([s.n_thought for s in seqs]), torch.tensor([s.n_tail for s in seqs]))
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def select(self, rows: list[int] | torch.Tensor) -> SeqBatch:
+        """The given rows, without the leading columns that are padding in all of them."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        mask = self.mask[idx]
+        first = int((mask.shape[1] - mask.sum(-1)).min()) if len(idx) else 0
+        return SeqBatch(self.ids[idx, first:], mask[:, first:], self.n_thought[idx], self.n_tail[idx])
+
+    @property
+    def max_thought(self) -> int:
+        return int(self.n_thought.max()) if len(self) else 0
+
+
+@dataclass
 class Scores:
     logp: torch.Tensor
     """(N, Tz) log-probabilities of the thought tokens (0 where masked)."""
@@ -54,26 +93,28 @@ class Scores:
     """(N, Tz) 1 for thought tokens."""
     logp_yes: torch.Tensor
     """(N,) log p(Yes | x, y, z)."""
+    yes_no_mass: torch.Tensor | None = None
+    """(N,) p(Yes) + p(No) under the full-vocabulary softmax (detached): how well the judge keeps the format."""
 
 
-def score_thoughts(model: Any, seqs: list[ThoughtSeq], yes_id: int, no_id: int, pad_id: int,
+def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, no_id: int, pad_id: int,
                    yes_no_normalize: bool = False, temperature: float = 1.0) -> Scores:
     """One forward over N sequences → thought log-probs and log p(Yes). Grad flows if enabled.
 
     Sequences are left-padded so that their tails align at the end; only the last
     ``max(n_thought + n_tail) + 1`` positions go through the LM head (``logits_to_keep``).
     """
+    if not isinstance(seqs, SeqBatch):
+        seqs = SeqBatch.from_seqs(seqs, pad_id)
     device = next(model.parameters()).device
-    ids, mask = left_pad([s.ids for s in seqs], pad_id, device)                  # (N, T)
+    ids, mask = seqs.ids.to(device), seqs.mask.to(device)                        # (N, T)
     n, t = ids.shape
-    keep = max(s.n_thought + s.n_tail for s in seqs) + 1
-    keep = min(keep, t)
+    n_th, n_tl = seqs.n_thought.to(device), seqs.n_tail.to(device)               # (N,), (N,)
+    keep = min(int((seqs.n_thought + seqs.n_tail).max()) + 1, t)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                 logits_to_keep=keep)
     logits = out.logits                                                          # (N, keep, V)
-    tz = max(1, max(s.n_thought for s in seqs))
-    n_th = torch.tensor([s.n_thought for s in seqs], device=device)
-    n_tl = torch.tensor([s.n_tail for s in seqs], device=device)
+    tz = max(1, seqs.max_thought)
     start_abs = t - n_tl - n_th                                                  # (N,) first thought token
     ar = torch.arange(tz, device=device)
     tok_abs = (start_abs[:, None] + ar[None, :]).clamp(max=t - 1)                # (N, Tz)
@@ -86,11 +127,14 @@ def score_thoughts(model: Any, seqs: list[ThoughtSeq], yes_id: int, no_id: int, 
     logp = sel.gather(-1, tok[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
     logp = torch.where(zmask, logp, torch.zeros_like(logp))
     last = _upcast(logits[:, -1, :])                                             # (N, V)
+    lse = torch.logsumexp(last, dim=-1)                                          # (N,)
     if yes_no_normalize:
         logp_yes = torch.nn.functional.logsigmoid(last[:, yes_id] - last[:, no_id])
     else:
-        logp_yes = last[:, yes_id] - torch.logsumexp(last, dim=-1)
-    return Scores(logp, zmask.to(logp.dtype), logp_yes)
+        logp_yes = last[:, yes_id] - lse
+    with torch.no_grad():
+        mass = (last[:, yes_id] - lse).exp() + (last[:, no_id] - lse).exp()
+    return Scores(logp, zmask.to(logp.dtype), logp_yes, mass)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,8 @@ __all__ = [
     "btpo_loss",
     "clipped_surrogate",
     "effective_sample_size",
+    "gram_loss",
+    "group_advantages",
     "kl_k3",
     "log_mc_scores",
     "mc_scores",
@@ -451,6 +453,45 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     d = _masked(_upcast(ref_logp).detach(), mask) - _masked(_upcast(logp), mask)
     per_token = _masked(d.exp() - d - 1.0, mask)
     return per_token.sum(dim=-1) / mask.sum(dim=-1).clamp_min(1).to(per_token.dtype)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def gram_loss(logp_a: Tensor, logp_b: Tensor, target_is_a: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """GRAM's per-judgement loss ``−(1−ε) log p(correct) − ε log p(other)`` (METHOD.md §6).
+
+    ``p`` is the full-vocabulary distribution at the generation head; with ``ε > 0`` the smoothing
+    mass goes to the other label only (the target is the two-point distribution (1−ε, ε)).
+
+    Args:
+        logp_a: ``(N,)`` log p("A") of N judgements.
+        logp_b: ``(N,)`` log p("B").
+        target_is_a: ``(N,)`` bool, whether "A" is the correct label.
+        label_smoothing: ``ε`` in ``[0, 1)``.
+
+    Returns:
+        ``(N,)`` losses.
+    """
+    _check_same_shape("logp_a", logp_a, "logp_b", logp_b)
+    correct = torch.where(target_is_a, logp_a, logp_b)
+    other = torch.where(target_is_a, logp_b, logp_a)
+    return -(1.0 - label_smoothing) * correct - label_smoothing * other
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages: ``(r − mean) / (std + eps)`` over the last dim, population std (``correction=0``).
+
+    Args:
+        rewards: ``(n_groups, G)`` rewards.
+        eps: added to the std; a group of equal rewards (or ``G = 1``) gets advantages exactly 0.
+
+    Returns:
+        ``(n_groups, G)`` advantages (float32).
+    """
+    r = rewards.float()
+    centered = r - r.mean(dim=-1, keepdim=True)
+    return centered / (r.std(dim=-1, correction=0, keepdim=True) + eps)
 
 
 # ----------------------------------------------------------------------------- BTPO

@@ -1,13 +1,15 @@
 """The rollout → minibatch-update loop shared by BTPO and the GRPO baselines.
 
-Per rollout batch (``rollout_batch_size`` units; process ``r`` takes its slice):
+Per rollout batch (``rollout.batch_size`` units; process ``r`` takes its slice):
 
-1. with the current ("old") weights in eval mode, the method's ``rollout`` samples and scores;
+1. the rollout engine gets the policy's current weights (``update_weights``, once per rollout);
+   with them the method's ``rollout`` samples, and the trainer's own model (eval mode) scores;
 2. ``update_epochs`` passes over the rollout in shuffled minibatches of ``train.batch_size``
    units, each one optimizer step over micro-batches (``accumulate``), the method's ``loss``
    giving a micro-batch's mean loss and stats;
-3. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end),
-   so that a resumed run re-samples the next rollout with the saved RNG state.
+3. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end).
+   Sampling seeds are derived from (run seed, rollout, unit, response), never carried, so a
+   resumed run re-samples exactly the next rollout an uninterrupted one samples, on any engine.
 
 What differs between methods — how a rollout is sampled, which statistics it reports, the loss —
 comes in as callbacks; everything else is here once.
@@ -24,8 +26,8 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config
-from btpo_cli.errors import BtpoError
-from btpo_cli.runs import Run, maybe_fault
+from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.runs import maybe_fault
 from btpo_cli.trainer import (
     BatchPlan,
     StepTimer,
@@ -50,11 +52,12 @@ class RolloutPlan:
     """Rollout index (1-based) → unit indices."""
 
     @classmethod
-    def from_config(cls, n_units: int, cfg: Config, rollout_batch_size: int, update_epochs: int,
-                    key: str) -> RolloutPlan:
+    def from_config(cls, n_units: int, cfg: Config, world: int) -> RolloutPlan:
+        rollout_batch_size, update_epochs = cfg.rollout.batch_size, cfg.rollout.update_epochs
+        check_rollout_sizes(cfg, world)
         per_epoch = n_units // rollout_batch_size
         if per_epoch == 0:
-            raise BtpoError(f"the training set has {n_units} usable pairs, fewer than {key}.rollout_batch_size="
+            raise BtpoError(f"the training set has {n_units} usable pairs, fewer than rollout.batch_size="
                             f"{rollout_batch_size}")
         spr = update_epochs * (rollout_batch_size // cfg.train.batch_size)
         total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * per_epoch) * spr)
@@ -63,39 +66,57 @@ class RolloutPlan:
         return cls(spr, per_epoch, total, update_epochs, batches)
 
 
-def run_rollouts(*, acc: Any, cfg: Config, run: Run, model: Any, opt: Any, sched: Any, engine: Any,
-                 plan: RolloutPlan, start: int, prefix: str, title: str,
+def check_rollout_sizes(cfg: Config, world: int) -> None:
+    """Rollout batch, minibatch and process count must divide evenly (before anything is loaded)."""
+    r, b = cfg.rollout.batch_size, cfg.train.batch_size
+    if r % b:
+        raise ConfigError(f"rollout.batch_size={r} must be a multiple of train.batch_size={b}")
+    if b % world or r % world:
+        raise ConfigError(f"train.batch_size={b} and rollout.batch_size={r} must divide by {world} processes")
+
+
+def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, title: str,
                  rollout: Callable[[list[int], int, StepTimer], tuple[Any, dict[str, float]]],
                  rollout_metrics: Callable[[dict[str, float]], dict[str, float]],
                  loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
                  bar_info: Callable[[dict[str, Any]], str]) -> None:
-    """Train from optimizer step ``start`` to ``plan.total_steps``.
+    """Train from optimizer step ``sess.start`` to ``plan.total_steps``.
 
-    ``rollout(local_unit_indices, rollout_index, timer) -> (rollout, stat sums)`` runs in eval mode
-    under autocast; the sums (plus generated tokens) are reduced over processes and turned into
-    metrics by ``rollout_metrics``. ``loss(rollout, local_positions) -> (mean loss, stats)``; the
-    stats are logged as ``<prefix>/<key>`` averaged over the global batch.
+    Per rollout: the engine wakes and gets the policy's current full weights
+    (``engine.update_weights``, ``perf/weight_sync_s``), ``rollout(local_unit_indices, rollout_index,
+    timer) -> (rollout, stat sums)`` samples with it (eval mode, under autocast) and scores with the
+    trainer's model, the engine sleeps (``rollout.sleep``) while the updates run. The sums (plus
+    the engine's generated tokens) are reduced over processes and turned into metrics by
+    ``rollout_metrics``. ``loss(rollout, local_positions) -> (mean loss, stats)``; the stats are
+    logged as ``<prefix>/<key>`` averaged over the global batch.
     """
+    cfg, acc, run, model = sess.cfg, sess.acc, sess.run, sess.model
     world = acc.num_processes
     per_proc = cfg.train.batch_size // world
     timer = StepTimer()
-    bar = TrainProgress(plan.total_steps, start, title, acc.is_main_process)
-    step = start
-    for r_idx in range(start // plan.steps_per_rollout + 1, plan.batches.total_steps + 1):
+    bar = TrainProgress(plan.total_steps, sess.start, title, acc.is_main_process)
+    step = sess.start
+    for r_idx in range(sess.start // plan.steps_per_rollout + 1, plan.batches.total_steps + 1):
         # ---- rollout with the current ("old") weights
         t_roll = time.perf_counter()
         local = plan.batches.local_batch(r_idx, acc.process_index, world)
         model.eval()
-        engine.model = acc.unwrap_model(model)
-        gen_before = engine.stats["generated_tokens"]
+        with timer.phase("weight_sync"):
+            engine.wake()
+            engine.update_weights(sess.full_weights())
+        gen_before = engine.stats()["generated_tokens"]
         with acc.autocast():
             ro, sums = rollout(local, r_idx, timer)
+        if cfg.rollout.sleep:
+            engine.sleep()
         roll_times = timer.pop()
-        rs = reduce_stats(acc, {**sums, "gen": float(engine.stats["generated_tokens"] - gen_before)}, acc.device)
+        rs = reduce_stats(acc, {**sums, "gen": float(engine.stats()["generated_tokens"] - gen_before)}, acc.device)
         roll_metrics = {**rollout_metrics(rs), "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
                         "perf/gen_tokens_per_s": round(rs["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9),
                                                        1),
                         **roll_times}
+        if rs.get("lp_n"):
+            roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
         # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
         model.train()
         g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx)
@@ -109,7 +130,7 @@ def run_rollouts(*, acc: Any, cfg: Config, run: Run, model: Any, opt: Any, sched
                 micro = list(chunks(mb, cfg.train.micro_batch_size))
                 with timer.phase("update"):
                     sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
-                    grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
+                    grad_norm, lr = optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm)
                 tot = reduce_stats(acc, sums, acc.device)
                 n = cfg.train.batch_size
                 metrics = {"step": step,
@@ -128,3 +149,21 @@ def run_rollouts(*, acc: Any, cfg: Config, run: Run, model: Any, opt: Any, sched
         if step >= plan.total_steps:
             break
     bar.close()
+
+
+def logprob_diff(engine_logps: list[list[float] | None], trainer_logps: torch.Tensor,
+                 lengths: list[int]) -> dict[str, float]:
+    """Sums for ``rollout/logprob_diff``: Σ |engine − trainer| log-prob over sampled tokens, and their count.
+
+    ``engine_logps[i]`` is what the engine reported for sequence ``i`` (None when it reports
+    nothing); ``trainer_logps`` is ``(N, Tz)`` the trainer's recomputed log-probs (right-padded).
+    """
+    diff, count = 0.0, 0
+    for i, lp in enumerate(engine_logps):
+        if lp is None or lengths[i] == 0:
+            continue
+        n = lengths[i]
+        e = torch.tensor(lp[:n], dtype=torch.float64)
+        diff += float((e - trainer_logps[i, :n].double().cpu()).abs().sum())
+        count += n
+    return {"lp_diff": diff, "lp_n": float(count)}

@@ -3,6 +3,8 @@
 One place for templates (documented in ``docs/templates.md``):
 
 - :func:`encode_response` — BT and BT-prefilled: the chat ``prompt + [assistant: response]``.
+- :func:`encode_gpm` — BTPO: the dialog of METHOD.md §2 up to the thought's generation head.
+- :func:`encode_judge` — GRAM and GRPO: a judge prompt quoting the conversation (one cutting rule).
 
 All encoders tokenize the *rendered text* with ``add_special_tokens=False`` (the chat template
 already writes BOS where the family wants one; Llama-3 tokenizers would otherwise add a second).
@@ -12,6 +14,7 @@ sequence starts with BOS, BOS is kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +204,53 @@ def pairwise_messages(template: str, prompt: Messages, response_a: str, response
     return [{"role": "user", "content": template.format(conversation=conversation_text(prompt),
                                                         response_a=response_a, response_b=response_b,
                                                         aspect=aspect)}]
+
+
+def encode_judge(tokenizer: Any, build: Callable[[Messages], Messages], prompt: Messages,
+                 max_length: int) -> tuple[list[int], bool]:
+    """Token ids of the judge chat ``build(prompt)`` up to its generation head, at most ``max_length``.
+
+    ``build`` quotes the conversation as :func:`conversation_text` ``(prompt)`` (GRAM, GRPO pair and
+    point all do). Over ``max_length``, only the quoted conversation loses tokens, from the left
+    (its last turns and the final question are kept; the instructions, the responses and the
+    answer format never are cut). Returns ``(ids, truncated)``; raises :class:`TooLong` when the
+    judge prompt without any conversation does not fit. A template that rewrites the content so
+    that the quote cannot be found keeps the last ``max_length`` tokens.
+    """
+    text = render(tokenizer, build(prompt), add_generation_prompt=True)
+    ids = encode_text(tokenizer, text)
+    if len(ids) <= max_length:
+        return ids, False
+    conv = conversation_text(prompt)
+    at = text.find(conv) if conv else -1
+    if at < 0:
+        return ids[len(ids) - max_length:], True
+    head = encode_text(tokenizer, text[:at])
+    tail = encode_text(tokenizer, text[at + len(conv):])
+    budget = max_length - len(head) - len(tail)
+    if budget < 1:
+        raise TooLong(f"the judge prompt is {len(head) + len(tail)} tokens without the conversation, "
+                      f"more than max_length={max_length}")
+    conv_ids = encode_text(tokenizer, conv)
+    return head + conv_ids[len(conv_ids) - budget:] + tail, True
+
+
+def encode_judge_prompts(tokenizer: Any, records: Sequence[Any], builds: Sequence[Callable[[Any, Messages], Messages]],
+                         max_length: int) -> tuple[list[tuple[int, list[list[int]]]], dict[str, int]]:
+    """Every record's judge prompts, one per ``build(record, prompt)`` (e.g. both orders of a pair).
+
+    Returns ``[(record index, [ids per build])]`` for the records whose prompts all fit (see
+    :func:`encode_judge`) and the counts ``truncated`` (prompts cut) and ``too_long`` (records dropped)."""
+    out, stats = [], {"truncated": 0, "too_long": 0}
+    for k, r in enumerate(records):
+        try:
+            encoded = [encode_judge(tokenizer, lambda p, b=b, r=r: b(r, p), r.prompt, max_length) for b in builds]
+        except TooLong:
+            stats["too_long"] += 1
+            continue
+        stats["truncated"] += sum(int(cut) for _, cut in encoded)
+        out.append((k, [ids for ids, _ in encoded]))
+    return out, stats
 
 
 def pointwise_messages(prompt: Messages, response: str, aspect: str) -> Messages:

@@ -16,7 +16,7 @@ when the settings match, as in :mod:`data_builders.math_builder`):
    prompted with its chat template (``apply_chat_template(messages, add_generation_prompt=True)``).
 3. **judge** (``if-judgments.jsonl``): every (response, rubric) is judged by
 
-   * a local judge model through :class:`~btpo_cli.rollout.HFEngine`, greedy, asked "Does the
+   * a local judge model through the rollout engine (`--engine`), greedy, asked "Does the
      response satisfy this rubric? Answer Yes or No." (chat template), or
    * an OpenAI-compatible endpoint (``judge_url``: ``POST {url}/chat/completions``, temperature 0;
      an API key is taken from ``BTPO_JUDGE_API_KEY`` or ``OPENAI_API_KEY`` when set).
@@ -265,6 +265,7 @@ def build_if(
     strict: bool = False,
     dry_run: bool = False,
     device: str | None = None,
+    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
     judge_impl: Any = None,
@@ -313,7 +314,7 @@ def build_if(
         raise BtpoError("build_if: an output folder is required unless dry_run is set")
     cache_dir = out / ".cache"
     stats = {"batches": 0}
-    sampler = sampler or HFSampler(generator, device, batch_size)
+    sampler = sampler or HFSampler(generator, device, batch_size, engine)
     responses = _sample_stage(
         prompts,
         JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s)),
@@ -330,7 +331,7 @@ def build_if(
             else LocalJudge(
                 sampler
                 if judge == generator and isinstance(sampler, HFSampler)
-                else HFSampler(judge, device, batch_size)
+                else HFSampler(judge, device, batch_size, engine)
             )
         )
     # the judgments depend on the responses: key them by the generator settings too

@@ -6,7 +6,7 @@ Stages (METHOD.md §8), each resumable:
    :mod:`data_builders.math_questions`. Questions are numbered in that order; ``shard=(i, n)``
    keeps only those whose number is ``i`` modulo ``n``.
 2. **sample**: ``n_samples`` solutions per question from the generator (default
-   ``meta-math/MetaMath-Llemma-7B``) through :class:`~btpo_cli.rollout.HFEngine`. The prompt is
+   ``meta-math/MetaMath-Llemma-7B``) through the rollout engine (`--engine`). The prompt is
    :func:`~data_builders.math_questions.alpaca_prompt` tokenized with ``add_special_tokens=True``
    (no chat template); generation stops on the tokenizer's eos (and the model's generation-config
    eos ids). Questions are cut into fixed batches of ``batch_size``; after each batch one line
@@ -166,16 +166,27 @@ class Sampler(Protocol):
 _MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
+def _generation_eos(path: str) -> Any:
+    """The model's generation stop id(s), read without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except (OSError, ValueError):
+        return getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+
+
 class HFSampler:
-    """A local transformers model behind :class:`~btpo_cli.rollout.HFEngine`.
+    """A local model behind a rollout engine (``--engine``: hf, vllm, auto), by name.
 
     ``prompts`` are plain strings (``chat=False``: tokenized with ``add_special_tokens=True``) or
     message lists (``chat=True``: ``apply_chat_template(..., add_generation_prompt=True)``).
     Returns ``(text, finished)`` per sample; the text is decoded without special tokens.
     """
 
-    def __init__(self, name: str, device: str | None = None, batch_size: int = 16):
+    def __init__(self, name: str, device: str | None = None, batch_size: int = 16, engine: str = "auto"):
         self.name, self.device, self.batch_size = name, device or default_device(), batch_size
+        self.engine_name = engine
         self.calls = 0
         self._tok: Any = None
         self._engine: Any = None
@@ -184,18 +195,27 @@ class HFSampler:
         if self._engine is not None:
             return
         from btpo_cli.config import ModelConfig
-        from btpo_cli.models import load_causal_lm, load_tokenizer
-        from btpo_cli.rollout import HFEngine
+        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name
+        from btpo_cli.models import load_causal_lm, load_tokenizer, resolve_model
 
+        engine = resolve_engine_name(self.engine_name)
         key = (self.name, self.device)
-        if key not in _MODELS:  # generator and judge may be the same model: load it once
-            tok = load_tokenizer(self.name, padding_side="left")
-            model = load_causal_lm(ModelConfig(name=self.name), self.device.split(":")[0], inference=True)
-            _MODELS[key] = (tok, model.to(self.device).eval())
-        self._tok, model = _MODELS[key]
-        self._engine = HFEngine(model, self._tok.pad_token_id, batch_size=self.batch_size)
+        model = None
+        if engine == "hf":
+            if key not in _MODELS:  # generator and judge may be the same model: load it once
+                tok = load_tokenizer(self.name, padding_side="left")
+                m = load_causal_lm(ModelConfig(name=self.name), self.device.split(":")[0], inference=True)
+                _MODELS[key] = (tok, m.to(self.device).eval())
+            self._tok, model = _MODELS[key]
+        else:
+            self._tok = load_tokenizer(self.name, padding_side="left")
+        path = resolve_model(self.name)
+        self._engine = build_engine(engine, EngineSpec(model_path=path, pad_token_id=self._tok.pad_token_id,
+                                                       device=self.device, module=model,
+                                                       prompts_per_batch=self.batch_size))
         stops = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) if model is not None \
+            else _generation_eos(path)
         stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.stop_ids = sorted(stops)
 
@@ -218,7 +238,7 @@ class HFSampler:
         seed: int | None,
         chat: bool,
     ) -> list[list[tuple[str, bool]]]:
-        from btpo_cli.rollout import SamplingParams
+        from btpo_cli.engines import SamplingParams
 
         self._load()
         self.calls += 1
@@ -390,6 +410,7 @@ def build_math(
     strict: bool = False,
     dry_run: bool = False,
     device: str | None = None,
+    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
 ) -> dict[str, Any]:
@@ -449,7 +470,7 @@ def build_math(
         }
     if out is None or cache_dir is None:
         raise BtpoError("build_math: an output folder is required unless dry_run is set")
-    sampler = sampler or HFSampler(generator, device, batch_size)
+    sampler = sampler or HFSampler(generator, device, batch_size, engine)
     cache = JsonlCache(cache_path(cache_dir, shard_t), "qid", "generator", asdict(settings))
     others: dict[str, Any] = {}
     if shard_t is None:  # questions sampled by shard runs count as done

@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import run_btpo
 
-SMALL = ["--set", "btpo.rollout_batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
-         "--set", "btpo.k=2", "--set", "btpo.max_thought_tokens=8", "--set", "data.max_length=128",
+SMALL = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
+         "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=8", "--set", "data.max_length=128",
          "--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0"]
 
 

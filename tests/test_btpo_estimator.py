@@ -6,7 +6,7 @@ estimator with a growing number ``K`` of sampled thoughts converging to it. §5 
 to run through the very surrogate loss that training minimizes. So everything here goes through
 the library's own pieces, in the order a training step uses them:
 
-1. :class:`~btpo_cli.rollout.HFEngine` samples ``K`` thoughts per response (temperature 1,
+1. :class:`~btpo_cli.engines.hf.HFEngine` samples ``K`` thoughts per response (temperature 1,
    top-p 1, stopping on the end-of-turn token, at most ``L`` tokens),
 2. :func:`~btpo_cli.gpm.thought_sequence` joins prompt, thought and tail,
 3. :func:`~btpo_cli.gpm.score_thoughts` gives the thought-token log-probs and ``log p(Yes)`` (once
@@ -52,9 +52,10 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
+from btpo_cli.engines import Sample, SamplingParams
+from btpo_cli.engines.hf import HFEngine
 from btpo_cli.gpm import Scores, ThoughtSeq, score_thoughts, thought_sequence
 from btpo_cli.losses import btpo_loss, rollout_weights
-from btpo_cli.rollout import HFEngine, Sample, SamplingParams
 from btpo_cli.templates import GPMPrompt
 
 VOCAB = 8

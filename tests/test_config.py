@@ -49,7 +49,7 @@ def test_parse_override_yaml_values() -> None:
 
 def test_valid_keys_cover_sections() -> None:
     keys = valid_keys(Config)
-    assert {"method", "train.batch_size", "btpo.k", "optim.lr", "data.path"} <= set(keys)
+    assert {"method", "train.batch_size", "rollout.n", "optim.lr", "data.path"} <= set(keys)
 
 
 def test_recipe_yaml_errors(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from btpo_cli.config import ModelConfig
+from btpo_cli.engines import SamplingParams
+from btpo_cli.engines.hf import HFEngine
 from btpo_cli.gpm import score_thoughts, thought_sequence
 from btpo_cli.models import load_causal_lm, load_tokenizer
-from btpo_cli.rollout import HFEngine, SamplingParams
 from btpo_cli.templates import (
     EVAL_INSTRUCTION,
     RATING_QUESTION,

@@ -30,7 +30,7 @@ def test_verdict() -> None:
 
 
 def test_gram_loss_is_smoothed_cross_entropy() -> None:
-    from btpo_cli.methods.gram import gram_loss
+    from btpo_cli.losses import gram_loss
 
     la = torch.log(torch.tensor([0.5, 0.2]))
     lb = torch.log(torch.tensor([0.1, 0.6]))
@@ -42,9 +42,12 @@ def test_gram_loss_is_smoothed_cross_entropy() -> None:
 
 
 def test_encode_judge_cuts_only_the_conversation() -> None:
-    from btpo_cli.methods.gram import encode_judge
     from btpo_cli.models import load_tokenizer
-    from btpo_cli.templates import TooLong
+    from btpo_cli.templates import GRAM_PROMPT, TooLong, pairwise_messages
+    from btpo_cli.templates import encode_judge as encode
+
+    def encode_judge(tok, prompt, a, b, aspect, max_length):  # noqa: ANN001, ANN202 - the GRAM prompt of a, b
+        return encode(tok, lambda p: pairwise_messages(GRAM_PROMPT, p, a, b, aspect), prompt, max_length)
 
     tok = load_tokenizer("tiny-qwen2", padding_side="left")
     prompt = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300)) + " final question"}]

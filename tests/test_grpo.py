@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from btpo_cli.methods.grpo_common import Query, encode_judge, group_advantages
+from btpo_cli.losses import group_advantages
+from btpo_cli.methods.grpo_common import Query
 from btpo_cli.methods.grpo_pair import PairTask, chosen_first, verdict_reward
 from btpo_cli.methods.grpo_point import PointTask, paired_rewards
 from btpo_cli.parsers import ScoreParse, VerdictParse, parse_score, parse_verdict
+from btpo_cli.templates import encode_judge
 from tests.conftest import REPO, run_btpo
 
-SMALL = ["--set", "grpo.rollout_batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
-         "--set", "grpo.g=2", "--set", "grpo.max_new_tokens=8", "--set", "data.max_length=256",
+SMALL = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
+         "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=8", "--set", "data.max_length=256",
          "--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models: threads only add contention on a busy 2-core runner
 
@@ -170,7 +172,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, synthetic_data: Pa
     script = tmp_path / "patched_cli.py"
     script.write_text(PATCHED_CLI)
     args = ["train", "--method", "grpo-point", "--data", str(synthetic_data), "--max-steps", "6",
-            "--set", "train.save_every=2", "--set", "optim.scheduler=constant", *SMALL, "--set", "grpo.g=3"]
+            "--set", "train.save_every=2", "--set", "optim.scheduler=constant", *SMALL, "--set", "rollout.n=3"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     p = _run_patched(script, *args, "--out", str(full))
     assert p.returncode == 0, p.stderr

@@ -149,6 +149,15 @@ def _report_generation(m: dict) -> None:
         console.print(f"sampling: {', '.join(f'{k}={v}' for k, v in g.items())}", highlight=False)
 
 
+def _engine(name: str) -> str:
+    from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+
+    if name != "auto" and name not in available_engines():
+        raise typer.BadParameter(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
+    engine_class(resolve_engine_name(name))      # a one-line error now if it is not installed
+    return name
+
+
 @app.command("math", epilog="[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
                             "  btpo build-data math --out data/math              # then assemble")
 def math(
@@ -166,6 +175,8 @@ def math(
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and down-sampling."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N questions per source."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
+    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
+                               "it imports, else hf), hf, vllm."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
@@ -176,7 +187,7 @@ def math(
         m = build_math(out_dir, _sources(source, "math"), generator=generator, n_samples=n_samples,
                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        n_train=n_train, n_test=n_test, shard=shard, seed=seed, limit=limit, strict=strict,
-                       dry_run=dry_run, device=device, progress=bars)
+                       dry_run=dry_run, device=device, engine=_engine(engine), progress=bars)
     if dry_run:
         _finish(m, out_dir, True)
         return
@@ -214,6 +225,8 @@ def if_(
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and the split."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N prompts."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
+    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
+                               "it imports, else hf), hf, vllm."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
@@ -225,7 +238,7 @@ def if_(
                      judge_url=judge_url, n_samples=n_samples, temperature=temperature, top_p=top_p,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, n_train=n_train, n_test=n_test,
                      test_fraction=test_fraction, seed=seed, limit=limit, strict=strict, dry_run=dry_run,
-                     device=device, progress=bars)
+                     device=device, engine=_engine(engine), progress=bars)
     if dry_run:
         _finish(m, out_dir, True)
         return

@@ -30,10 +30,12 @@ def evaluate(
                                             help="BTPO: also the mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought budget."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
+    engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
+                                      "vllm (default: the run's rollout.engine)."),
 ) -> None:
     from btpo_cli.evaluate_run import evaluate_run
 
-    s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device)
+    s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine)
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")
     for col in ("method", "model", "n", "accuracy", "raw", "ties", "format errors"):
         t.add_column(col, justify="right" if col not in ("method", "model") else "left")

@@ -29,7 +29,8 @@ from btpo_cli.engines.base import (
 from btpo_cli.errors import BtpoError
 
 __all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "available_engines", "build_engine",
-           "default_engine", "engine_class", "register_engine", "request_seed", "resolve_seeds", "sample_seed"]
+           "default_engine", "engine_class", "engine_for", "register_engine", "request_seed", "resolve_engine_name",
+           "resolve_seeds", "sample_seed", "spec_from_config"]
 
 _BUILTIN: dict[str, str] = {
     "hf": "btpo_cli.engines.hf:HFEngine",
@@ -104,6 +105,41 @@ _INSTALL_HINTS = {
 def build_engine(name: str, spec: EngineSpec) -> Any:
     """Build the engine registered as ``name`` from ``spec``."""
     return engine_class(name).from_spec(spec)
+
+
+def resolve_engine_name(name: str) -> str:
+    """``auto`` → :func:`default_engine`; other names unchanged."""
+    return default_engine() if name == "auto" else name
+
+
+GPM_TAIL_MARGIN = 128
+"""Tokens after a thought (the rating question and answer head) that an engine's length must allow."""
+
+
+def spec_from_config(cfg: Any, model_path: str, pad_token_id: int, device: Any, module: Any = None,
+                     prompts_per_batch: int | None = None, max_new_tokens: int | None = None) -> EngineSpec:
+    """An :class:`EngineSpec` from a run config's ``rollout`` section."""
+    r = cfg.rollout
+    new = max_new_tokens if max_new_tokens is not None else r.max_new_tokens
+    return EngineSpec(model_path=model_path, pad_token_id=pad_token_id, device=str(device),
+                      dtype="bfloat16" if cfg.model.dtype == "bfloat16" else "auto", module=module,
+                      prompts_per_batch=prompts_per_batch or r.prompts_per_batch,
+                      max_model_len=r.max_model_len or cfg.data.max_length + new + GPM_TAIL_MARGIN,
+                      gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+                      max_num_seqs=r.max_num_seqs, enable_prefix_caching=r.enable_prefix_caching,
+                      enable_sleep_mode=r.sleep, seed=cfg.train.seed)
+
+
+def engine_for(cfg: Any, model_path: str, pad_token_id: int, device: Any, module: Any = None,
+               prompts_per_batch: int | None = None, max_new_tokens: int | None = None) -> Any:
+    """The engine ``cfg.rollout.engine`` names, on the weights at ``model_path``.
+
+    ``module`` is an in-memory copy of those weights (the trainer's policy, or the evaluator's
+    scoring model) that the ``hf`` engine uses as is instead of loading a second copy."""
+    name = resolve_engine_name(cfg.rollout.engine)
+    spec = spec_from_config(cfg, model_path, pad_token_id, device, module=module if name == "hf" else None,
+                            prompts_per_batch=prompts_per_batch, max_new_tokens=max_new_tokens)
+    return build_engine(name, spec)
 
 
 def default_engine() -> str:

@@ -1,42 +1,107 @@
-"""Training methods. Each module exposes ``train(cfg, run, resume)`` and ``evaluate(...)``.
+"""The method registry: one place that declares every training method.
 
-| method        | module                 | protocol  |
-|---------------|------------------------|-----------|
-| bt            | ``methods/bt.py``      | pointwise |
-| bt-prefilled  | ``methods/bt_prefilled.py`` | pointwise |
-| gram          | ``methods/gram.py``    | pairwise (both orders) |
-| grpo-pair     | ``methods/grpo_pair.py`` | pairwise (both orders) |
-| grpo-point    | ``methods/grpo_point.py`` | pointwise |
-| btpo          | ``methods/btpo.py``    | pointwise (greedy thought, then p(Yes)) |
+Each method module ends with ``register_method(MethodSpec(...))``. The CLI's choices and help
+text, ``config`` validation and ``btpo compare``'s row order are all derived from here, so a
+new method is one file plus its recipes:
+
+| method        | module                       | trains and saves                     | protocol |
+|---------------|------------------------------|--------------------------------------|----------|
+| bt            | ``methods/bt.py``            | AutoModelForSequenceClassification   | pointwise |
+| bt-prefilled  | ``methods/bt_prefilled.py``  | AutoModelForSequenceClassification   | pointwise |
+| gram          | ``methods/gram.py``          | AutoModelForCausalLM                 | pairwise (both orders) |
+| grpo-pair     | ``methods/grpo_pair.py``     | AutoModelForCausalLM                 | pairwise (both orders) |
+| grpo-point    | ``methods/grpo_point.py``    | AutoModelForCausalLM                 | pointwise |
+| btpo          | ``methods/btpo.py``          | AutoModelForCausalLM                 | pointwise (greedy thought, then p(Yes)) |
+
+Methods from elsewhere register the same way: a module named in ``BTPO_PLUGINS``
+(comma-separated) or exposed under the ``btpo.plugins`` entry-point group is imported before the
+registry is first read, and its ``register_method`` calls join the table.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from btpo_cli.errors import BtpoError
 
-_MODULES = {
-    "bt": "btpo_cli.methods.bt",
-    "btpo": "btpo_cli.methods.btpo",
-    "bt-prefilled": "btpo_cli.methods.bt_prefilled",
-    "gram": "btpo_cli.methods.gram",
-    "grpo-pair": "btpo_cli.methods.grpo_pair",
-    "grpo-point": "btpo_cli.methods.grpo_point",
-}
+_BUILTIN = ("bt", "bt_prefilled", "gram", "grpo_pair", "grpo_point", "btpo")
 
 
-def get_method(name: str) -> ModuleType:
-    if name not in _MODULES:
-        raise BtpoError(f"unknown method '{name}' (available: {', '.join(_MODULES)})")
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of btpo needs to know about a training method."""
+
+    name: str
+    """The ``--method`` value."""
+    help: str
+    """One line for ``btpo train --help``."""
+    train: Callable[..., None]
+    """``train(cfg, run, resume)``: the whole training run, ``final/`` included."""
+    evaluate: Callable[..., Any]
+    """``evaluate(cfg, model_dir, records, device, progress=None, artifacts=None) → [PairResult]``."""
+    protocol: Literal["pointwise", "pairwise"]
+    """How the judge is asked (METHOD.md §7): one score per response, or both orders of a pair."""
+    model_class: str
+    """The transformers class of ``final/`` (``AutoModelForCausalLM``, ``AutoModelForSequenceClassification``)."""
+    config_section: str | None = None
+    """The ``Config`` section holding this method's own settings, if any."""
+    generative: bool = False
+    """Whether it samples text (thoughts, rationales) with a rollout engine in training or evaluation."""
+    order: int = 100
+    """Position of its rows in ``btpo compare`` (lower first)."""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_loaded = False
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add (or replace) a method; returns ``spec`` so a module can keep it as ``METHOD``."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN:
+        importlib.import_module(f"btpo_cli.methods.{mod}")
+    plugins = [m.strip() for m in os.environ.get("BTPO_PLUGINS", "").split(",") if m.strip()]
     try:
-        return importlib.import_module(_MODULES[name])
-    except ModuleNotFoundError as e:
-        if e.name == _MODULES[name]:
-            raise BtpoError(f"method '{name}' is not implemented yet") from e
-        raise
+        from importlib.metadata import entry_points
+
+        plugins += [ep.value for ep in entry_points(group="btpo.plugins")]
+    except Exception:  # noqa: BLE001 - a broken distribution must not break btpo itself
+        pass
+    for mod in plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise BtpoError(f"plugin module '{mod}' (BTPO_PLUGINS / btpo.plugins) could not be imported: {e}") from e
+
+
+def get_method(name: str) -> MethodSpec:
+    _load()
+    if name not in _REGISTRY:
+        raise BtpoError(f"unknown method '{name}' (available: {', '.join(method_names())})")
+    return _REGISTRY[name]
+
+
+def method_specs() -> list[MethodSpec]:
+    """Every registered method, in table order."""
+    _load()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.order, s.name))
+
+
+def method_names() -> list[str]:
+    return [s.name for s in method_specs()]
 
 
 def available() -> list[str]:
-    return list(_MODULES)
+    return method_names()

@@ -18,9 +18,7 @@ Run it::
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,26 +26,15 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
-from btpo_cli.evaluation import PairResult, pointwise_result
+from btpo_cli.evaluation import PairResult, pointwise_result, with_unjudged
 from btpo_cli.losses import bt_loss
+from btpo_cli.methods import MethodSpec, register_method
 from btpo_cli.models import load_reward_model, load_tokenizer
-from btpo_cli.runs import Run, maybe_fault
+from btpo_cli.runs import Run
+from btpo_cli.session import TrainSession
+from btpo_cli.sl_loop import run_supervised
 from btpo_cli.templates import TooLong, encode_response
-from btpo_cli.trainer import (
-    BatchPlan,
-    StepTimer,
-    TrainProgress,
-    chunks,
-    load_split,
-    log_metrics,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    optimizer_step,
-    reduce_stats,
-    resume_step,
-    save_final,
-)
+from btpo_cli.trainer import BatchPlan, chunks
 
 
 @dataclass
@@ -107,71 +94,34 @@ def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torc
 
 def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
           meta: dict[str, Any] | None = None) -> None:
-    """The BT loop. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins btpo.json."""
-    acc = make_accelerator(cfg, run)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name)
-    records = load_split(cfg, cfg.data.train_split, acc)
+    """The BT run. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins btpo.json."""
+    sess = TrainSession.begin(cfg, run, resume)
+    tok = sess.tok
+    records = sess.load_split()
     pairs, enc_stats = encode(tok, records) if encode else encode_pairs(tok, records, cfg.data.max_length)
-    model = load_reward_model(cfg.model, tok.pad_token_id, acc.device.type)
-    plan = BatchPlan.from_config(len(pairs), cfg, acc.num_processes)
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, plan.total_steps)
-    model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
+    plan = BatchPlan.from_config(len(pairs), cfg, sess.world)
+    sess.build("reward", plan.total_steps)
+    sess.log_data(len(pairs), enc_stats)
+    model, device, pad = sess.model, sess.device, tok.pad_token_id
 
-    start = resume_step(acc, run, resume)
-    if start == 0:
-        run.log({"step": 0, "data/train_pairs": len(pairs), "data/truncated": enc_stats["truncated"],
-                 "data/too_long": enc_stats["too_long"]})
-    per_proc = cfg.train.batch_size // acc.num_processes
-    timer = StepTimer()
-    bar = TrainProgress(plan.total_steps, start, f"{cfg.method} {run.root.name}", acc.is_main_process)
-    model.train()
-    for step in range(start + 1, plan.total_steps + 1):
-        t0 = time.perf_counter()
-        local = plan.local_batch(step, acc.process_index, acc.num_processes)
-        micro = list(chunks(local, cfg.train.micro_batch_size))
-        sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "r_w": 0.0, "r_l": 0.0, "tokens": 0.0}
-        with timer.phase("update"):
-            for j, mb in enumerate(micro):
-                batch = [pairs[i] for i in mb]
-                seqs = [p.chosen for p in batch] + [p.rejected for p in batch]   # (2m,) chosen first
-                sync = j == len(micro) - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    r = rewards(model, seqs, tok.pad_token_id, acc.device)   # (2m,)
-                    r_w, r_l = r[:len(mb)], r[len(mb):]
-                    loss = bt_loss(r_w, r_l) * len(mb) / per_proc            # share of the per-process mean
-                    acc.backward(loss)
-                sums["loss"] += loss.item() * per_proc
-                sums["correct"] += (r_w > r_l).float().sum().item()
-                sums["margin"] += (r_w - r_l).sum().item()
-                sums["r_w"] += r_w.sum().item()
-                sums["r_l"] += r_l.sum().item()
-                sums["tokens"] += sum(len(s) for s in seqs)
-            grad_norm, lr = optimizer_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
-        tot = reduce_stats(acc, sums, acc.device)
-        n = cfg.train.batch_size
-        dt = time.perf_counter() - t0
-        metrics = {"step": step, "train/epoch": round(plan.epoch_of(step), 4), "train/loss": tot["loss"] / n,
-                   "train/accuracy": tot["correct"] / n, "train/reward_margin": tot["margin"] / n,
-                   "train/reward_chosen": tot["r_w"] / n, "train/reward_rejected": tot["r_l"] / n,
-                   "train/grad_norm": float(grad_norm), "train/lr": lr,
-                   "perf/step_s": round(dt, 4), "perf/tokens_per_s": round(tot["tokens"] / dt, 1),
-                   **timer.pop()}
-        log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
-        bar.update(step, f"loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2f}")
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps:
-            run.save_checkpoint(acc, step, {"step": step, "epoch": plan.epoch_of(step)},
-                                cfg.train.keep_checkpoints)
-        maybe_fault(step)
-    bar.close()
-    save_final(acc, model, tok, run, {"method": cfg.method, "base_model": cfg.model.name,
-                                      "model_class": "AutoModelForSequenceClassification", **(meta or {})})
-    acc.end_training()
+    def loss(ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch = [pairs[i] for i in ids]
+        seqs = [p.chosen for p in batch] + [p.rejected for p in batch]            # (2m,) chosen first
+        r = rewards(model, seqs, pad, device)                                    # (2m,)
+        r_w, r_l = r[:len(ids)], r[len(ids):]
+        mean = bt_loss(r_w, r_l)
+        with torch.no_grad():
+            stats = {"loss": mean.detach(), "correct": (r_w > r_l).float().mean(), "margin": (r_w - r_l).mean(),
+                     "r_w": r_w.mean(), "r_l": r_l.mean(), "tokens": sum(len(s) for s in seqs) / len(ids)}
+        return mean, stats
+
+    run_supervised(
+        sess, plan, loss=loss,
+        metrics=lambda t, n: {"train/accuracy": t["correct"] / n, "train/reward_margin": t["margin"] / n,
+                              "train/reward_chosen": t["r_w"] / n, "train/reward_rejected": t["r_l"] / n},
+        bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}")
+    sess.finish({"method": cfg.method, "base_model": cfg.model.name,
+                 "model_class": "AutoModelForSequenceClassification", **(meta or {})})
 
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
@@ -191,8 +141,10 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
                 results.append(pointwise_result(records[pairs[i].index].id, r[j], r[m + j]))
             if progress:
                 progress(m)
-    # Pairs too long to score count as format failures, so n always equals the test-set size.
-    scored = {p.index for p in pairs}
-    results.extend(pointwise_result(r.id, None, None, reason="too_long")
-                   for k, r in enumerate(records) if k not in scored)
-    return results
+    return with_unjudged(results, records, {p.index for p in pairs}, "pointwise")
+
+
+METHOD = register_method(MethodSpec(
+    name="bt", help="Bradley-Terry reward model: scalar head on (x, y), loss -log sigmoid(r_w - r_l).",
+    train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
+    order=0))

@@ -53,10 +53,10 @@ import torch
 
 from btpo_cli.config import Config, ModelConfig
 from btpo_cli.data import PairRecord
+from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
 from btpo_cli.evaluation import PairResult
-from btpo_cli.methods import bt
-from btpo_cli.models import load_causal_lm, load_tokenizer
-from btpo_cli.rollout import HFEngine, SamplingParams
+from btpo_cli.methods import MethodSpec, bt, register_method
+from btpo_cli.models import load_causal_lm, load_tokenizer, resolve_model
 from btpo_cli.runs import Run
 from btpo_cli.templates import (
     Encoded,
@@ -71,9 +71,6 @@ from btpo_cli.templates import (
 )
 from btpo_cli.trainer import chunks, load_split
 
-PROTOCOL = "pointwise"
-
-
 # ----------------------------------------------------------------------------- the thought writer
 
 @dataclass
@@ -85,6 +82,8 @@ class WriterSpec:
     max_prefix: int
     """``data.max_length``: the budget of the writer's prompt (``encode_gpm``)."""
     batch_size: int
+    run_cfg: Any = None
+    """The run's config: which rollout engine writes (``rollout.engine``). Not part of the digest."""
 
     def digest(self, r: PairRecord) -> str:
         key = [self.model.name, self.max_thought_tokens, self.max_prefix, r.prompt, r.chosen_text,
@@ -96,11 +95,20 @@ class ThoughtWriter:
     """The frozen base model writing one greedy thought per response (GPM dialog turns 1–4)."""
 
     def __init__(self, spec: WriterSpec, device: Any):
+        from btpo_cli.config import Config
+
         self.spec = spec
+        cfg = spec.run_cfg or Config()
         self.tok = load_tokenizer(spec.model.name, padding_side="left")
-        model = load_causal_lm(spec.model, device.type, inference=True).to(device).eval()
-        self.engine = HFEngine(model, self.tok.pad_token_id, batch_size=spec.batch_size)
+        model = None
+        if resolve_engine_name(cfg.rollout.engine) == "hf":
+            model = load_causal_lm(spec.model, device.type, inference=True).to(device).eval()
+        self.engine = engine_for(cfg, resolve_model(spec.model.name), self.tok.pad_token_id, device, module=model,
+                                 prompts_per_batch=spec.batch_size, max_new_tokens=spec.max_thought_tokens)
         self.eot_id = end_of_turn_id(self.tok)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def write(self, records: list[PairRecord]) -> list[dict[str, Any]]:
         """One cache row per record: both thoughts (None when the response is too long to judge)."""
@@ -174,6 +182,8 @@ def ensure_thoughts(records: list[PairRecord], path: Path | None, spec: WriterSp
         finally:
             if f:
                 f.close()
+        if hasattr(writer, "close"):
+            writer.close()
         del writer
         gc.collect()
         if torch.cuda.is_available():
@@ -233,7 +243,7 @@ def encode_prefilled(tokenizer: Any, records: list[PairRecord], thoughts: dict[s
 def _spec(cfg: Config, writer: str | None = None, max_thought_tokens: int | None = None) -> WriterSpec:
     return WriterSpec(dataclasses.replace(cfg.model, name=writer or cfg.model.name),
                       max_thought_tokens or cfg.prefilled.max_thought_tokens, cfg.data.max_length,
-                      cfg.prefilled.batch_size)
+                      cfg.prefilled.batch_size, run_cfg=cfg)
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
@@ -275,3 +285,9 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
                   highlight=False, markup=False)
     return bt.evaluate(cfg, model_dir, records, device, progress, artifacts,
                        encode=lambda tok, recs: encode_prefilled(tok, recs, thoughts, cfg.data.max_length))
+
+
+METHOD = register_method(MethodSpec(
+    name="bt-prefilled", help="BT on the base model's greedy thought, written offline and appended to the dialog.",
+    train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
+    config_section="prefilled", generative=True, order=10))

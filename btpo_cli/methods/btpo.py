@@ -30,27 +30,17 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
+from btpo_cli.engines import SamplingParams, request_seed
 from btpo_cli.errors import ConfigError
-from btpo_cli.evaluation import PairResult, pointwise_result
-from btpo_cli.gpm import ThoughtSeq, score_thoughts, thought_sequence
+from btpo_cli.evaluation import PairResult, pointwise_result, with_unjudged
+from btpo_cli.gpm import SeqBatch, score_thoughts, thought_sequence
 from btpo_cli.losses import btpo_loss
-from btpo_cli.models import load_causal_lm, load_tokenizer
-from btpo_cli.rl_loop import RolloutPlan, run_rollouts
-from btpo_cli.rollout import HFEngine, SamplingParams
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.rl_loop import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
 from btpo_cli.runs import Run
+from btpo_cli.session import TrainSession
 from btpo_cli.templates import GPMPrompt, TooLong, answer_token_id, encode_gpm, end_of_turn_id
-from btpo_cli.trainer import (
-    StepTimer,
-    chunks,
-    load_split,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    resume_step,
-    save_final,
-)
-
-PROTOCOL = "pointwise"
+from btpo_cli.trainer import StepTimer, chunks
 
 
 @dataclass
@@ -86,136 +76,120 @@ def encode_pairs(judge: Judge, records: list[PairRecord], max_prefix: int) -> tu
 
 @dataclass
 class Rollout:
-    """One rollout batch on this process: b pairs × 2 responses × K thoughts, in that order."""
+    """One rollout batch on this process: b pairs × 2 responses × K thoughts, in that order (rows)."""
 
-    seqs: list[ThoughtSeq]            # (b·2·K,)
-    old_logp: list[torch.Tensor]      # (b·2·K,) each (n_thought,)
+    seqs: SeqBatch                    # (b·2·K) rows, left-padded, on the CPU
+    old_logp: torch.Tensor            # (b·2·K, Tz) thought log-probs under the rollout weights, right-padded
     old_logp_yes: torch.Tensor        # (b, 2, K)
-    ref_logp: list[torch.Tensor] | None
-
-
-def _pad_rows(rows: list[torch.Tensor], width: int, device: Any) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
+    ref_logp: torch.Tensor | None     # (b·2·K, Tz) under the reference model (β > 0)
 
 
 @torch.no_grad()
-def score_chunked(model: Any, seqs: list[ThoughtSeq], judge: Judge, cfg: Config, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """No-grad scoring in chunks: per-sequence thought log-probs and log p(Yes) (N,)."""
-    logps, yes = [], []
-    for part in chunks(seqs, batch):
-        sc = score_thoughts(model, part, judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize,
-                            cfg.btpo.temperature)
-        for i, s in enumerate(part):
-            logps.append(sc.logp[i, :s.n_thought].float())
-        yes.append(sc.logp_yes.float())
-    return logps, torch.cat(yes)
+def score_chunked(model: Any, seqs: SeqBatch, judge: Judge, cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad scoring in chunks of ``batch`` rows: thought log-probs (N, Tz) right-padded, log p(Yes) (N,)."""
+    n = len(seqs)
+    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
+    yes = torch.zeros(n, dtype=torch.float32)
+    for start in range(0, n, batch):
+        rows = list(range(start, min(n, start + batch)))
+        sc = score_thoughts(model, seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
+                            cfg.btpo.yes_no_normalize, cfg.rollout.temperature)
+        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
+        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
+    return logp, yes
 
 
-def do_rollout(model: Any, ref: Any, engine: HFEngine, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: Judge,
-               cfg: Config, timer: StepTimer) -> Rollout:
-    k = cfg.btpo.k
+def do_rollout(model: Any, ref: Any, engine: Any, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: Judge,
+               cfg: Config, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
+    """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
+    k = cfg.rollout.n
     prompts = [p for _, w, lo in pairs for p in (w, lo)]                          # (2b,)
-    params = SamplingParams(cfg.btpo.temperature, cfg.btpo.top_p, cfg.btpo.max_thought_tokens, [judge.eot_id])
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [judge.eot_id],
+                            logprobs=True)
     with timer.phase("generate"):
-        samples = engine.generate([p.prefix for p in prompts], k, params)         # (2b, K)
-    seqs = [thought_sequence(p, s, judge.eot_id) for p, group in zip(prompts, samples, strict=True) for s in group]
+        samples = engine.generate([p.prefix for p in prompts], k, params, seeds)  # (2b, K)
+    seqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, group in zip(prompts, samples, strict=True)
+                               for s in group], judge.pad_id)
     with timer.phase("score"):
         old_logp, old_yes = score_chunked(model, seqs, judge, cfg, cfg.train.micro_batch_size * 2 * k)
         ref_logp = score_chunked(ref, seqs, judge, cfg, cfg.train.micro_batch_size * 2 * k)[0] if ref else None
-    return Rollout(seqs, old_logp, old_yes.view(len(pairs), 2, k), ref_logp)
+    flat = [s for group in samples for s in group]
+    lens = seqs.n_thought.tolist()
+    stats = {"len": float(sum(lens)), "n": float(len(lens)),
+             "cut": float(sum(1 for s in flat if not s.finished and len(s.token_ids) >= cfg.rollout.max_new_tokens)),
+             **logprob_diff([s.logprobs for s in flat], old_logp, lens)}
+    return Rollout(seqs, old_logp, old_yes.view(len(pairs), 2, k), ref_logp), stats
 
 
-def _check(cfg: Config, world: int) -> None:
-    r, b = cfg.btpo.rollout_batch_size, cfg.train.batch_size
-    if r % b:
-        raise ConfigError(f"btpo.rollout_batch_size={r} must be a multiple of train.batch_size={b}")
-    if b % world or r % world:
-        raise ConfigError(f"train.batch_size={b} and btpo.rollout_batch_size={r} must divide by {world} processes")
-    if cfg.btpo.schedule != "joint":
-        raise ConfigError("btpo.schedule: only 'joint' is implemented")
+def rollout_seeds(seed: int, r_idx: int, pair_indices: list[int]) -> list[int]:
+    """Request seeds of a rollout's 2b responses: named by (run seed, rollout, pair, response)."""
+    return [request_seed(seed, r_idx, i, side) for i in pair_indices for side in (0, 1)]
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
-    acc = make_accelerator(cfg, run)
-    from accelerate.utils import set_seed
-
-    _check(cfg, acc.num_processes)
-    set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name, padding_side="left")
-    judge = Judge.from_tokenizer(tok)
-    records = load_split(cfg, cfg.data.train_split, acc)
+    sess = TrainSession.begin(cfg, run, resume, padding_side="left")
+    check_rollout_sizes(cfg, sess.world)
+    if cfg.btpo.schedule != "joint":
+        raise ConfigError("btpo.schedule: only 'joint' is implemented")
+    judge = Judge.from_tokenizer(sess.tok)
+    records = sess.load_split()
     pairs, enc_stats = encode_pairs(judge, records, cfg.data.max_length)
-    model = load_causal_lm(cfg.model, acc.device.type)
-    ref = None
-    if cfg.btpo.beta > 0:
-        ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
-        ref.requires_grad_(False)
-
-    k = cfg.btpo.k
-    plan = RolloutPlan.from_config(len(pairs), cfg, cfg.btpo.rollout_batch_size, cfg.btpo.update_epochs, "btpo")
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, plan.total_steps)
-    model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
-    start = resume_step(acc, run, resume)
-    if start == 0:
-        run.log({"step": 0, "data/train_pairs": len(pairs), "data/truncated": enc_stats["truncated"],
-                 "data/too_long": enc_stats["too_long"]})
-    engine = HFEngine(acc.unwrap_model(model), judge.pad_id, batch_size=max(1, 64 // k))
+    plan = RolloutPlan.from_config(len(pairs), cfg, sess.world)
+    sess.build("causal", plan.total_steps, reference=cfg.btpo.beta > 0)
+    sess.log_data(len(pairs), enc_stats)
+    engine = sess.rollout_engine()
 
     def rollout(local: list[int], r_idx: int, timer: StepTimer) -> tuple[Rollout, dict[str, float]]:
-        ro = do_rollout(engine.model, ref, engine, [pairs[i] for i in local], judge, cfg, timer)
-        lens = [s.n_thought for s in ro.seqs]
-        return ro, {"len": float(sum(lens)), "n": float(len(lens)),
-                    "cut": float(sum(1 for n in lens if n >= cfg.btpo.max_thought_tokens))}
+        return do_rollout(sess.model, sess.ref, engine, [pairs[i] for i in local], judge, cfg, timer,
+                          rollout_seeds(cfg.train.seed, r_idx, [pairs[i][0] for i in local]))
 
     run_rollouts(
-        acc=acc, cfg=cfg, run=run, model=model, opt=opt, sched=sched, engine=engine, plan=plan, start=start,
-        prefix="btpo", title=f"btpo {run.root.name}", rollout=rollout,
+        sess, engine=engine, plan=plan, prefix="btpo", title=f"btpo {run.root.name}", rollout=rollout,
         rollout_metrics=lambda rs: {"btpo/thought_len": rs["len"] / rs["n"],
                                     "btpo/thought_cut_fraction": rs["cut"] / rs["n"]},
-        loss=lambda ro, ids: _micro_loss(model, ro, ids, judge, cfg, acc.device),
+        loss=lambda ro, ids: micro_loss(sess.model, ro, ids, judge, cfg, sess.device),
         bar_info=lambda m: f"loss {m['train/loss']:.4f} ω̂ {m.get('btpo/omega_mean', 0):.3f}")
-    save_final(acc, model, tok, run, {"method": "btpo", "base_model": cfg.model.name,
-                                      "model_class": "AutoModelForCausalLM"})
-    acc.end_training()
+    engine.close()
+    sess.finish({"method": "btpo", "base_model": cfg.model.name, "model_class": "AutoModelForCausalLM"})
 
 
-def _micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: Judge, cfg: Config,
-                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: Judge, cfg: Config,
+               device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
-    k = cfg.btpo.k
-    rows = [(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)]   # (m·2·K,)
-    seqs = [ro.seqs[x] for x in rows]
-    sc = score_thoughts(model, seqs, judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize,
-                        cfg.btpo.temperature)
+    k = cfg.rollout.n
+    rows = torch.tensor([(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)])   # (m·2·K,)
+    sc = score_thoughts(model, ro.seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
+                        cfg.btpo.yes_no_normalize, cfg.rollout.temperature)
     width = sc.logp.shape[1]
-    old = _pad_rows([ro.old_logp[x] for x in rows], width, device)                       # (m·2·K, Tz)
-    ref = _pad_rows([ro.ref_logp[x] for x in rows], width, device) if ro.ref_logp is not None else None
+    old = ro.old_logp[rows, :width].to(device)                                            # (m·2·K, Tz)
+    ref = ro.ref_logp[rows, :width].to(device) if ro.ref_logp is not None else None
     m = len(pair_ids)
-    loss, stats = btpo_loss(
+    return btpo_loss(
         sc.logp, old, sc.mask, sc.logp_yes.view(m, 2, k), ro.old_logp_yes[pair_ids].to(device),
         thought_advantage=cfg.btpo.thought_advantage, agg=cfg.btpo.agg, eps_low=cfg.btpo.clip_eps_low,
-        eps_high=cfg.btpo.clip_eps_high, norm_constant=float(cfg.btpo.max_thought_tokens),
+        eps_high=cfg.btpo.clip_eps_high, norm_constant=float(cfg.rollout.max_new_tokens),
         misalignment_weight=cfg.btpo.misalignment_weight, ref_logp=ref, beta=cfg.btpo.beta)
-    return loss, stats
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
-    """Greedy thought per response, then p(Yes) (METHOD.md §7); optionally the mean over sampled thoughts."""
+    """Greedy thought per response, then p(Yes) (METHOD.md §7); optionally the mean over sampled thoughts.
+
+    Each result's detail carries the thought lengths, whether they were cut at the budget and the
+    Yes + No mass at the answer position; ``<artifacts>.thoughts.jsonl`` holds the thoughts."""
+    from btpo_cli.engines import engine_for
+    from btpo_cli.models import load_causal_lm, load_tokenizer
+
     tok = load_tokenizer(model_dir, padding_side="left")
     judge = Judge.from_tokenizer(tok)
     model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
-    engine = HFEngine(model, judge.pad_id, batch_size=max(1, cfg.eval.batch_size * 2))
+    engine = engine_for(cfg, model_dir, judge.pad_id, device, module=model,
+                        prompts_per_batch=max(1, cfg.eval.batch_size * 2), max_new_tokens=cfg.eval.max_new_tokens)
     pairs, _ = encode_pairs(judge, records, cfg.data.max_length)
-    greedy = SamplingParams(0.0, 1.0, cfg.eval.max_new_tokens, [judge.eot_id])
+    budget = cfg.eval.max_new_tokens
+    greedy = SamplingParams(0.0, 1.0, budget, [judge.eot_id])
     ks = cfg.eval.samples
     results: list[PairResult] = []
     thoughts_path = artifacts.parent / (artifacts.name + ".thoughts.jsonl") if artifacts else None
@@ -223,32 +197,54 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
     try:
         for part in chunks(pairs, cfg.eval.batch_size):
             prompts = [p for _, w, lo in part for p in (w, lo)]
-            samples = engine.generate([p.prefix for p in prompts], 1, greedy)
-            seqs = [thought_sequence(p, g[0], judge.eot_id) for p, g in zip(prompts, samples, strict=True)]
-            _, yes = score_chunked(model, seqs, judge, cfg, len(seqs))
-            p_yes = yes.exp().view(-1, 2).tolist()
+            samples = [g[0] for g in engine.generate([p.prefix for p in prompts], 1, greedy)]      # (2m,)
+            seqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, s in zip(prompts, samples,
+                                                                                        strict=True)], judge.pad_id)
+            with torch.no_grad():
+                sc = score_thoughts(model, seqs, judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize)
+            p_yes = sc.logp_yes.float().exp().view(-1, 2).tolist()
+            mass = sc.yes_no_mass.float().view(-1, 2).tolist()
             sampled = None
             if ks:
-                params = SamplingParams(cfg.btpo.temperature, cfg.btpo.top_p, cfg.eval.max_new_tokens, [judge.eot_id])
-                smp = engine.generate([p.prefix for p in prompts], ks, params)
-                sseqs = [thought_sequence(p, s, judge.eot_id) for p, g in zip(prompts, smp, strict=True) for s in g]
+                params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, budget, [judge.eot_id])
+                seeds = [request_seed("eval", cfg.train.seed, records[ri].id, side) for ri, _, _ in part
+                         for side in (0, 1)]
+                smp = engine.generate([p.prefix for p in prompts], ks, params, seeds)
+                sseqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, g in zip(prompts, smp, strict=True)
+                                            for s in g], judge.pad_id)
                 _, syes = score_chunked(model, sseqs, judge, cfg, cfg.eval.batch_size * 2)
                 sampled = syes.exp().view(-1, 2, ks).mean(-1).tolist()
             for j, (ri, _, _) in enumerate(part):
                 rec = records[ri]
-                extra = {"sampled_chosen": sampled[j][0], "sampled_rejected": sampled[j][1]} if sampled else {}
-                results.append(pointwise_result(rec.id, p_yes[j][0], p_yes[j][1], **extra))
+                sw, sl = samples[2 * j], samples[2 * j + 1]
+                detail = {"thought_tokens": [len(sw.token_ids), len(sl.token_ids)],
+                          "thought_cut": [_cut(sw, budget), _cut(sl, budget)], "yes_no_mass": mass[j]}
+                if sampled:
+                    detail.update(sampled_chosen=sampled[j][0], sampled_rejected=sampled[j][1])
+                results.append(pointwise_result(rec.id, p_yes[j][0], p_yes[j][1], **detail))
                 if thoughts_f:
-                    tw, tl = (tok.decode(samples[2 * j + r][0].token_ids, skip_special_tokens=True) for r in (0, 1))
-                    thoughts_f.write(json.dumps({"id": rec.id, "thought_chosen": tw, "p_yes_chosen": p_yes[j][0],
-                                                 "thought_rejected": tl, "p_yes_rejected": p_yes[j][1]},
-                                                ensure_ascii=False) + "\n")
+                    tw, tl = (tok.decode(s.token_ids, skip_special_tokens=True) for s in (sw, sl))
+                    thoughts_f.write(json.dumps({
+                        "id": rec.id, "thought_chosen": tw, "p_yes_chosen": p_yes[j][0],
+                        "tokens_chosen": len(sw.token_ids), "cut_chosen": _cut(sw, budget),
+                        "thought_rejected": tl, "p_yes_rejected": p_yes[j][1],
+                        "tokens_rejected": len(sl.token_ids), "cut_rejected": _cut(sl, budget)},
+                        ensure_ascii=False) + "\n")
             if progress:
                 progress(len(part))
     finally:
         if thoughts_f:
             thoughts_f.close()
-    scored = {ri for ri, _, _ in pairs}
-    results.extend(pointwise_result(r.id, None, None, reason="too_long")
-                   for k, r in enumerate(records) if k not in scored)
-    return results
+        engine.close()
+    return with_unjudged(results, records, {ri for ri, _, _ in pairs}, "pointwise")
+
+
+def _cut(sample: Any, budget: int) -> bool:
+    """A thought that hit the token budget without ending its turn."""
+    return not sample.finished and len(sample.token_ids) >= budget
+
+
+METHOD = register_method(MethodSpec(
+    name="btpo", help="BTPO (this paper): a thinking judge, latent-thought Bradley-Terry, the consistent estimator.",
+    train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
+    config_section="btpo", generative=True, order=50))

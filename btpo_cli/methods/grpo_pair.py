@@ -3,7 +3,7 @@
 Objective. The judge prompt (``templates.GRPO_PAIR_PROMPT``) shows the conversation and the two
 responses as A and B and asks for a rationale, then a verdict ``[[A]]`` or ``[[B]]``. Per rollout,
 each pair is shown once, in an order drawn per pair and rollout (seeded by ``train.seed``, the
-rollout and the pair, so independent of the number of processes); ``G = grpo.g`` completions are
+rollout and the pair, so independent of the number of processes); ``G = rollout.n`` completions are
 sampled; a completion earns reward 1 if its parsed verdict (``btpo_cli.parsers.parse_verdict``)
 names the preferred response, else 0 (every format error, truncation included, is 0). Advantages
 are the rewards standardized within the ``G`` completions, and the policy minimizes the clipped
@@ -37,14 +37,12 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.evaluation import PairResult, pairwise_result
-from btpo_cli.methods.grpo_common import EvalJudge, JsonlWriter, Parse, Query, encode_judge
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods.grpo_common import Parse, Query, evaluate_task
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.parsers import ParseStats, VerdictParse, parse_verdict
 from btpo_cli.runs import Run
-from btpo_cli.templates import GRPO_PAIR_PROMPT, TooLong, pairwise_messages
-from btpo_cli.trainer import chunks
-
-PROTOCOL = "pairwise"
+from btpo_cli.templates import GRPO_PAIR_PROMPT, encode_judge_prompts, pairwise_messages
 
 
 @dataclass
@@ -71,19 +69,11 @@ class PairTask:
     queries_per_unit = 1
 
     def encode(self, tok: Any, records: list[PairRecord], max_length: int) -> tuple[list[PairUnit], dict[str, int]]:
-        units, stats = [], {"truncated": 0, "too_long": 0}
-        for k, r in enumerate(records):
-            try:
-                ab, t1 = encode_judge(tok, lambda p, r=r: pairwise_messages(
-                    GRPO_PAIR_PROMPT, p, r.chosen_text, r.rejected_text, r.aspect), r.prompt, max_length)
-                ba, t2 = encode_judge(tok, lambda p, r=r: pairwise_messages(
-                    GRPO_PAIR_PROMPT, p, r.rejected_text, r.chosen_text, r.aspect), r.prompt, max_length)
-            except TooLong:
-                stats["too_long"] += 1
-                continue
-            stats["truncated"] += int(t1 or t2)
-            units.append(PairUnit(k, array("i", ab), array("i", ba)))
-        return units, stats
+        enc, stats = encode_judge_prompts(tok, records, (
+            lambda r, p: pairwise_messages(GRPO_PAIR_PROMPT, p, r.chosen_text, r.rejected_text, r.aspect),
+            lambda r, p: pairwise_messages(GRPO_PAIR_PROMPT, p, r.rejected_text, r.chosen_text, r.aspect)),
+            max_length)
+        return [PairUnit(k, array("i", ab), array("i", ba)) for k, (ab, ba) in enc], stats
 
     def queries(self, units: list[PairUnit], rollout: int, seed: int) -> list[Query]:
         out = []
@@ -107,30 +97,28 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     grpo_train(cfg, run, resume, PairTask())
 
 
+def judge_pair(rec_id: str, a: tuple[str, bool], b: tuple[str, bool]) -> tuple[PairResult, dict[str, Any]]:
+    """Both orders' greedy rationales (chosen as A, chosen as B) → the pair's result and its rationale row."""
+    (t_a, f_a), (t_b, f_b) = a, b
+    p_a, p_b = parse_verdict(t_a, f_a), parse_verdict(t_b, f_b)
+    stats = ParseStats.verdicts()
+    stats.add(p_a)
+    stats.add(p_b)
+    result = pairwise_result(rec_id, p_a.verdict, p_b.verdict, error_chosen_as_a=p_a.error,
+                             error_chosen_as_b=p_b.error, parse=stats.as_dict())
+    return result, {"id": rec_id, "rationale_chosen_as_a": t_a, "verdict_chosen_as_a": p_a.verdict,
+                    "error_chosen_as_a": p_a.error, "rationale_chosen_as_b": t_b,
+                    "verdict_chosen_as_b": p_b.verdict, "error_chosen_as_b": p_b.error}
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
     """Greedy verdicts for both orders of every pair → ``pairwise_result`` (METHOD.md §7)."""
-    judge = EvalJudge.load(cfg, model_dir, device, cfg.eval.batch_size * 2)
-    units, _ = PairTask().encode(judge.tok, records, cfg.data.max_length)
-    results: list[PairResult] = []
-    with JsonlWriter(artifacts) as out:
-        for part in chunks(units, cfg.eval.batch_size):
-            gens = judge.greedy([ids.tolist() for u in part for ids in (u.chosen_as_a, u.chosen_as_b)])
-            for j, u in enumerate(part):
-                rec = records[u.index]
-                (t_a, f_a), (t_b, f_b) = gens[2 * j], gens[2 * j + 1]
-                p_a, p_b = parse_verdict(t_a, f_a), parse_verdict(t_b, f_b)
-                stats = ParseStats.verdicts()
-                stats.add(p_a)
-                stats.add(p_b)
-                results.append(pairwise_result(rec.id, p_a.verdict, p_b.verdict, error_chosen_as_a=p_a.error,
-                                               error_chosen_as_b=p_b.error, parse=stats.as_dict()))
-                out.write({"id": rec.id, "rationale_chosen_as_a": t_a, "verdict_chosen_as_a": p_a.verdict,
-                           "error_chosen_as_a": p_a.error, "rationale_chosen_as_b": t_b,
-                           "verdict_chosen_as_b": p_b.verdict, "error_chosen_as_b": p_b.error})
-            if progress:
-                progress(len(part))
-    scored = {u.index for u in units}
-    results.extend(pairwise_result(r.id, None, None, reason="too_long")
-                   for k, r in enumerate(records) if k not in scored)
-    return results
+    return evaluate_task(cfg, model_dir, records, device, progress, artifacts, PairTask(), "pairwise",
+                         lambda u: (u.chosen_as_a, u.chosen_as_b), judge_pair)
+
+
+METHOD = register_method(MethodSpec(
+    name="grpo-pair", help="GRPO (pair): rationale then [[A]]/[[B]], reward 1 for the preferred verdict.",
+    train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
+    config_section="grpo", generative=True, order=30))

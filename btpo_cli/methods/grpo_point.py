@@ -2,7 +2,7 @@
 
 Objective. The judge prompt (``templates.GRPO_POINT_PROMPT``) shows the conversation and ONE
 response and asks for a rationale, then a score ``<score>N</score>`` with ``1 ≤ N ≤ 10``. Per
-rollout, each pair gives two prompts (``y_w`` and ``y_l``), each sampled ``G = grpo.g`` times.
+rollout, each pair gives two prompts (``y_w`` and ``y_l``), each sampled ``G = rollout.n`` times.
 Sample ``k`` of ``y_w`` is paired with sample ``k`` of ``y_l``: ``w_k`` earns 1 iff
 ``score(w_k) > score(l_k)``, and symmetrically ``l_k`` earns 1 iff ``score(l_k) < score(w_k)``, so
 both members of a correctly ranked pair of samples are rewarded and an unparsable score on either
@@ -35,14 +35,12 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.evaluation import PairResult, pointwise_result
-from btpo_cli.methods.grpo_common import EvalJudge, JsonlWriter, Parse, Query, encode_judge
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods.grpo_common import Parse, Query, evaluate_task
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.parsers import ParseStats, ScoreParse, parse_score
 from btpo_cli.runs import Run
-from btpo_cli.templates import TooLong, pointwise_messages
-from btpo_cli.trainer import chunks
-
-PROTOCOL = "pointwise"
+from btpo_cli.templates import encode_judge_prompts, pointwise_messages
 
 
 @dataclass
@@ -73,19 +71,10 @@ class PointTask:
     queries_per_unit = 2
 
     def encode(self, tok: Any, records: list[PairRecord], max_length: int) -> tuple[list[PointUnit], dict[str, int]]:
-        units, stats = [], {"truncated": 0, "too_long": 0}
-        for k, r in enumerate(records):
-            try:
-                w, t1 = encode_judge(tok, lambda p, r=r: pointwise_messages(p, r.chosen_text, r.aspect),
-                                     r.prompt, max_length)
-                lo, t2 = encode_judge(tok, lambda p, r=r: pointwise_messages(p, r.rejected_text, r.aspect),
-                                      r.prompt, max_length)
-            except TooLong:
-                stats["too_long"] += 1
-                continue
-            stats["truncated"] += int(t1) + int(t2)
-            units.append(PointUnit(k, array("i", w), array("i", lo)))
-        return units, stats
+        enc, stats = encode_judge_prompts(tok, records, (
+            lambda r, p: pointwise_messages(p, r.chosen_text, r.aspect),
+            lambda r, p: pointwise_messages(p, r.rejected_text, r.aspect)), max_length)
+        return [PointUnit(k, array("i", w), array("i", lo)) for k, (w, lo) in enc], stats
 
     def queries(self, units: list[PointUnit], rollout: int, seed: int) -> list[Query]:
         return [Query(ids.tolist(), label) for u in units
@@ -110,30 +99,27 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     grpo_train(cfg, run, resume, PointTask())
 
 
+def judge_point(rec_id: str, w: tuple[str, bool], lo: tuple[str, bool]) -> tuple[PairResult, dict[str, Any]]:
+    """The two responses' greedy rationales → the pair's pointwise result and its rationale row."""
+    (t_w, f_w), (t_l, f_l) = w, lo
+    p_w, p_l = parse_score(t_w, finished=f_w), parse_score(t_l, finished=f_l)
+    stats = ParseStats.scores()
+    stats.add(p_w)
+    stats.add(p_l)
+    result = pointwise_result(rec_id, p_w.score, p_l.score, error_chosen=p_w.error, error_rejected=p_l.error,
+                              parse=stats.as_dict())
+    return result, {"id": rec_id, "rationale_chosen": t_w, "score_chosen": p_w.score, "error_chosen": p_w.error,
+                    "rationale_rejected": t_l, "score_rejected": p_l.score, "error_rejected": p_l.error}
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
     """Greedy score per response → ``pointwise_result(score_w, score_l)`` (METHOD.md §7)."""
-    judge = EvalJudge.load(cfg, model_dir, device, cfg.eval.batch_size * 2)
-    units, _ = PointTask().encode(judge.tok, records, cfg.data.max_length)
-    results: list[PairResult] = []
-    with JsonlWriter(artifacts) as out:
-        for part in chunks(units, cfg.eval.batch_size):
-            gens = judge.greedy([ids.tolist() for u in part for ids in (u.chosen, u.rejected)])
-            for j, u in enumerate(part):
-                rec = records[u.index]
-                (t_w, f_w), (t_l, f_l) = gens[2 * j], gens[2 * j + 1]
-                p_w, p_l = parse_score(t_w, finished=f_w), parse_score(t_l, finished=f_l)
-                stats = ParseStats.scores()
-                stats.add(p_w)
-                stats.add(p_l)
-                results.append(pointwise_result(rec.id, p_w.score, p_l.score, error_chosen=p_w.error,
-                                                error_rejected=p_l.error, parse=stats.as_dict()))
-                out.write({"id": rec.id, "rationale_chosen": t_w, "score_chosen": p_w.score,
-                           "error_chosen": p_w.error, "rationale_rejected": t_l, "score_rejected": p_l.score,
-                           "error_rejected": p_l.error})
-            if progress:
-                progress(len(part))
-    scored = {u.index for u in units}
-    results.extend(pointwise_result(r.id, None, None, reason="too_long")
-                   for k, r in enumerate(records) if k not in scored)
-    return results
+    return evaluate_task(cfg, model_dir, records, device, progress, artifacts, PointTask(), "pointwise",
+                         lambda u: (u.chosen, u.rejected), judge_point)
+
+
+METHOD = register_method(MethodSpec(
+    name="grpo-point", help="GRPO (point): rationale then <score>N</score>, reward for beating the paired sample.",
+    train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
+    config_section="grpo", generative=True, order=40))
