@@ -54,7 +54,7 @@ from data_builders.math_builder import (
     Progress,
     Sampler,
     batch_seed,
-    maybe_fault,
+    run_cached_stage,
 )
 from data_builders.sources import resolve_sources
 
@@ -150,32 +150,15 @@ def _sample_stage(
     stats: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
     done = cache.load()
-    n_done = sum(1 for p in prompts if p.id in done)
-    stats["cached_prompts"] = n_done
-    for b in range(0, len(prompts), batch_size):
-        todo = [p for p in prompts[b : b + batch_size] if p.id not in done]
-        if not todo:
-            continue
-        groups = sampler.sample(
-            [p.messages for p in todo],
-            s.n_samples,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_new_tokens=s.max_new_tokens,
-            seed=batch_seed(s.seed, "if", b // batch_size),
-            chat=True,
-        )
-        rows = [
-            {"id": p.id, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
-            for p, g in zip(todo, groups, strict=True)
-        ]
-        cache.append(rows)
-        done.update({r["id"]: r for r in rows})
-        stats["batches"] += 1
-        n_done += len(todo)
-        if progress is not None:
-            progress("sample responses", n_done, len(prompts))
-        maybe_fault(stats["batches"])
+    stats["cached_prompts"] = sum(1 for p in prompts if p.id in done)
+
+    def rows(todo: list[IFPrompt], batch: int) -> list[dict[str, Any]]:
+        groups = sampler.sample([p.messages for p in todo], s.n_samples, temperature=s.temperature, top_p=s.top_p,
+                                max_new_tokens=s.max_new_tokens, seed=batch_seed(s.seed, "if", batch), chat=True)
+        return [{"id": p.id, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
+                for p, g in zip(todo, groups, strict=True)]
+
+    run_cached_stage(prompts, lambda p: p.id, cache, done, batch_size, rows, "sample responses", progress, stats)
     return done
 
 
@@ -189,29 +172,15 @@ def _judge_stage(
     stats: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
     done = cache.load()
-    n_done = sum(1 for p in prompts if p.id in done)
-    for b in range(0, len(prompts), batch_size):
-        todo = [p for p in prompts[b : b + batch_size] if p.id not in done]
-        if not todo:
-            continue
-        asks = [
-            judge_messages(p.messages, r, rub)
-            for p in todo
-            for r in responses[p.id]["samples"]
-            for rub in p.rubrics
-        ]
+
+    def rows(todo: list[IFPrompt], batch: int) -> list[dict[str, Any]]:
+        asks = [judge_messages(p.messages, r, rub) for p in todo for r in responses[p.id]["samples"]
+                for rub in p.rubrics]
         replies = iter(judge.judge(asks))
-        rows = []
-        for p in todo:
-            verdicts = [[parse_verdict(next(replies)) for _ in p.rubrics] for _ in responses[p.id]["samples"]]
-            rows.append({"id": p.id, "verdicts": verdicts})
-        cache.append(rows)
-        done.update({r["id"]: r for r in rows})
-        stats["batches"] += 1
-        n_done += len(todo)
-        if progress is not None:
-            progress("judge rubrics", n_done, len(prompts))
-        maybe_fault(stats["batches"])
+        return [{"id": p.id, "verdicts": [[parse_verdict(next(replies)) for _ in p.rubrics]
+                                          for _ in responses[p.id]["samples"]]} for p in todo]
+
+    run_cached_stage(prompts, lambda p: p.id, cache, done, batch_size, rows, "judge rubrics", progress, stats)
     return done
 
 

@@ -132,6 +132,34 @@ def load_cache_file(
     return out
 
 
+def run_cached_stage(items: Sequence[Any], key: Callable[[Any], str], cache: JsonlCache, done: dict[str, Any],
+                     batch_size: int, make_rows: Callable[[list[Any], int], list[dict[str, Any]]], label: str,
+                     progress: Progress | None, stats: dict[str, int]) -> int:
+    """Run one resumable stage: batch by batch, the items whose ``key`` is not in ``done`` go through
+    ``make_rows(todo, batch_index)``; the rows are appended to ``cache`` (fsync) and to ``done``.
+
+    Counts ``stats["batches"]``; returns how many items were computed now. A killed stage resumes
+    where its cache ends (the batch index, hence each batch's seed, does not depend on what is cached)."""
+    n_done = sum(1 for it in items if key(it) in done)
+    made = 0
+    if progress is not None:
+        progress(label, n_done, len(items))
+    for b in range(0, len(items), batch_size):
+        todo = [it for it in items[b : b + batch_size] if key(it) not in done]
+        if not todo:
+            continue
+        rows = make_rows(todo, b // batch_size)
+        cache.append(rows)
+        done.update({str(r[cache.key]): r for r in rows})
+        stats["batches"] = stats.get("batches", 0) + 1
+        n_done += len(todo)
+        made += len(todo)
+        if progress is not None:
+            progress(label, n_done, len(items))
+        maybe_fault(stats["batches"])
+    return made
+
+
 def maybe_fault(batches_done: int) -> None:
     """Exit abruptly after the K-th batch when ``BTPO_FAULT_AFTER_BATCHES=K`` (tests: a killed build)."""
     k = os.environ.get(FAULT_ENV)
@@ -303,41 +331,19 @@ def generate_samples(
 ) -> dict[str, int]:
     """Sample every question not in the cache (nor in ``also_done``), batch by batch; return statistics."""
     done = {**(also_done or {}), **cache.load()}
-    total = len(questions)
-    stats = {
-        "questions": total,
-        "cached": sum(1 for q in questions if q.qid in done),
-        "generated": 0,
-        "batches": 0,
-    }
-    n_done = stats["cached"]
-    if progress is not None:
-        progress("sample solutions", n_done, total)
-    for b in range(0, total, batch_size):
-        todo = [q for q in questions[b : b + batch_size] if q.qid not in done]
-        if not todo:
-            continue
-        groups = sampler.sample(
-            [alpaca_prompt(q.question) for q in todo],
-            settings.n_samples,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            seed=batch_seed(settings.seed, "math", b // batch_size),
-            chat=False,
-        )
-        cache.append(
-            [
-                {"qid": q.qid, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
-                for q, g in zip(todo, groups, strict=True)
-            ]
-        )
-        stats["generated"] += len(todo)
-        stats["batches"] += 1
-        n_done += len(todo)
-        if progress is not None:
-            progress("sample solutions", n_done, total)
-        maybe_fault(stats["batches"])
+    stats = {"questions": len(questions), "cached": sum(1 for q in questions if q.qid in done), "generated": 0,
+             "batches": 0}
+
+    def rows(todo: list[MathQuestion], batch: int) -> list[dict[str, Any]]:
+        groups = sampler.sample([alpaca_prompt(q.question) for q in todo], settings.n_samples,
+                                temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=settings.max_new_tokens,
+                                seed=batch_seed(settings.seed, "math", batch), chat=False)
+        return [{"qid": q.qid, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
+                for q, g in zip(todo, groups, strict=True)]
+
+    stats["generated"] = run_cached_stage(questions, lambda q: q.qid, cache, done, batch_size, rows,
+                                          "sample solutions", progress, stats)
     return stats
 
 
