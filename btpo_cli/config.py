@@ -21,6 +21,25 @@ from btpo_cli.errors import ConfigError
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA / QLoRA adapters through peft (``pip install 'btpo[peft]'``); ``r: 0`` = full fine-tuning.
+
+    The reference model of a KL term is the base with the adapter disabled (no second copy);
+    ``final/`` holds the merged weights (plain transformers loads them) and ``final/adapter/``
+    the adapter alone. A scalar head (BT) is trained and saved in full (``modules_to_save``)."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA."""
+    alpha: float = 16.0
+    """Scale numerator: the update is ``(alpha / r) · B A``."""
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. ``[q_proj, k_proj, v_proj, o_proj]``) or ``all-linear``."""
+    load_in_4bit: bool = False
+    """QLoRA: 4-bit NF4 base weights (needs a CUDA GPU and bitsandbytes)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny-qwen2"
     """Alias (``btpo models``), Hub id, or local path of the backbone."""
@@ -31,6 +50,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -73,6 +93,9 @@ class TrainConfig:
     """Global batch: pairs per optimizer step, summed over processes and accumulation steps."""
     micro_batch_size: int = 4
     """Pairs per forward/backward on one process; accumulation = batch / (micro * processes)."""
+    micro_batch_tokens: int | None = None
+    """Size micro-batches by tokens instead: units join a forward while rows × longest row ≤ this
+    budget (a unit over the budget goes alone). Gradients equal those of ``micro_batch_size``."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -80,7 +103,9 @@ class TrainConfig:
     report_to: str = "none"
     """``none``, ``tensorboard`` or ``wandb`` (through accelerate's trackers)."""
     precision: str = "auto"
-    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16``, ``fp32``."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` (bf16 compute over fp32 master weights and fp32
+    optimizer state: autocast under DDP, MixedPrecisionPolicy under FSDP2, bf16 mode under
+    DeepSpeed), ``fp32``. docs/scale.md gives the memory of each."""
 
 
 @dataclass
@@ -458,6 +483,17 @@ def validate(cfg: Config) -> None:
         v = _get(cfg, key)
         if v not in choices:
             raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
+    if cfg.train.micro_batch_tokens is not None and cfg.train.micro_batch_tokens <= 0:
+        raise ConfigError(f"train.micro_batch_tokens: must be positive, got {cfg.train.micro_batch_tokens}")
+    lora = cfg.model.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora: need r >= 0, alpha > 0 and 0 <= dropout < 1, got r={lora.r}, "
+                          f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if lora.load_in_4bit and lora.r == 0:
+        raise ConfigError("model.lora.load_in_4bit: 4-bit base weights train only through an adapter; set model.lora.r")
+    tm = lora.target_modules
+    if not (isinstance(tm, str) and tm) and not (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)):
+        raise ConfigError(f"model.lora.target_modules: expected 'all-linear' or a list of module names, got {tm!r}")
     positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "rollout.n",
                 "rollout.max_new_tokens", "rollout.batch_size", "rollout.update_epochs", "eval.batch_size",
                 "rollout.prompts_per_batch", "rollout.max_num_seqs", "rollout.tensor_parallel_size",

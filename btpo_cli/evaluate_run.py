@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +57,24 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     split = split or cfg.data.eval_split
     model_dir = model_dir_of(run)
     records = load_split(cfg, split, limit=limit if limit is not None else cfg.eval.limit)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = dataset_name(cfg.data.path)
+    out_dir = run.root / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = EvalShards.start(len(records), cfg.eval.batch_size)
+    dev = shards.device if shards.world > 1 and device is None else \
+        torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mine = records[shards.lo:shards.hi]
+    artifacts = shards.artifact_dir(out_dir) / name
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not shards.is_main) as bar:
         task = bar.add_task(f"{run.root.name} on {name}/{split}", total=len(records))
-        out_dir = run.root / "eval"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results: list[PairResult] = impl.evaluate(cfg, str(model_dir), records, dev,
-                                                  progress=lambda k: bar.advance(task, k),
-                                                  artifacts=out_dir / name)
+        results: list[PairResult] = impl.evaluate(cfg, str(model_dir), mine, dev,
+                                                  progress=lambda k: bar.advance(task, k * shards.world),
+                                                  artifacts=artifacts) if mine else []
+    results = shards.gather(results, records, out_dir)
     summary = {
         "eval_version": EVAL_VERSION,
         "run": run.root.name,
@@ -95,11 +103,84 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
 
         summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
             [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
-    _atomic_json(out_dir / f"{name}.json", summary)
-    with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+    if shards.is_main:
+        _atomic_json(out_dir / f"{name}.json", summary)
+        with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+    shards.wait()
     return summary
+
+
+@dataclass
+class EvalShards:
+    """This process's share of the test pairs under ``accelerate launch … -m btpo_cli eval``.
+
+    Process ``r`` evaluates one contiguous block of whole ``eval.batch_size`` batches, so every
+    batch holds the same pairs as in a one-process run (same padding, same numbers). The results
+    are gathered to every process in record order — judged pairs first, then the unjudged ones
+    (:func:`~btpo_cli.evaluation.with_unjudged`), exactly as one process orders them — and the
+    main process writes the JSON, the predictions and the method's artifacts (each process
+    writes its own under ``eval/.parts/rank<r>/``; they are joined in rank order)."""
+
+    world: int
+    rank: int
+    lo: int
+    hi: int
+    device: Any = None
+
+    @classmethod
+    def start(cls, n: int, batch_size: int) -> EvalShards:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(1, 0, 0, n)
+        from accelerate import PartialState
+
+        from btpo_cli.trainer import use_cpu
+
+        state = PartialState(cpu=use_cpu())
+        world, rank = state.num_processes, state.process_index
+        batches = math.ceil(n / batch_size)
+        per = math.ceil(batches / world) * batch_size                   # whole batches per process
+        return cls(world, rank, min(n, rank * per), min(n, (rank + 1) * per), state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def artifact_dir(self, out_dir: Path) -> Path:
+        if self.world == 1:
+            return out_dir
+        d = out_dir / ".parts" / f"rank{self.rank}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def gather(self, results: list[PairResult], records: list[Any], out_dir: Path) -> list[PairResult]:
+        if self.world == 1:
+            return results
+        from accelerate.utils import gather_object
+
+        everything = gather_object(results)
+        pos = {r.id: k for k, r in enumerate(records)}
+        unjudged = [r for r in everything if r.detail.get("reason") == "too_long" and r.credit == 0]
+        skip = {id(r) for r in unjudged}
+        judged = [r for r in everything if id(r) not in skip]
+        merged = sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))
+        self.wait()
+        if self.is_main:
+            parts = [out_dir / ".parts" / f"rank{r}" for r in range(self.world)]
+            for fname in sorted({f.name for d in parts if d.exists() for f in d.iterdir()}):
+                with open(out_dir / fname, "wb") as dst:
+                    for d in parts:
+                        if (d / fname).exists():
+                            dst.write((d / fname).read_bytes())
+            shutil.rmtree(out_dir / ".parts", ignore_errors=True)
+        return merged
+
+    def wait(self) -> None:
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

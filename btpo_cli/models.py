@@ -112,13 +112,13 @@ def _common_kwargs(model_cfg: Any, device_type: str, inference: bool) -> dict[st
 
 
 def load_causal_lm(model_cfg: Any, device_type: str = "cpu", inference: bool = False,
-                   path: str | None = None) -> Any:
+                   path: str | None = None, **extra: Any) -> Any:
     """A causal LM (the GPM policy). bf16 for inference on GPU; fp32 master weights for training."""
     from transformers import AutoModelForCausalLM
 
     src = path or resolve_model(model_cfg.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **_common_kwargs(model_cfg, device_type, inference))
+        model = AutoModelForCausalLM.from_pretrained(src, **_common_kwargs(model_cfg, device_type, inference), **extra)
     except Exception as e:  # noqa: BLE001
         raise _load_error(src, e) from e
     if model_cfg.gradient_checkpointing and not inference:
@@ -128,18 +128,39 @@ def load_causal_lm(model_cfg: Any, device_type: str = "cpu", inference: bool = F
 
 
 def load_reward_model(model_cfg: Any, pad_token_id: int, device_type: str = "cpu", inference: bool = False,
-                      path: str | None = None) -> Any:
+                      path: str | None = None, **extra: Any) -> Any:
     """The backbone with a one-label scalar head (``AutoModelForSequenceClassification``)."""
     from transformers import AutoModelForSequenceClassification
 
     src = path or resolve_model(model_cfg.name)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            src, num_labels=1, **_common_kwargs(model_cfg, device_type, inference))
+            src, num_labels=1, **_common_kwargs(model_cfg, device_type, inference), **extra)
     except Exception as e:  # noqa: BLE001
         raise _load_error(src, e) from e
     model.config.pad_token_id = pad_token_id
     if model_cfg.gradient_checkpointing and not inference:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    return model
+
+
+def load_policy(model_cfg: Any, kind: str, pad_token_id: int, device: Any) -> Any:
+    """The model a run trains: causal LM (``kind="causal"``) or scalar-head model (``"reward"``),
+    wrapped in a LoRA adapter when ``model.lora.r > 0`` (4-bit NF4 base with ``load_in_4bit``)."""
+    lora = model_cfg.lora
+    extra: dict[str, Any] = {}
+    if lora.r and lora.load_in_4bit:
+        from btpo_cli.lora import quantization_config, require_peft
+
+        require_peft()
+        extra = {"quantization_config": quantization_config(lora, device.type), "device_map": {"": device}}
+    if kind == "causal":
+        model = load_causal_lm(model_cfg, device.type, **extra)
+    else:
+        model = load_reward_model(model_cfg, pad_token_id, device.type, **extra)
+    if lora.r:
+        from btpo_cli.lora import apply_lora
+
+        model = apply_lora(model, lora, kind, model_cfg.gradient_checkpointing)
     return model

@@ -19,7 +19,8 @@ def recipes_dir() -> Path:
 
 def shipped() -> list[Path]:
     d = recipes_dir()
-    return sorted(d.rglob("*.yaml")) if d.is_dir() else []
+    # recipes/accelerate/ holds accelerate launch configs (strategies), not training recipes
+    return sorted(p for p in d.rglob("*.yaml") if p.parent.name != "accelerate") if d.is_dir() else []
 
 
 def find(name_or_path: str | Path) -> Path:

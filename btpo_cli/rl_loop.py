@@ -2,10 +2,12 @@
 
 Per rollout batch (``rollout.batch_size`` units; process ``r`` takes its slice):
 
-1. the rollout engine gets the policy's current weights (``update_weights``, once per rollout);
-   with them the method's ``rollout`` samples, and the trainer's own model (eval mode) scores;
+1. the rollout engine gets the policy's current weights (``sess.engine_weights``: gathered for a
+   sharded policy, merged for LoRA, ``update_weights`` for an engine with its own copy); with
+   them the method's ``rollout`` samples, and the trainer's own model (eval mode) scores;
 2. ``update_epochs`` passes over the rollout in shuffled minibatches of ``train.batch_size``
-   units, each one optimizer step over micro-batches (``accumulate``), the method's ``loss``
+   units (the first pass's minibatches do not depend on the number of processes:
+   :func:`rollout_slice`), each one optimizer step over micro-batches (``accumulate``), the method's ``loss``
    giving a micro-batch's mean loss and stats;
 3. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end).
    Sampling seeds are derived from (run seed, rollout, unit, response), never carried, so a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ from btpo_cli.trainer import (
     accumulate,
     chunks,
     log_metrics,
+    micro_batches,
     optimizer_step,
     reduce_stats,
 )
@@ -64,6 +68,20 @@ class RolloutPlan:
         batches = BatchPlan(n=n_units, batch_size=rollout_batch_size, seed=cfg.train.seed,
                             total_steps=math.ceil(total / spr))
         return cls(spr, per_epoch, total, update_epochs, batches)
+
+
+def rollout_slice(plan: RolloutPlan, r_idx: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
+    """This process's units of rollout ``r_idx``, in the order its first update pass takes them.
+
+    The rollout's global units are shuffled once (seeded by run seed and rollout); minibatch ``m``
+    of the first pass is global positions ``m·B … (m+1)·B`` and process ``r`` holds its ``r``-th
+    contiguous share of each. So every optimizer step of the first pass sees the same ``B`` units
+    whatever the number of processes (1 process ≡ N processes), and each unit is sampled,
+    scored and trained on by the process that holds it."""
+    units = plan.batches.global_batch(r_idx)
+    perm = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 7919 + r_idx)).tolist()
+    per = batch_size // world
+    return [units[perm[m * batch_size + rank * per + j]] for m in range(len(units) // batch_size) for j in range(per)]
 
 
 def check_rollout_sizes(cfg: Config, world: int) -> None:
@@ -99,14 +117,14 @@ def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, titl
     for r_idx in range(sess.start // plan.steps_per_rollout + 1, plan.batches.total_steps + 1):
         # ---- rollout with the current ("old") weights
         t_roll = time.perf_counter()
-        local = plan.batches.local_batch(r_idx, acc.process_index, world)
+        local = rollout_slice(plan, r_idx, cfg.train.batch_size, acc.process_index, world, cfg.train.seed)
         model.eval()
-        with timer.phase("weight_sync"):
-            engine.wake()
-            engine.update_weights(sess.full_weights())
         gen_before = engine.stats()["generated_tokens"]
-        with acc.autocast():
-            ro, sums = rollout(local, r_idx, timer)
+        with ExitStack() as weights:
+            with timer.phase("weight_sync"):
+                weights.enter_context(sess.engine_weights(engine))
+            with acc.autocast():
+                ro, sums = rollout(local, r_idx, timer)
         if cfg.rollout.sleep:
             engine.sleep()
         roll_times = timer.pop()
@@ -119,18 +137,21 @@ def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, titl
             roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
         # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
         model.train()
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx)
+        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
         for epoch in range(plan.update_epochs):
-            order = torch.randperm(len(local), generator=g).tolist()
+            # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
+            # globally); later passes reshuffle this process's units locally
+            order = list(range(len(local))) if epoch == 0 else torch.randperm(len(local), generator=g).tolist()
             for mb in chunks(order, per_proc):
                 if step >= plan.total_steps:
                     break
                 step += 1
                 t0 = time.perf_counter()
-                micro = list(chunks(mb, cfg.train.micro_batch_size))
+                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local)))
+                lr = sess.sched.get_last_lr()[0]
                 with timer.phase("update"):
                     sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
-                    grad_norm, lr = optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm)
+                    grad_norm, lr = optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm, lr)
                 tot = reduce_stats(acc, sums, acc.device)
                 n = cfg.train.batch_size
                 metrics = {"step": step,
@@ -149,6 +170,17 @@ def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, titl
         if step >= plan.total_steps:
             break
     bar.close()
+
+
+def unit_sizes(ro: Any, n_units: int) -> Callable[[int], list[int]] | None:
+    """Token lengths of a local unit's rows, for token-sized micro-batches: a rollout's ``seqs``
+    (a :class:`~btpo_cli.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit."""
+    seqs = getattr(ro, "seqs", None)
+    if seqs is None or n_units == 0:
+        return None
+    per = len(seqs) // n_units
+    lengths = seqs.mask.sum(-1).tolist()
+    return lambda u: lengths[u * per:(u + 1) * per]
 
 
 def logprob_diff(engine_logps: list[list[float] | None], trainer_logps: torch.Tensor,

@@ -19,6 +19,7 @@ rollout engine's weight sync and for ``final/``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,24 +89,34 @@ class TrainSession:
     def build(self, kind: Literal["causal", "reward"], total_steps: int, reference: bool = False) -> int:
         """Load the policy (and reference), make optimizer and scheduler, prepare, start trackers, resume.
 
+        With ``model.lora.r > 0`` the policy is a peft LoRA model and the reference is the same
+        module with its adapter disabled (:class:`~btpo_cli.lora.AdapterDisabled`); otherwise the
+        reference is a separate frozen copy (full on every process, also under FSDP2 / ZeRO-3).
         Returns the step training continues from."""
-        from btpo_cli.models import load_causal_lm, load_reward_model
+        from btpo_cli.lora import AdapterDisabled
+        from btpo_cli.models import load_causal_lm, load_policy
 
         cfg, acc = self.cfg, self.acc
-        if kind == "causal":
-            model = load_causal_lm(cfg.model, acc.device.type)
-        else:
-            model = load_reward_model(cfg.model, self.tok.pad_token_id, acc.device.type)
-        if reference:
+        model = load_policy(cfg.model, kind, self.tok.pad_token_id, acc.device)
+        if reference and not cfg.model.lora.r:
             self.ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
             self.ref.requires_grad_(False)
         opt = make_optimizer(model, cfg)
         sched = make_scheduler(opt, cfg, total_steps)
         self.model, self.opt, self.sched = acc.prepare(model, opt, sched)
+        if reference and cfg.model.lora.r:
+            self.ref = AdapterDisabled(self.policy())
         if cfg.train.report_to != "none":
             acc.init_trackers(cfg.name or self.run.root.name, config=cfg.to_dict())
         self.start = resume_step(acc, self.run, self.resume)
         return self.start
+
+    @property
+    def strategy(self) -> str:
+        """``single``, ``ddp``, ``fsdp2``, ``zero2`` or ``zero3`` (:mod:`btpo_cli.sharding`)."""
+        from btpo_cli.sharding import strategy_of
+
+        return strategy_of(self.acc)
 
     def log_data(self, n_units: int, counts: dict[str, int]) -> None:
         """The ``data/`` row at step 0 of a fresh run (docs/metrics.md)."""
@@ -114,27 +125,62 @@ class TrainSession:
                           "data/too_long": counts.get("too_long", 0)})
 
     def policy(self) -> Any:
-        """The bare transformers module under whatever wrapper ``prepare`` added."""
-        return self.acc.unwrap_model(self.model)
+        """The bare module under whatever wrapper ``prepare`` added (a peft model with LoRA)."""
+        from btpo_cli.sharding import base_module
+
+        return base_module(self.acc, self.model)
 
     def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, full tensor) for every weight of the policy, for an engine's weight sync.
+        """(HF checkpoint name, full tensor) for every weight of the policy, one tensor at a time.
 
-        Without sharding these are the policy's own parameters (no copy)."""
-        yield from self.policy().state_dict().items()
+        What an engine's ``update_weights`` and ``final/`` receive. Under FSDP2 / ZeRO-3 each tensor
+        is gathered in turn (every process must consume the whole stream); with LoRA the names
+        are the base model's and the adapter is merged in (``W + (alpha/r) B A``, new tensors).
+        Without sharding or LoRA these are the policy's own tensors (no copy)."""
+        from btpo_cli.lora import dequantized_state, is_peft, merged_weights, scaling
+        from btpo_cli.sharding import full_state
+
+        policy = self.policy()
+        base = policy.get_base_model() if is_peft(policy) else policy
+        if getattr(base, "is_loaded_in_4bit", False):          # QLoRA: NF4 weights dequantized (single / DDP)
+            stream: Any = dequantized_state(policy)
+        else:
+            stream = full_state(self.acc, self.model)
+        yield from merged_weights(stream, scaling(policy)) if is_peft(policy) else stream
 
     def rollout_engine(self, max_new_tokens: int | None = None) -> Any:
         """This process's rollout engine (``rollout.engine``), holding the policy's current weights.
 
-        The ``hf`` engine shares the policy's parameters (no copy); other engines load the
-        backbone and receive the trained weights through ``update_weights`` at every rollout."""
+        The ``hf`` engine generates with the trainer's own module (no copy; see
+        :meth:`engine_weights` for sharded strategies); other engines load the backbone and
+        receive the trained weights through ``update_weights`` at every rollout."""
         from btpo_cli.engines import engine_for
         from btpo_cli.models import resolve_model
 
         return engine_for(self.cfg, resolve_model(self.cfg.model.name), self.tok.pad_token_id, self.device,
                           module=self.policy(), max_new_tokens=max_new_tokens)
 
+    @contextmanager
+    def engine_weights(self, engine: Any) -> Iterator[None]:
+        """Within: ``engine`` generates with the policy's current weights.
+
+        An engine that shares the trainer's module (``hf``) needs no copy: under FSDP2 / ZeRO-3 its
+        parameters are gathered for the duration (:func:`~btpo_cli.sharding.gathered`: one
+        all-gather per rollout, the memory of one full copy while it lasts, no collective per
+        decoding step), with LoRA it runs the adapter as is. Any other engine gets
+        :meth:`full_weights` (merged, gathered shard by shard) through ``update_weights``."""
+        from btpo_cli.sharding import gathered
+
+        engine.wake()
+        if getattr(engine, "model", None) is self.policy():
+            with gathered(self.acc, self.model):
+                yield
+            return
+        engine.update_weights(self.full_weights())
+        yield
+
     def finish(self, meta: dict[str, Any]) -> None:
-        """Write ``final/`` (weights, tokenizer, ``btpo.json`` with ``meta``) and close the trackers."""
-        save_final(self.acc, self.model, self.tok, self.run, meta)
+        """Write ``final/`` (full weights, tokenizer, ``btpo.json`` with ``meta``; ``adapter/`` with LoRA)
+        and close the trackers."""
+        save_final(self, meta)
         self.acc.end_training()

@@ -2,7 +2,7 @@
 
 Per optimizer step ``s``: the global batch of ``train.batch_size`` units from
 :class:`~btpo_cli.trainer.BatchPlan` (depends only on the seed and ``s``), this process's slice,
-micro-batches of ``train.micro_batch_size`` units, forward/backward through the method's
+micro-batches of ``train.micro_batch_size`` units (or ``train.micro_batch_tokens`` tokens), forward/backward through the method's
 ``loss`` (:func:`~btpo_cli.trainer.accumulate`: DDP sync on the last micro-batch only), one
 clipped optimizer step, metrics, a checkpoint every ``train.save_every`` steps and at the end.
 
@@ -27,13 +27,15 @@ LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]]
 
 def run_supervised(sess: Any, plan: trainer.BatchPlan, *, loss: LossFn,
                    metrics: Callable[[dict[str, float], int], dict[str, float]],
-                   bar_info: Callable[[dict[str, Any]], str]) -> None:
+                   bar_info: Callable[[dict[str, Any]], str],
+                   sizes: Callable[[int], list[int]] | None = None) -> None:
     """Train from ``sess.start`` to ``plan.total_steps``.
 
     ``metrics(totals, n) → dict``: ``totals`` are the stats summed over the global batch's ``n``
     units (``n = train.batch_size``); the loop adds ``step``, ``train/epoch``, ``train/loss``,
     ``train/grad_norm``, ``train/lr`` and the ``perf/`` timings (``perf/tokens_per_s`` when the
-    stats carry ``tokens``, the mean tokens per unit).
+    stats carry ``tokens``, the mean tokens per unit). ``sizes(unit) → token lengths of its
+    sequences`` lets ``train.micro_batch_tokens`` size micro-batches by tokens.
     """
     cfg, acc, run, model = sess.cfg, sess.acc, sess.run, sess.model
     per_proc = cfg.train.batch_size // acc.num_processes
@@ -43,10 +45,11 @@ def run_supervised(sess: Any, plan: trainer.BatchPlan, *, loss: LossFn,
     for step in range(sess.start + 1, plan.total_steps + 1):
         t0 = time.perf_counter()
         local = plan.local_batch(step, acc.process_index, acc.num_processes)
-        micro = list(trainer.chunks(local, cfg.train.micro_batch_size))
+        micro = trainer.micro_batches(local, cfg, sizes)
+        lr = sess.sched.get_last_lr()[0]
         with timer.phase("update"):
             sums = trainer.accumulate(acc, model, micro, per_proc, loss)
-            grad_norm, lr = trainer.optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm)
+            grad_norm, lr = trainer.optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm, lr)
         tot = trainer.reduce_stats(acc, sums, acc.device)
         n = cfg.train.batch_size
         dt = time.perf_counter() - t0

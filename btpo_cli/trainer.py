@@ -39,18 +39,38 @@ def use_cpu() -> bool:
 
 
 def make_accelerator(cfg: Config, run: Run) -> Any:
+    """The accelerator of a training run, for whatever strategy ``accelerate launch`` was given.
+
+    bf16 (``train.precision``) means bf16 compute over fp32 master weights and fp32 optimizer
+    state in every strategy (docs/scale.md). FSDP on a CPU-only machine runs accelerate's FSDP2
+    path over gloo (:func:`~btpo_cli.sharding.make_fsdp_on_cpu`); under DeepSpeed the config gets
+    its micro-batch size, clipping and precision, and the loop marks accumulation boundaries."""
+    import os
+
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from btpo_cli.sharding import fill_deepspeed_config, fsdp_plugin_from_env, make_fsdp_on_cpu
+
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
     log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = fsdp_plugin_from_env()
+    if fsdp is not None and use_bf16 and fsdp.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # bf16 unsharded compute params, fp32 gradient reduction, fp32 sharded master weights
+        fsdp.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     acc = Accelerator(
-        cpu=use_cpu(),
+        cpu=use_cpu() and not deepspeed,      # DeepSpeed picks its own (CPU) accelerator when there is no GPU
         mixed_precision="bf16" if use_bf16 else "no",
         log_with=log_with,
+        fsdp_plugin=fsdp,
         project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
         step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
     )
+    make_fsdp_on_cpu(acc, fsdp)
+    fill_deepspeed_config(acc, cfg.train.micro_batch_size, cfg.optim.max_grad_norm, use_bf16)
     run.is_main = acc.is_main_process
     return acc
 
@@ -99,6 +119,36 @@ class BatchPlan:
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def micro_batches(ids: list[int], cfg: Config, sizes: Any = None) -> list[list[int]]:
+    """Split one process's share of a global batch into micro-batches (forward/backward passes).
+
+    ``train.micro_batch_size`` units each, or with ``train.micro_batch_tokens`` set, consecutive
+    units while (rows × longest row) — the padded tokens of the forward — stays within the
+    budget; a unit alone over the budget forms its own micro-batch. ``sizes(unit) → its rows'
+    token lengths``. :func:`accumulate` weights each micro-batch by its units, so every split
+    gives the same gradient."""
+    budget = cfg.train.micro_batch_tokens
+    if budget is None:
+        return list(chunks(ids, cfg.train.micro_batch_size))
+    if sizes is None:
+        raise ConfigError(f"train.micro_batch_tokens: method '{cfg.method}' does not report its units' token "
+                          "lengths; use train.micro_batch_size")
+    out: list[list[int]] = []
+    cur: list[int] = []
+    rows = longest = 0
+    for i in ids:
+        lens = list(sizes(i))
+        r, m = rows + len(lens), max(longest, max(lens, default=0))
+        if cur and r * m > budget:
+            out.append(cur)
+            cur, r, m = [], len(lens), max(lens, default=0)
+        cur.append(i)
+        rows, longest = r, m
+    if cur:
+        out.append(cur)
+    return out
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -213,20 +263,41 @@ class TrainProgress:
             self.progress.stop()
 
 
-def save_final(acc: Any, model: Any, tokenizer: Any, run: Run, meta: dict[str, Any]) -> None:
-    """Write ``final/`` atomically: weights loadable by plain transformers, tokenizer, btpo.json."""
+def save_final(sess: Any, meta: dict[str, Any]) -> None:
+    """Write ``final/`` atomically: full weights loadable by plain transformers, tokenizer, btpo.json.
+
+    The weights come from ``sess.full_weights()`` (gathered shard by shard under FSDP2 / ZeRO-3,
+    every process taking part; kept on the main process's CPU); with LoRA they are the merged
+    weights under the base model's names, and ``final/adapter/`` holds the adapter alone."""
     import json
     import os
     import shutil
 
+    from btpo_cli.lora import is_peft
+
+    acc, run = sess.acc, sess.run
     acc.wait_for_everyone()
-    state = acc.get_state_dict(model)
-    if acc.is_main_process:
+    main = acc.is_main_process
+    state: dict[str, torch.Tensor] = {}
+    for name, t in sess.full_weights():      # every process takes part in the gathers
+        if main:
+            state[name] = t.detach().to("cpu", copy=True).contiguous()
+    policy = sess.policy()
+    adapter_state = None
+    if is_peft(policy):
+        from btpo_cli.sharding import full_state
+
+        adapter_state = {n: t.detach().to("cpu", copy=True) for n, t in full_state(acc, sess.model)
+                         if main and (".lora_" in n or ".modules_to_save." in n)}
+    if main:
         tmp = run.root / ".final.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        acc.unwrap_model(model).save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        base = policy.get_base_model() if is_peft(policy) else policy
+        base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if adapter_state is not None:
+            policy.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state, safe_serialization=True)
+        sess.tok.save_pretrained(str(tmp))
         (tmp / "btpo.json").write_text(json.dumps(meta, indent=2) + "\n")
         if run.final_dir.exists():
             shutil.rmtree(run.final_dir)
@@ -277,10 +348,15 @@ def launch(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
     return run
 
 
-def optimizer_step(acc: Any, model: Any, opt: Any, sched: Any, max_grad_norm: float) -> tuple[float, float]:
-    """Clip, step, schedule, zero. Returns (gradient norm before clipping, the lr this step used)."""
+def optimizer_step(acc: Any, model: Any, opt: Any, sched: Any, max_grad_norm: float,
+                   lr: float | None = None) -> tuple[float, float]:
+    """Clip, step, schedule, zero. Returns (gradient norm before clipping, the lr this step used).
+
+    Under DeepSpeed the engine already clipped and stepped (optimizer and schedule) inside the
+    last ``backward``; these calls are no-ops there and the norm is the engine's. Pass ``lr``
+    read before the backward passes so it is the step's own under every strategy."""
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    lr = sched.get_last_lr()[0]
+    lr = sched.get_last_lr()[0] if lr is None else lr
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -296,17 +372,38 @@ def log_metrics(acc: Any, run: Run, cfg: Config, metrics: dict[str, Any], step: 
 
 
 def accumulate(acc: Any, model: Any, micro: list[list[int]], per_proc: int, loss_fn: Any) -> dict[str, float]:
-    """Forward/backward over the micro-batches of one optimizer step (DDP sync on the last only).
+    """Forward/backward over the micro-batches of one optimizer step; gradients = the per-process batch mean.
 
     ``loss_fn(ids) -> (mean loss over the micro-batch's units, stats)``; each micro-batch's loss is
-    scaled by its share of the per-process batch. Returns stat sums weighted by units.
+    scaled by its share of the per-process batch (``len(ids) / per_proc``), so any split of the
+    batch into micro-batches — by count or by tokens — gives the same gradient.
+
+    Per strategy: DDP skips the gradient all-reduce on all but the last micro-batch (``no_sync``);
+    FSDP2 / ZeRO reduce-scatter every micro-batch (no full-size unsharded gradients held between
+    micro-batches). The last micro-batch is marked as the accumulation boundary
+    (:func:`~btpo_cli.sharding.set_sync`): DeepSpeed, told ``gradient_accumulation_steps: 1``,
+    steps its optimizer exactly there, once per global batch, and scales no loss itself. Under
+    FSDP2 / ZeRO every forward or backward is a collective, so processes with fewer micro-batches than the
+    most loaded one run zero-weighted repeats of their last micro-batch to keep in step.
+    Returns stat sums weighted by units (the repeats count nothing).
     """
+    from btpo_cli.sharding import set_sync, strategy_of
+
+    strategy = strategy_of(acc)
+    plan = [(ids, 1.0) for ids in micro]
+    if strategy in ("fsdp2", "fsdp1", "zero2", "zero3") and acc.num_processes > 1:
+        n = int(acc.reduce(torch.tensor([len(plan)], device=acc.device), reduction="max").item())
+        plan += [(micro[-1], 0.0)] * (n - len(plan))
+    skip_sync = strategy == "ddp" and acc.num_processes > 1
     sums: dict[str, float] = {}
-    for j, ids in enumerate(micro):
-        sync = j == len(micro) - 1
-        with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+    for j, (ids, weight) in enumerate(plan):
+        last = j == len(plan) - 1
+        set_sync(acc, last)
+        with (acc.no_sync(model) if skip_sync and not last else nullcontext()), acc.autocast():
             loss, stats = loss_fn(ids)
-            acc.backward(loss * len(ids) / per_proc)
-        for key, v in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(v) * len(ids)
+            acc.backward(loss * (weight * len(ids) / per_proc))
+        if weight:
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(v) * len(ids)
+    set_sync(acc, True)
     return sums

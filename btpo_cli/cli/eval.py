@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -36,6 +37,8 @@ def evaluate(
     from btpo_cli.evaluate_run import evaluate_run
 
     s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine)
+    if int(os.environ.get("RANK", "0")) != 0:     # under accelerate launch: the main process reports
+        return
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")
     for col in ("method", "model", "n", "accuracy", "raw", "ties", "format errors"):
         t.add_column(col, justify="right" if col not in ("method", "model") else "left")

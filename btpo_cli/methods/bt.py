@@ -119,7 +119,8 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
         sess, plan, loss=loss,
         metrics=lambda t, n: {"train/accuracy": t["correct"] / n, "train/reward_margin": t["margin"] / n,
                               "train/reward_chosen": t["r_w"] / n, "train/reward_rejected": t["r_l"] / n},
-        bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}")
+        bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
+        sizes=lambda i: [len(pairs[i].chosen), len(pairs[i].rejected)])
     sess.finish({"method": cfg.method, "base_model": cfg.model.name,
                  "model_class": "AutoModelForSequenceClassification", **(meta or {})})
 

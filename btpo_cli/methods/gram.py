@@ -141,7 +141,8 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         sess, plan, loss=loss,
         metrics=lambda t, n: {"train/accuracy": t["correct"] / n, "gram/label_margin": t["margin"] / n,
                               "gram/label_mass": t["label_mass"] / n},
-        bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}")
+        bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
+        sizes=lambda i: [len(pairs[i].ab), len(pairs[i].ba)])
     sess.finish({"method": "gram", "base_model": cfg.model.name, "model_class": "AutoModelForCausalLM",
                  "label_token_ids": {"A": labels.a_id, "B": labels.b_id}})
 
