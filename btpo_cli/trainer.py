@@ -214,8 +214,7 @@ class TrainProgress:
 
 
 def save_final(acc: Any, model: Any, tokenizer: Any, run: Run, meta: dict[str, Any]) -> None:
-    """Write ``final/`` atomically: weights loadable by plain transformers, tokenizer, btpo.json."""
-    import json
+    """Write ``final/`` atomically: weights loadable by plain transformers, tokenizer, btpo.json, README.md."""
     import os
     import shutil
 
@@ -227,7 +226,9 @@ def save_final(acc: Any, model: Any, tokenizer: Any, run: Run, meta: dict[str, A
             shutil.rmtree(tmp)
         acc.unwrap_model(model).save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "btpo.json").write_text(json.dumps(meta, indent=2) + "\n")
+        from btpo_cli.checkpoint import write_meta
+
+        write_meta(tmp, meta)       # btpo.json + README.md (the model card)
         if run.final_dir.exists():
             shutil.rmtree(run.final_dir)
         os.replace(tmp, run.final_dir)
