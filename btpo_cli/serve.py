@@ -45,6 +45,9 @@ from btpo_cli.judge import Judge, to_prompt
 
 log = logging.getLogger("btpo.serve")
 
+DRAIN_CAP = 64 << 20
+"""An oversized body is read and dropped up to this many bytes before the 413 (then the connection closes)."""
+
 
 @dataclass
 class Limits:
@@ -257,26 +260,41 @@ def create_app(judge: Judge, limits: Limits | None = None, token: str | None = N
         return JSONResponse({"error": {"type": "invalid_request", "message": str(e.errors()[:1])[:300]}},
                             status_code=422)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if not token:
             return
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            await drain(request)
             raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer …)")
+
+    async def drain(request: Request) -> None:
+        """Read and drop the body (up to a cap): a refused request's unread body would reset the connection
+        before the client reads the refusal."""
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > DRAIN_CAP:
+                break
 
     async def read_json(request: Request) -> Any:
         cl = request.headers.get("content-length")
-        if cl is not None:
-            if not cl.isdigit():
-                raise ApiError(400, "bad_request", "invalid Content-Length")
-            if int(cl) > limits.max_body_bytes:
-                raise ApiError(413, "too_large", f"body of {cl} bytes is over the limit of {limits.max_body_bytes}")
+        if cl is not None and not cl.isdigit():
+            raise ApiError(400, "bad_request", "invalid Content-Length")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise ApiError(413, "too_large", f"body is over the limit of {limits.max_body_bytes} bytes")
+        seen = 0
+        too_large = cl is not None and int(cl) > limits.max_body_bytes
+        async for chunk in request.stream():    # an oversized body is drained (up to a cap), not kept, so
+            seen += len(chunk)                   # that the client reads the 413 instead of a reset
+            too_large = too_large or seen > limits.max_body_bytes
+            if too_large:
+                body.clear()
+                if seen > DRAIN_CAP:
+                    break
+            else:
+                body += chunk
+        if too_large:
+            raise ApiError(413, "too_large", f"body is over the limit of {limits.max_body_bytes} bytes")
         if not body.strip():
             raise ApiError(400, "bad_json", "empty body: send a JSON object")
         try:
@@ -309,7 +327,7 @@ def create_app(judge: Judge, limits: Limits | None = None, token: str | None = N
 
     @app.post("/v1/score", openapi_extra=_schema(ScoreRequest))
     async def score(request: Request) -> dict[str, Any]:
-        authorize(request)
+        await authorize(request)
         req = parse(ScoreRequest, await read_json(request))
         if (req.response is None) == (req.responses is None):
             raise ApiError(422, "invalid_request", "give exactly one of 'response' (a string) or 'responses' (a list)")
@@ -330,7 +348,7 @@ def create_app(judge: Judge, limits: Limits | None = None, token: str | None = N
 
     @app.post("/v1/compare", openapi_extra=_schema(CompareRequest))
     async def compare(request: Request) -> dict[str, Any]:
-        authorize(request)
+        await authorize(request)
         req = parse(CompareRequest, await read_json(request))
         pair = (judge.item(req.prompt, req.a, req.aspect), judge.item(req.prompt, req.b, req.aspect))
         (comp,) = await batcher.submit("compare", [pair])
@@ -345,11 +363,13 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: any free port)."""
+    """A listening socket on ``host:port`` (port 0: any free port); connections wait in its backlog
+    until the server accepts them, so the port can be announced before the app has started."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 

@@ -16,42 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_btpo
+from tests.conftest import ONE_THREAD, REPO, run_btpo
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-COMMON = ["--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0"]
-ROLLOUT = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
-           "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=8"]
-TRAIN = {
-    "bt": ["--max-steps", "3", "--set", "train.batch_size=8", "--set", "train.micro_batch_size=4"],
-    "bt-prefilled": ["--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2",
-                     "--set", "data.max_length=256", "--set", "prefilled.max_thought_tokens=6",
-                     "--set", "prefilled.batch_size=64"],
-    "gram": ["--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2",
-             "--set", "data.max_length=256"],
-    "grpo-pair": ["--max-steps", "2", *ROLLOUT, "--set", "data.max_length=256"],
-    "grpo-point": ["--max-steps", "2", *ROLLOUT, "--set", "data.max_length=256"],
-    "btpo": ["--max-steps", "2", *ROLLOUT, "--set", "data.max_length=128"],
-}
 GENERATIVE = {"bt-prefilled", "grpo-pair", "grpo-point", "btpo"}
 N_PAIRS = 8
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path):
-    """``trained(method)`` → a run folder, trained once per module."""
-    root = tmp_path_factory.mktemp("judges")
-    done: dict[str, Path] = {}
-
-    def get(method: str) -> Path:
-        if method not in done:
-            run = root / method
-            run_btpo("train", "--method", method, "--model", "tiny-qwen2", "--data", str(synthetic_data), "--out",
-                     str(run), *TRAIN[method], *COMMON, env=ONE_THREAD)
-            done[method] = run
-        return done[method]
-
-    return get
+@pytest.fixture
+def trained(trained_judge):
+    return trained_judge
 
 
 def _jsonl(path: Path) -> list[dict]:
