@@ -32,7 +32,7 @@ from btpo_cli.config import Config, ModelConfig  # noqa: E402
 from btpo_cli.engines import SamplingParams
 from btpo_cli.engines.hf import HFEngine  # noqa: E402
 from btpo_cli.gpm import SeqBatch, thought_sequence  # noqa: E402
-from btpo_cli.methods.btpo import Judge, Rollout, encode_pairs, micro_loss, score_chunked  # noqa: E402
+from btpo_cli.methods.btpo import GPMTokens, Rollout, encode_pairs, micro_loss, score_chunked  # noqa: E402
 from btpo_cli.models import load_causal_lm, load_tokenizer  # noqa: E402
 from btpo_cli.trainer import chunks  # noqa: E402
 from data_builders.synthetic import make_pair  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timer = Timer(device)
 
     tok = load_tokenizer(TOKENIZER, padding_side="left")
-    judge = Judge.from_tokenizer(tok)
+    judge = GPMTokens.from_tokenizer(tok)
     if args.model == "tiny-qwen2":
         model = load_causal_lm(ModelConfig(name="tiny-qwen2", dtype="float32"), device.type)
     else:

@@ -108,6 +108,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+        from btpo_cli.checkpoint import record_eval
+
+        record_eval(model_dir, summary)        # final/btpo.json and its model card learn the result
     shards.wait()
     return summary
 

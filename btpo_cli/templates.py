@@ -20,6 +20,12 @@ from typing import Any
 
 Messages = list[dict[str, str]]
 
+TEMPLATE_VERSION = "btpo-templates/1"
+"""Names the wording of every prompt below; stored in ``final/btpo.json``. Bump it when a string changes."""
+
+PLACEHOLDER_PROMPT: list[dict[str, str]] = [{"role": "user", "content": "{prompt}"}]
+"""A one-turn conversation with a placeholder: renders each method's template for ``btpo.json``."""
+
 
 def render(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

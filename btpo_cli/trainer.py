@@ -264,12 +264,12 @@ class TrainProgress:
 
 
 def save_final(sess: Any, meta: dict[str, Any]) -> None:
-    """Write ``final/`` atomically: full weights loadable by plain transformers, tokenizer, btpo.json.
+    """Write ``final/`` atomically: full weights loadable by plain transformers, tokenizer, btpo.json,
+    README.md (the model card).
 
     The weights come from ``sess.full_weights()`` (gathered shard by shard under FSDP2 / ZeRO-3,
     every process taking part; kept on the main process's CPU); with LoRA they are the merged
     weights under the base model's names, and ``final/adapter/`` holds the adapter alone."""
-    import json
     import os
     import shutil
 
@@ -298,7 +298,9 @@ def save_final(sess: Any, meta: dict[str, Any]) -> None:
         if adapter_state is not None:
             policy.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state, safe_serialization=True)
         sess.tok.save_pretrained(str(tmp))
-        (tmp / "btpo.json").write_text(json.dumps(meta, indent=2) + "\n")
+        from btpo_cli.checkpoint import write_meta
+
+        write_meta(tmp, meta)       # btpo.json + README.md (the model card)
         if run.final_dir.exists():
             shutil.rmtree(run.final_dir)
         os.replace(tmp, run.final_dir)

@@ -47,3 +47,38 @@ def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
 
 TINY_BT = ["--set", "train.batch_size=8", "--set", "train.micro_batch_size=4", "--set", "optim.lr=1e-3",
            "--set", "optim.warmup_ratio=0"]
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models: threads only add contention on a busy 2-core runner
+_ROLLOUT = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
+            "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=8"]
+JUDGE_TRAIN = {
+    "bt": ["--max-steps", "3", "--set", "train.batch_size=8", "--set", "train.micro_batch_size=4"],
+    "bt-prefilled": ["--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2",
+                     "--set", "data.max_length=256", "--set", "prefilled.max_thought_tokens=6",
+                     "--set", "prefilled.batch_size=64"],
+    "gram": ["--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2",
+             "--set", "data.max_length=256"],
+    "grpo-pair": ["--max-steps", "2", *_ROLLOUT, "--set", "data.max_length=256"],
+    "grpo-point": ["--max-steps", "2", *_ROLLOUT, "--set", "data.max_length=256"],
+    "btpo": ["--max-steps", "2", *_ROLLOUT, "--set", "data.max_length=128"],
+}
+"""A few steps of each method on tiny-qwen2: judges for tests/test_judge.py, test_serve.py, test_trl_reward.py."""
+
+
+@pytest.fixture(scope="session")
+def trained_judge(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path):
+    """``trained_judge(method)`` → a run folder trained once per test session (JUDGE_TRAIN settings)."""
+    root = tmp_path_factory.mktemp("judges")
+    done: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in done:
+            run = root / method
+            run_btpo("train", "--method", method, "--model", "tiny-qwen2", "--data", str(synthetic_data), "--out",
+                     str(run), *JUDGE_TRAIN[method], "--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0",
+                     env=ONE_THREAD)
+            done[method] = run
+        return done[method]
+
+    return get

@@ -13,7 +13,7 @@ import click
 import typer
 
 from btpo_cli import __version__
-from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, train
+from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
 from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
@@ -49,6 +49,8 @@ def _root(
 app.add_typer(build_data.app, name="build-data")
 app.command("train", help=train.HELP, epilog=train.EPILOG)(train.train)
 app.command("eval", help=eval_cmd.HELP, epilog=eval_cmd.EPILOG)(eval_cmd.evaluate)
+app.command("score", help=score.HELP, epilog=score.EPILOG)(score.score)
+app.command("serve", help=serve.HELP, epilog=serve.EPILOG)(serve.serve)
 app.command("compare", help=compare.HELP, epilog=compare.EPILOG)(compare.compare)
 app.add_typer(recipes.app, name="recipes")
 app.command("models", help=models.HELP)(models.models)

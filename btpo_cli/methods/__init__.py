@@ -53,6 +53,10 @@ class MethodSpec:
     """Whether it samples text (thoughts, rationales) with a rollout engine in training or evaluation."""
     order: int = 100
     """Position of its rows in ``btpo compare`` (lower first)."""
+    judge: Callable[..., Any] | None = None
+    """``judge(model_dir, cfg, device, meta) → btpo_cli.judge.Judge``: how a trained model scores new data
+    (``btpo score``, ``btpo serve``, ``load_judge``); its ``evaluate`` should be this judge's
+    ``evaluate_pairs`` so that eval and score cannot disagree. None: the method cannot be used as a judge."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

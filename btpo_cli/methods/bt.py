@@ -24,17 +24,19 @@ from typing import Any
 
 import torch
 
+from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
-from btpo_cli.evaluation import PairResult, pointwise_result, with_unjudged
+from btpo_cli.evaluation import PairResult
+from btpo_cli.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.losses import bt_loss
 from btpo_cli.methods import MethodSpec, register_method
 from btpo_cli.models import load_reward_model, load_tokenizer
 from btpo_cli.runs import Run
 from btpo_cli.session import TrainSession
 from btpo_cli.sl_loop import run_supervised
-from btpo_cli.templates import TooLong, encode_response
-from btpo_cli.trainer import BatchPlan, chunks
+from btpo_cli.templates import PLACEHOLDER_PROMPT, TooLong, encode_response, render
+from btpo_cli.trainer import BatchPlan
 
 
 @dataclass
@@ -93,8 +95,9 @@ def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torc
 
 
 def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
-          meta: dict[str, Any] | None = None) -> None:
-    """The BT run. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins btpo.json."""
+          meta: dict[str, Any] | None = None, templates_of: Callable[[Any], dict[str, Any]] | None = None) -> None:
+    """The BT run. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins
+    btpo.json; ``templates_of(tokenizer)`` describes the input in it (default: :func:`templates`)."""
     sess = TrainSession.begin(cfg, run, resume)
     tok = sess.tok
     records = sess.load_split()
@@ -121,31 +124,64 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
                               "train/reward_chosen": t["r_w"] / n, "train/reward_rejected": t["r_l"] / n},
         bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
         sizes=lambda i: [len(pairs[i].chosen), len(pairs[i].rejected)])
-    sess.finish({"method": cfg.method, "base_model": cfg.model.name,
-                 "model_class": "AutoModelForSequenceClassification", **(meta or {})})
+    info = describe(cfg, records, templates=(templates_of or templates)(tok), token_ids={"pad": tok.pad_token_id})
+    sess.finish({**info, **(meta or {})})
+
+
+# ----------------------------------------------------------------------------- the judge and evaluation
+
+class RewardJudge(Judge):
+    """BT's judge: ``score`` is the scalar head's reward r(x, y) on the chat-rendered (prompt, response);
+    ``compare`` is σ(r_a − r_b). One right-padded forward per ``2·batch_size`` responses."""
+
+    protocol = "pointwise"
+
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+        super().__init__(model_dir, cfg, device, meta)
+        self.tok = load_tokenizer(model_dir)
+        self.model = load_reward_model(cfg.model, self.tok.pad_token_id, device.type, inference=True,
+                                       path=model_dir).to(device).eval()
+
+    def encode(self, items: list[Item]) -> list[tuple[list[int] | None, str | None]]:
+        """(token ids or None when too long, the thought read) per item."""
+        out: list[tuple[list[int] | None, str | None]] = []
+        for it in items:
+            try:
+                out.append((encode_response(self.tok, it.prompt, it.response, self.cfg.data.max_length).input_ids, None))
+            except TooLong:
+                out.append((None, None))
+        return out
+
+    @torch.no_grad()
+    def _score_chunk(self, items: list[Item]) -> list[Score]:
+        enc = self.encode(items)
+        idx = [i for i, (ids, _) in enumerate(enc) if ids is not None]
+        r = rewards(self.model, [enc[i][0] for i in idx], self.tok.pad_token_id, self.device).tolist() if idx else []
+        out = [Score(None, TOO_LONG, thought=t) for _, t in enc]
+        for i, v in zip(idx, r, strict=True):
+            out[i] = Score(v, thought=enc[i][1])
+        return out
+
+    def close(self) -> None:
+        self.model = None
 
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
-             progress: Any = None, artifacts: Any = None, encode: Encoder | None = None) -> list[PairResult]:
+             progress: Any = None, artifacts: Any = None) -> list[PairResult]:
     """Score chosen and rejected of every pair with the trained reward model (pointwise protocol)."""
-    tok = load_tokenizer(model_dir)
-    model = load_reward_model(cfg.model, tok.pad_token_id, device.type, inference=True, path=model_dir)
-    model.to(device).eval()
-    pairs, _ = encode(tok, records) if encode else encode_pairs(tok, records, cfg.data.max_length)
-    results: list[PairResult] = []
-    with torch.no_grad():
-        for batch_ids in chunks(list(range(len(pairs))), cfg.eval.batch_size):
-            seqs = [pairs[i].chosen for i in batch_ids] + [pairs[i].rejected for i in batch_ids]
-            r = rewards(model, seqs, tok.pad_token_id, device).tolist()
-            m = len(batch_ids)
-            for j, i in enumerate(batch_ids):
-                results.append(pointwise_result(records[pairs[i].index].id, r[j], r[m + j]))
-            if progress:
-                progress(m)
-    return with_unjudged(results, records, {p.index for p in pairs}, "pointwise")
+    judge = judge_for_eval(RewardJudge, cfg, model_dir, device)
+    try:
+        return judge.evaluate_pairs(records, progress)
+    finally:
+        judge.close()
+
+
+def templates(tok: Any) -> dict[str, Any]:
+    """What ``btpo.json`` records of BT's input: the chat of the prompt and the response."""
+    return {"strings": {}, "rendered": render(tok, PLACEHOLDER_PROMPT + [{"role": "assistant", "content": "{response}"}])}
 
 
 METHOD = register_method(MethodSpec(
     name="bt", help="Bradley-Terry reward model: scalar head on (x, y), loss -log sigmoid(r_w - r_l).",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    order=0))
+    order=0, judge=RewardJudge))

@@ -44,6 +44,7 @@ import gc
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,13 @@ from btpo_cli.config import Config, ModelConfig
 from btpo_cli.data import PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
 from btpo_cli.evaluation import PairResult
+from btpo_cli.judge import Item, judge_for_eval
 from btpo_cli.methods import MethodSpec, bt, register_method
 from btpo_cli.models import load_causal_lm, load_tokenizer, resolve_model
 from btpo_cli.runs import Run
 from btpo_cli.templates import (
+    EVAL_INSTRUCTION,
+    PLACEHOLDER_PROMPT,
     Encoded,
     Messages,
     TooLong,
@@ -112,29 +116,33 @@ class ThoughtWriter:
 
     def write(self, records: list[PairRecord]) -> list[dict[str, Any]]:
         """One cache row per record: both thoughts (None when the response is too long to judge)."""
+        got = self.write_texts([(r.prompt, text, r.aspect) for r in records
+                                for text in (r.chosen_text, r.rejected_text)])
+        return [{"id": r.id, "digest": self.spec.digest(r), "thought_chosen": got[2 * i][0],
+                 "thought_rejected": got[2 * i + 1][0], "tokens": [got[2 * i][1], got[2 * i + 1][1]]}
+                for i, r in enumerate(records)]
+
+    def write_texts(self, items: list[tuple[Messages, str, str]]) -> list[tuple[str | None, int]]:
+        """A greedy thought per (prompt, response, aspect), in one batch: (text, tokens) where tokens is
+        negative for a thought cut at the budget; (None, 0) when the response is too long to judge."""
         prompts: list[list[int] | None] = []
-        for r in records:
-            for text in (r.chosen_text, r.rejected_text):
-                try:
-                    prompts.append(encode_gpm(self.tok, r.prompt, text, r.aspect, self.spec.max_prefix).prefix)
-                except TooLong:
-                    prompts.append(None)
+        for prompt, text, aspect in items:
+            try:
+                prompts.append(encode_gpm(self.tok, prompt, text, aspect, self.spec.max_prefix).prefix)
+            except TooLong:
+                prompts.append(None)
         todo = [p for p in prompts if p is not None]
         params = SamplingParams(0.0, 1.0, self.spec.max_thought_tokens, [self.eot_id])
         samples = iter(self.engine.generate(todo, 1, params) if todo else [])
-        texts: list[str | None] = []
-        lens: list[int] = []
+        out: list[tuple[str | None, int]] = []
         for p in prompts:
             if p is None:
-                texts.append(None)
-                lens.append(0)
+                out.append((None, 0))
                 continue
             s = next(samples)[0]
-            texts.append(self.tok.decode(s.token_ids, skip_special_tokens=True).strip())
-            lens.append(len(s.token_ids) if s.finished else -len(s.token_ids))   # negative: cut at the budget
-        return [{"id": r.id, "digest": self.spec.digest(r), "thought_chosen": texts[2 * i],
-                 "thought_rejected": texts[2 * i + 1], "tokens": [lens[2 * i], lens[2 * i + 1]]}
-                for i, r in enumerate(records)]
+            out.append((self.tok.decode(s.token_ids, skip_special_tokens=True).strip(),
+                        len(s.token_ids) if s.finished else -len(s.token_ids)))   # negative: cut at the budget
+        return out
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -266,28 +274,111 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         run.log({"step": 0, **thought_stats(list(thoughts.values()), spec.max_thought_tokens),
                  "prefilled/generated": counts["generated"], "prefilled/cached": counts["cached"],
                  "perf/thoughts_s": round(time.perf_counter() - t0, 4)})
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
     bt.train(cfg, run, resume,
              encode=lambda tok, recs: encode_prefilled(tok, recs, thoughts, cfg.data.max_length),
-             meta={"thought_writer": spec.model.name, "max_thought_tokens": spec.max_thought_tokens})
+             meta={"thought_writer": spec.model.name, "max_thought_tokens": spec.max_thought_tokens},
+             templates_of=lambda tok: templates(tok, aspect))
+
+
+class PrefilledJudge(bt.RewardJudge):
+    """BT-prefilled's judge: the frozen base model (``thought_writer`` in ``btpo.json``) writes a greedy
+    thought after each response (``max_thought_tokens``, the training budget), then the trained
+    reward model scores ``prefilled_messages(x, y, aspect, thought)``; the thought is returned."""
+
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+        super().__init__(model_dir, cfg, device, meta)
+        self.spec = _spec(cfg, meta.get("thought_writer"), meta.get("max_thought_tokens"))
+        self.given_thoughts: dict[str, dict[str, Any]] | None = None
+        """Evaluation: the test pairs' thoughts, read from or written to the cache beforehand (id → row)."""
+        self._writer: ThoughtWriter | None = None
+        self._given: dict[str, dict[str, Any]] = {}
+
+    def writer(self) -> ThoughtWriter:
+        """The base model's thought writer, loaded on first use and kept."""
+        if self._writer is None:
+            self._writer = ThoughtWriter(self.spec, self.device)
+        return self._writer
+
+    def encode(self, items: list[Item]) -> list[tuple[list[int] | None, str | None]]:
+        todo = [i for i, it in enumerate(items) if "thought" not in it.extra]
+        written = dict(zip(todo, self.writer().write_texts([(items[i].prompt, items[i].response, items[i].aspect)
+                                                            for i in todo]), strict=True)) if todo else {}
+        out: list[tuple[list[int] | None, str | None]] = []
+        for i, it in enumerate(items):
+            thought = written[i][0] if i in written else it.extra["thought"]
+            if thought is None:
+                out.append((None, None))
+                continue
+            try:
+                enc = encode_dialog(self.tok, it.prompt, prefilled_messages(it.prompt, it.response, it.aspect, thought),
+                                    self.cfg.data.max_length)
+                out.append((enc.input_ids, thought))
+            except TooLong:
+                out.append((None, thought))
+        return out
+
+    def judge_pairs(self, records: Any, progress: Any = None, sink: Any = None) -> list[PairResult | None]:
+        """Every pair's thoughts first (:attr:`given_thoughts`, or written now in chunks of
+        ``prefilled.batch_size`` pairs, as training and evaluation write them), then BT scores."""
+        thoughts = self.given_thoughts
+        if thoughts is None:
+            thoughts, _ = ensure_thoughts(list(records), None, self.spec, self.device,
+                                          make_writer=lambda spec, device: _Borrowed(self.writer()))
+        self._given = thoughts
+        return super().judge_pairs(records, progress, sink)
+
+    def pair_items(self, rec: Any) -> tuple[Item, Item]:
+        a, b = super().pair_items(rec)
+        row = self._given.get(rec.id) or {"thought_chosen": None, "thought_rejected": None}
+        a.extra["thought"], b.extra["thought"] = row["thought_chosen"], row["thought_rejected"]
+        return a, b
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        super().close()
+
+
+@dataclass
+class _Borrowed:
+    """The judge's writer lent to ``ensure_thoughts`` (which closes writers it is given; this one stays)."""
+
+    inner: ThoughtWriter
+
+    def write(self, records: list[PairRecord]) -> list[dict[str, Any]]:
+        return self.inner.write(records)
 
 
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
              progress: Any = None, artifacts: Path | None = None) -> list[PairResult]:
-    """Greedy thoughts from the base model (cached beside the eval JSON), then BT scores (pointwise)."""
+    """Greedy thoughts from the base model (cached beside the eval JSON; the writer is freed before the
+    reward model loads), then :class:`PrefilledJudge` scores (pointwise)."""
+    from btpo_cli.checkpoint import read_meta
     from btpo_cli.console import console
 
-    meta_path = Path(model_dir) / "btpo.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(model_dir)
     spec = _spec(cfg, meta.get("thought_writer"), meta.get("max_thought_tokens"))
     path = artifacts.parent / f"{artifacts.name}.prefilled_thoughts.jsonl" if artifacts else None
     thoughts, counts = ensure_thoughts(records, path, spec, device)
     console.print(f"[btpo] prefilled thoughts (eval): {counts['cached']} cached, {counts['generated']} generated",
                   highlight=False, markup=False)
-    return bt.evaluate(cfg, model_dir, records, device, progress, artifacts,
-                       encode=lambda tok, recs: encode_prefilled(tok, recs, thoughts, cfg.data.max_length))
+    judge = judge_for_eval(PrefilledJudge, cfg, model_dir, device)
+    judge.given_thoughts = thoughts
+    try:
+        return judge.evaluate_pairs(records, progress)
+    finally:
+        judge.close()
+
+
+def templates(tok: Any, aspect: str) -> dict[str, Any]:
+    """What ``btpo.json`` records of BT-prefilled's input: the instruction and the rendered dialog."""
+    return {"strings": {"eval_instruction": EVAL_INSTRUCTION},
+            "rendered": render(tok, prefilled_messages(PLACEHOLDER_PROMPT, "{response}", aspect, "{thought}"))}
 
 
 METHOD = register_method(MethodSpec(
     name="bt-prefilled", help="BT on the base model's greedy thought, written offline and appended to the dialog.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    config_section="prefilled", generative=True, order=10))
+    config_section="prefilled", generative=True, order=10, judge=PrefilledJudge))

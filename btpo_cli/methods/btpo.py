@@ -22,29 +22,43 @@ Run it::
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.engines import SamplingParams, request_seed
 from btpo_cli.errors import ConfigError
-from btpo_cli.evaluation import PairResult, pointwise_result, with_unjudged
+from btpo_cli.evaluation import PairResult, pointwise_result
 from btpo_cli.gpm import SeqBatch, score_thoughts, thought_sequence
+from btpo_cli.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.losses import btpo_loss
 from btpo_cli.methods import MethodSpec, register_method
 from btpo_cli.rl_loop import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
 from btpo_cli.runs import Run
 from btpo_cli.session import TrainSession
-from btpo_cli.templates import GPMPrompt, TooLong, answer_token_id, encode_gpm, end_of_turn_id
-from btpo_cli.trainer import StepTimer, chunks
+from btpo_cli.templates import (
+    EVAL_INSTRUCTION,
+    PLACEHOLDER_PROMPT,
+    RATING_QUESTION,
+    GPMPrompt,
+    TooLong,
+    answer_token_id,
+    encode_gpm,
+    end_of_turn_id,
+    gpm_messages,
+    render,
+)
+from btpo_cli.trainer import StepTimer
 
 
 @dataclass
-class Judge:
+class GPMTokens:
     """Token ids the GPM needs, read off the tokenizer's chat template."""
 
     tok: Any
@@ -54,12 +68,12 @@ class Judge:
     pad_id: int
 
     @classmethod
-    def from_tokenizer(cls, tok: Any) -> Judge:
+    def from_tokenizer(cls, tok: Any) -> GPMTokens:
         return cls(tok, answer_token_id(tok, "Yes"), answer_token_id(tok, "No"), end_of_turn_id(tok),
                    tok.pad_token_id)
 
 
-def encode_pairs(judge: Judge, records: list[PairRecord], max_prefix: int) -> tuple[list[tuple[int, GPMPrompt, GPMPrompt]], dict[str, int]]:
+def encode_pairs(judge: GPMTokens, records: list[PairRecord], max_prefix: int) -> tuple[list[tuple[int, GPMPrompt, GPMPrompt]], dict[str, int]]:
     """GPM prompts for both responses of every pair: [(record index, chosen, rejected)]."""
     out, stats = [], {"truncated": 0, "too_long": 0}
     for k, r in enumerate(records):
@@ -85,7 +99,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def score_chunked(model: Any, seqs: SeqBatch, judge: Judge, cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_chunked(model: Any, seqs: SeqBatch, judge: GPMTokens, cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad scoring in chunks of ``batch`` rows: thought log-probs (N, Tz) right-padded, log p(Yes) (N,)."""
     n = len(seqs)
     logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
@@ -99,7 +113,7 @@ def score_chunked(model: Any, seqs: SeqBatch, judge: Judge, cfg: Config, batch: 
     return logp, yes
 
 
-def do_rollout(model: Any, ref: Any, engine: Any, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: Judge,
+def do_rollout(model: Any, ref: Any, engine: Any, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: GPMTokens,
                cfg: Config, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
     k = cfg.rollout.n
@@ -131,7 +145,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     check_rollout_sizes(cfg, sess.world)
     if cfg.btpo.schedule != "joint":
         raise ConfigError("btpo.schedule: only 'joint' is implemented")
-    judge = Judge.from_tokenizer(sess.tok)
+    judge = GPMTokens.from_tokenizer(sess.tok)
     records = sess.load_split()
     pairs, enc_stats = encode_pairs(judge, records, cfg.data.max_length)
     plan = RolloutPlan.from_config(len(pairs), cfg, sess.world)
@@ -150,10 +164,13 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         loss=lambda ro, ids: micro_loss(sess.model, ro, ids, judge, cfg, sess.device),
         bar_info=lambda m: f"loss {m['train/loss']:.4f} ω̂ {m.get('btpo/omega_mean', 0):.3f}")
     engine.close()
-    sess.finish({"method": "btpo", "base_model": cfg.model.name, "model_class": "AutoModelForCausalLM"})
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.finish(describe(cfg, records, templates=templates(sess.tok, aspect),
+                         token_ids={"yes": judge.yes_id, "no": judge.no_id, "end_of_turn": judge.eot_id,
+                                    "pad": judge.pad_id}))
 
 
-def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: Judge, cfg: Config,
+def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, cfg: Config,
                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
     k = cfg.rollout.n
@@ -173,70 +190,131 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: Judge, cfg: 
 
 # ----------------------------------------------------------------------------- evaluation
 
+class BTPOJudge(Judge):
+    """BTPO's judge (METHOD.md §7): per response, a greedy thought from the dialog's evaluation turn
+    (``eval.max_new_tokens``, on the rollout engine), then p(Yes) at the answer position in one pass.
+
+    With ``samples = K > 0`` it also samples K thoughts (``rollout.temperature`` / ``top_p``, seeds
+    named by the item's key) and the score becomes their mean p(Yes), the paper's ``s(y)`` estimate;
+    the greedy p(Yes) stays in ``detail["p_yes"]``. ``compare`` is Bradley–Terry on the two scores."""
+
+    protocol = "pointwise"
+
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+        from btpo_cli.engines import engine_for
+        from btpo_cli.models import load_causal_lm, load_tokenizer
+
+        super().__init__(model_dir, cfg, device, meta)
+        self.tok = load_tokenizer(model_dir, padding_side="left")
+        self.ids = GPMTokens.from_tokenizer(self.tok)
+        self.model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+        self.engine = engine_for(cfg, model_dir, self.ids.pad_id, device, module=self.model,
+                                 prompts_per_batch=max(1, cfg.eval.batch_size * 2),
+                                 max_new_tokens=cfg.eval.max_new_tokens)
+        self.budget = cfg.eval.max_new_tokens
+        self.samples = cfg.eval.samples
+
+    def preference(self, a: float, b: float) -> float:
+        """Bradley–Terry on the scores: ``s_a / (s_a + s_b)`` (½ when both are 0)."""
+        return a / (a + b) if a + b > 0 else 0.5
+
+    def _score_chunk(self, items: list[Item]) -> list[Score]:
+        ids = self.ids
+        prompts: list[GPMPrompt | None] = []
+        for it in items:
+            try:
+                prompts.append(encode_gpm(self.tok, it.prompt, it.response, it.aspect, self.cfg.data.max_length))
+            except TooLong:
+                prompts.append(None)
+        idx = [i for i, p in enumerate(prompts) if p is not None]
+        out = [Score(None, TOO_LONG) for _ in items]
+        if not idx:
+            return out
+        todo = [prompts[i] for i in idx]
+        greedy = SamplingParams(0.0, 1.0, self.budget, [ids.eot_id])
+        samples = [g[0] for g in self.engine.generate([p.prefix for p in todo], 1, greedy)]
+        seqs = SeqBatch.from_seqs([thought_sequence(p, s, ids.eot_id) for p, s in zip(todo, samples, strict=True)],
+                                  ids.pad_id)
+        with torch.no_grad():
+            sc = score_thoughts(self.model, seqs, ids.yes_id, ids.no_id, ids.pad_id, self.cfg.btpo.yes_no_normalize)
+        p_yes = sc.logp_yes.float().exp().tolist()
+        mass = sc.yes_no_mass.float().tolist()
+        sampled: list[list[float]] | None = None
+        sampled_text: list[list[str]] = []
+        if self.samples:
+            k = self.samples
+            params = SamplingParams(self.cfg.rollout.temperature, self.cfg.rollout.top_p, self.budget, [ids.eot_id])
+            smp = self.engine.generate([p.prefix for p in todo], k, params,
+                                       [request_seed(*items[i].key) for i in idx])
+            sseqs = SeqBatch.from_seqs([thought_sequence(p, s, ids.eot_id) for p, g in zip(todo, smp, strict=True)
+                                        for s in g], ids.pad_id)
+            _, syes = score_chunked(self.model, sseqs, ids, self.cfg, self.cfg.eval.batch_size * 2)
+            sampled = syes.exp().view(-1, k).tolist()
+            sampled_text = [[self.tok.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in smp]
+        for j, i in enumerate(idx):
+            s = samples[j]
+            detail: dict[str, Any] = {"p_yes": p_yes[j], "thought_tokens": len(s.token_ids),
+                                      "thought_cut": _cut(s, self.budget), "yes_no_mass": mass[j]}
+            score = p_yes[j]
+            if sampled is not None:
+                score = sum(sampled[j]) / len(sampled[j])
+                detail.update(p_yes_sampled=score, samples=self.samples, sampled_p_yes=sampled[j],
+                              sampled_thoughts=sampled_text[j])
+            out[i] = Score(score, thought=self.tok.decode(s.token_ids, skip_special_tokens=True), detail=detail)
+        return out
+
+    def pair_result(self, rec_id: str, judged: Any) -> PairResult:
+        """The greedy p(Yes) decides (METHOD §7); the sampled means ride along in the detail."""
+        sw, sl = judged
+        dw, dl = sw.detail, sl.detail
+        detail = {"thought_tokens": [dw["thought_tokens"], dl["thought_tokens"]],
+                  "thought_cut": [dw["thought_cut"], dl["thought_cut"]],
+                  "yes_no_mass": [dw["yes_no_mass"], dl["yes_no_mass"]]}
+        if "p_yes_sampled" in dw:
+            detail.update(sampled_chosen=dw["p_yes_sampled"], sampled_rejected=dl["p_yes_sampled"])
+        return pointwise_result(rec_id, dw["p_yes"], dl["p_yes"], **detail)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        self.model = None
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
-    """Greedy thought per response, then p(Yes) (METHOD.md §7); optionally the mean over sampled thoughts.
+    """:class:`BTPOJudge` on both responses of every pair: greedy thought, then p(Yes) (METHOD.md §7);
+    optionally the mean over sampled thoughts.
 
     Each result's detail carries the thought lengths, whether they were cut at the budget and the
     Yes + No mass at the answer position; ``<artifacts>.thoughts.jsonl`` holds the thoughts."""
-    from btpo_cli.engines import engine_for
-    from btpo_cli.models import load_causal_lm, load_tokenizer
-
-    tok = load_tokenizer(model_dir, padding_side="left")
-    judge = Judge.from_tokenizer(tok)
-    model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
-    engine = engine_for(cfg, model_dir, judge.pad_id, device, module=model,
-                        prompts_per_batch=max(1, cfg.eval.batch_size * 2), max_new_tokens=cfg.eval.max_new_tokens)
-    pairs, _ = encode_pairs(judge, records, cfg.data.max_length)
-    budget = cfg.eval.max_new_tokens
-    greedy = SamplingParams(0.0, 1.0, budget, [judge.eot_id])
-    ks = cfg.eval.samples
-    results: list[PairResult] = []
+    judge = judge_for_eval(BTPOJudge, cfg, model_dir, device)
     thoughts_path = artifacts.parent / (artifacts.name + ".thoughts.jsonl") if artifacts else None
     thoughts_f = open(thoughts_path, "w", encoding="utf-8") if thoughts_path else None  # noqa: SIM115
+
+    def write(rec: PairRecord, judged: tuple[Score, Score], result: PairResult) -> None:
+        if thoughts_f:
+            sw, sl = judged
+            thoughts_f.write(json.dumps({
+                "id": rec.id, "thought_chosen": sw.thought, "p_yes_chosen": sw.detail["p_yes"],
+                "tokens_chosen": sw.detail["thought_tokens"], "cut_chosen": sw.detail["thought_cut"],
+                "thought_rejected": sl.thought, "p_yes_rejected": sl.detail["p_yes"],
+                "tokens_rejected": sl.detail["thought_tokens"], "cut_rejected": sl.detail["thought_cut"]},
+                ensure_ascii=False) + "\n")
+
     try:
-        for part in chunks(pairs, cfg.eval.batch_size):
-            prompts = [p for _, w, lo in part for p in (w, lo)]
-            samples = [g[0] for g in engine.generate([p.prefix for p in prompts], 1, greedy)]      # (2m,)
-            seqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, s in zip(prompts, samples,
-                                                                                        strict=True)], judge.pad_id)
-            with torch.no_grad():
-                sc = score_thoughts(model, seqs, judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize)
-            p_yes = sc.logp_yes.float().exp().view(-1, 2).tolist()
-            mass = sc.yes_no_mass.float().view(-1, 2).tolist()
-            sampled = None
-            if ks:
-                params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, budget, [judge.eot_id])
-                seeds = [request_seed("eval", cfg.train.seed, records[ri].id, side) for ri, _, _ in part
-                         for side in (0, 1)]
-                smp = engine.generate([p.prefix for p in prompts], ks, params, seeds)
-                sseqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, g in zip(prompts, smp, strict=True)
-                                            for s in g], judge.pad_id)
-                _, syes = score_chunked(model, sseqs, judge, cfg, cfg.eval.batch_size * 2)
-                sampled = syes.exp().view(-1, 2, ks).mean(-1).tolist()
-            for j, (ri, _, _) in enumerate(part):
-                rec = records[ri]
-                sw, sl = samples[2 * j], samples[2 * j + 1]
-                detail = {"thought_tokens": [len(sw.token_ids), len(sl.token_ids)],
-                          "thought_cut": [_cut(sw, budget), _cut(sl, budget)], "yes_no_mass": mass[j]}
-                if sampled:
-                    detail.update(sampled_chosen=sampled[j][0], sampled_rejected=sampled[j][1])
-                results.append(pointwise_result(rec.id, p_yes[j][0], p_yes[j][1], **detail))
-                if thoughts_f:
-                    tw, tl = (tok.decode(s.token_ids, skip_special_tokens=True) for s in (sw, sl))
-                    thoughts_f.write(json.dumps({
-                        "id": rec.id, "thought_chosen": tw, "p_yes_chosen": p_yes[j][0],
-                        "tokens_chosen": len(sw.token_ids), "cut_chosen": _cut(sw, budget),
-                        "thought_rejected": tl, "p_yes_rejected": p_yes[j][1],
-                        "tokens_rejected": len(sl.token_ids), "cut_rejected": _cut(sl, budget)},
-                        ensure_ascii=False) + "\n")
-            if progress:
-                progress(len(part))
+        return judge.evaluate_pairs(records, progress, sink=write)
     finally:
         if thoughts_f:
             thoughts_f.close()
-        engine.close()
-    return with_unjudged(results, records, {ri for ri, _, _ in pairs}, "pointwise")
+        judge.close()
+
+
+def templates(tok: Any, aspect: str) -> dict[str, Any]:
+    """What ``btpo.json`` records of the GPM dialog: both instructions and the rendered dialog."""
+    return {"strings": {"eval_instruction": EVAL_INSTRUCTION, "rating_question": RATING_QUESTION},
+            "rendered": render(tok, gpm_messages(PLACEHOLDER_PROMPT, "{response}", aspect, "{thought}"),
+                               add_generation_prompt=True)}
 
 
 def _cut(sample: Any, budget: int) -> bool:
@@ -247,4 +325,4 @@ def _cut(sample: Any, budget: int) -> bool:
 METHOD = register_method(MethodSpec(
     name="btpo", help="BTPO (this paper): a thinking judge, latent-thought Bradley-Terry, the consistent estimator.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="btpo", generative=True, order=50))
+    config_section="btpo", generative=True, order=50, judge=BTPOJudge))

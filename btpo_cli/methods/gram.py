@@ -34,24 +34,36 @@ Run it::
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.engines.hf import left_pad, positions
-from btpo_cli.evaluation import PairResult, pairwise_result, with_unjudged
+from btpo_cli.evaluation import PairResult, pairwise_result
+from btpo_cli.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
 from btpo_cli.losses import gram_loss
 from btpo_cli.methods import MethodSpec, register_method
 from btpo_cli.models import load_causal_lm, load_tokenizer
 from btpo_cli.runs import Run
 from btpo_cli.session import TrainSession
 from btpo_cli.sl_loop import run_supervised
-from btpo_cli.templates import GRAM_PROMPT, answer_token_id, encode_judge_prompts, pairwise_messages
-from btpo_cli.trainer import BatchPlan, chunks
+from btpo_cli.templates import (
+    GRAM_PROMPT,
+    PLACEHOLDER_PROMPT,
+    TooLong,
+    answer_token_id,
+    encode_judge,
+    encode_judge_prompts,
+    pairwise_messages,
+    render,
+)
+from btpo_cli.trainer import BatchPlan
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -143,38 +155,81 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                               "gram/label_mass": t["label_mass"] / n},
         bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
         sizes=lambda i: [len(pairs[i].ab), len(pairs[i].ba)])
-    sess.finish({"method": "gram", "base_model": cfg.model.name, "model_class": "AutoModelForCausalLM",
-                 "label_token_ids": {"A": labels.a_id, "B": labels.b_id}})
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.finish(describe(cfg, records, templates=templates(tok, aspect),
+                         token_ids={"A": labels.a_id, "B": labels.b_id, "pad": tok.pad_token_id},
+                         label_token_ids={"A": labels.a_id, "B": labels.b_id}))
 
 
 # ----------------------------------------------------------------------------- evaluation
 
+class GramJudge(Judge):
+    """GRAM's judge (pairwise): both orders of (a, b) in one batch; in each order the verdict is the
+    likelier label at the generation head, and P(a) is p(a's label) / (p(A) + p(B)); ``prob_a`` is the
+    mean over the two orders."""
+
+    protocol = "pairwise"
+
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+        super().__init__(model_dir, cfg, device, meta)
+        self.tok = load_tokenizer(model_dir, padding_side="left")
+        self.labels = Labels.from_tokenizer(self.tok)
+        self.model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+
+    def encode(self, a: Item, b: Item) -> tuple[list[int], list[int]] | None:
+        """Judge prompts with a shown as A, then as B; None when too long."""
+        try:
+            return tuple(encode_judge(self.tok, lambda p, x=x, y=y: pairwise_messages(GRAM_PROMPT, p, x, y, a.aspect),
+                                      a.prompt, self.cfg.data.max_length)[0]
+                         for x, y in ((a.response, b.response), (b.response, a.response)))  # type: ignore[return-value]
+        except TooLong:
+            return None
+
+    @torch.no_grad()
+    def _compare_chunk(self, pairs: list[tuple[Item, Item]]) -> list[Comparison]:
+        enc = [self.encode(a, b) for a, b in pairs]
+        idx = [i for i, e in enumerate(enc) if e is not None]
+        out = [Comparison(None, None, TOO_LONG) for _ in pairs]
+        if not idx:
+            return out
+        m = len(idx)
+        la, lb = label_logprobs(self.model, [enc[i][0] for i in idx] + [enc[i][1] for i in idx], self.labels,
+                                self.tok.pad_token_id, self.device)                     # (2m,) a as A, then a as B
+        pa, pb = la.exp().tolist(), lb.exp().tolist()
+        la_l, lb_l = la.tolist(), lb.tolist()
+        for j, i in enumerate(idx):
+            v1, v2 = verdict(la_l[j], lb_l[j]), verdict(la_l[m + j], lb_l[m + j])
+            p1 = pa[j] / (pa[j] + pb[j]) if pa[j] + pb[j] > 0 else 0.5
+            p2 = pb[m + j] / (pa[m + j] + pb[m + j]) if pa[m + j] + pb[m + j] > 0 else 0.5
+            out[i] = pairwise_comparison(v1, v2, p1, p2, p_ab=[pa[j], pb[j]], p_ba=[pa[m + j], pb[m + j]])
+        return out
+
+    def pair_result(self, rec_id: str, judged: Any) -> PairResult:
+        return pairwise_result(rec_id, judged.orders[0], judged.orders[1], p_ab=judged.detail["p_ab"],
+                               p_ba=judged.detail["p_ba"])
+
+    def close(self) -> None:
+        self.model = None
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
              progress: Any = None, artifacts: Path | None = None) -> list[PairResult]:
-    """Both orders of every pair, batched; verdict from p(A) vs p(B) at the generation head."""
-    tok = load_tokenizer(model_dir, padding_side="left")
-    labels = Labels.from_tokenizer(tok)
-    model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
-    pairs, _ = encode_pairs(tok, records, cfg.data.max_length)
-    results: list[PairResult] = []
-    with torch.no_grad():
-        for part in chunks(pairs, cfg.eval.batch_size):
-            m = len(part)
-            la, lb = label_logprobs(model, [p.ab for p in part] + [p.ba for p in part], labels,
-                                    tok.pad_token_id, device)                                   # (2m,)
-            pa, pb = la.exp().tolist(), lb.exp().tolist()
-            la_l, lb_l = la.tolist(), lb.tolist()
-            for j, p in enumerate(part):
-                v1 = verdict(la_l[j], lb_l[j])               # chosen shown as A
-                v2 = verdict(la_l[m + j], lb_l[m + j])       # chosen shown as B
-                results.append(pairwise_result(records[p.index].id, v1, v2,
-                                               p_ab=[pa[j], pb[j]], p_ba=[pa[m + j], pb[m + j]]))
-            if progress:
-                progress(m)
-    return with_unjudged(results, records, {p.index for p in pairs}, "pairwise")
+    """:class:`GramJudge` on both orders of every pair, batched; verdict from p(A) vs p(B)."""
+    judge = judge_for_eval(GramJudge, cfg, model_dir, device)
+    try:
+        return judge.evaluate_pairs(records, progress)
+    finally:
+        judge.close()
+
+
+def templates(tok: Any, aspect: str) -> dict[str, Any]:
+    """What ``btpo.json`` records of the judge prompt: the string and its chat rendering."""
+    return {"strings": {"judge_prompt": GRAM_PROMPT},
+            "rendered": render(tok, pairwise_messages(GRAM_PROMPT, PLACEHOLDER_PROMPT, "{response_a}", "{response_b}",
+                                                      aspect), add_generation_prompt=True)}
 
 
 METHOD = register_method(MethodSpec(
     name="gram", help="GRAM: pairwise A/B label token trained by cross-entropy on both orders (no thought).",
     train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
-    config_section="gram", order=20))
+    config_section="gram", order=20, judge=GramJudge))

@@ -41,6 +41,7 @@ Metrics (every key documented):
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +49,18 @@ from typing import Any, Protocol
 
 import torch
 
+from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.engines import Sample, SamplingParams, request_seed
 from btpo_cli.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judge import Judge
 from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
 from btpo_cli.parsers import ParseStats, ScoreParse, VerdictParse
 from btpo_cli.rl_loop import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
 from btpo_cli.runs import Run
 from btpo_cli.session import TrainSession
-from btpo_cli.templates import end_of_turn_id
+from btpo_cli.templates import TooLong, encode_judge, end_of_turn_id
 from btpo_cli.trainer import StepTimer
 
 Parse = VerdictParse | ScoreParse
@@ -180,7 +183,8 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
 
 # ----------------------------------------------------------------------------- training
 
-def train(cfg: Config, run: Run, resume: bool, task: GRPOTask) -> None:
+def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
+          templates: Callable[[Any, str], dict[str, Any]] | None = None) -> None:
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     check_rollout_sizes(cfg, sess.world)
     tok = sess.tok
@@ -213,38 +217,50 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask) -> None:
         loss=lambda ro, ids: micro_loss(sess.model, ro, ids, per_unit, pad_id, cfg, sess.device),
         bar_info=lambda m: f"loss {m['train/loss']:.4f} reward {m.get('grpo/reward_mean', 0):.3f}")
     engine.close()
-    sess.finish({"method": task.name, "base_model": cfg.model.name, "model_class": "AutoModelForCausalLM"})
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.finish(describe(cfg, records, templates=templates(tok, aspect) if templates else {},
+                         token_ids={"end_of_turn": eot_id, "pad": pad_id}))
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
 
-@dataclass
-class EvalJudge:
-    """The model, tokenizer and greedy engine an evaluation needs."""
+class RationaleJudge(Judge):
+    """A judge that writes a rationale greedily and ends it with a parsable answer (both GRPO baselines).
 
-    tok: Any
-    engine: Any
-    params: SamplingParams
+    The rollout engine (``rollout.engine``) decodes greedily up to ``eval.max_new_tokens`` tokens,
+    stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
-    @classmethod
-    def load(cls, cfg: Config, model_dir: str, device: Any, prompts_per_batch: int) -> EvalJudge:
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
         from btpo_cli.engines import engine_for, resolve_engine_name
         from btpo_cli.models import load_causal_lm, load_tokenizer
 
-        tok = load_tokenizer(model_dir, padding_side="left")
+        super().__init__(model_dir, cfg, device, meta)
+        self.tok = load_tokenizer(model_dir, padding_side="left")
         module = None
         if resolve_engine_name(cfg.rollout.engine) == "hf":       # the hf engine generates with this copy
             module = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
-        engine = engine_for(cfg, model_dir, tok.pad_token_id, device, module=module,
-                            prompts_per_batch=max(1, prompts_per_batch), max_new_tokens=cfg.eval.max_new_tokens)
-        return cls(tok, engine, SamplingParams(0.0, 1.0, cfg.eval.max_new_tokens, [end_of_turn_id(tok)]))
+        self.engine = engine_for(cfg, model_dir, self.tok.pad_token_id, device, module=module,
+                                 prompts_per_batch=max(1, cfg.eval.batch_size * 2),
+                                 max_new_tokens=cfg.eval.max_new_tokens)
+        self.params = SamplingParams(0.0, 1.0, cfg.eval.max_new_tokens, [end_of_turn_id(self.tok)])
+
+    def encode(self, build: Callable[[Any], Any], prompt: Any) -> list[int] | None:
+        """``encode_judge`` of one judge prompt; None when it does not fit in ``data.max_length``."""
+        try:
+            return encode_judge(self.tok, build, prompt, self.cfg.data.max_length)[0]
+        except TooLong:
+            return None
 
     def greedy(self, prompts: list[list[int]]) -> list[tuple[str, bool]]:
         """Greedy completion of each prompt: (decoded text, finished on end-of-turn)."""
+        if not prompts:
+            return []
         return [(decode(self.tok, g[0]), g[0].finished) for g in self.engine.generate(prompts, 1, self.params)]
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
 
 
 class JsonlWriter:
@@ -268,29 +284,12 @@ class JsonlWriter:
             self._f.close()
 
 
-def evaluate_task(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any,
-                  artifacts: Path | None, task: GRPOTask, protocol: str,
-                  prompts: Callable[[Any], tuple[Any, Any]],
-                  judge: Callable[[str, tuple[str, bool], tuple[str, bool]], tuple[Any, dict[str, Any]]]) -> list[Any]:
-    """Greedy evaluation shared by both GRPO baselines: each unit's two judge prompts (``prompts(unit)``:
-    both orders, or both responses) decoded greedily in one batch, judged by ``judge(id, first, second)``
-    into a result and a row of ``<artifacts>.rationales.jsonl``."""
-    from btpo_cli.evaluation import with_unjudged
-    from btpo_cli.trainer import chunks
-
-    ev = EvalJudge.load(cfg, model_dir, device, cfg.eval.batch_size * 2)
-    units, _ = task.encode(ev.tok, records, cfg.data.max_length)
-    results: list[Any] = []
+def evaluate_rationales(judge: Judge, records: list[PairRecord], progress: Any, artifacts: Path | None,
+                        row: Callable[[str, Any], dict[str, Any]]) -> list[Any]:
+    """Evaluation shared by both GRPO baselines: ``judge.evaluate_pairs`` (METHOD §7) with every judged
+    pair's ``row(id, judgement)`` written to ``<artifacts>.rationales.jsonl``."""
     try:
         with JsonlWriter(artifacts) as out:
-            for part in chunks(units, cfg.eval.batch_size):
-                gens = ev.greedy([ids.tolist() for u in part for ids in prompts(u)])
-                for j, u in enumerate(part):
-                    result, row = judge(records[u.index].id, gens[2 * j], gens[2 * j + 1])
-                    results.append(result)
-                    out.write(row)
-                if progress:
-                    progress(len(part))
+            return judge.evaluate_pairs(records, progress, sink=lambda rec, judged, _: out.write(row(rec.id, judged)))
     finally:
-        ev.close()
-    return with_unjudged(results, records, {u.index for u in units}, protocol)
+        judge.close()

@@ -37,12 +37,19 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.evaluation import PairResult, pairwise_result
+from btpo_cli.judge import TOO_LONG, Comparison, Item, judge_for_eval, pairwise_comparison
 from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, evaluate_task
+from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.parsers import ParseStats, VerdictParse, parse_verdict
 from btpo_cli.runs import Run
-from btpo_cli.templates import GRPO_PAIR_PROMPT, encode_judge_prompts, pairwise_messages
+from btpo_cli.templates import (
+    GRPO_PAIR_PROMPT,
+    PLACEHOLDER_PROMPT,
+    encode_judge_prompts,
+    pairwise_messages,
+    render,
+)
 
 
 @dataclass
@@ -94,7 +101,7 @@ class PairTask:
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
-    grpo_train(cfg, run, resume, PairTask())
+    grpo_train(cfg, run, resume, PairTask(), templates)
 
 
 def judge_pair(rec_id: str, a: tuple[str, bool], b: tuple[str, bool]) -> tuple[PairResult, dict[str, Any]]:
@@ -111,14 +118,54 @@ def judge_pair(rec_id: str, a: tuple[str, bool], b: tuple[str, bool]) -> tuple[P
                     "verdict_chosen_as_b": p_b.verdict, "error_chosen_as_b": p_b.error}
 
 
+class PairJudge(RationaleJudge):
+    """GRPO (pair)'s judge: both orders of (a, b), a greedy rationale each (one batch), the verdicts
+    parsed; each order counts 1 for a, 0 for b, ½ without a verdict, and ``prob_a`` is the mean."""
+
+    protocol = "pairwise"
+
+    def _compare_chunk(self, pairs: list[tuple[Item, Item]]) -> list[Comparison]:
+        enc = []
+        for a, b in pairs:
+            ab = self.encode(lambda p, a=a, b=b: pairwise_messages(GRPO_PAIR_PROMPT, p, a.response, b.response,
+                                                                   a.aspect), a.prompt)
+            ba = self.encode(lambda p, a=a, b=b: pairwise_messages(GRPO_PAIR_PROMPT, p, b.response, a.response,
+                                                                   a.aspect), a.prompt)
+            enc.append((ab, ba) if ab is not None and ba is not None else None)
+        idx = [i for i, e in enumerate(enc) if e is not None]
+        gens = self.greedy([ids for i in idx for ids in enc[i]])                  # (2m,) a as A, a as B per pair
+        out = [Comparison(None, None, TOO_LONG) for _ in pairs]
+        for j, i in enumerate(idx):
+            (t1, f1), (t2, f2) = gens[2 * j], gens[2 * j + 1]
+            p1, p2 = parse_verdict(t1, f1), parse_verdict(t2, f2)
+            out[i] = pairwise_comparison(p1.verdict, p2.verdict, rationales=[t1, t2], finished=[f1, f2],
+                                         errors=[p1.error, p2.error])
+        return out
+
+    def pair_result(self, rec_id: str, judged: Any) -> PairResult:
+        return judge_pair(rec_id, *_gens(judged))[0]
+
+
+def _gens(c: Comparison) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    (t1, t2), (f1, f2) = c.detail["rationales"], c.detail["finished"]
+    return (t1, f1), (t2, f2)
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
     """Greedy verdicts for both orders of every pair → ``pairwise_result`` (METHOD.md §7)."""
-    return evaluate_task(cfg, model_dir, records, device, progress, artifacts, PairTask(), "pairwise",
-                         lambda u: (u.chosen_as_a, u.chosen_as_b), judge_pair)
+    return evaluate_rationales(judge_for_eval(PairJudge, cfg, model_dir, device), records, progress, artifacts,
+                               lambda rec_id, c: judge_pair(rec_id, *_gens(c))[1])
+
+
+def templates(tok: Any, aspect: str) -> dict[str, Any]:
+    """What ``btpo.json`` records of the judge prompt: the string and its chat rendering."""
+    return {"strings": {"judge_prompt": GRPO_PAIR_PROMPT},
+            "rendered": render(tok, pairwise_messages(GRPO_PAIR_PROMPT, PLACEHOLDER_PROMPT, "{response_a}",
+                                                      "{response_b}", aspect), add_generation_prompt=True)}
 
 
 METHOD = register_method(MethodSpec(
     name="grpo-pair", help="GRPO (pair): rationale then [[A]]/[[B]], reward 1 for the preferred verdict.",
     train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
-    config_section="grpo", generative=True, order=30))
+    config_section="grpo", generative=True, order=30, judge=PairJudge))

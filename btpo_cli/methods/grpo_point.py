@@ -35,12 +35,19 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.data import PairRecord
 from btpo_cli.evaluation import PairResult, pointwise_result
+from btpo_cli.judge import TOO_LONG, Item, Score, judge_for_eval
 from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, evaluate_task
+from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.parsers import ParseStats, ScoreParse, parse_score
 from btpo_cli.runs import Run
-from btpo_cli.templates import encode_judge_prompts, pointwise_messages
+from btpo_cli.templates import (
+    GRPO_POINT_PROMPT,
+    PLACEHOLDER_PROMPT,
+    encode_judge_prompts,
+    pointwise_messages,
+    render,
+)
 
 
 @dataclass
@@ -96,7 +103,7 @@ class PointTask:
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
-    grpo_train(cfg, run, resume, PointTask())
+    grpo_train(cfg, run, resume, PointTask(), templates)
 
 
 def judge_point(rec_id: str, w: tuple[str, bool], lo: tuple[str, bool]) -> tuple[PairResult, dict[str, Any]]:
@@ -112,14 +119,48 @@ def judge_point(rec_id: str, w: tuple[str, bool], lo: tuple[str, bool]) -> tuple
                     "rationale_rejected": t_l, "score_rejected": p_l.score, "error_rejected": p_l.error}
 
 
+class PointJudge(RationaleJudge):
+    """GRPO (point)'s judge: a greedy rationale per response, then its ``<score>N</score>`` (1..10);
+    an unparsable answer has no score and its parser error; ``compare`` gives 1 / ½ / 0."""
+
+    protocol = "pointwise"
+
+    def preference(self, a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    def _score_chunk(self, items: list[Item]) -> list[Score]:
+        enc = [self.encode(lambda p, it=it: pointwise_messages(p, it.response, it.aspect), it.prompt) for it in items]
+        idx = [i for i, e in enumerate(enc) if e is not None]
+        gens = self.greedy([enc[i] for i in idx])
+        out = [Score(None, TOO_LONG) for _ in items]
+        for (text, finished), i in zip(gens, idx, strict=True):
+            p = parse_score(text, finished=finished)
+            out[i] = Score(p.score, p.error, thought=text, detail={"finished": finished})
+        return out
+
+    def pair_result(self, rec_id: str, judged: Any) -> PairResult:
+        return judge_point(rec_id, *_gens(judged))[0]
+
+
+def _gens(judged: tuple[Score, Score]) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    return tuple((s.thought or "", s.detail["finished"]) for s in judged)  # type: ignore[return-value]
+
+
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
     """Greedy score per response → ``pointwise_result(score_w, score_l)`` (METHOD.md §7)."""
-    return evaluate_task(cfg, model_dir, records, device, progress, artifacts, PointTask(), "pointwise",
-                         lambda u: (u.chosen, u.rejected), judge_point)
+    return evaluate_rationales(judge_for_eval(PointJudge, cfg, model_dir, device), records, progress, artifacts,
+                               lambda rec_id, judged: judge_point(rec_id, *_gens(judged))[1])
+
+
+def templates(tok: Any, aspect: str) -> dict[str, Any]:
+    """What ``btpo.json`` records of the judge prompt: the string and its chat rendering."""
+    return {"strings": {"judge_prompt": GRPO_POINT_PROMPT},
+            "rendered": render(tok, pointwise_messages(PLACEHOLDER_PROMPT, "{response}", aspect),
+                               add_generation_prompt=True)}
 
 
 METHOD = register_method(MethodSpec(
     name="grpo-point", help="GRPO (point): rationale then <score>N</score>, reward for beating the paired sample.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="grpo", generative=True, order=40))
+    config_section="grpo", generative=True, order=40, judge=PointJudge))
