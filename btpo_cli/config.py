@@ -208,6 +208,21 @@ class EvalConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The hardware a recipe is sized for. ``btpo plan`` and ``btpo recipes validate`` estimate the
+    run's per-GPU memory on it (docs/plan.md); training itself does not read this section — the
+    launch does: ``accelerate launch --config_file recipes/accelerate/<strategy>.yaml``."""
+
+    gpus: int = 1
+    """GPUs (processes) per node."""
+    nodes: int = 1
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GiB (80 for an 80 GB A100/H100); None: not checked."""
+    strategy: str = "ddp"
+    """``ddp``, ``fsdp2``, ``fsdp2-offload``, ``zero2`` or ``zero3``."""
+
+
+@dataclass
 class Config:
     method: str = "bt"
     """A registered method (``btpo train --help`` lists them): bt, bt-prefilled, gram, grpo-pair, grpo-point, btpo."""
@@ -226,6 +241,7 @@ class Config:
     gram: GRAMConfig = field(default_factory=GRAMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sections: dict[str, Any] = field(default_factory=dict, repr=False)
     """Sections registered by plugin methods (:func:`register_section`), by name."""
 
@@ -464,6 +480,7 @@ _CHOICES: dict[str, Any] = {
     "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
     "btpo.schedule": ("joint",),
     "grpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
+    "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
 
 
@@ -497,12 +514,14 @@ def validate(cfg: Config) -> None:
     positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "rollout.n",
                 "rollout.max_new_tokens", "rollout.batch_size", "rollout.update_epochs", "eval.batch_size",
                 "rollout.prompts_per_batch", "rollout.max_num_seqs", "rollout.tensor_parallel_size",
-                "prefilled.max_thought_tokens", "prefilled.batch_size"]
+                "prefilled.max_thought_tokens", "prefilled.batch_size", "hardware.gpus", "hardware.nodes"]
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be positive, got {cfg.train.max_steps}")
+    if cfg.hardware.gpu_memory_gb is not None and cfg.hardware.gpu_memory_gb <= 0:
+        raise ConfigError(f"hardware.gpu_memory_gb: must be positive, got {cfg.hardware.gpu_memory_gb}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.warmup_ratio < 1:

@@ -1,12 +1,19 @@
-"""Shipped recipes: ``recipes/<method>/<model>-<dataset>.yaml``, found by path or by name."""
+"""Shipped recipes: ``recipes/<method>/<model>-<dataset>.yaml``, found by path or by name.
+
+A recipe may say what hardware it is sized for (the ``hardware`` section: gpus, nodes,
+gpu_memory_gb, strategy); :func:`check_fit` runs the memory planner on it (``btpo recipes
+validate`` fails a recipe whose estimate exceeds its GPU). ``recipes/accelerate/`` holds the
+accelerate launch configs, not recipes.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from btpo_cli.config import Config, build_config
-from btpo_cli.errors import ConfigError
+from btpo_cli.errors import BtpoError, ConfigError
 
 
 def recipes_dir() -> Path:
@@ -17,10 +24,15 @@ def recipes_dir() -> Path:
     return here if here.is_dir() else Path.cwd() / "recipes"
 
 
+NOT_RECIPES = ("accelerate",)
+"""Folders under recipes/ that hold other YAML (accelerate launch configs), not training recipes."""
+
+
 def shipped() -> list[Path]:
     d = recipes_dir()
-    # recipes/accelerate/ holds accelerate launch configs (strategies), not training recipes
-    return sorted(p for p in d.rglob("*.yaml") if p.parent.name != "accelerate") if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.rglob("*.yaml") if p.relative_to(d).parts[0] not in NOT_RECIPES)
 
 
 def find(name_or_path: str | Path) -> Path:
@@ -43,6 +55,32 @@ def validate_recipe(path: Path) -> Config:
     if not (name in ALIASES or "/" in name or Path(name).exists()):
         raise ConfigError(f"{path}: model.name {name!r} is neither an alias, a Hub id nor a path")
     return cfg
+
+
+@dataclass
+class FitCheck:
+    """The planner's verdict on a recipe's own ``hardware`` block (None fields: nothing to check)."""
+
+    strategy: str
+    peak_gib: float | None
+    verdict: str
+    """``fits``, ``tight``, ``no``, or ``?`` (no GPU size given, or no shape known offline)."""
+    note: str = ""
+
+
+def check_fit(cfg: Config, path: Path | str = "") -> FitCheck:
+    """Run the memory planner for the recipe's ``hardware`` (docs/plan.md); ``no`` = cannot fit."""
+    from btpo_cli.plan import GiB, estimate, inputs_from_config
+
+    hw = cfg.hardware
+    if hw.gpu_memory_gb is None:
+        return FitCheck(hw.strategy, None, "?", "no hardware.gpu_memory_gb: not checked")
+    try:
+        inp = inputs_from_config(cfg)
+    except BtpoError as e:
+        return FitCheck(hw.strategy, None, "?", f"not planned: {e}")
+    est = estimate(inp, hw.strategy)
+    return FitCheck(hw.strategy, est.peak / GiB, est.verdict(hw.gpu_memory_gb))
 
 
 def description(path: Path) -> str:

@@ -13,7 +13,7 @@ import click
 import typer
 
 from btpo_cli import __version__
-from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, score, serve, train
+from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
 from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
@@ -52,6 +52,7 @@ app.command("eval", help=eval_cmd.HELP, epilog=eval_cmd.EPILOG)(eval_cmd.evaluat
 app.command("score", help=score.HELP, epilog=score.EPILOG)(score.score)
 app.command("serve", help=serve.HELP, epilog=serve.EPILOG)(serve.serve)
 app.command("compare", help=compare.HELP, epilog=compare.EPILOG)(compare.compare)
+app.command("plan", help=plan.HELP, epilog=plan.EPILOG)(plan.plan)
 app.add_typer(recipes.app, name="recipes")
 app.command("models", help=models.HELP)(models.models)
 app.command("demo", help=demo.HELP, epilog=demo.EPILOG)(demo.demo)

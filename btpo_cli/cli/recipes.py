@@ -38,19 +38,32 @@ def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or
     out.print(dump_yaml(validate_recipe(find(name))), markup=False, highlight=False, end="")
 
 
-@app.command("validate", help="Validate recipes (default: every shipped one). Exit 1 if any is invalid.")
+@app.command("validate", help="Validate recipes (default: every shipped one): keys, values, and — for a recipe "
+             "with a hardware: block — the memory planner's estimate against its GPUs (`btpo plan`). "
+             "Exit 1 if any is invalid or cannot fit.")
 def validate(files: list[Path] = typer.Argument(None, help="Recipe files (default: all shipped).")) -> None:
-    from btpo_cli.recipes import shipped, validate_recipe
+    from btpo_cli.recipes import check_fit, shipped, validate_recipe
 
     paths = files or shipped()
     bad = 0
     for p in paths:
         try:
             cfg = validate_recipe(p)
-            console.print(f"[green]ok[/]   {p}  ({cfg.method}, {cfg.model.name})", highlight=False)
         except BtpoError as e:
             bad += 1
             console.print(f"[red]bad[/]  {e}", highlight=False)
+            continue
+        fit = check_fit(cfg, p)
+        hw = cfg.hardware
+        where = f"{fit.strategy} on {hw.nodes * hw.gpus}×{hw.gpu_memory_gb:g} GiB" if hw.gpu_memory_gb else ""
+        if fit.verdict == "no":
+            bad += 1
+            console.print(f"[red]bad[/]  {p}: does not fit its hardware: {where} needs ~{fit.peak_gib:.0f} GiB per "
+                          f"GPU (see `btpo plan --recipe {p}`)", highlight=False)
+            continue
+        plan = f"; {where}: ~{fit.peak_gib:.0f} GiB per GPU, {fit.verdict}" if fit.peak_gib is not None else \
+            (f"; {fit.note}" if fit.note.startswith("not planned") else "")
+        console.print(f"[green]ok[/]   {p}  ({cfg.method}, {cfg.model.name}{plan})", highlight=False)
     if bad:
-        raise BtpoError(f"{bad} of {len(paths)} recipe(s) invalid")
+        raise BtpoError(f"{bad} of {len(paths)} recipe(s) invalid or too big for their hardware")
     console.print(f"{len(paths)} recipe(s) valid")

@@ -1,0 +1,183 @@
+"""Measure the peak memory of real training steps, to check ``btpo plan``'s estimates against.
+
+A measurement is a real ``btpo train`` run (:func:`btpo_cli.trainer.launch`: the method's own
+set-up, loop, rollout engine and optimizer) of a *random-init* model with a given architecture,
+on a generated data set whose prompts are long enough that every sequence is cut to exactly
+``data.max_length`` tokens — so the run sees the planner's worst-case shapes. It runs in a fresh
+child process (``python -m btpo_cli.plan_measure CONFIG OUT``) that
+
+- on ``cpu``: imports everything, loads the tokenizer and the data, reads its resident set size
+  (``VmRSS`` in ``/proc/self/status``) as the *baseline*, trains, and reports ``VmHWM`` (the peak
+  resident set size) minus that baseline;
+- on ``cuda``: reports ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the
+  device memory in use outside the allocator (context, NCCL), from ``mem_get_info``.
+
+``bench/plan_memory.py`` runs a table of these; ``tests/test_plan_memory.py`` runs one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three four five six").split()
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in KiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def build_random_model(folder: Path, config: dict[str, Any], seed: int = 0,
+                       tokenizer_from: str = "tiny-qwen2") -> Path:
+    """Save a random-init causal LM of ``config`` (a config.json mapping) with a tiny model's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from btpo_cli.models import quiet_transformers, resolve_model
+
+    quiet_transformers()
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = dict(config)
+    model_type = conf.pop("model_type", "qwen2")
+    conf = {k: v for k, v in conf.items() if not k.startswith("_")}
+    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_from))
+    hf_conf = AutoConfig.for_model(model_type, **conf)
+    hf_conf.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_conf, dtype=torch.float32)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def write_long_pairs(folder: Path, n: int, prompt_words: int = 600, response_words: int = 40,
+                     seed: int = 0) -> Path:
+    """A data set whose prompts overflow any small ``data.max_length`` (so every sequence is cut to it)."""
+    import random
+
+    from btpo_cli.data import write_jsonl
+
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    rows = [{"id": f"long-{j}", "prompt": [{"role": "user", "content": text(prompt_words)}],
+             "chosen": [{"role": "assistant", "content": text(response_words)}],
+             "rejected": [{"role": "assistant", "content": text(response_words)}]} for j in range(n)]
+    for split in ("train", "test"):
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    return folder
+
+
+def gpm_tail_tokens(model_dir: str, max_length: int) -> int:
+    """Tokens of the GPM tail (rating question + answer head) with this tokenizer."""
+    from btpo_cli.data import read_pairs  # noqa: F401 - keeps import order the same as training
+    from btpo_cli.models import load_tokenizer
+    from btpo_cli.templates import encode_gpm
+
+    tok = load_tokenizer(model_dir, padding_side="left")
+    prompt = [{"role": "user", "content": "hello"}]
+    return len(encode_gpm(tok, prompt, "a response", "helpful and harmless", max_length).suffix)
+
+
+WARMUP_CONFIG = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=128, vocab_size=2048, max_position_embeddings=4096)
+"""The one-layer model the measured process trains first (same architecture type and tokenizer)."""
+
+
+def measure(cfg_dict: dict[str, Any], workdir: Path, device: str = "cpu", timeout: float = 1800,
+            warmup_model: Path | None = None) -> dict[str, Any]:
+    """Run ``cfg_dict`` as a training run in a child process; return its memory report.
+
+    With ``warmup_model`` (see :data:`WARMUP_CONFIG`) the child first runs the same config on it,
+    so that the baseline includes the runtime's fixed costs."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path, out_path = workdir / "measure-config.yaml", workdir / "measure-result.json"
+    data = dict(cfg_dict, _warmup_model=str(warmup_model)) if warmup_model else cfg_dict
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "btpo_cli.plan_measure", str(cfg_path), str(out_path), device],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out_path.exists():
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise RuntimeError(f"measurement run failed (exit {proc.returncode}): {tail}")
+    return json.loads(out_path.read_text())
+
+
+def _malloc_trim() -> None:
+    """Give the C heap's free pages back to the system (glibc), so the baseline holds no free memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(cfg_path: str, out_path: str, device: str) -> None:
+    """The measured process: warm everything up, take the baseline, train, report."""
+    import yaml
+
+    import accelerate  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from btpo_cli.config import config_from_dict, validate
+    from btpo_cli.methods import get_method
+    from btpo_cli.models import load_tokenizer, quiet_transformers
+    from btpo_cli.trainer import launch, load_split
+
+    quiet_transformers()
+    data = yaml.safe_load(Path(cfg_path).read_text())
+    warm = data.pop("_warmup_model", None)
+    cfg = config_from_dict(data, cfg_path)
+    validate(cfg)
+    get_method(cfg.method)
+    load_tokenizer(cfg.model.name)
+    load_split(cfg, cfg.data.train_split)
+    if warm:
+        # the same run on a one-layer model first: imports, kernels' code pages, thread pools and
+        # allocator arenas are then part of the baseline, not of the measured peak
+        wcfg = config_from_dict({**data, "model": {**data["model"], "name": warm},
+                                 "out": str(Path(cfg.out).with_name(Path(cfg.out).name + "-warmup"))}, cfg_path)
+        launch(wcfg, overwrite=True)
+    gc.collect()
+    _malloc_trim()
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = status_kb("VmRSS") * 1024
+    launch(cfg, overwrite=True)
+    report: dict[str, Any] = {"device": device, "baseline_rss": base_rss, "hwm": status_kb("VmHWM") * 1024}
+    report["peak_rss_over_baseline"] = report["hwm"] - base_rss
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        report.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved(),
+                      outside_allocator=(total - free) - torch.cuda.memory_reserved(), total=total)
+    Path(out_path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "cpu")
