@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import SkipLog, iter_saved, iter_file
+from btpo_cli.data import SkipLog, iter_file, iter_saved
 from btpo_cli.errors import BtpoError
 from btpo_cli.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
 
