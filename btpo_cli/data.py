@@ -348,6 +348,31 @@ def read_pairs(source: str | Path, split: str = "train", strict: bool = False,
     return out, skips
 
 
+_PRELOADED: dict[tuple[str, str, bool], tuple[list[PairRecord], SkipLog]] = {}
+
+
+def read_split(source: str | Path, split: str, strict: bool = False,
+               limit: int | None = None) -> tuple[list[PairRecord], SkipLog]:
+    """:func:`read_pairs` for one split of a run's data, using what :func:`preload_split` read in
+    this process if it did; ``limit`` keeps the first records. No usable record is an error that
+    names the source and the split."""
+    pre = _PRELOADED.pop((str(source), split, strict), None)
+    records, skips = pre if pre is not None else read_pairs(source, split, strict=strict)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        why = f"skipped {skips.total}: {skips.summary(3)}" if skips.total else "it holds no records"
+        raise BtpoError(f"{source} [{split}]: no usable records ({why})")
+    return records, skips
+
+
+def preload_split(source: str | Path, split: str, strict: bool = False) -> None:
+    """Read and check a split before the heavy set-up (torch, the model), so that bad data fails in
+    a second; the training loop's :func:`read_split` then takes the records from here."""
+    records, skips = read_split(source, split, strict)
+    _PRELOADED[(str(source), split, strict)] = (records, skips)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def sha256_file(path: Path) -> str:

@@ -22,3 +22,12 @@ class DataError(BtpoError):
 
 class ConfigError(BtpoError):
     """A bad configuration key or value."""
+
+
+class UsageError(BtpoError):
+    """A bad command-line value that the option parser could not catch (exit code 2)."""
+
+
+class FollowerError(BtpoError):
+    """Raised on the non-main processes of a multi-process run when the main process failed a step
+    they wait on; the main process prints the message, the others exit 1 silently."""

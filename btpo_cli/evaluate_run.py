@@ -28,9 +28,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
                  batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
                  max_new_tokens: int | None = None, device: str | None = None) -> dict[str, Any]:
     """Run the method's evaluator and the shared protocol; write and return the eval summary."""
+    from rich.markup import escape
+
     from btpo_cli.console import console
+    from btpo_cli.data import read_split
     from btpo_cli.methods import get_method
-    from btpo_cli.trainer import load_split
 
     run = Run(run_dir)
     cfg: Config = run.load_config()
@@ -44,7 +46,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         cfg.eval.max_new_tokens = max_new_tokens
     split = split or cfg.data.eval_split
     model_dir = model_dir_of(run)
-    records = load_split(cfg, split, limit=limit if limit is not None else cfg.eval.limit)
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
+                                limit=limit if limit is not None else cfg.eval.limit)
+    if skips.total:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     impl = get_method(cfg.method)
     name = dataset_name(cfg.data.path)
@@ -70,6 +76,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "split": split,
         "protocol": getattr(impl, "PROTOCOL", "pointwise"),
         **summarize(results),
+        "data_skips": {"records": len(records), **skips.as_dict()},
         "checkpoint": str(model_dir),
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
@@ -91,6 +98,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         for r in results:
             f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
     return summary
+
+
+def eval_paths(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """The files an evaluation wrote: the summary JSON first, then the per-pair predictions."""
+    d = Path(run_dir) / "eval"
+    return [d / f"{summary['dataset']}.json", d / f"{summary['dataset']}.predictions.jsonl"]
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

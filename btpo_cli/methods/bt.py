@@ -33,6 +33,7 @@ from btpo_cli.losses import bt_loss
 from btpo_cli.models import load_reward_model, load_tokenizer
 from btpo_cli.runs import Run, maybe_fault
 from btpo_cli.templates import TooLong, encode_response
+from btpo_cli.tracking import init_tracking
 from btpo_cli.trainer import (
     BatchPlan,
     StepTimer,
@@ -120,8 +121,7 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
+    init_tracking(acc, cfg, run)
 
     start = resume_step(acc, run, resume)
     if start == 0:

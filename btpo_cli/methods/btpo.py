@@ -39,6 +39,7 @@ from btpo_cli.rl_loop import RolloutPlan, run_rollouts
 from btpo_cli.rollout import HFEngine, SamplingParams
 from btpo_cli.runs import Run
 from btpo_cli.templates import GPMPrompt, TooLong, answer_token_id, encode_gpm, end_of_turn_id
+from btpo_cli.tracking import init_tracking
 from btpo_cli.trainer import (
     StepTimer,
     chunks,
@@ -159,8 +160,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
+    init_tracking(acc, cfg, run)
     start = resume_step(acc, run, resume)
     if start == 0:
         run.log({"step": 0, "data/train_pairs": len(pairs), "data/truncated": enc_stats["truncated"],

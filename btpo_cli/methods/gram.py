@@ -58,6 +58,7 @@ from btpo_cli.templates import (
     pairwise_messages,
     render,
 )
+from btpo_cli.tracking import init_tracking
 from btpo_cli.trainer import (
     BatchPlan,
     StepTimer,
@@ -196,8 +197,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
+    init_tracking(acc, cfg, run)
 
     start = resume_step(acc, run, resume)
     if start == 0:

@@ -59,6 +59,7 @@ from btpo_cli.rl_loop import RolloutPlan, run_rollouts
 from btpo_cli.rollout import HFEngine, Sample, SamplingParams
 from btpo_cli.runs import Run
 from btpo_cli.templates import Messages, TooLong, encode_text, end_of_turn_id, render
+from btpo_cli.tracking import init_tracking
 from btpo_cli.trainer import (
     StepTimer,
     chunks,
@@ -274,8 +275,7 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask) -> None:
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, plan.total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
-    if cfg.train.report_to != "none":
-        acc.init_trackers(cfg.name or run.root.name, config=cfg.to_dict())
+    init_tracking(acc, cfg, run)
     start = resume_step(acc, run, resume)
     if start == 0:
         run.log({"step": 0, "data/train_pairs": len(units), "data/truncated": enc_stats["truncated"],
