@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                 _error(f"unexpected end of input ({e.__context__ or 'EOFError'})", e, debug)
             _interrupted()
         _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", e, debug)
+    if rv == 130:   # typer turns a KeyboardInterrupt inside a command into the return value 130
+        _interrupted()
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
