@@ -253,7 +253,7 @@ def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets
         for r in splits[split]:
             per_subset[split][r.source.split("/", 1)[1]]["selected"] += 1
     if not splits["train"] and not splits["test"]:
-        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "no rows read"
+        reasons = f"skipped {skips.total}: {skips.summary(3)}" if skips.total else "no rows read"
         raise BtpoError(f"hh: no usable pairs ({reasons})")
     manifest: dict[str, Any] = {
         "builder": "hh", "name": "hh", "seed": seed, "aspect": HH_ASPECT,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.data import SkipLog, iter_file, iter_saved
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, UsageError
 from btpo_cli.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
 
 STANDARD_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
@@ -117,22 +117,23 @@ def parse_source_args(items: Sequence[str] | None, valid: Iterable[str]) -> dict
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise BtpoError(f"--source {item!r}: expected NAME=PATH_OR_HUB_ID, e.g. --source hh=./hh-rlhf "
+            raise UsageError(f"--source {item!r}: expected NAME=PATH_OR_HUB_ID, e.g. --source hh=./hh-rlhf "
                             f"(valid names: {', '.join(valid_names)})")
         if name not in valid_names:
-            raise BtpoError(f"--source {item!r}: unknown source name '{name}' "
+            raise UsageError(f"--source {item!r}: unknown source name '{name}' "
                             f"(valid names: {', '.join(valid_names)})")
         if name in out:
-            raise BtpoError(f"--source {name}=... given twice")
+            raise UsageError(f"--source {name}=... given twice")
         out[name] = value
     return out
 
 
-def spec_from_value(name: str, value: str, default: SourceSpec | None = None) -> SourceSpec:
+def spec_from_value(name: str, value: str, default: SourceSpec | None = None, flag: bool = True) -> SourceSpec:
     """Turn a ``--source`` VALUE into a :class:`SourceSpec` (local path first, then Hub id).
 
     ``default`` supplies the split, layout hint and (for a Hub id without ``:config``) nothing
-    else: a new Hub id does not inherit the default's config or data_dir.
+    else: a new Hub id does not inherit the default's config or data_dir. ``flag``: errors name the
+    value as ``--source NAME=VALUE`` (else as the value alone).
     """
     base = default or SourceSpec(name)
     raw = value.strip()
@@ -145,7 +146,8 @@ def spec_from_value(name: str, value: str, default: SourceSpec | None = None) ->
     if forced_hub or looks_like_hub_id(raw):
         hub_id, _, config = raw.partition(":")
         return replace(base, name=name, hub_id=hub_id, config=config or None, path=None)
-    raise BtpoError(f"--source {name}={value}: no such file or folder, and not a Hub id (owner/name)")
+    label = f"--source {name}={value}" if flag else value
+    raise BtpoError(f"{label}: no such file or folder, and not a Hub id (owner/name; write hub:{raw} to mean the Hub)")
 
 
 def resolve_sources(builder: str, overrides: Mapping[str, str] | None = None) -> dict[str, SourceSpec]:
@@ -156,7 +158,7 @@ def resolve_sources(builder: str, overrides: Mapping[str, str] | None = None) ->
     out = dict(defaults)
     for name, value in (overrides or {}).items():
         if name not in defaults:
-            raise BtpoError(f"--source {name}=...: the {builder} builder has no input '{name}' "
+            raise UsageError(f"--source {name}=...: the {builder} builder has no input '{name}' "
                             f"(valid names: {', '.join(sorted(defaults))})")
         out[name] = spec_from_value(name, value, defaults[name])
     return out
@@ -169,7 +171,11 @@ def _is_datasets_folder(path: Path) -> bool:
 
 
 def _has_suffix(p: Path) -> bool:
-    return p.is_file() and p.name.endswith(DATA_SUFFIXES) and not p.name.startswith(".")
+    """A data file by its name (a symlink loop or a dangling link with such a name is an error)."""
+    if not p.name.endswith(DATA_SUFFIXES) or p.name.startswith("."):
+        return False
+    probe(p)
+    return p.is_file()
 
 
 def _search_dirs(spec: SourceSpec) -> list[Path]:
