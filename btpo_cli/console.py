@@ -32,3 +32,10 @@ def stop_live() -> None:
     while _LIVE:
         with contextlib.suppress(Exception):
             _LIVE.pop().stop()
+
+
+def print_error(text: str) -> None:
+    """The one-line ``error: ...`` of a failed command (markup in ``text`` is shown as it is)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(' '.join(text.splitlines()))}", highlight=False, soft_wrap=True)

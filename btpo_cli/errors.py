@@ -29,5 +29,5 @@ class UsageError(BtpoError):
 
 
 class FollowerError(BtpoError):
-    """Raised on the non-main processes of a multi-process run when the main process failed a step
-    they wait on; the main process prints the message, the others exit 1 silently."""
+    """A failure of a multi-process run that rank 0 has already printed: every process exits 1
+    without printing it again."""

@@ -194,7 +194,9 @@ class Run:
     def begin(self, cfg: Config, state: Any, resume: bool, overwrite: bool) -> RunLock:
         """Lock the folder, check it, write config.yaml and env.json — on the main process; the other
         processes wait for its verdict and raise :class:`FollowerError` when it failed (they never
-        touch the folder). Returns the lock (held on the main process only)."""
+        touch the folder). With several processes a failure is printed by rank 0 and every process
+        raises :class:`FollowerError` (exit 1, nothing more printed). Returns the lock (held on the
+        main process only)."""
         lock = RunLock(self.root)
         failure: BaseException | None = None
         message = ""
@@ -206,15 +208,26 @@ class Run:
                 note = self.check_new(resume, overwrite)
                 if note:
                     _note(note)
+                for stale in [*self.ckpt_root.glob(".*.tmp"), *self.ckpt_root.glob(".*.del")]:
+                    shutil.rmtree(stale, ignore_errors=True)   # what a killed predecessor was writing
                 self.write_start(cfg, state.num_processes, resume)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
                 lock.release()
                 failure, message = e, str(e) or type(e).__name__
+        if state.num_processes == 1:
+            if failure is not None:
+                raise failure
+            return lock
         message = _from_main(state, message)
-        if failure is not None:
-            raise failure
         if message:
-            raise FollowerError(message)
+            # Several processes: rank 0 prints the one error line before anyone exits (a launcher
+            # such as torchrun stops the other ranks as soon as one of them exits), then all stop.
+            if state.is_main_process:
+                from btpo_cli.console import print_error
+
+                print_error(message)
+            state.wait_for_everyone()
+            raise FollowerError(message) from failure
         return lock
 
     def write_start(self, cfg: Config, world_size: int, resume: bool = False) -> None:

@@ -12,12 +12,11 @@ from typing import NoReturn
 
 import click
 import typer
-from rich.markup import escape
 
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, train
 from btpo_cli.cli import eval as eval_cmd
-from btpo_cli.console import console
+from btpo_cli.console import console, print_error
 from btpo_cli.errors import BtpoError, FollowerError, UsageError
 
 app = typer.Typer(
@@ -111,8 +110,7 @@ def _error(message: str, e: BaseException, debug: bool, code: int = 1) -> NoRetu
     _stop_live()
     if debug:
         raise e
-    text = " ".join(message.split("\n"))
-    console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    print_error(message)
     sys.exit(code)
 
 
