@@ -242,3 +242,38 @@ def test_lock_holder_in_another_process_sees_its_own_release(tmp_path: Path) -> 
     assert b.acquire() is None                          # ... which does not block a real acquire
     os.close(fd)
     b.release()
+
+
+# ----------------------------------------------------------------------------- the CLI's error boundary
+
+
+@pytest.mark.parametrize("raise_,code,says", [
+    (EOFError("Compressed file ended before the end-of-stream marker was reached"), 1, "unexpected end of input"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/run/metrics.jsonl"), 1,
+     "/data/run/metrics.jsonl: No space left on device"),
+    (BtpoError("data/x [train]: no usable records"), 1, "data/x [train]: no usable records"),
+])
+def test_errors_are_one_line_never_interrupted(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                               raise_: BaseException, code: int, says: str) -> None:
+    """typer turns an EOFError inside a command into Abort, which read as Ctrl-C (exit 130)."""
+    import typer
+
+    import btpo_cli.cli as cli
+
+    app = typer.Typer()
+
+    @app.command()
+    def boom() -> None:
+        raise raise_
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["boom"])
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and says in lines[0] and "interrupted" not in err, err
