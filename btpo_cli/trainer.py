@@ -224,7 +224,7 @@ class TrainProgress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         pct = 100 * step / max(1, self.total)
         return (f"[btpo] {self.description}: step {step}/{self.total} ({pct:.0f}%) {info} | {rate:.3g} steps/s | "
-                f"elapsed {hms(elapsed)} | eta {hms(eta) if eta == eta else '?'}")
+                f"elapsed {hms(elapsed)} | eta {'?' if math.isnan(eta) else hms(eta)}")
 
     def update(self, step: int, info: str) -> None:
         if not self.enabled:
