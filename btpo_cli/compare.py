@@ -163,7 +163,14 @@ def collect(run_dirs: Iterable[Path]) -> Collected:
             if any(k not in s for k in ("model", "method", "dataset", "accuracy", "raw_accuracy")):
                 skipped.append(f"{e}: not an eval summary (missing keys)")
                 continue
-            if s["accuracy"] is None or not s.get("n"):
+            if s["accuracy"] is None and not s.get("n"):
+                skipped.append(f"{e}: no pairs evaluated")
+                continue
+            problem = summary_problem(s)
+            if problem:
+                skipped.append(f"{e}: {problem}")
+                continue
+            if not s["n"]:
                 skipped.append(f"{e}: no pairs evaluated")
                 continue
             if rec is None:
@@ -179,6 +186,108 @@ def collect(run_dirs: Iterable[Path]) -> Collected:
         else:
             runs.append(rec)
     return Collected(runs, sorted(datasets), missing, skipped)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def summary_problem(s: dict[str, Any]) -> str | None:
+    """What makes an eval summary unusable (a field of the wrong type or range), or ``None``."""
+    for key in ("model", "method", "dataset"):
+        if not isinstance(s.get(key), str) or not s[key]:
+            return f"field '{key}': expected a non-empty string, got {s.get(key)!r}"
+    if s.get("tag") is not None and not isinstance(s["tag"], str):
+        return f"field 'tag': expected a string, got {s['tag']!r}"
+    for key in ("accuracy", "raw_accuracy"):
+        if not _is_num(s.get(key)) or not 0 <= s[key] <= 1:
+            return f"field '{key}': expected a number in [0, 1], got {s.get(key)!r}"
+    if not isinstance(s.get("n"), int) or isinstance(s["n"], bool) or s["n"] < 0:
+        return f"field 'n': expected a count of pairs, got {s.get('n')!r}"
+    for key in ("tie_rate", "format_error_rate"):
+        if s.get(key) is not None and (not _is_num(s[key]) or not 0 <= s[key] <= 1):
+            return f"field '{key}': expected a number in [0, 1], got {s[key]!r}"
+    if "clipped" in s and not isinstance(s["clipped"], bool):
+        return f"field 'clipped': expected true or false, got {s['clipped']!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------- skip reports
+
+SKIP_COLUMNS = ["run", "stage", "data", "records", "skipped", "reason", "count", "where"]
+
+
+def _skip_rows(run: str, stage: str, data: Any, records: Any, report: dict[str, Any]) -> list[dict[str, Any]]:
+    total = int(report.get("total", 0))
+    base = {"run": run, "stage": stage, "data": str(data or ""), "records": records, "skipped": total}
+    by_reason = report.get("by_reason") or {}
+    where = report.get("where") or {k: [v] for k, v in (report.get("first_seen") or {}).items()}
+    if not by_reason:
+        return [{**base, "reason": "", "count": 0, "where": ""}]
+    return [{**base, "reason": str(k), "count": int(v), "where": ", ".join(map(str, where.get(k, [])))}
+            for k, v in sorted(by_reason.items(), key=lambda kv: (-int(kv[1]), kv[0]))]
+
+
+def collect_skips(run_dirs: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Skipped records per run: training (``RUN/data_skips.json``, per split) and each eval
+    (``data_skips`` in ``RUN/eval/*.json``). Returns the rows (one per run × stage × reason) and
+    the problems (unreadable reports, runs without any report)."""
+    dirs, problems = _expand(run_dirs)
+    rows: list[dict[str, Any]] = []
+    for d in dirs:
+        found = False
+        sources = [(d / "data_skips.json", None)] + [(e, "eval") for e in sorted((d / "eval").glob("*.json"))
+                                                       if (d / "eval").is_dir()]
+        for path, kind in sources:
+            if not path.exists():
+                continue
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                if kind is None:
+                    for split, rep in doc.items():
+                        rows.extend(_skip_rows(d.name, split, rep.get("data"), rep.get("records"), rep["skipped"]))
+                        found = True
+                elif isinstance(doc, dict) and isinstance(doc.get("data_skips"), dict):
+                    rep = doc["data_skips"]
+                    rows.extend(_skip_rows(d.name, f"eval {doc.get('dataset')}/{doc.get('split')}", doc.get("data_path"),
+                                           rep.get("records"), rep))
+                    found = True
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError,
+                    KeyError) as e:
+                problems.append(f"{path}: unreadable skip report ({type(e).__name__})")
+        if not found:
+            problems.append(f"no skip report: {d} (trained and evaluated before btpo recorded skipped records?)")
+    return rows, problems
+
+
+def skips_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The rows as text cells in :data:`SKIP_COLUMNS` order."""
+    return [["" if r[c] is None else str(r[c]) for c in SKIP_COLUMNS] for r in rows]
+
+
+def format_skips(rows: list[dict[str, Any]], fmt: str) -> Any:
+    """``table`` → a rich Table; ``markdown`` / ``csv`` / ``json`` → text."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    cells = skips_rows(rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(SKIP_COLUMNS)
+        w.writerows(cells)
+        return buf.getvalue()
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(SKIP_COLUMNS) + " |", "|" + "---|" * len(SKIP_COLUMNS)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        return "\n".join(lines) + "\n"
+    from rich.table import Table as RichTable
+
+    rt = RichTable(title="records skipped (by reason; where = file:line of the first few)")
+    for c in SKIP_COLUMNS:
+        rt.add_column(c, justify="right" if c in ("records", "skipped", "count") else "left")
+    for row in cells:
+        rt.add_row(*row)
+    return rt
 
 
 # ----------------------------------------------------------------------------- the table

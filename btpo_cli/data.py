@@ -19,7 +19,6 @@ seed, sources, skip reasons, sha256 of every file).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -30,6 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.errors import BtpoError, DataError
+from btpo_cli.files import (
+    BOM,
+    check_not_lfs_pointer,
+    decode_line,
+    first_char,
+    iter_json_array,
+    iter_lines,
+    looks_like_hub_id,
+    open_text,  # noqa: F401 - re-exported for readers of text formats (data_builders.sources)
+    probe,
+    utf8_detail,
+)
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_ASPECT = "helpful and harmless"
@@ -71,22 +82,35 @@ class RecordSkip(Exception):
         super().__init__(f"{field}: {reason}" if field else reason)
 
 
+MAX_WHERE = 5
+"""Locations (``file:line``) kept per skip reason."""
+
+
 @dataclass
 class SkipLog:
-    """Counts skipped records by reason; in strict mode the first skip is an error."""
+    """Counts skipped records by reason, with the ``file:line`` of the first few of each; in strict
+    mode the first skip is an error."""
 
     strict: bool = False
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    """Reason → the first location."""
+    where: dict[str, list[str]] = field(default_factory=dict)
+    """Reason → the first :data:`MAX_WHERE` locations."""
 
-    def skip(self, file: str, record: int | str | None, field: str | None, reason: str) -> None:
+    def skip(self, file: str, record: int | str | None, field: str | None, reason: str,
+             detail: str | None = None) -> None:
+        """Count one skipped record. ``detail`` (e.g. the byte and column) goes into the strict-mode
+        error only, so that the reason stays one counting key."""
         if self.strict:
-            raise DataError(file, record, field, reason + " (--strict)")
+            raise DataError(file, record, field, (f"{reason} ({detail})" if detail else reason) + " (--strict)")
         key = f"{field}: {reason}" if field else reason
         self.counts[key] += 1
-        if key not in self.examples:
-            where = f"{file}:{record}" if record is not None else file
-            self.examples[key] = where
+        where = f"{file}:{record}" if record is not None else file
+        self.examples.setdefault(key, where)
+        locs = self.where.setdefault(key, [])
+        if len(locs) < MAX_WHERE:
+            locs.append(where)
 
     @property
     def total(self) -> int:
@@ -94,16 +118,25 @@ class SkipLog:
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
-                "first_seen": dict(sorted(self.examples.items()))}
+                "first_seen": dict(sorted(self.examples.items())),
+                "where": {k: list(v) for k, v in sorted(self.where.items())}}
 
     def merge(self, other: SkipLog) -> None:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)
+        for k, locs in other.where.items():
+            mine = self.where.setdefault(k, [])
+            mine.extend(locs[:MAX_WHERE - len(mine)])
+
+    def summary(self, n: int = 5) -> str:
+        """``reason ×count (first at file:line); ...`` for the ``n`` most common reasons."""
+        return "; ".join(f"{k} ×{v} (first at {self.examples[k]})" for k, v in self.counts.most_common(n))
 
 
 def to_messages(value: Any, field_name: str, default_role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
+        _check_text(value, field_name)
         return [{"role": default_role, "content": value}]
     if isinstance(value, dict) and "role" in value:
         value = [value]
@@ -118,8 +151,17 @@ def to_messages(value: Any, field_name: str, default_role: str) -> list[dict[str
             raise RecordSkip(f"{field_name}[{i}].role", f"unknown role {role!r} (expected one of {ROLES})")
         if not isinstance(content, str):
             raise RecordSkip(f"{field_name}[{i}].content", "missing or not a string")
+        _check_text(content, f"{field_name}[{i}].content")
         out.append({"role": role, "content": content})
     return out
+
+
+def _check_text(text: str, field_name: str) -> None:
+    """Skip text that cannot be written back as UTF-8 (a lone surrogate from a ``\\ud800`` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordSkip(field_name, f"contains an unpaired UTF-16 surrogate (\\u{ord(text[e.start]):04x})") from None
 
 
 def _response(value: Any, field_name: str) -> list[dict[str, str]]:
@@ -157,7 +199,10 @@ def normalize_record(raw: Any, index: int, default_aspect: str = DEFAULT_ASPECT,
     aspect = raw.get("aspect") or default_aspect
     if not isinstance(aspect, str):
         raise RecordSkip("aspect", "not a string")
+    _check_text(aspect, "aspect")
     rid = raw.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise RecordSkip("id", f"expected a string or an integer, got {type(rid).__name__}")
     rid = str(rid) if rid is not None else f"{default_source or 'pair'}-{index:07d}"
     source = raw.get("source") or default_source
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
@@ -167,80 +212,107 @@ def normalize_record(raw: Any, index: int, default_aspect: str = DEFAULT_ASPECT,
 
 # ----------------------------------------------------------------------------- reading
 
-def open_text(path: Path, newline: str | None = None):
-    """Open a UTF-8 text file (a leading BOM is dropped), reading ``.gz`` transparently."""
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    return open(path, encoding="utf-8-sig", newline=newline)
+R_DUPLICATE_ID = "duplicate of an earlier record's id"
 
 
 def iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)``; unparsable lines are skipped (or raise in strict mode)."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg})")
+    """Yield ``(line_number, object)``. A line that is not UTF-8 or not JSON is skipped and counted
+    (an error in strict mode); a broken gzip stream is a :class:`DataError` naming the line."""
+    for lineno, raw in iter_lines(path):
+        try:
+            text = decode_line(raw)
+        except UnicodeDecodeError as e:
+            skips.skip(str(path), lineno, None, "invalid UTF-8", detail=utf8_detail(e, 3 if raw.startswith(BOM) else 0))
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            skips.skip(str(path), lineno, None, f"invalid JSON ({e.msg})")
+            continue
+        except RecursionError:
+            skips.skip(str(path), lineno, None, "invalid JSON (nested too deeply)")
+            continue
+        yield lineno, obj
 
 
-def _iter_table(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    check_not_lfs_pointer(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(str(path), None, None, f"not a readable parquet file ({str(e).splitlines()[0]})") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+def iter_saved(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     import datasets
 
-    if path.is_dir():
+    try:
         ds = datasets.load_from_disk(str(path))
-    else:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; name the folder
+        raise DataError(str(path), None, None, f"not a readable datasets folder ({type(e).__name__}: "
+                                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise BtpoError(f"{path}: holds several splits {list(ds)}; name one with --split")
+        if split not in ds:
+            raise BtpoError(f"{path}: no split '{split}' (has {list(ds)})")
+        ds = ds[split]
     yield from enumerate(ds, start=1)
+
+
+def iter_file(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
+    """Records of one data file: JSON lines, a JSON list (``.json``) or parquet."""
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return iter_jsonl(path, skips)
+    if name.endswith((".json", ".json.gz")):
+        return iter_json_array(path) if first_char(path) == "[" else iter_jsonl(path, skips)
+    if name.endswith(".parquet"):
+        return _iter_parquet(path)
+    raise BtpoError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json or .parquet)")
 
 
 def iter_raw_records(source: str | Path, split: str | None, skips: SkipLog) -> Iterator[tuple[str, int, Any]]:
     """Yield ``(file, record_number, raw_object)`` from any supported source.
 
     ``source`` is a JSONL(.gz) file, a parquet file, a folder holding ``<split>.jsonl``, a folder
-    written by ``datasets.save_to_disk``, or a Hub dataset id (``owner/name``).
+    written by ``datasets.save_to_disk``, or a Hub dataset id (``owner/name``, or ``hub:ANY`` to
+    force the Hub). A path that does not exist is a Hub id only when it cannot be a local path
+    (:func:`~btpo_cli.files.looks_like_hub_id`).
     """
-    path = Path(source)
+    text = str(source)
+    if text.startswith(("hub:", "hf:")):
+        yield from _iter_hub(text.split(":", 1)[1], split or "train")
+        return
+    path = Path(text).expanduser()
+    if probe(path) is None:
+        if looks_like_hub_id(text):
+            yield from _iter_hub(text, split or "train")
+            return
+        raise BtpoError(f"{source}: no such file or folder")
     if path.is_dir():
-        for cand in (f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.parquet"):
-            if split and (path / cand).exists():
-                path = path / cand
-                break
-        else:
-            if (path / "dataset_dict.json").exists():
-                import datasets
-
-                dd = datasets.load_from_disk(str(path))
-                if split not in dd:
-                    raise BtpoError(f"{path}: no split '{split}' (has {list(dd)})")
-                for i, row in enumerate(dd[split], start=1):
-                    yield str(path), i, row
-                return
-            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-                for i, row in _iter_table(path):
+        found = next((path / c for c in (f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.parquet")
+                      if split and probe(path / c) is not None), None)
+        if found is None:
+            if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() \
+                    or (path / "state.json").exists():
+                for i, row in iter_saved(path, split):
                     yield str(path), i, row
                 return
             raise BtpoError(f"{path}: no {split}.jsonl here and not a saved datasets folder")
-    if path.exists():
-        name = path.name
-        if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-            for lineno, obj in iter_jsonl(path, skips):
-                yield str(path), lineno, obj
-            return
-        if name.endswith(".parquet"):
-            for i, row in _iter_table(path):
-                yield str(path), i, row
-            return
-        raise BtpoError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
-    if "/" in str(source) and not str(source).startswith((".", "/")):
-        yield from _iter_hub(str(source), split or "train")
-        return
-    raise BtpoError(f"{source}: no such file or folder")
-
+        if found.is_dir():
+            raise BtpoError(f"{found}: a folder, expected a data file")
+        path = found
+    for num, obj in iter_file(path, skips):
+        yield str(path), num, obj
 
 def _iter_hub(repo_id: str, split: str) -> Iterator[tuple[str, int, Any]]:
     import datasets
@@ -262,12 +334,43 @@ def read_pairs(source: str | Path, split: str = "train", strict: bool = False,
     """Read and validate canonical pair records. Returns the records and the skip log."""
     skips = skips if skips is not None else SkipLog(strict=strict)
     out: list[PairRecord] = []
+    seen: set[str] = set()
     for file, num, raw in iter_raw_records(source, split, skips):
         try:
-            out.append(normalize_record(raw, num, default_aspect=default_aspect))
+            rec = normalize_record(raw, num, default_aspect=default_aspect)
+            if rec.id in seen:
+                raise RecordSkip("id", R_DUPLICATE_ID)
         except RecordSkip as s:
             skips.skip(file, num, s.field, s.reason)
+            continue
+        seen.add(rec.id)
+        out.append(rec)
     return out, skips
+
+
+_PRELOADED: dict[tuple[str, str, bool], tuple[list[PairRecord], SkipLog]] = {}
+
+
+def read_split(source: str | Path, split: str, strict: bool = False,
+               limit: int | None = None) -> tuple[list[PairRecord], SkipLog]:
+    """:func:`read_pairs` for one split of a run's data, using what :func:`preload_split` read in
+    this process if it did; ``limit`` keeps the first records. No usable record is an error that
+    names the source and the split."""
+    pre = _PRELOADED.pop((str(source), split, strict), None)
+    records, skips = pre if pre is not None else read_pairs(source, split, strict=strict)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        why = f"skipped {skips.total}: {skips.summary(3)}" if skips.total else "it holds no records"
+        raise BtpoError(f"{source} [{split}]: no usable records ({why})")
+    return records, skips
+
+
+def preload_split(source: str | Path, split: str, strict: bool = False) -> None:
+    """Read and check a split before the heavy set-up (torch, the model), so that bad data fails in
+    a second; the training loop's :func:`read_split` then takes the records from here."""
+    records, skips = read_split(source, split, strict)
+    _PRELOADED[(str(source), split, strict)] = (records, skips)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -22,3 +22,12 @@ class DataError(BtpoError):
 
 class ConfigError(BtpoError):
     """A bad configuration key or value."""
+
+
+class UsageError(BtpoError):
+    """A bad command-line value that the option parser could not catch (exit code 2)."""
+
+
+class FollowerError(BtpoError):
+    """A failure of a multi-process run that rank 0 has already printed: every process exits 1
+    without printing it again."""

@@ -33,9 +33,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
                  max_new_tokens: int | None = None, device: str | None = None,
                  engine: str | None = None) -> dict[str, Any]:
     """Run the method's evaluator and the shared protocol; write and return the eval summary."""
+    from rich.markup import escape
+
     from btpo_cli.console import console
+    from btpo_cli.data import read_split
     from btpo_cli.methods import get_method
-    from btpo_cli.trainer import load_split
 
     run = Run(run_dir)
     cfg: Config = run.load_config()
@@ -56,7 +58,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
     split = split or cfg.data.eval_split
     model_dir = model_dir_of(run)
-    records = load_split(cfg, split, limit=limit if limit is not None else cfg.eval.limit)
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
+                                limit=limit if limit is not None else cfg.eval.limit)
+    if skips.total and int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
     name = dataset_name(cfg.data.path)
     out_dir = run.root / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "split": split,
         "protocol": impl.protocol,
         **summarize(results),
+        "data_skips": {"records": len(records), **skips.as_dict()},
         "checkpoint": str(model_dir),
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
@@ -184,6 +191,12 @@ class EvalShards:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
+
+
+def eval_paths(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """The files an evaluation wrote: the summary JSON first, then the per-pair predictions."""
+    d = Path(run_dir) / "eval"
+    return [d / f"{summary['dataset']}.json", d / f"{summary['dataset']}.predictions.jsonl"]
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

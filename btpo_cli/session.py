@@ -106,8 +106,9 @@ class TrainSession:
         self.model, self.opt, self.sched = acc.prepare(model, opt, sched)
         if reference and cfg.model.lora.r:
             self.ref = AdapterDisabled(self.policy())
-        if cfg.train.report_to != "none":
-            acc.init_trackers(cfg.name or self.run.root.name, config=cfg.to_dict())
+        from btpo_cli.tracking import init_tracking
+
+        init_tracking(acc, cfg, self.run)
         self.start = resume_step(acc, self.run, self.resume)
         return self.start
 

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from btpo_cli import progress as progress_settings
 from btpo_cli.config import Config
 from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.progress import hms
 from btpo_cli.runs import Run
 
 
@@ -231,11 +233,22 @@ class StepTimer:
 
 
 class TrainProgress:
-    """A rich progress bar with loss and ETA on the main process; silent elsewhere."""
+    """Progress of a training loop on the main process; silent elsewhere.
+
+    On a terminal: a rich bar with loss and ETA. Otherwise (a log file, nohup, Slurm, ``| tee``):
+    one plain line every :data:`btpo_cli.progress.EVERY` steps or seconds, plus the first and the last step —
+    ``[btpo] bt run: step 40/200 (20%) loss 0.6931 acc 0.50 | 1.25 steps/s | elapsed 0:00:32 | eta 0:02:08``
+    — written and flushed at once (rich holds a non-terminal bar back until it stops)."""
 
     def __init__(self, total: int, start: int, description: str, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
+        from btpo_cli.console import console
+
+        self.enabled, self.total, self.start, self.description = enabled, total, start, description
+        self.plain = not console.is_terminal
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_step = start
+        self.printed = start
+        if not enabled or self.plain:
             return
         from rich.progress import (
             BarColumn,
@@ -246,21 +259,53 @@ class TrainProgress:
             TimeRemainingColumn,
         )
 
-        from btpo_cli.console import console
+        from btpo_cli.console import register_live
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[info]}"), console=console, transient=False)
         self.task = self.progress.add_task(description, total=total, completed=start, info="")
         self.progress.start()
+        register_live(self.progress)
+
+    def line(self, step: int, info: str) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        pct = 100 * step / max(1, self.total)
+        return (f"[btpo] {self.description}: step {step}/{self.total} ({pct:.0f}%) {info} | {rate:.3g} steps/s | "
+                f"elapsed {hms(elapsed)} | eta {'?' if math.isnan(eta) else hms(eta)}")
 
     def update(self, step: int, info: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        self.last_step, self.last_info = step, info
+        if not self.plain:
             self.progress.update(self.task, completed=step, info=info)
+            return
+        now = time.perf_counter()
+        every = progress_settings.EVERY
+        due = (step - self.printed >= every.steps) if every.steps else (now - self.last_t >= every.seconds)
+        if due or self.printed == self.start or step >= self.total:
+            import sys
+
+            sys.stderr.write(self.line(step, info) + "\n")
+            sys.stderr.flush()
+            self.printed, self.last_t = step, now
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if not self.plain:
+            from btpo_cli.console import unregister_live
+
             self.progress.stop()
+            unregister_live(self.progress)
+        elif self.last_step > self.printed:
+            import sys
+
+            sys.stderr.write(self.line(self.last_step, getattr(self, "last_info", "")) + "\n")
+            sys.stderr.flush()
 
 
 def save_final(sess: Any, meta: dict[str, Any]) -> None:
@@ -308,45 +353,74 @@ def save_final(sess: Any, meta: dict[str, Any]) -> None:
 
 
 def load_split(cfg: Config, split: str, acc: Any = None, limit: int | None = None) -> list[Any]:
-    """Read and validate one split of ``cfg.data.path``; print the skip summary on the main process."""
-    from btpo_cli.console import console
-    from btpo_cli.data import read_pairs
+    """Read and validate one split of ``cfg.data.path``. Skipped records are reported on the main
+    process: a line on stderr and, when training (``acc`` given), ``RUN/data_skips.json``."""
+    from pathlib import Path
 
-    records, skips = read_pairs(cfg.data.path, split, strict=cfg.data.strict)
+    from rich.markup import escape
+
+    from btpo_cli.console import console
+    from btpo_cli.data import read_split
+
     lim = limit if limit is not None else (cfg.data.limit if split == cfg.data.train_split else None)
-    if lim is not None:
-        records = records[:lim]
-    if skips.total and (acc is None or acc.is_main_process):
-        reasons = "; ".join(f"{k} ×{v}" for k, v in skips.counts.most_common(5))
-        console.print(f"[yellow]{cfg.data.path} [{split}]: skipped {skips.total} record(s): {reasons}[/]")
-    if not records:
-        raise BtpoError(f"{cfg.data.path} [{split}]: no usable records")
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict, limit=lim)
+    main = acc is None or acc.is_main_process
+    if skips.total and main:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
+    if acc is not None and main:
+        Run(Path(cfg.out)).record_skips(split, str(cfg.data.path), len(records), skips.as_dict())
     return records
 
 
-def launch(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
-    """Prepare the run folder and run the method's training loop (every process calls this)."""
+def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every: str | None = None) -> Run:
+    """Lock and prepare the run folder, then run the method's training loop (every process calls this).
+
+    The main process takes the folder's lock (refused, naming the holder, while another run uses
+    it), checks the folder and writes config.yaml / env.json; the other processes wait for it.
+    On the way out — finished, failed or interrupted — the trackers are ended and the lock
+    released. Prints the run folder on stdout when done."""
     from pathlib import Path
 
     from accelerate import PartialState
+    from rich.markup import escape
 
-    from btpo_cli.console import console
+    from btpo_cli.console import console, out
     from btpo_cli.methods import get_method
+    from btpo_cli.runs import disk_full, disk_full_error, free_bytes
+    from btpo_cli.tracking import check_tracker, finish_tracking
 
+    progress_settings.EVERY = progress_settings.ProgressEvery.parse(log_every)
     cfg.name = cfg.name or Path(cfg.out).name
     impl = get_method(cfg.method)
+    check_tracker(cfg.train.report_to)
     state = PartialState(cpu=use_cpu())
     run = Run(cfg.out, is_main=state.is_main_process)
-    run.check_new(resume, overwrite)
-    state.wait_for_everyone()
-    if not resume:
-        run.write_start(cfg, state.num_processes)
+    lock = run.begin(cfg, state, resume, overwrite)
+    try:
+        if state.is_main_process:
+            console.print(f"[bold]btpo train[/] method={cfg.method} model={escape(cfg.model.name)} "
+                          f"data={escape(str(cfg.data.path))} → {escape(str(run.root))}  ({state.num_processes} "
+                          f"process(es), {state.device})", highlight=False, soft_wrap=True)
+        impl.train(cfg, run, resume)
+    except KeyboardInterrupt:
+        finish_tracking()
+        if state.is_main_process:
+            console.print(f"continue with: btpo train --out {escape(str(run.root))} --resume", highlight=False,
+                          soft_wrap=True)
+        raise
+    except Exception as e:
+        finish_tracking()
+        free = free_bytes(run.root)
+        if not isinstance(e, BtpoError) and disk_full(e, free):
+            raise disk_full_error(run.root, "training", e, free) from e
+        raise
+    finally:
+        lock.release()
+    finish_tracking(ended=True)
     if state.is_main_process:
-        console.print(f"[bold]btpo train[/] method={cfg.method} model={cfg.model.name} data={cfg.data.path} "
-                      f"→ {run.root}  ({state.num_processes} process(es), {state.device})", highlight=False)
-    impl.train(cfg, run, resume)
-    if state.is_main_process:
-        console.print(f"[green]done[/]: {run.final_dir}", highlight=False)
+        console.print(f"[green]done[/]: {escape(str(run.final_dir))}", highlight=False, soft_wrap=True)
+        out.print(str(run.root), markup=False, highlight=False, soft_wrap=True)
     return run
 
 

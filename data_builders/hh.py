@@ -21,6 +21,11 @@ with a Human turn or does not end with an Assistant turn, when the two prompts d
 response is empty, or when the responses are identical. The kept pairs of each split are pooled
 over subsets and down-sampled with ``random.Random`` seeded by ``(seed, split)``; the output is
 in that sample's order, so the same inputs and seed give byte-identical files.
+
+A local copy (``--source hh=PATH``) may be the Hub layout, one subset's folder, or a single
+upstream file such as ``harmless-base/test.jsonl.gz`` (:func:`plan_inputs`); split files that are
+missing (a folder of test files only) are listed in the manifest's ``missing`` and that split
+gets none of their pairs.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
 from btpo_cli.errors import BtpoError
-from data_builders.sources import SourceSpec, load_rows, resolve_sources
+from data_builders.sources import SourceSpec, available_splits, load_rows, resolve_sources
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 """The preference subsets of Anthropic/hh-rlhf (``red-team-attempts`` holds no pairs)."""
@@ -131,13 +136,13 @@ def hh_record(raw: Mapping[str, Any], rid: str, source: str, aspect: str = HH_AS
                              "aspect": aspect, "source": source}, 0)
 
 
-def read_hh_split(spec: SourceSpec, subset: str, split: str, skips: SkipLog, *, limit: int | None = None,
+def read_hh_split(sub: SourceSpec, subset: str, split: str, skips: SkipLog, *, limit: int | None = None,
                   progress: Progress | None = None) -> tuple[list[PairRecord], int]:
-    """Read one subset's split; return the valid pairs (file order) and the number of rows read.
+    """Read one subset's split from ``sub`` (that subset's input, see :func:`plan_inputs`); return the
+    valid pairs (file order) and the number of rows read.
 
     Ids are ``hh-<subset>-<split>-<row>``, ``row`` being the 0-based row of the upstream file.
     """
-    sub = spec.with_data_dir(subset)
     out: list[PairRecord] = []
     n = 0
     label = f"hh-rlhf/{subset}/{split}"
@@ -152,6 +157,44 @@ def read_hh_split(spec: SourceSpec, subset: str, split: str, skips: SkipLog, *, 
     if progress is not None:
         progress(label, n)
     return out, n
+
+
+def _file_split(path: Path) -> str | None:
+    stem = path.name.split(".")[0]
+    return stem if stem in ("train", "test") else None
+
+
+def plan_inputs(spec: SourceSpec, subsets: Sequence[str]) -> dict[tuple[str, str], SourceSpec | None]:
+    """``{(subset, split): input or None when that file is missing}`` for a Hub source or a local copy.
+
+    A local copy may be the Hub layout (``<subset>/<split>.jsonl.gz``), one subset's folder (its
+    split files directly inside; the subset is the folder's name), or a single upstream file (the
+    subset is its folder's name, the split its file name). Missing split files are allowed (a
+    folder of test files only); a missing subset folder is an error (``--subsets`` chooses).
+    """
+    if spec.path is None:
+        return {(sub, split): spec.with_data_dir(sub) for sub in subsets for split in ("train", "test")}
+    if spec.path.is_file():
+        split = _file_split(spec.path)
+        if split is None:
+            raise BtpoError(f"--source hh={spec.path}: cannot tell the split from the file name (expected "
+                            "train.jsonl[.gz] or test.jsonl[.gz], as upstream)")
+        sub = spec.path.parent.name if spec.path.parent.name in HH_SUBSETS else "file"
+        return {(sub, s): (spec if s == split else None) for s in ("train", "test")}
+    if not any((spec.path / sub).is_dir() for sub in HH_SUBSETS) and available_splits(spec):
+        sub = spec.path.name if spec.path.name in HH_SUBSETS else "folder"
+        have = available_splits(spec)
+        return {(sub, s): (spec if s in have else None) for s in ("train", "test")}
+    plan: dict[tuple[str, str], SourceSpec | None] = {}
+    for sub in subsets:
+        one = spec.with_data_dir(sub)
+        have = available_splits(one)
+        for s in ("train", "test"):
+            plan[(sub, s)] = one if s in have else None
+    if not any(plan.values()):
+        raise BtpoError(f"--source hh={spec.path}: no train or test file for {', '.join(subsets)} "
+                        f"(expected {spec.layout})")
+    return plan
 
 
 def sample_pairs(pool: Sequence[PairRecord], n: int, seed: int, split: str) -> list[PairRecord]:
@@ -189,9 +232,8 @@ def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets
                         f"(valid: {', '.join(HH_SUBSETS)})")
     ordered = [s for s in HH_SUBSETS if s in subsets]  # canonical order: the result ignores flag order
     spec = resolve_sources("hh", sources)["hh"]
-    if spec.path is not None and not spec.path.is_dir():
-        raise BtpoError(f"--source hh={spec.path}: expected a folder laid out like the Hub repository "
-                        f"({spec.layout})")
+    plan = plan_inputs(spec, ordered)
+    ordered = list(dict.fromkeys(sub for sub, _ in plan))
     skips = SkipLog(strict=strict)
     used: dict[str, str] = {}
     per_subset: dict[str, dict[str, dict[str, int]]] = {}
@@ -200,20 +242,24 @@ def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets
         pool: list[PairRecord] = []
         per_subset[split] = {}
         for subset in ordered:
-            used[f"{subset}/{split}"] = spec.with_data_dir(subset).describe(split)
-            records, n_read = read_hh_split(spec, subset, split, skips, limit=limit, progress=progress)
+            sub = plan[(subset, split)]
+            if sub is None:
+                continue
+            used[f"{subset}/{split}"] = sub.describe(split)
+            records, n_read = read_hh_split(sub, subset, split, skips, limit=limit, progress=progress)
             per_subset[split][subset] = {"read": n_read, "kept": len(records), "selected": 0}
             pool.extend(records)
         splits[split] = sample_pairs(pool, n_wanted, seed, split)
         for r in splits[split]:
             per_subset[split][r.source.split("/", 1)[1]]["selected"] += 1
     if not splits["train"] and not splits["test"]:
-        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "no rows read"
+        reasons = f"skipped {skips.total}: {skips.summary(3)}" if skips.total else "no rows read"
         raise BtpoError(f"hh: no usable pairs ({reasons})")
     manifest: dict[str, Any] = {
         "builder": "hh", "name": "hh", "seed": seed, "aspect": HH_ASPECT,
         "subsets": ordered, "requested": {"train": n_train, "test": n_test}, "limit": limit,
-        "sources": used, "subset_counts": per_subset, "skipped": skips.as_dict(),
+        "sources": used, "missing": [f"{sub}/{split}" for (sub, split), v in plan.items() if v is None],
+        "subset_counts": per_subset, "skipped": skips.as_dict(),
     }
     if dry_run:
         return {**manifest, "dry_run": True, "counts": {k: len(v) for k, v in splits.items()},

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.data import DEFAULT_ASPECT, PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, UsageError
 from data_builders.hh import hh_record
 from data_builders.sources import SourceSpec, available_splits, load_rows, spec_from_value
 
@@ -62,12 +62,12 @@ def parse_column_map(text: str | None) -> dict[str, str]:
         key, sep, col = part.partition("=")
         key, col = key.strip(), col.strip()
         if not sep or not key or not col:
-            raise BtpoError(f"--map {text!r}: expected FIELD=COLUMN pairs separated by commas, "
+            raise UsageError(f"--map {text!r}: expected FIELD=COLUMN pairs separated by commas, "
                             "e.g. prompt=question,chosen=good,rejected=bad")
         if key not in MAP_FIELDS:
-            raise BtpoError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
+            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
         if key in out:
-            raise BtpoError(f"--map: field '{key}' given twice")
+            raise UsageError(f"--map: field '{key}' given twice")
         out[key] = col
     return out
 
@@ -80,7 +80,7 @@ def parse_split_map(text: str | None) -> dict[str, str]:
             continue
         key, sep, val = (x.strip() for x in part.partition("="))
         if not sep or key not in ("train", "test") or not val:
-            raise BtpoError(f"--splits {text!r}: expected train=SPLIT[,test=SPLIT]")
+            raise UsageError(f"--split-map {text!r}: expected train=SPLIT[,test=SPLIT]")
         out[key] = val
     return out
 
@@ -125,8 +125,13 @@ def convert_row(row: Mapping[str, Any], cmap: Mapping[str, str], rid: str, *, fm
     """One source row → a validated :class:`PairRecord` (or :class:`RecordSkip` naming the field)."""
     chosen, rejected = _coerce(row.get(cmap["chosen"])), _coerce(row.get(cmap["rejected"]))
     prompt = _coerce(row.get(cmap["prompt"])) if "prompt" in cmap else None
-    rec_id = str(row[cmap["id"]]) if "id" in cmap and row.get(cmap["id"]) not in (None, "") else rid
+    raw_id = row.get(cmap["id"]) if "id" in cmap else None
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
+        raise RecordSkip("id", f"expected a string or an integer, got {type(raw_id).__name__}")
+    rec_id = str(raw_id) if raw_id not in (None, "") else rid
     rec_aspect = row.get(cmap["aspect"]) if "aspect" in cmap else None
+    if rec_aspect is not None and not isinstance(rec_aspect, str):
+        raise RecordSkip("aspect", "not a string")
     rec_aspect = rec_aspect if isinstance(rec_aspect, str) and rec_aspect.strip() else aspect
     rec_source = row.get(cmap["source"]) if "source" in cmap else None
     rec_source = str(rec_source) if rec_source not in (None, "") else source
@@ -215,7 +220,7 @@ def hold_out(records: list[PairRecord], fraction: float, seed: int) -> tuple[lis
     at least ``round(fraction * len(records))`` records; both parts keep the input order.
     """
     if not 0 <= fraction < 1:
-        raise BtpoError(f"--test-fraction must be in [0, 1), got {fraction}")
+        raise UsageError(f"--test-fraction must be in [0, 1), got {fraction}")
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(json.dumps(r.prompt, ensure_ascii=False), []).append(i)
@@ -262,13 +267,13 @@ def import_pairs(source: str, out: Path | None, *, column_map: Mapping[str, str]
         progress: ``progress(label, rows_read)``.
     """
     if fmt not in FORMATS:
-        raise BtpoError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     cmap = parse_column_map(column_map) if isinstance(column_map, str) or column_map is None else dict(column_map)
     for key in cmap:
         if key not in MAP_FIELDS:
-            raise BtpoError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
+            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
     smap = parse_split_map(split_map) if isinstance(split_map, str) or split_map is None else dict(split_map)
-    spec = spec_from_value("import", source, SourceSpec(
+    spec = spec_from_value("import", source, flag=False, default=SourceSpec(
         "import", layout="a JSONL/CSV/parquet file or a folder",
         local_hint="download it (e.g. huggingface-cli download --repo-type dataset ...) and pass the local path"))
     name = name or _default_name(source)
@@ -292,7 +297,7 @@ def import_pairs(source: str, out: Path | None, *, column_map: Mapping[str, str]
     }
     splits = {"train": train, "test": test}
     if not train and not test:
-        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "the source is empty"
+        reasons = f"skipped {skips.total}: {skips.summary(3)}" if skips.total else "the source is empty"
         raise BtpoError(f"{source}: no usable pairs ({reasons})")
     if dry_run:
         return {**manifest, "dry_run": True, "counts": {k: len(v) for k, v in splits.items()},

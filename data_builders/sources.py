@@ -30,11 +30,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import SkipLog, iter_jsonl, open_text
-from btpo_cli.errors import BtpoError, DataError
-
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
-"""File types :func:`load_rows` reads."""
+from btpo_cli.data import SkipLog, iter_file, iter_saved
+from btpo_cli.errors import BtpoError, UsageError
+from btpo_cli.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
 
 STANDARD_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 """Split names recognised in file names (``test.jsonl``, ``train-00000-of-00002.parquet``)."""
@@ -42,8 +40,6 @@ STANDARD_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 _SPLIT_FILE_RE = re.compile(
     r"^(?P<split>[A-Za-z0-9_]+?)(?:[-_]\d{5}-of-\d{5})?(?P<ext>\.jsonl|\.jsonl\.gz|\.json|\.json\.gz"
     r"|\.csv|\.csv\.gz|\.parquet)$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
-_JSON_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -121,22 +117,23 @@ def parse_source_args(items: Sequence[str] | None, valid: Iterable[str]) -> dict
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise BtpoError(f"--source {item!r}: expected NAME=PATH_OR_HUB_ID, e.g. --source hh=./hh-rlhf "
+            raise UsageError(f"--source {item!r}: expected NAME=PATH_OR_HUB_ID, e.g. --source hh=./hh-rlhf "
                             f"(valid names: {', '.join(valid_names)})")
         if name not in valid_names:
-            raise BtpoError(f"--source {item!r}: unknown source name '{name}' "
+            raise UsageError(f"--source {item!r}: unknown source name '{name}' "
                             f"(valid names: {', '.join(valid_names)})")
         if name in out:
-            raise BtpoError(f"--source {name}=... given twice")
+            raise UsageError(f"--source {name}=... given twice")
         out[name] = value
     return out
 
 
-def spec_from_value(name: str, value: str, default: SourceSpec | None = None) -> SourceSpec:
+def spec_from_value(name: str, value: str, default: SourceSpec | None = None, flag: bool = True) -> SourceSpec:
     """Turn a ``--source`` VALUE into a :class:`SourceSpec` (local path first, then Hub id).
 
     ``default`` supplies the split, layout hint and (for a Hub id without ``:config``) nothing
-    else: a new Hub id does not inherit the default's config or data_dir.
+    else: a new Hub id does not inherit the default's config or data_dir. ``flag``: errors name the
+    value as ``--source NAME=VALUE`` (else as the value alone).
     """
     base = default or SourceSpec(name)
     raw = value.strip()
@@ -144,12 +141,13 @@ def spec_from_value(name: str, value: str, default: SourceSpec | None = None) ->
     if forced_hub:
         raw = raw.split(":", 1)[1]
     path = Path(raw).expanduser()
-    if not forced_hub and path.exists():
+    if not forced_hub and probe(path) is not None:
         return replace(base, name=name, path=path, hub_id=None)
-    if _HUB_ID_RE.match(raw) and not raw.startswith((".", "/", "~")):
+    if forced_hub or looks_like_hub_id(raw):
         hub_id, _, config = raw.partition(":")
         return replace(base, name=name, hub_id=hub_id, config=config or None, path=None)
-    raise BtpoError(f"--source {name}={value}: no such file or folder, and not a Hub id (owner/name)")
+    label = f"--source {name}={value}" if flag else value
+    raise BtpoError(f"{label}: no such file or folder, and not a Hub id (owner/name; write hub:{raw} to mean the Hub)")
 
 
 def resolve_sources(builder: str, overrides: Mapping[str, str] | None = None) -> dict[str, SourceSpec]:
@@ -160,7 +158,7 @@ def resolve_sources(builder: str, overrides: Mapping[str, str] | None = None) ->
     out = dict(defaults)
     for name, value in (overrides or {}).items():
         if name not in defaults:
-            raise BtpoError(f"--source {name}=...: the {builder} builder has no input '{name}' "
+            raise UsageError(f"--source {name}=...: the {builder} builder has no input '{name}' "
                             f"(valid names: {', '.join(sorted(defaults))})")
         out[name] = spec_from_value(name, value, defaults[name])
     return out
@@ -173,7 +171,11 @@ def _is_datasets_folder(path: Path) -> bool:
 
 
 def _has_suffix(p: Path) -> bool:
-    return p.is_file() and p.name.endswith(DATA_SUFFIXES) and not p.name.startswith(".")
+    """A data file by its name (a symlink loop or a dangling link with such a name is an error)."""
+    if not p.name.endswith(DATA_SUFFIXES) or p.name.startswith("."):
+        return False
+    probe(p)
+    return p.is_file()
 
 
 def _search_dirs(spec: SourceSpec) -> list[Path]:
@@ -254,66 +256,11 @@ def available_splits(spec: SourceSpec) -> list[str]:
 
 # ----------------------------------------------------------------------------- readers
 
-def _first_char(path: Path) -> str:
-    with open_text(path) as f:
-        while True:
-            chunk = f.read(4096)
-            if not chunk:
-                return ""
-            s = chunk.lstrip()
-            if s:
-                return s[0]
-
-
-def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    """Stream the elements of a top-level JSON list without loading the whole file."""
-    decoder = json.JSONDecoder()
-    with open_text(path) as f:
-        buf, pos, eof, index = "", 0, False, 0
-
-        def more() -> bool:
-            nonlocal buf, pos, eof
-            chunk = f.read(_JSON_CHUNK)
-            buf, pos = buf[pos:] + chunk, 0
-            eof = not chunk
-            return bool(chunk)
-
-        def skip_ws() -> None:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or not more():
-                    return
-
-        skip_ws()
-        if buf[pos:pos + 1] != "[":
-            raise DataError(str(path), None, None, "expected a JSON list")
-        pos += 1
-        while True:
-            skip_ws()
-            if buf[pos:pos + 1] == "]":
-                return
-            if index and buf[pos:pos + 1] == ",":
-                pos += 1
-                skip_ws()
-            elif index:
-                raise DataError(str(path), index + 1, None, "invalid JSON (expected ',' or ']' between elements)")
-            while True:
-                try:
-                    obj, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:
-                        break
-                except json.JSONDecodeError as e:
-                    if eof:
-                        raise DataError(str(path), index + 1, None, f"invalid JSON ({e.msg})") from e
-                more()
-            pos = end
-            index += 1
-            yield index, obj
-
-
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    return guard(path, _csv_rows(path))
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     limit = sys.maxsize
     while True:  # the largest field size this platform accepts
         try:
@@ -333,39 +280,13 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
             start = reader.line_num + 1
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
-
-
-def _iter_datasets_folder(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise BtpoError(f"{path}: no split '{split}' (has {', '.join(ds)})")
-        ds = ds[split]
-    yield from enumerate(ds, start=1)
-
-
 def _iter_file(path: Path, split: str | None, skips: SkipLog) -> Iterator[tuple[int, Any]]:
-    name = path.name
     if path.is_dir():
-        return _iter_datasets_folder(path, split)
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return iter_jsonl(path, skips)
-    if name.endswith((".json", ".json.gz")):
-        return _iter_json_array(path) if _first_char(path) == "[" else iter_jsonl(path, skips)
-    if name.endswith((".csv", ".csv.gz")):
+        return iter_saved(path, split)
+    if path.name.endswith((".csv", ".csv.gz")):
         return _iter_csv(path)
-    if name.endswith(".parquet"):
-        return _iter_parquet(path)
+    if path.name.endswith(DATA_SUFFIXES):
+        return iter_file(path, skips)
     raise BtpoError(f"{path}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)})")
 
 

@@ -136,7 +136,7 @@ def test_hh_cli_deterministic_and_dry_run(fixtures: Path, tmp_path: Path) -> Non
 
 def test_hh_cli_bad_source_is_one_line_error(tmp_path: Path) -> None:
     p = run_btpo("build-data", "hh", "--out", str(tmp_path / "x"), "--source", "nope=1", check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr and "valid names: hh" in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "valid names: hh" in p.stderr   # bad usage
 
 
 def test_import_cli(fixtures: Path, tmp_path: Path) -> None:

@@ -63,7 +63,9 @@ def test_pipeline_build_train_eval_compare(tmp_path: Path) -> None:
     p = run_btpo("eval", "--checkpoint", str(run_dir))
     summary = json.loads((run_dir / "eval" / "synthetic.json").read_text())
     assert summary["n"] == 16 and 0.5 <= summary["accuracy"] <= 1 and summary["eval_version"]
-    assert "accuracy" in p.stdout
+    assert "accuracy" in p.stderr          # the table; stdout holds the paths written
+    assert p.stdout.splitlines() == [str(run_dir / "eval" / "synthetic.json"),
+                                     str(run_dir / "eval" / "synthetic.predictions.jsonl")]
 
     # final/ loads with plain transformers and reproduces the eval scores
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -193,3 +193,74 @@ def test_plot_accepts_collected_and_missing_matplotlib_is_clear(runs: Path, tmp_
     with pytest.raises(PlotDependencyMissing, match=r"pip install 'btpo\[plot\]'") as e:
         plot(collect([runs]), tmp_path / "d.png")
     assert isinstance(e.value, BtpoError) and isinstance(e.value, ImportError)
+
+
+# ----------------------------------------------------------------------------- bad eval files, skip counts
+
+BAD_SUMMARIES = [
+    ({"accuracy": "abc"}, "field 'accuracy'"),
+    ({"raw_accuracy": None}, "field 'raw_accuracy'"),
+    ({"accuracy": 1.7}, "field 'accuracy'"),
+    ({"accuracy": float("nan")}, "field 'accuracy'"),
+    ({"n": "many"}, "field 'n'"),
+    ({"tie_rate": "x"}, "field 'tie_rate'"),
+    ({"format_error_rate": [1]}, "field 'format_error_rate'"),
+    ({"clipped": "no"}, "field 'clipped'"),
+    ({"dataset": ["hh"]}, "field 'dataset'"),
+    ({"model": {"a": 1}}, "field 'model'"),
+]
+
+
+@pytest.mark.parametrize("bad,named", BAD_SUMMARIES)
+def test_a_bad_eval_json_is_skipped_by_name_and_the_table_stays(runs: Path, bad: dict, named: str) -> None:
+    f = runs / "a-gram" / "eval" / "hh.json"
+    s = json.loads(f.read_text())
+    s.update(bad)
+    f.write_text(json.dumps(s))
+    c = collect([runs])
+    (msg,) = [m for m in c.skipped if m.startswith(str(f))]
+    assert named in msg and "\n" not in msg
+    t = build_table(c)
+    assert row(t, "model-a", "gram").cells.keys() == {"math"}           # its other dataset is kept
+    assert row(t, "model-a", "bt").cells["hh"].acc == pytest.approx(60.0)
+
+
+def test_cli_compare_with_a_bad_eval_json(runs: Path) -> None:
+    f = runs / "a-gram" / "eval" / "hh.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "accuracy": "abc"}))
+    (runs / "a-bt" / "eval" / "math.json").write_bytes(b"\xff\xfe not json")
+    p = run_btpo("compare", str(runs), "--format", "csv")
+    assert p.returncode == 0 and "Traceback" not in p.stderr
+    assert f"skipped: {f}: field 'accuracy'" in p.stderr.replace("\n", " ")
+    assert "model-a,btpo" in p.stdout
+
+
+def test_show_skips(runs: Path) -> None:
+    from btpo_cli.compare import collect_skips, skips_rows
+
+    (runs / "a-bt" / "data_skips.json").write_text(json.dumps({"train": {"data": "data/hh", "records": 90, "skipped": {
+        "total": 3, "by_reason": {"invalid JSON (Expecting value)": 2, "rejected: identical to chosen": 1},
+        "where": {"invalid JSON (Expecting value)": ["data/hh/train.jsonl:4", "data/hh/train.jsonl:9"],
+                  "rejected: identical to chosen": ["data/hh/train.jsonl:7"]}}}}))
+    f = runs / "a-bt" / "eval" / "hh.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "data_skips": {
+        "records": 199, "total": 1, "by_reason": {"id: duplicate of an earlier record's id": 1},
+        "where": {"id: duplicate of an earlier record's id": ["data/hh/test.jsonl:12"]}}}))
+    (runs / "b-gram" / "data_skips.json").write_text("{not json")
+    rows, problems = collect_skips([runs])
+    mine = [r for r in rows if r["run"] == "a-bt"]
+    assert {(r["stage"], r["reason"], r["count"], r["where"]) for r in mine} == {
+        ("train", "invalid JSON (Expecting value)", 2, "data/hh/train.jsonl:4, data/hh/train.jsonl:9"),
+        ("train", "rejected: identical to chosen", 1, "data/hh/train.jsonl:7"),
+        ("eval hh/test", "id: duplicate of an earlier record's id", 1, "data/hh/test.jsonl:12")}
+    assert any(p.startswith(str(runs / "b-gram" / "data_skips.json")) for p in problems)
+    assert skips_rows(rows)[0] == ["a-bt", "train", "data/hh", "90", "3", "invalid JSON (Expecting value)", "2",
+                                   "data/hh/train.jsonl:4, data/hh/train.jsonl:9"]
+    p = run_btpo("compare", str(runs), "--show", "skips", "--format", "csv")
+    lines = p.stdout.splitlines()
+    assert lines[0] == "run,stage,data,records,skipped,reason,count,where"
+    assert any(ln.startswith("a-bt,train,data/hh,90,3,invalid JSON (Expecting value),2,") for ln in lines)
+    assert not any(ln.startswith("a-gram,") for ln in lines)
+    err = p.stderr.replace("\n", " ")
+    assert f"no skip report: {runs / 'a-gram'}" in err and str(runs / "b-gram" / "data_skips.json") in err
+    assert "Traceback" not in p.stderr

@@ -29,7 +29,9 @@ def test_two_processes_equal_one(tmp_path: Path, synthetic_data: Path) -> None:
                         "-m", "btpo_cli", *common, "--out", str(two)],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    env_json = json.loads((two / "env.json").read_text())
+    assert env_json["world_size"] == 2 and [s["world_size"] for s in env_json["starts"]] == [2]
+    assert not (two / ".lock").exists() and p.stdout.count(f"{two}\n") == 1   # rank 0 alone prints the path
 
     def rows(d: Path) -> list[dict]:
         return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in x]
@@ -39,3 +41,27 @@ def test_two_processes_equal_one(tmp_path: Path, synthetic_data: Path) -> None:
     for a, b in zip(r1, r2, strict=True):
         for key in ("train/loss", "train/accuracy", "train/reward_margin", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_busy_folder_both_stop_with_one_message(tmp_path: Path, synthetic_data: Path) -> None:
+    """Only rank 0 takes the lock; rank 1 waits for its verdict and stops too, silently (no hang, no race)."""
+    from btpo_cli.runlock import RunLock
+
+    run = tmp_path / "run"
+    held = RunLock(run)
+    held.acquire()
+    try:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "-m", "btpo_cli", "train", "--method", "bt", "--data", str(synthetic_data),
+                            "--max-steps", "2", *TINY_BT, "--out", str(run)],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    finally:
+        held.release()
+    # (torchrun itself prints a ChildFailedError traceback when a rank exits non-zero: not btpo's)
+    assert p.returncode != 0 and 'btpo_cli/' not in p.stderr.split("ChildFailedError")[0]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"in use by another training run: pid {os.getpid()}" in errors[0], p.stderr
+    assert not (run / "config.yaml").exists()

@@ -200,9 +200,12 @@ def test_limit_and_progress(hh_dir: Path) -> None:
 def test_errors(hh_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BtpoError, match=r"unknown HH subset\(s\) red-team-attempts \(valid: harmless-base"):
         build_hh(None, {"hh": str(hh_dir)}, ["red-team-attempts"], 1, 1, 0, None, False, True, None)
-    with pytest.raises(BtpoError, match="expected a folder laid out like the Hub"):
-        build_hh(None, {"hh": str(hh_dir / "helpful-base" / "train.jsonl.gz")}, ["helpful-base"], 1, 1, 0,
-                 None, False, True, None)
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    with pytest.raises(BtpoError, match=r"pairs\.jsonl: cannot tell the split from the file name"):
+        build_hh(None, {"hh": str(tmp_path / "pairs.jsonl")}, list(HH_SUBSETS), 1, 1, 0, None, False, True, None)
+    (tmp_path / "nothing" / "harmless-base").mkdir(parents=True)
+    with pytest.raises(BtpoError, match="no train or test file"):
+        build_hh(None, {"hh": str(tmp_path / "nothing")}, ["harmless-base"], 1, 1, 0, None, False, True, None)
     with pytest.raises(BtpoError, match="valid names: hh"):
         build_hh(None, {"anthropic": str(hh_dir)}, ["helpful-base"], 1, 1, 0, None, False, True, None)
     (tmp_path / "partial" / "helpful-base").mkdir(parents=True)
@@ -224,3 +227,33 @@ def test_hub_path_is_used_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [("Anthropic/hh-rlhf", "helpful-online", "train"), ("Anthropic/hh-rlhf", "helpful-online", "test")]
     assert m["sources"]["helpful-online/test"] == "hub:Anthropic/hh-rlhf[data_dir=helpful-online] split=test"
     assert m["counts"] == {"train": 3, "test": 3}
+
+
+# ----------------------------------------------------------------------------- partial local copies
+
+def test_single_upstream_file(hh_dir: Path, tmp_path: Path) -> None:
+    """``--source hh=harmless-base/test.jsonl.gz``: the subset from the folder, the split from the name."""
+    f = hh_dir / "harmless-base" / "test.jsonl.gz"
+    m = build_hh(tmp_path / "o", {"hh": str(f)}, list(HH_SUBSETS), n_train=0, n_test=0, seed=0, limit=None,
+                 strict=False, dry_run=False, progress=None)
+    assert m["counts"] == {"train": 0, "test": 4}
+    assert m["subsets"] == ["harmless-base"] and m["sources"] == {"harmless-base/test": str(f)}
+    assert m["missing"] == ["harmless-base/train"]
+    test, _ = read_pairs(tmp_path / "o", "test", strict=True)
+    assert [r.id for r in test if r.id.startswith("hh-harmless-base-test-")] == [r.id for r in test]
+    assert (tmp_path / "o" / "train.jsonl").read_text() == ""
+
+
+def test_folder_with_only_test_files(hh_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    only = tmp_path / "only-test"
+    for subset in ("harmless-base", "helpful-base"):
+        (only / subset).mkdir(parents=True)
+        shutil.copy(hh_dir / subset / "test.jsonl.gz", only / subset / "test.jsonl.gz")
+    m = build_hh(None, {"hh": str(only)}, ["harmless-base", "helpful-base"], 0, 0, 0, None, False, True, None)
+    assert m["counts"] == {"train": 0, "test": 8}
+    assert m["missing"] == ["harmless-base/train", "helpful-base/train"]
+    # a flat folder (one subset's own folder) works too
+    m = build_hh(None, {"hh": str(hh_dir / "helpful-base")}, list(HH_SUBSETS), 0, 0, 0, None, False, True, None)
+    assert m["subsets"] == ["helpful-base"] and m["counts"] == {"train": 12, "test": 4} and m["missing"] == []

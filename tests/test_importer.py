@@ -198,7 +198,8 @@ def test_dry_run_limit_and_all_bad(tmp_path: Path) -> None:
     assert m["dry_run"] is True and m["counts"] == {"train": 8, "test": 2} and len(m["examples"]) == 3
     assert not (tmp_path / "o").exists()
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3)
-    with pytest.raises(BtpoError, match=r"no usable pairs \(rejected: identical to chosen \(3\)\)"):
+    with pytest.raises(BtpoError, match=r"no usable pairs \(skipped 3: rejected: identical to chosen ×3 \(first at "
+                                        r".*bad\.jsonl:1\)\)"):
         import_pairs(str(bad), tmp_path / "o")
 
 

@@ -110,9 +110,9 @@ def test_json_list_and_json_lines(tmp_path: Path) -> None:
 
 
 def test_json_list_streams_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import data_builders.sources as sources
+    import btpo_cli.files as files
 
-    monkeypatch.setattr(sources, "_JSON_CHUNK", 7)
+    monkeypatch.setattr(files, "_JSON_CHUNK", 7)
     data = [{"query": "x" * i, "n": 10_000 + i} for i in range(30)] + [123456]
     (tmp_path / "d.json").write_text(json.dumps(data), encoding="utf-8")
     skips = SkipLog()

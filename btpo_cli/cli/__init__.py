@@ -1,13 +1,14 @@
 """The ``btpo`` command: one thin module per subcommand, each calling into the library.
 
-Exit codes: 0 success; 1 runtime error (one line, no traceback unless ``--debug``);
-2 bad usage; 130 interrupted.
+Exit codes: 0 success; 1 runtime error (one line naming the file / record / field, no traceback
+unless ``--debug``); 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 import click
 import typer
@@ -15,8 +16,8 @@ import typer
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
-from btpo_cli.console import console
-from btpo_cli.errors import BtpoError
+from btpo_cli.console import console, print_error
+from btpo_cli.errors import BtpoError, FollowerError, UsageError
 
 app = typer.Typer(
     name="btpo",
@@ -60,33 +61,75 @@ app.command("base-model", help=base_model.HELP, epilog=base_model.EPILOG)(base_m
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: turns errors into one-line messages and exit codes."""
+    """Console-script entry point: turns errors into one-line messages and exit codes.
+
+    0 done; 1 a runtime error (bad data, a busy run folder, a full disk, ...: one line, no
+    traceback unless ``--debug``); 2 bad usage; 130 interrupted (Ctrl-C), quickly: the process
+    skips the interpreter's slow teardown of torch once the trackers and files are closed."""
     debug = "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("BTPO_DEBUG") == "1"
     try:
         rv = app(args=argv, prog_name="btpo", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("[red]interrupted[/]")
-        sys.exit(130)
+    except KeyboardInterrupt:
+        _interrupted()
+    except click.exceptions.Abort as e:
+        # click turns an EOFError raised inside a command into Abort as well: that is no Ctrl-C
+        if isinstance(e.__context__, EOFError):
+            _error(f"unexpected end of input ({e.__context__ or 'EOFError'})", e, debug)
+        _interrupted()
+    except FollowerError:
+        sys.exit(1)   # a non-main process: the main process printed the error
+    except UsageError as e:
+        _error(str(e), e, debug, code=2)
     except BtpoError as e:
-        if debug:
-            raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _error(str(e), e, debug)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e} ({type(e).__name__}, errno {e.errno}; rerun with --debug for the "
+               "traceback)", e, debug)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
         if _is_usage_error(e):  # click's (or typer's vendored click's) usage errors: exit 2
+            _stop_live()
             e.show()  # type: ignore[attr-defined]
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if type(e).__name__ == "Abort":
-            console.print("[red]interrupted[/]")
-            sys.exit(130)
-        if debug:
-            raise
-        console.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
-        sys.exit(1)
+            if isinstance(e.__context__, EOFError):
+                _error(f"unexpected end of input ({e.__context__ or 'EOFError'})", e, debug)
+            _interrupted()
+        _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", e, debug)
+    if rv == 130:   # typer turns a KeyboardInterrupt inside a command into the return value 130
+        _interrupted()
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _stop_live() -> None:
+    from btpo_cli.console import stop_live
+
+    stop_live()
+
+
+def _error(message: str, e: BaseException, debug: bool, code: int = 1) -> NoReturn:
+    _stop_live()
+    if debug:
+        raise e
+    print_error(message)
+    sys.exit(code)
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: one line, exit 130 at once. atexit handlers run (tracker and file flushes); the
+    interpreter's own teardown (seconds with torch loaded) is skipped."""
+    import atexit
+
+    _stop_live()
+    console.print("[red]interrupted[/]", highlight=False)
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
 
 
 def _is_usage_error(e: Exception) -> bool:

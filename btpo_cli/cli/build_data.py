@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from btpo_cli.console import console, out
 
@@ -18,7 +19,10 @@ app = typer.Typer(help="Build preference-pair datasets: train.jsonl, test.jsonl 
 def _done(manifest: dict, folder: Path) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items())
     skipped = manifest.get("skipped", {}).get("total", 0)
-    console.print(f"[green]wrote[/] {folder}  ({counts}; skipped {skipped})", highlight=False)
+    for missing in manifest.get("missing") or []:
+        console.print(f"[yellow]warning[/]: no {escape(missing)} file in the source; that split has none of it",
+                      highlight=False)
+    console.print(f"[green]wrote[/] {escape(str(folder))}  ({counts}; skipped {skipped})", highlight=False)
     out.print(str(folder), markup=False, highlight=False)
 
 
@@ -95,10 +99,12 @@ def _sources(items: list[str] | None, builder: str) -> dict[str, str]:
 _SOURCE_HELP = "NAME=PATH_OR_HUB_ID: read input NAME from a local copy or another Hub id (repeatable)."
 
 
-@app.command("hh", epilog="[bold]Example[/]\n\n  btpo build-data hh --out data/hh --source hh=./hh-rlhf")
+@app.command("hh", epilog="[bold]Example[/]\n\n  btpo build-data hh --out data/hh --source hh=./hh-rlhf\n"
+                          "  btpo build-data hh --out data/hh-test --source hh=./hh-rlhf/harmless-base/test.jsonl.gz")
 def hh(
     out_dir: Path = typer.Option(Path("data/hh"), "--out", "-o", help="Output folder."),
-    source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Name: hh."),
+    source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Name: hh. A local copy may be the "
+                                     "Hub layout, one subset's folder, or a single upstream file."),
     subsets: str = typer.Option(None, "--subsets", help="Comma-separated HH subsets (default: the four preference subsets)."),
     n_train: int = typer.Option(20000, "--n-train", min=0, help="Training pairs (0: all)."),
     n_test: int = typer.Option(1000, "--n-test", min=0, help="Test pairs (0: all)."),

@@ -16,8 +16,12 @@ Figures are test accuracies (%), clipped at 50 with the raw figure in [brackets]
 are averaged: mean ± sample std, n = number of runs. avg = mean over the datasets every row of
 that backbone has. The best figure of each column within each backbone block is marked (bold in
 markdown, * in the table, best flags in csv/json). (+x) = difference to the BT row of the same
-backbone, in points. Eval files of another eval_version are skipped and listed; run folders
-without an eval are listed as not evaluated. A folder of run folders (runs/) is expanded."""
+backbone, in points. Eval files of another eval_version, or with a field of the wrong type, are
+skipped and listed by name; run folders without an eval are listed as not evaluated. A folder of
+run folders (runs/) is expanded.
+
+--show skips lists the records skipped as unusable instead: per run, training
+(RUN/data_skips.json) and each eval, by reason, with file:line of the first few."""
 
 EPILOG = """[bold]Examples[/]
 
@@ -28,13 +32,16 @@ EPILOG = """[bold]Examples[/]
   btpo compare runs/* --format csv --show raw
 
   btpo compare runs/* --plot results.png     [dim](needs matplotlib: pip install 'btpo\\[plot]')[/]
+
+  btpo compare runs/ --show skips            (records skipped in training and eval, by reason)
 """
 
 
 def compare(
     runs: list[Path] = typer.Argument(..., help="Run folders (each with eval/*.json), or folders of run folders."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json."),
-    show: str = typer.Option("clipped", "--show", help="clipped (default, raw in brackets when clipped) | raw."),
+    show: str = typer.Option("clipped", "--show", help="clipped (default, raw in brackets when clipped) | raw | "
+                             "skips (the skipped-record reports instead of accuracies)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
                                      "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
 ) -> None:
@@ -42,8 +49,11 @@ def compare(
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: expected table, markdown, csv or json")
-    if show not in ("clipped", "raw"):
-        raise typer.BadParameter(f"--show {show!r}: expected clipped or raw")
+    if show not in ("clipped", "raw", "skips"):
+        raise typer.BadParameter(f"--show {show!r}: expected clipped, raw or skips")
+    if show == "skips":
+        _show_skips(runs, fmt)
+        return
     c = collect(runs)
     if not c.runs:
         raise BtpoError("no evaluated runs among the given folders (run `btpo eval --checkpoint RUN` first)"
@@ -66,9 +76,26 @@ def compare(
         from btpo_cli.compare import plot as make_plot
 
         console.print(f"figure: {make_plot(t, plot)}", highlight=False)
+    from rich.markup import escape
+
     for m in c.missing_eval:
-        console.print(f"[yellow]not evaluated:[/] {m}", highlight=False)
+        console.print(f"[yellow]not evaluated:[/] {escape(m)}", highlight=False, soft_wrap=True)
     for m in c.skipped:
-        console.print(f"[yellow]skipped:[/] {m}", highlight=False)
+        console.print(f"[yellow]skipped:[/] {escape(m)}", highlight=False, soft_wrap=True)
     for m in t.warnings:
-        console.print(f"[yellow]warning:[/] {m}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(m)}", highlight=False, soft_wrap=True)
+
+
+def _show_skips(runs: list[Path], fmt: str) -> None:
+    from rich.markup import escape
+
+    from btpo_cli.compare import collect_skips, format_skips
+
+    rows, problems = collect_skips(runs)
+    shown = format_skips(rows, fmt)
+    if isinstance(shown, str):
+        out.print(shown, end="", markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(shown)
+    for m in problems:
+        console.print(f"[yellow]note:[/] {escape(m)}", highlight=False, soft_wrap=True)

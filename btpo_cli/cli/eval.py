@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from btpo_cli.console import out
+from btpo_cli.console import console
 
 HELP = "Evaluate a trained run: order-swapped / pointwise accuracy, clipped at 50%."
 EPILOG = """[bold]Examples[/]
@@ -17,7 +19,8 @@ EPILOG = """[bold]Examples[/]
 
   btpo eval --checkpoint runs/btpo --data data/hh --split test --limit 200
 
-Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl.
+Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl and prints their paths on
+stdout, one per line (--json: the summary instead); the table goes to stderr.
 """
 
 
@@ -33,8 +36,9 @@ def evaluate(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
 ) -> None:
-    from btpo_cli.evaluate_run import evaluate_run
+    from btpo_cli.evaluate_run import eval_paths, evaluate_run
 
     s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine)
     if int(os.environ.get("RANK", "0")) != 0:     # under accelerate launch: the main process reports
@@ -45,4 +49,14 @@ def evaluate(
     t.add_row(s["method"], s["model"], str(s["n"]), f"{100 * s['accuracy']:.1f}",
               f"{100 * s['raw_accuracy']:.1f}", f"{100 * s['tie_rate']:.1f}%",
               f"{100 * s['format_error_rate']:.1f}%")
-    out.print(t)
+    console.print(t)
+    skipped = s.get("data_skips", {}).get("total", 0)
+    if skipped:
+        console.print(f"[yellow]{skipped} record(s) of {s['dataset']}/{s['split']} skipped[/] (data_skips in the "
+                      "eval JSON)", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(s, indent=2, ensure_ascii=False) + "\n")
+    else:
+        for path in eval_paths(checkpoint, s):
+            sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()

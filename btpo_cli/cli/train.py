@@ -6,8 +6,11 @@ import re
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from btpo_cli.config import build_config
+from btpo_cli.config import Config, build_config
+from btpo_cli.console import console
+from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
 from btpo_cli.runs import Run
 
@@ -26,7 +29,12 @@ EPILOG = """[bold]Examples[/]
 
   accelerate launch --num_processes 8 -m btpo_cli train --recipe recipes/bt/qwen2.5-7b-hh.yaml
 
-  btpo train --out runs/bt --resume          (continue a killed run exactly)
+  btpo train --out runs/bt --resume          (continue a killed run exactly; also a copy of a run folder)
+
+  nohup btpo train ... --log-every 50 > log 2>&1 &     (a plain progress line every 50 steps)
+
+Prints the run folder on stdout when done (progress and messages go to stderr). A run folder is
+locked while a run trains in it.
 """
 
 
@@ -47,31 +55,70 @@ def train(
     engine: str | None = typer.Option(None, "--engine", help="Rollout engine for sampled thoughts/rationales: "
                                       "auto (vllm on a GPU where it imports, else hf), hf, vllm (rollout.engine)."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="Override any key: --set train.batch_size=16."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint "
+                                "(a run stopped before it started is started, given its options)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder first."),
+    log_every: str | None = typer.Option(None, "--log-every", help="When stderr is not a terminal (a log file): "
+                                         "a progress line every N steps ('50') or T seconds ('30s'; default)."),
 ) -> None:
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
+    from btpo_cli.progress import check_log_every
+
+    check_log_every(log_every)
     flags = {"method": method, "model.name": model, "data.path": data, "train.seed": seed,
              "train.max_steps": max_steps, "train.report_to": report_to, "rollout.engine": engine}
     if resume:
         if out is None:
             raise typer.BadParameter("--resume needs --out RUN_FOLDER")
-        run = Run(out)
-        saved = run.load_config()
-        # A resumed run keeps its config; only the step budget (and explicit --set) may change.
-        flat = _flatten(saved.to_dict())
-        if max_steps is not None:
-            flat["train.max_steps"] = max_steps
-        if engine is not None:      # the engine changes speed, not the samples (derived seeds)
-            flat["rollout.engine"] = engine
-        cfg = build_config(None, overrides, flat)
+        cfg, resume = _resumed_config(out, recipe, method, overrides, flags, max_steps, engine)
     else:
         cfg = build_config(recipe, overrides, flags)
         cfg.out = out or (cfg.out if recipe and cfg.out != "runs/default" else _default_out(cfg.method, cfg.model.name))
+    # cheap checks first (no torch yet): a tracker that is not installed, data that cannot be used
+    from btpo_cli.data import preload_split
+    from btpo_cli.tracking import check_tracker
+
+    check_tracker(cfg.train.report_to)
+    preload_split(cfg.data.path, cfg.data.train_split, strict=cfg.data.strict)
     from btpo_cli.trainer import launch
 
-    launch(cfg, resume, overwrite)
+    launch(cfg, resume, overwrite, log_every)
+
+
+def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides: list[str], flags: dict,
+                    max_steps: int | None, engine: str | None = None) -> tuple[Config, bool]:
+    """The config to continue ``out`` with, and whether it is a resume (``False``: start it afresh).
+
+    A resumed run keeps its saved config; only the step budget (and explicit ``--set``) may change,
+    and ``out`` is the folder given, not the one named inside config.yaml (a copied run continues in
+    the copy). A folder without config.yaml (stopped before it started, or not there yet) is started
+    from step 0 with the options given, if there are options and no checkpoint."""
+    run = Run(out)
+    if not (run.root / "config.yaml").exists():
+        if run.latest_checkpoint() is not None:
+            raise BtpoError(f"{out}: has checkpoints but no config.yaml; cannot tell how it was configured")
+        if recipe is None and method is None:
+            raise BtpoError(f"{out}: nothing to resume (no config.yaml: the run never started); pass the run's "
+                            "options (--recipe, or --method/--model/--data ...) with --resume to start it")
+        console.print(f"[yellow]note[/]: {escape(out)} has no config.yaml (the run never started); starting it "
+                      "from step 0", highlight=False, soft_wrap=True)
+        cfg = build_config(recipe, overrides, flags)
+        cfg.out = out
+        return cfg, False
+    saved = run.load_config()
+    flat = _flatten(saved.to_dict())
+    if Path(saved.out) != Path(out):
+        console.print(f"[yellow]note[/]: {escape(out)}/config.yaml names out={escape(saved.out)}; continuing in "
+                      f"{escape(out)} (the folder given)", highlight=False, soft_wrap=True)
+        if saved.name == Path(saved.out).name:
+            flat["name"] = Path(out).name
+    flat["out"] = out
+    if max_steps is not None:
+        flat["train.max_steps"] = max_steps
+    if engine is not None:      # the engine changes speed, not the samples (derived seeds)
+        flat["rollout.engine"] = engine
+    return build_config(None, overrides, flat), True
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
