@@ -11,6 +11,7 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, recipes, train
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     except BtpoError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
         if _is_usage_error(e):  # click's (or typer's vendored click's) usage errors: exit 2
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         if debug:
             raise
-        console.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+        console.print(f"[red]error:[/] {type(e).__name__}: {escape(str(e))} (rerun with --debug for the traceback)",
                       highlight=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
