@@ -188,6 +188,7 @@ def test_yes_no_and_end_of_turn_ids(tok) -> None:
     yes, no, eot = answer_token_id(tok, "Yes"), answer_token_id(tok, "No"), end_of_turn_id(tok)
     assert len({yes, no, eot}) == 3
     assert tok.convert_ids_to_tokens([yes, no, eot]) == ["Yes", "No", "<|im_end|>"]
+    assert (yes, no, eot) == (10539, 5230, 2)   # as docs/templates.md states
     assert eot == tok.eos_token_id
     # the answer is one token: "Yes" as a whole assistant turn encodes to exactly that id
     assert tok("Yes", add_special_tokens=False)["input_ids"] == [yes]
