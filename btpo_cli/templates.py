@@ -9,7 +9,7 @@ One place for templates (documented in ``docs/templates.md``):
 All encoders tokenize the *rendered text* with ``add_special_tokens=False`` (the chat template
 already writes BOS where the family wants one; Llama-3 tokenizers would otherwise add a second).
 Over-long sequences lose prompt tokens from the left; the response is never cut. When the
-sequence starts with BOS, BOS is kept.
+sequence starts with a document BOS (one that occurs nowhere else), it is kept.
 """
 
 from __future__ import annotations
@@ -44,12 +44,19 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 def left_truncate(prefix: list[int], budget: int, bos_id: int | None) -> list[int]:
-    """Keep the last ``budget`` tokens of ``prefix`` (keeping a leading BOS if it had one)."""
+    """Keep the last ``budget`` tokens of ``prefix``, keeping a leading BOS if it had one.
+
+    A BOS is kept only when it marks the start of the document (it occurs once, at position 0, as
+    Llama 3's ``<|begin_of_text|>``). Tokenizers whose ``bos_token`` is the turn opener (SmolLM2's
+    ``<|im_start|>``, which starts every ChatML turn) get a plain left cut: keeping that token
+    would glue it onto a fragment of a later turn and make a malformed turn header.
+    """
     if len(prefix) <= budget:
         return prefix
     if budget <= 0:
         return []
-    if bos_id is not None and prefix and prefix[0] == bos_id and budget >= 2:
+    if (bos_id is not None and prefix and prefix[0] == bos_id and bos_id not in prefix[1:]
+            and budget >= 2):
         return [bos_id] + prefix[len(prefix) - (budget - 1):]
     return prefix[len(prefix) - budget:]
 

