@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ log = logging.getLogger(__name__)
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 """Set on CPU only where the user has not set them (GiB of KV cache; no core pinning)."""
+CPU_ENGINE_ARGS: dict[str, Any] = {"enable_chunked_prefill": False, "block_size": 32}
+"""CPU only. Chunked prefill off: a prompt cut across two steps makes vLLM rewind its seeded
+generator's offset, which a CPU ``torch.Generator`` cannot do (``RuntimeError: CPU Generator does
+not use offset`` once a batch of seeded requests exceeds the step's token budget). Blocks of 32
+tokens (vLLM's CPU default is 128) so that the K samples of a prompt recompute at most 31 of its
+tokens instead of up to 127: prefix caching shares whole blocks only."""
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -148,6 +155,8 @@ class VLLMEngine:
     """A colocated vLLM engine: seeded per-sample requests, in-place weight reload, prefix cache."""
 
     name = "vllm"
+    _live: weakref.ref[VLLMEngine] | None = None
+    """The engine alive in this process (one at a time)."""
 
     def __init__(self, llm: Any, spec: Any, external_launcher: bool, shapes: dict[str, tuple[int, ...]] | None,
                  tied: bool):
@@ -191,6 +200,12 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if on_gpu:
             torch.cuda.set_device(torch.device(device))
+        else:
+            kwargs.update(CPU_ENGINE_ARGS)
+        live = VLLMEngine._live() if VLLMEngine._live is not None else None
+        if live is not None and live.llm is not None:
+            raise BtpoError("a vLLM engine is already running in this process; close() it first (vLLM keeps its "
+                            "parallel groups per process: closing one of two engines would break the other)")
         set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
         with _rng_untouched(device):
             llm = LLM(
@@ -207,7 +222,9 @@ class VLLMEngine:
         if torch.get_num_threads() != n_threads:
             torch.set_num_threads(n_threads)
         shapes = checkpoint_shapes(spec.model_path)
-        return cls(llm, spec, external, shapes, bool(config.get("tie_word_embeddings", False)))
+        engine = cls(llm, spec, external, shapes, bool(config.get("tie_word_embeddings", False)))
+        VLLMEngine._live = weakref.ref(engine)
+        return engine
 
     # ------------------------------------------------------------------ generation
 
