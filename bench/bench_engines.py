@@ -73,6 +73,28 @@ def btpo_prompts(pairs: int, prompt_tokens: int, response_tokens: int, seed: int
     return out
 
 
+def gemm_floor(folder: Path, rows: int, repeats: int = 3) -> float:
+    """Seconds of one decode step's matrix products alone for ``rows`` sequences: every 2-D weight
+    (the tied embedding once more, as the LM head) times a (rows, in) activation, fp32. What any
+    engine must spend per step on this CPU; attention, sampling and bookkeeping come on top."""
+    shapes = [s for n, s in _shapes(folder).items() if len(s) == 2 and "embed_tokens" not in n]
+    shapes.append(qwen05_shape_lm_head(folder))
+    ws = [torch.randn(s) for s in shapes]
+    xs = [torch.randn(rows, s[1]) for s in shapes]
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w, x in zip(ws, xs, strict=True):
+            x @ w.T
+        best.append(time.perf_counter() - t0)
+    return statistics.median(best)
+
+
+def qwen05_shape_lm_head(folder: Path) -> tuple[int, int]:
+    cfg = json.loads((folder / "config.json").read_text())
+    return (cfg["vocab_size"], cfg["hidden_size"])
+
+
 def timed(fn: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     res = fn()
@@ -141,11 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"repeat {r} {name}: generate {times[name]['generate'][-1]:.2f}s prefill {dt:.2f}s", flush=True)
     expected = len(prompts) * args.k * args.thought_tokens
     assert all(t == expected for t in tokens.values()), (tokens, expected)
+    floor = gemm_floor(folder, len(prompts) * args.k)
     out: dict[str, Any] = {
         "model": f"qwen2.5-0.5b-shape, {args.layers} layers, fp32, random init", "params": n_params,
         "prompts": len(prompts), "k": args.k, "thought_tokens": args.thought_tokens, "prompt_tokens": args.prompt_tokens,
         "generated_tokens": expected, "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "greedy_identical": same_greedy, "build_seconds": build_s, "engines": {}}
+        "greedy_identical": same_greedy, "build_seconds": build_s, "engines": {},
+        "gemm_floor_step_s": floor, "gemm_floor_decode_tokens_per_s": len(prompts) * args.k / floor}
     for name in engines:
         g, p = statistics.median(times[name]["generate"]), statistics.median(times[name]["prefill"])
         out["engines"][name] = {"generate_s": g, "prefill_s": p, "decode_s": g - p, "tokens_per_s": expected / g,

@@ -87,6 +87,19 @@ def checkpoint_shapes(folder: str | Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+def resolve_folder(model_path: str | Path) -> Path:
+    """A local model folder: the path itself, or a Hugging Face Hub id's cached snapshot."""
+    folder = Path(model_path)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model_path)))
+    except Exception as e:
+        raise BtpoError(f"{model_path}: not a model folder, and no Hub snapshot of it ({type(e).__name__}: {e})") from e
+
+
 def _has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -183,11 +196,12 @@ class VLLMEngine:
         except ImportError as e:
             raise BtpoError(f"rollout engine 'vllm' is not usable here: {e}. Install it with "
                             "`bash scripts/setup.sh --with-vllm` (then use .venv-vllm), or use --engine hf.") from e
-        config = json.loads((Path(spec.model_path) / "config.json").read_text())
+        folder = resolve_folder(spec.model_path)
+        config = json.loads((folder / "config.json").read_text())
         heads = config.get("num_attention_heads") or 1
         head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
         if not on_gpu and head_dim not in CPU_HEAD_DIMS:
-            raise BtpoError(f"{spec.model_path}: head dim {head_dim} cannot run on vLLM's CPU attention "
+            raise BtpoError(f"{folder}: head dim {head_dim} cannot run on vLLM's CPU attention "
                             f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use --engine hf")
         dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         import torch.distributed as dist
@@ -209,7 +223,7 @@ class VLLMEngine:
         set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
         with _rng_untouched(device):
             llm = LLM(
-                model=str(spec.model_path), skip_tokenizer_init=not _has_tokenizer(spec.model_path), dtype=dtype, seed=spec.seed,
+                model=str(folder), skip_tokenizer_init=not _has_tokenizer(folder), dtype=dtype, seed=spec.seed,
                 max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
                 gpu_memory_utilization=spec.gpu_memory_utilization,
                 tensor_parallel_size=spec.tensor_parallel_size,
@@ -221,7 +235,7 @@ class VLLMEngine:
         torch.set_num_threads = set_threads
         if torch.get_num_threads() != n_threads:
             torch.set_num_threads(n_threads)
-        shapes = checkpoint_shapes(spec.model_path)
+        shapes = checkpoint_shapes(folder)
         engine = cls(llm, spec, external, shapes, bool(config.get("tie_word_embeddings", False)))
         VLLMEngine._live = weakref.ref(engine)
         return engine
