@@ -2,8 +2,8 @@
 
 ``tiny-qwen2`` (Qwen2 architecture, Qwen2.5-Instruct-style tokenizer and chat template) and ``tiny-llama``
 (Llama architecture, Llama-3.1-Instruct-style tokenizer and chat template) are randomly initialised
-2-layer models with a hidden size of 64 and a byte-level BPE vocabulary of about 1,500 tokens trained in
-code on a small deterministic corpus. They exist so that the test suite and the CLI's built-in default
+2-layer models with a hidden size of 64 (2 attention heads of 32, 1 KV head) and a byte-level BPE
+vocabulary of about 1,500 tokens trained in code on a small deterministic corpus. They exist so that the test suite and the CLI's built-in default
 model can exercise the whole pipeline (chat templates, special tokens, judge prompts, Yes/No and A/B
 verdict tokens, causal-LM and sequence-classification heads, saving, loading, ``accelerate launch``)
 in seconds on a CPU, with no download from the Hugging Face Hub. Their outputs are meaningless.
@@ -33,8 +33,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-VERSION = 1
-"""Version of the tiny-model recipe; part of the cache folder name."""
+VERSION = 2
+"""Version of the tiny-model recipe; part of the cache folder name. v2: 2 attention heads of 32
+(1 KV head) instead of 4 of 16 (2 KV heads): same parameter count, and a head dim vLLM's CPU
+attention accepts (32, 64, 80, …)."""
 
 Family = Literal["qwen2", "llama3"]
 
@@ -123,8 +125,9 @@ class TinySpec:
     num_hidden_layers: int = 2
     hidden_size: int = 64
     intermediate_size: int = 128
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    """head dim = hidden_size / num_attention_heads = 32, the smallest vLLM's CPU attention runs."""
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
 

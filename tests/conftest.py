@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,6 +11,30 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def vllm_import_error() -> str | None:
+    """Why ``import vllm`` fails here (None: it works). Imported once per session."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"      # what btpo_cli.engines.vllm sets too
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken build (e.g. CUDA torchvision on a CPU machine)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.vllm`` tests skip where vLLM does not import, and FAIL instead under
+    ``BTPO_REQUIRE_VLLM=1`` (what scripts/test.sh sets in .venv-vllm): CI never passes by skipping."""
+    if item.get_closest_marker("vllm") is None:
+        return
+    err = vllm_import_error()
+    if err is None:
+        return
+    if os.environ.get("BTPO_REQUIRE_VLLM") == "1":
+        pytest.fail(f"BTPO_REQUIRE_VLLM=1 but vLLM does not import: {err}", pytrace=False)
+    pytest.skip(f"vLLM not installed here ({err}); `bash scripts/setup.sh --with-vllm` makes .venv-vllm")
 
 
 @pytest.fixture(scope="session", autouse=True)

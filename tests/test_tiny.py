@@ -120,9 +120,10 @@ def test_loads_with_auto_classes(name: str, folders: dict[str, Path], tokenizers
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         2,
         64,
-        4,
         2,
+        1,
     )
+    assert cfg.hidden_size // cfg.num_attention_heads == 32  # a head dim vLLM's CPU attention runs
     assert cfg.max_position_embeddings == 4096
     assert cfg.vocab_size % 64 == 0 and len(tok) <= cfg.vocab_size < len(tok) + 64
     assert 1000 <= len(tok) <= 2000

@@ -115,15 +115,22 @@ class HFEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy full weights in by checkpoint name; a tensor that already IS the parameter is skipped."""
+        """Copy full weights in by checkpoint name; a tensor that already IS the parameter is skipped.
+        Names and shapes are checked before anything is copied: a rejected update changes nothing."""
         state = self.model.state_dict(keep_vars=True)
+        weights = list(named_tensors)
+        for name, t in weights:
+            p = state.get(name)
+            if p is None:
+                raise KeyError(f"update_weights: the engine's model has no weight named {name!r}")
+            if p.shape != t.shape:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, the engine's model "
+                                 f"{tuple(p.shape)}")
         copied = 0
         with torch.no_grad():
-            for name, t in named_tensors:
-                p = state.get(name)
-                if p is None:
-                    raise KeyError(f"update_weights: the engine's model has no weight named {name!r}")
-                if p.data_ptr() == t.data_ptr() and p.shape == t.shape:
+            for name, t in weights:
+                p = state[name]
+                if p.data_ptr() == t.data_ptr():
                     continue
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
                 copied += 1

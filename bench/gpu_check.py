@@ -1,0 +1,143 @@
+"""One-GPU check (< 8 min on one H200): decode speed against the HBM roofline, update-phase MFU,
+weight-sync time; Qwen2.5-0.5B shape, bf16, random weights, the ``hf`` engine.
+
+    python bench/gpu_check.py --json gpu_check.json        # on a GPU machine
+    python bench/gpu_check.py --smoke                      # anywhere: 2 layers, CPU, fp32, tiny sizes
+
+vLLM is not part of it (its wheel cannot be carried to the lent GPU machine); ``bench_engines.py``
+compares engines where both are installed.
+
+- decode: ``HFEngine.generate`` of ``--rows`` sequences (``--prompts`` prompts × K) of exactly
+  ``--new-tokens`` tokens after ``--prompt-tokens``-token prompts, minus the prefill-only time
+  (``max_new_tokens=1``). Roofline: every decode step must read all weights once plus the rows'
+  KV cache, so ``tokens/s ≤ rows · bandwidth / (weight bytes + KV bytes at mid-length)``.
+- update: forward + backward + AdamW over ``--update-batch`` sequences of ``--update-len`` tokens
+  (bf16 autocast weights in bf16); MFU = 6 · params · tokens (+ attention 12 · layers · hidden ·
+  len² per sequence) / time / peak bf16 FLOP/s (``--peak-tflops``, H200 dense: 989).
+- weight sync: ``HFEngine.update_weights`` of an engine holding its own copy (as under
+  FSDP/ZeRO-3 or with a separate rollout copy), from the trainer's parameters, on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from btpo_cli.engines import EngineSpec, SamplingParams, build_engine  # noqa: E402
+
+H200 = {"hbm_gbps": 4800.0, "bf16_tflops": 989.0}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    t0 = time.perf_counter()
+    res = fn()
+    sync(device)
+    return time.perf_counter() - t0, res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="2 layers, CPU, fp32, tiny sizes: checks the script runs")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--update-batch", type=int, default=16)
+    ap.add_argument("--update-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hbm-gbps", type=float, default=H200["hbm_gbps"])
+    ap.add_argument("--peak-tflops", type=float, default=H200["bf16_tflops"])
+    ap.add_argument("--json", dest="json_out", default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.layers, a.prompts, a.k, a.prompt_tokens, a.new_tokens = 2, 2, 2, 16, 4
+        a.update_batch, a.update_len, a.repeats = 2, 32, 1
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from transformers import Qwen2ForCausalLM
+
+    from bench.bench_engines import qwen05_config
+
+    cfg = qwen05_config(a.layers)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "dtype": str(dtype), "layers": a.layers, "params": n_params, "smoke": a.smoke}
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1000, 150000, (a.prompts, a.prompt_tokens), generator=g).tolist()
+
+    # ---------------------------------------------------------------- decode (engine shares the model)
+    eng = build_engine("hf", EngineSpec(model_path="-", pad_token_id=151643, module=model.eval(),
+                                        prompts_per_batch=a.prompts))
+    full = SamplingParams(temperature=1.0, max_new_tokens=a.new_tokens, stop_token_ids=[])
+    pre = SamplingParams(temperature=1.0, max_new_tokens=1, stop_token_ids=[])
+    seeds = list(range(a.prompts))
+    timed(lambda: eng.generate(prompts, a.k, pre, seeds), device)          # warm-up
+    tg = [timed(lambda: eng.generate(prompts, a.k, full, seeds), device)[0] for _ in range(a.repeats)]
+    tp = [timed(lambda: eng.generate(prompts, a.k, pre, seeds), device)[0] for _ in range(a.repeats)]
+    rows = a.prompts * a.k
+    decode_s = statistics.median(tg) - statistics.median(tp)
+    decode_tps = rows * (a.new_tokens - 1) / decode_s
+    kv_bytes = rows * (a.prompt_tokens + a.new_tokens / 2) * a.layers * 2 * cfg.num_key_value_heads \
+        * (cfg.hidden_size // cfg.num_attention_heads) * torch.finfo(dtype).bits // 8
+    roof = rows * a.hbm_gbps * 1e9 / (weight_bytes + kv_bytes)
+    out["decode"] = {"rows": rows, "new_tokens": a.new_tokens, "prompt_tokens": a.prompt_tokens,
+                     "generate_s": statistics.median(tg), "prefill_s": statistics.median(tp),
+                     "decode_tokens_per_s": decode_tps, "roofline_tokens_per_s": roof,
+                     "fraction_of_roofline": decode_tps / roof, "weight_bytes": weight_bytes, "kv_bytes_mid": kv_bytes}
+
+    # ---------------------------------------------------------------- update phase
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x = torch.randint(1000, 150000, (a.update_batch, a.update_len), generator=g).to(device)
+
+    def step() -> None:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    timed(step, device)                                                      # warm-up (optimizer state)
+    tu = statistics.median(timed(step, device)[0] for _ in range(a.repeats))
+    tokens = a.update_batch * a.update_len
+    flops = 6 * n_params * tokens + 12 * a.layers * cfg.hidden_size * a.update_len ** 2 * a.update_batch
+    out["update"] = {"tokens": tokens, "step_s": tu, "tflops": flops / tu / 1e12,
+                     "mfu": flops / tu / (a.peak_tflops * 1e12), "peak_tflops": a.peak_tflops}
+
+    # ---------------------------------------------------------------- weight sync into a separate copy
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, safe_serialization=True)
+        copy = build_engine("hf", EngineSpec(model_path=d, pad_token_id=151643, device=str(device),
+                                             dtype="bfloat16" if dtype == torch.bfloat16 else "float32"))
+        ts = [timed(lambda: copy.update_weights(model.named_parameters()), device)[0] for _ in range(a.repeats)]
+        out["weight_sync"] = {"seconds": statistics.median(ts), "bytes": weight_bytes,
+                              "gbps": weight_bytes / statistics.median(ts) / 1e9,
+                              "copies": copy.stats()["weight_sync_copies"]}
+        copy.close()
+    print(json.dumps(out, indent=2))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite, what CI runs (after `bash scripts/setup.sh --with-vllm`):
+#   1. ruff;
+#   2. the main suite in .venv (newest transformers), vLLM-marked tests left out;
+#   3. the vLLM-marked tests in .venv-vllm with BTPO_REQUIRE_VLLM=1: there a vLLM test that cannot
+#      run FAILS instead of skipping (tests/conftest.py).
+# Extra arguments go to both pytest runs (e.g. -x, -k engines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv-vllm/bin/python ] || { echo "test.sh: .venv-vllm missing; run: bash scripts/setup.sh --with-vllm" >&2; exit 2; }
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q -m "not vllm" "$@"
+BTPO_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -q -m vllm "$@"
