@@ -1,15 +1,23 @@
 """The built-in default pipeline, on CPU: does thinking pay?
 
 1. build the synthetic reasoning-judge set (multi-step arithmetic; ``data_builders/synthetic.py``)
-2. pre-train (or load from the cache) ``tiny-thinker``, a base GPM that thinks a little
+2. pre-train (or load from the cache) ``tiny-thinker`` for each thinker seed, a base GPM that thinks
+   a little, and say whether it is the very thinker the README's table was made with
 3. evaluate the untrained base GPM (greedy thought, then p(Yes))
-4. train and evaluate each method from that base (BT with a scalar head, BTPO, …)
-5. print the comparison table and draw the plot
+4. train and evaluate each method from that base (BT with a scalar head, BTPO, …) per seed
+5. print the comparison table, the seed summary (mean ± std and the worst seed per method, and
+   BTPO − BT per seed) and draw the plot
+
+Run folders: ``<out>/runs/<method>-t<thinker seed>-s<seed>``; the summary also goes to
+``<out>/summary.json`` and ``<out>/summary.md``.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,78 +27,203 @@ from btpo_cli.errors import BtpoError
 
 COMMON = ["data.max_length=160", "optim.warmup_ratio=0", "train.save_every=0", "eval.batch_size=32",
           "eval.max_new_tokens=64"]
+_BTPO = ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4", "btpo.rollout_batch_size=32",
+         "btpo.max_thought_tokens=64", "optim.lr=2.5e-4", "optim.scheduler=constant"]
 BUDGETS: dict[str, dict[str, Any]] = {
     # method: steps (full, quick) and overrides
     "bt": {"steps": (200, 60), "set": ["train.batch_size=32", "train.micro_batch_size=32", "optim.lr=1e-3"]},
-    "btpo": {"steps": (100, 40), "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
-                                        "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64",
-                                        "optim.lr=2.5e-4", "optim.scheduler=constant"]},
+    "btpo": {"steps": (100, 40), "set": _BTPO},
     "btpo-no-omega": {"method": "btpo", "tag": "no-omega", "steps": (100, 40),
-                      "set": ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4",
-                              "btpo.rollout_batch_size=32", "btpo.max_thought_tokens=64", "optim.lr=2.5e-4",
-                              "optim.scheduler=constant", "btpo.misalignment_weight=false"]},
+                      "set": [*_BTPO, "btpo.misalignment_weight=false"]},
 }
 DEFAULT_METHODS = ["bt", "btpo"]
+LABELS = {"base": "untrained base GPM (greedy thought)", "bt": "BT (scalar head)", "btpo": "BTPO",
+          "btpo-no-omega": "BTPO without ω̂"}
 
 
-def demo_config(key: str, data: Path, folder: Path, seed: int, quick: bool, steps: int | None = None) -> Any:
+def thinker_model(thinker_seed: int) -> str:
+    """The model alias of the tiny-thinker pre-trained with ``thinker_seed`` (``btpo_cli.models``)."""
+    return f"tiny-thinker-s{thinker_seed}"
+
+
+def demo_config(key: str, data: Path, folder: Path, seed: int, quick: bool, steps: int | None = None,
+                thinker_seed: int = 0) -> Any:
     if key not in BUDGETS:
         raise BtpoError(f"demo: no budget for '{key}' (have {', '.join(BUDGETS)})")
     b = BUDGETS[key]
     full, small = b["steps"]
     cfg = build_config(None, COMMON + b["set"], {
-        "method": b.get("method", key), "model.name": "tiny-thinker", "data.path": str(data),
+        "method": b.get("method", key), "model.name": thinker_model(thinker_seed), "data.path": str(data),
         "train.seed": seed, "train.max_steps": steps or (small if quick else full)})
     cfg.tag = b.get("tag", "")
-    cfg.out = str(folder / "runs" / f"{key}-s{seed}")
+    cfg.out = str(folder / "runs" / f"{key}-t{thinker_seed}-s{seed}")
     return cfg
 
 
-def base_run(folder: Path, data: Path, seed: int) -> Path:
+def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0) -> Path:
     """A run folder for the untrained base GPM, so that ``btpo eval`` treats it like any other."""
     from btpo_cli.models import resolve_model
 
-    cfg = build_config(None, COMMON, {"method": "btpo", "model.name": "tiny-thinker", "data.path": str(data),
+    model = thinker_model(thinker_seed)
+    cfg = build_config(None, COMMON, {"method": "btpo", "model.name": model, "data.path": str(data),
                                       "train.seed": seed})
     cfg.tag = "base"
-    run = folder / "runs" / f"base-s{seed}"
+    run = folder / "runs" / f"base-t{thinker_seed}-s{seed}"
     if run.exists():
         shutil.rmtree(run)
     (run / "final").parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(resolve_model("tiny-thinker"), run / "final")
+    shutil.copytree(resolve_model(model), run / "final")
     (run / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     return run
 
 
+def report_thinker(thinker_seed: int) -> str:
+    """Build or load the thinker; print its hashes, build environment and how it compares with the README's."""
+    from btpo_cli.models import resolve_model
+    from btpo_cli.thinker import reference_check
+
+    path = Path(resolve_model(thinker_model(thinker_seed)))
+    info = json.loads((path / "btpo_thinker.json").read_text(encoding="utf-8"))
+    check = reference_check(info)
+    style = {"identical": "green", "different": "yellow", "no-reference": "yellow"}[check.status]
+    console.print(f"{path}", highlight=False)
+    for i, line in enumerate(check.lines):
+        console.print(f"[{style}]{line}[/]" if i >= 2 else line, highlight=False)
+    return check.status
+
+
+# ----------------------------------------------------------------------------- the seed summary
+
+
+@dataclass
+class SeedSummary:
+    """Raw test accuracy (%) per method and (thinker seed, seed)."""
+
+    methods: list[str]
+    thinker_seeds: list[int]
+    seeds: list[int]
+    acc: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
+    thinkers: dict[int, str] = field(default_factory=dict)
+    """Thinker seed → reference status (identical / different / no-reference)."""
+
+    def values(self, method: str, thinker_seed: int | None = None) -> list[float]:
+        return [v for (t, _), v in sorted(self.acc.get(method, {}).items()) if thinker_seed in (None, t)]
+
+    def gaps(self, a: str, b: str) -> dict[tuple[int, int], float]:
+        """``a − b`` per (thinker seed, seed) where both ran."""
+        pa, pb = self.acc.get(a, {}), self.acc.get(b, {})
+        return {k: pa[k] - pb[k] for k in sorted(pa) if k in pb}
+
+    def to_json(self) -> dict[str, Any]:
+        def ms(xs: list[float]) -> dict[str, Any]:
+            return {"mean": statistics.fmean(xs) if xs else None,
+                    "std": statistics.stdev(xs) if len(xs) > 1 else None,
+                    "min": min(xs) if xs else None, "n": len(xs)}
+
+        out_: dict[str, Any] = {"metric": "raw test accuracy (%)", "thinker_seeds": self.thinker_seeds,
+                                "seeds": self.seeds, "thinkers": {str(t): s for t, s in self.thinkers.items()},
+                                "methods": {}}
+        for m in self.methods:
+            out_["methods"][m] = {"all": ms(self.values(m)),
+                                  "by_thinker": {str(t): ms(self.values(m, t)) for t in self.thinker_seeds},
+                                  "runs": {f"t{t}-s{s}": v for (t, s), v in sorted(self.acc.get(m, {}).items())}}
+        for a, b in (("btpo", "bt"), ("btpo", "base")):
+            g = self.gaps(a, b)
+            if g:
+                out_[f"{a}_minus_{b}"] = {**ms(list(g.values())), "runs": {f"t{t}-s{s}": v for (t, s), v in g.items()}}
+        return out_
+
+
+def _fmt(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def summary_markdown(s: SeedSummary) -> str:
+    """Methods as rows; per thinker seed and overall ``mean ± std`` over seeds, and the worst run."""
+    head = ["", *[f"thinker s{t} ({len(s.seeds)} seeds)" for t in s.thinker_seeds], "all runs", "worst run"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def row(label: str, by: dict[tuple[int, int], float]) -> str:
+        cols = [_fmt([v for (t, _), v in sorted(by.items()) if t == ts]) for ts in s.thinker_seeds]
+        worst = min(by.items(), key=lambda kv: kv[1]) if by else None
+        w = f"{worst[1]:.1f} (t{worst[0][0]} s{worst[0][1]})" if worst else "–"
+        return "| " + " | ".join([label, *cols, _fmt([by[k] for k in sorted(by)]), w]) + " |"
+
+    for m in s.methods:
+        lines.append(row(LABELS.get(m, m), s.acc.get(m, {})))
+    for a, b in (("btpo", "bt"), ("btpo", "base")):
+        g = s.gaps(a, b)
+        if g:
+            lines.append(row(f"{LABELS.get(a, a)} − {LABELS.get(b, b).split(' (')[0]} (points)", g))
+    return "\n".join(lines)
+
+
+def _raw_accuracy(run: Path) -> float | None:
+    evals = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
+    for e in evals:
+        s = json.loads(e.read_text(encoding="utf-8"))
+        if isinstance(s, dict) and s.get("raw_accuracy") is not None:
+            return 100.0 * float(s["raw_accuracy"])
+    return None
+
+
+def seed_summary(folder: Path, methods: list[str], seeds: list[int], thinker_seeds: list[int],
+                 thinkers: dict[int, str] | None = None) -> SeedSummary:
+    """Read ``<folder>/runs/<method>-t<t>-s<s>/eval/*.json`` into a :class:`SeedSummary` (missing runs left out)."""
+    s = SeedSummary(["base", *methods], list(thinker_seeds), list(seeds), thinkers=dict(thinkers or {}))
+    for m in s.methods:
+        for t in thinker_seeds:
+            for seed in seeds:
+                v = _raw_accuracy(folder / "runs" / f"{m}-t{t}-s{seed}")
+                if v is not None:
+                    s.acc.setdefault(m, {})[(t, seed)] = v
+    return s
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
 def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], overwrite: bool,
-             plot: Path | None = None) -> list[Path]:
+             plot: Path | None = None, thinker_seeds: list[int] | None = None) -> list[Path]:
     from btpo_cli.compare import collect, to_markdown
     from btpo_cli.evaluate_run import evaluate_run
-    from btpo_cli.models import resolve_model
     from btpo_cli.trainer import launch
     from data_builders.synthetic import build_synthetic
 
+    thinker_seeds = thinker_seeds or [0]
+    for m in methods:
+        if m not in BUDGETS:
+            raise BtpoError(f"demo: no budget for '{m}' (have {', '.join(BUDGETS)})")
     data = folder / "data" / "synthetic"
     n_train, n_test = (1024, 100) if quick else (2000, 200)
     console.rule("[bold]1. data")
     build_synthetic(data, n_train=n_train, n_test=n_test, seed=0)
     console.print(f"{data}: {n_train} train / {n_test} test pairs (multi-step arithmetic)")
     console.rule("[bold]2. base model")
-    console.print(f"tiny-thinker: {resolve_model('tiny-thinker')}", highlight=False)
+    thinkers = {t: report_thinker(t) for t in thinker_seeds}
     runs = []
-    for seed in seeds:
-        console.rule(f"[bold]3. untrained base GPM (seed {seed})")
-        base = base_run(folder, data, seed)
-        evaluate_run(base)
-        runs.append(base)
-        for m in methods:
-            console.rule(f"[bold]4. {m} (seed {seed})")
-            run = launch(demo_config(m, data, folder, seed, quick), resume=False, overwrite=overwrite)
-            evaluate_run(run.root)
-            runs.append(run.root)
+    for t in thinker_seeds:
+        for seed in seeds:
+            console.rule(f"[bold]3. untrained base GPM (thinker {t}, seed {seed})")
+            base = base_run(folder, data, seed, t)
+            evaluate_run(base)
+            runs.append(base)
+            for m in methods:
+                console.rule(f"[bold]4. {m} (thinker {t}, seed {seed})")
+                run = launch(demo_config(m, data, folder, seed, quick, thinker_seed=t), resume=False,
+                             overwrite=overwrite)
+                evaluate_run(run.root)
+                runs.append(run.root)
     console.rule("[bold]5. compare")
     c = collect(runs)
     out.print(to_markdown(c), markup=False, highlight=False)
+    summary = seed_summary(folder, methods, seeds, thinker_seeds, thinkers)
+    md = summary_markdown(summary)
+    (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+    (folder / "summary.md").write_text(md + "\n", encoding="utf-8")
+    out.print("\nraw test accuracy (%), mean ± std over seeds:\n" + md, markup=False, highlight=False)
     if plot is not None:
         try:
             from btpo_cli.compare import plot as draw

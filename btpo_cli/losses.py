@@ -613,7 +613,8 @@ def btpo_loss(
     seq_losses, clip_stats = clipped_surrogate(
         logp_f, old_f, adv.reshape(n_seq), mask_f, eps_low, eps_high, agg, norm_constant
     )
-    l_thought = seq_losses.view(n_pairs, 2, k).mean(dim=-1).sum(dim=-1)  # (B,)
+    l_thought_r = seq_losses.view(n_pairs, 2, k).mean(dim=-1)  # (B, 2): chosen, rejected
+    l_thought = l_thought_r.sum(dim=-1)  # (B,)
     per_pair = l_score + l_thought
 
     kl_pair: Tensor | None = None
@@ -628,10 +629,27 @@ def btpo_loss(
         # log ŝ clamped at the smallest normal number, as in bt_nll_estimate (both 0 -> a tie)
         log_s = log_mc_scores(lp_old).clamp_min(math.log(torch.finfo(lp_old.dtype).tiny))  # (B, 2)
         gap = log_s[:, 0] - log_s[:, 1]
+        # per-term diagnostics: which side of the pair each term pushes, and how hard
+        lp_new = _upcast(logp_yes).detach()
+        l_score_w = score_loss(lp_new[:, 0], lp_new[:, 1], pbar[:, 0], torch.zeros_like(pbar[:, 1]), omega)
+        # d(L_score)/d(Yes logit) under a full-vocabulary softmax is ω̂ p̄ (1 − p) per thought: the
+        # chosen side's push saturates as p → 1, the rejected side's does not as p → 0
+        p_old = lp_old.exp()
+        push = omega[:, None, None] * pbar * (1.0 - p_old)  # (B, 2, K)
         stats: dict[str, Tensor] = {
             "loss": loss.detach(),
             "loss_score": l_score.detach().mean(),
+            "loss_score_chosen": l_score_w.mean(),
+            "loss_score_rejected": (l_score.detach() - l_score_w).mean(),
             "loss_thought": l_thought.detach().mean(),
+            "loss_thought_chosen": l_thought_r[:, 0].detach().mean(),
+            "loss_thought_rejected": l_thought_r[:, 1].detach().mean(),
+            "logp_yes_chosen": lp_old[:, 0].mean(),
+            "logp_yes_rejected": lp_old[:, 1].mean(),
+            "logp_yes_drift_chosen": (lp_new[:, 0] - lp_old[:, 0]).mean(),
+            "logp_yes_drift_rejected": (lp_new[:, 1] - lp_old[:, 1]).mean(),
+            "yes_logit_push_chosen": push[:, 0].sum(-1).mean(),
+            "yes_logit_push_rejected": push[:, 1].sum(-1).mean(),
             "omega_mean": omega.mean(),
             "score_chosen": log_s[:, 0].exp().mean(),
             "score_rejected": log_s[:, 1].exp().mean(),

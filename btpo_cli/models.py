@@ -45,7 +45,8 @@ ALIASES: dict[str, ModelAlias] = {a.alias: a for a in [
     ModelAlias("tiny-qwen2", None, "qwen2", "2 layers, 64 wide, local tokenizer: tests and demo", "built"),
     ModelAlias("tiny-llama", None, "llama3", "2 layers, 64 wide, local tokenizer: tests", "built"),
     ModelAlias("tiny-thinker", None, "qwen2",
-               "3 layers, 96 wide, pre-trained on CPU to think a little about the synthetic task (demo)",
+               "3 layers, 96 wide, pre-trained on CPU to think a little about the synthetic task (demo); "
+               "tiny-thinker-s<N>: pre-training seed N",
                "pretrained"),
 ]}
 
@@ -91,10 +92,11 @@ def quiet_transformers() -> None:
 
 def resolve_model(name: str) -> str:
     """Alias → local folder or Hub id; a path or Hub id is returned unchanged."""
-    if name == "tiny-thinker":
-        from btpo_cli.thinker import ensure_thinker
+    if name == "tiny-thinker" or (name.startswith("tiny-thinker-s") and name[len("tiny-thinker-s"):].isdigit()):
+        from btpo_cli.thinker import ThinkerSpec, ensure_thinker
 
-        return str(ensure_thinker())
+        seed = int(name[len("tiny-thinker-s"):]) if name != "tiny-thinker" else 0
+        return str(ensure_thinker(ThinkerSpec(seed=seed)))
     if name.startswith("tiny-"):
         from btpo_cli.tiny import TINY_MODELS, ensure_tiny
 

@@ -4,7 +4,7 @@ No machine here has pretrained weights, so the built-in benchmark needs a base m
 the part of an instruct model before preference training: it writes thoughts in the dialog
 format of METHOD.md §2, some of them useful, and its Yes/No judgment is weak.
 
-It is a Qwen2-architecture model (3 layers, 96 wide, ~0.45M parameters) with the tiny-qwen2
+It is a Qwen2-architecture model (3 layers, 96 wide, 3 heads of 32, ~0.48M parameters) with the tiny-qwen2
 tokenizer (digits are single tokens), trained by next-token prediction on GPM dialogs about the
 synthetic arithmetic task (``data_builders/synthetic.py``). The loss covers the two assistant
 turns the GPM writes: the thought (turn 4) and the Yes/No answer (turn 6). The thoughts are a
@@ -23,23 +23,54 @@ preference training has both things to learn — which thoughts to write and how
 Half of the responses are right, half near misses.
 
 Cached under ``$BTPO_CACHE/models/tiny-thinker-v<VERSION>-s<seed>``; built atomically.
+
+Reproducibility
+---------------
+The build is made as independent of the environment as it can be: the initial weights are drawn
+by our own code from Python's ``random`` (not by transformers' ``_init_weights``, which changes
+between versions, nor by torch's vectorized normal sampler), the data order is a Python shuffle,
+attention is ``eager``, and the pre-training runs on ONE intra-op thread with torch's
+deterministic algorithms on (:func:`build_determinism`), so that the thread count of the machine
+(``OMP_NUM_THREADS``, ``torch.set_num_threads``) does not change a single bit. What can still
+change the floats is the arithmetic itself: the BLAS (MKL, OpenBLAS, Accelerate), the CPU's
+vector instructions (``torch.backends.cpu.get_cpu_capability()``), and the torch / transformers
+versions. ``btpo_thinker.json`` therefore records the sha256 of the weights and tokenizer files
+and the library versions, CPU capability and thread count of the build, and
+:func:`reference_check` compares them with ``thinker_reference.json`` (the thinkers the README's
+table was made with). Measured in docs/experiments.md (2026-11-29).
+
+head_dim is 32 (96 wide, 3 heads): vLLM's CPU attention accepts only head sizes in
+{32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; v5 had 4 heads of 24.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-VERSION = 5
+VERSION = 6
+"""v6: 3 heads of 32 (v5: 4 of 24), own weight init, single-thread deterministic build, hashes in the metadata."""
+
+BUILD_THREADS = 1
+"""Intra-op threads during pre-training: fixed, so that the machine's thread count cannot change the result."""
+
+REFERENCE_FILE = Path(__file__).with_name("thinker_reference.json")
+HASHED_FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json")
+"""Files whose sha256 goes into ``btpo_thinker.json``; the first two identify a thinker."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +81,11 @@ class ThinkerSpec:
     lr: float = 3e-3
     hidden: int = 96
     layers: int = 3
-    heads: int = 4
-    kv_heads: int = 2
+    heads: int = 3
+    """3 heads of 32: a head size vLLM's CPU attention supports."""
+    kv_heads: int = 3
     intermediate: int = 256
+    init_std: float = 0.02
     n_sequences: int = 12000
     """Distinct pre-training dialogs (generated once, then cycled)."""
     careful: float = 0.3
@@ -67,7 +100,10 @@ def thinker_dir(spec: ThinkerSpec, cache_root: Path | None = None) -> Path:
     from btpo_cli.tiny import tiny_cache_root
 
     root = cache_root or tiny_cache_root()
-    return root / "models" / f"tiny-thinker-v{VERSION}-s{spec.seed}"
+    name = f"tiny-thinker-v{VERSION}-s{spec.seed}"
+    if spec != ThinkerSpec(seed=spec.seed):   # a non-default recipe never takes the default's place
+        name += "-" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
+    return root / "models" / name
 
 
 def pretraining_example(rng: random.Random, tok: object, spec: ThinkerSpec, ids: dict[str, int]) -> tuple[list[int], list[int]]:
@@ -106,36 +142,107 @@ def pretraining_example(rng: random.Random, tok: object, spec: ThinkerSpec, ids:
     return seq, mask
 
 
+@contextlib.contextmanager
+def build_determinism(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """Run the block on ``threads`` intra-op threads with deterministic algorithms; restore both after.
+
+    One thread makes every reduction (matmul, sums, softmax) happen in one fixed order whatever
+    the machine's core count or ``OMP_NUM_THREADS``; deterministic algorithms rule out the
+    (CPU-rare) non-deterministic kernels.
+    """
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+def init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Initial weights from Python's ``random`` in parameter-name order, the same under any torch/transformers.
+
+    Matrices (embeddings, projections) ~ N(0, std²) rounded to float32; norm weights 1; biases 0.
+    Tied parameters are visited once (``named_parameters`` de-duplicates them).
+    """
+    rng = random.Random(f"thinker-init:{seed}")
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+            if p.dim() >= 2:
+                vals = [rng.gauss(0.0, std) for _ in range(p.numel())]
+                p.copy_(torch.tensor(vals, dtype=torch.float64).view(p.shape).to(p.dtype))
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_environment(threads: int = BUILD_THREADS) -> dict[str, Any]:
+    """What the floats of a build can depend on: library versions, CPU capability, BLAS, threads."""
+    import tokenizers
+    import transformers
+
+    try:
+        import accelerate
+
+        acc_version = accelerate.__version__
+    except ImportError:  # pragma: no cover - a dependency, but not needed to build
+        acc_version = None
+    cfg = torch.__config__.show()
+    blas = "mkl" if "BLAS_INFO=mkl" in cfg else ("openblas" if "openblas" in cfg.lower() else "other")
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "accelerate": acc_version, "machine": platform.machine(), "system": platform.system(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas": blas,
+            "build_threads": threads, "env_OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
 def build_thinker(out_dir: Path, spec: ThinkerSpec, progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Pre-train and save the model + tokenizer into ``out_dir``; return a summary."""
+    """Pre-train and save the model + tokenizer into ``out_dir``; return the summary (``btpo_thinker.json``)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from btpo_cli.models import load_tokenizer
     from btpo_cli.templates import answer_token_id, end_of_turn_id
 
+    t_start = time.perf_counter()
     tok = load_tokenizer("tiny-qwen2")
     ids = {"yes": answer_token_id(tok, "Yes"), "no": answer_token_id(tok, "No"), "eot": end_of_turn_id(tok)}
     rng = random.Random(f"thinker:{spec.seed}")
     data = [pretraining_example(rng, tok, spec, ids) for _ in range(spec.n_sequences)]
+    order_rng = random.Random(f"thinker-order:{spec.seed}")
     vocab = math.ceil(len(tok) / 64) * 64
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.seed)
-        cfg = Qwen2Config(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                          num_key_value_heads=spec.kv_heads, max_position_embeddings=1024,
-                          tie_word_embeddings=True, rope_theta=10000.0, pad_token_id=tok.pad_token_id,
-                          bos_token_id=tok.pad_token_id, eos_token_id=ids["eot"])
-        model = Qwen2ForCausalLM(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                      num_key_value_heads=spec.kv_heads, max_position_embeddings=1024,
+                      tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=ids["eot"],
+                      attn_implementation="eager", dtype="float32")
+    with torch.random.fork_rng(devices=[]), build_determinism():
+        torch.manual_seed(spec.seed)   # nothing below draws from it; kept so no global state leaks in
+        model = Qwen2ForCausalLM(cfg).float()
+        init_weights(model, spec.seed, spec.init_std)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01, foreach=False)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / spec.steps))))
-        g = torch.Generator().manual_seed(spec.seed)
         order: list[int] = []
         losses = []
         model.train()
         for step in range(spec.steps):
             if len(order) < spec.batch_size:
-                order += torch.randperm(len(data), generator=g).tolist()
+                perm = list(range(len(data)))
+                order_rng.shuffle(perm)
+                order += perm
             batch, order = [data[i] for i in order[:spec.batch_size]], order[spec.batch_size:]
             t = max(len(s) for s, _ in batch)
             x = torch.full((len(batch), t), tok.pad_token_id)
@@ -153,7 +260,7 @@ def build_thinker(out_dir: Path, spec: ThinkerSpec, progress: Callable[[int, int
             loss = torch.nn.functional.cross_entropy(logits, x[:, 1:][keep])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -163,11 +270,69 @@ def build_thinker(out_dir: Path, spec: ThinkerSpec, progress: Callable[[int, int
     model.generation_config.eos_token_id = [ids["eot"]]
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    files = {f: sha256_file(out_dir / f) for f in HASHED_FILES if (out_dir / f).is_file()}
     summary = {"name": "tiny-thinker", "version": VERSION, "spec": asdict(spec),
                "parameters": sum(p.numel() for p in model.parameters()),
-               "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+               "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+               "weights_sha256": files.get("model.safetensors"), "tokenizer_sha256": files.get("tokenizer.json"),
+               "files_sha256": files, "built_with": build_environment(),
+               "build_seconds": round(time.perf_counter() - t_start, 1)}
     (out_dir / "btpo_thinker.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# ----------------------------------------------------------------------------- the README's thinkers
+
+
+@dataclass
+class ReferenceCheck:
+    """How a built thinker compares with the one the README's table was made with."""
+
+    status: str
+    """``identical`` (weights and tokenizer sha256 equal), ``different``, or ``no-reference`` (seed not recorded)."""
+    lines: list[str]
+
+
+def load_reference() -> dict[str, Any]:
+    """``thinker_reference.json``: ``{"version", "built_with", "seeds": {seed: {weights_sha256, tokenizer_sha256, final_loss}}}``."""
+    try:
+        return json.loads(REFERENCE_FILE.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"version": None, "seeds": {}}
+
+
+def reference_check(info: dict[str, Any], reference: dict[str, Any] | None = None) -> ReferenceCheck:
+    """Compare a thinker's ``btpo_thinker.json`` with the reference; explain what differs."""
+    ref = reference if reference is not None else load_reference()
+    seed = str(info.get("spec", {}).get("seed"))
+    env = info.get("built_with", {})
+    short = (info.get("weights_sha256") or "?")[:12]
+    lines = [f"tiny-thinker v{info.get('version')} seed {seed}: weights sha256 {short}…, tokenizer sha256 "
+             f"{(info.get('tokenizer_sha256') or '?')[:12]}…, final pre-training loss {info.get('final_loss', float('nan')):.4f}",
+             "  built with torch {torch}, transformers {transformers}, tokenizers {tokenizers}, accelerate {accelerate}, "
+             "{machine} {cpu_capability} ({blas}), {build_threads} thread(s)".format(
+                 **{k: env.get(k, "?") for k in ("torch", "transformers", "tokenizers", "accelerate", "machine",
+                                                  "cpu_capability", "blas", "build_threads")})]
+    r = ref.get("seeds", {}).get(seed) if ref.get("version") == info.get("version") else None
+    if r is None:
+        lines.append("  no reference recorded for this thinker: the README's numbers were made with other thinkers")
+        return ReferenceCheck("no-reference", lines)
+    same_w = r.get("weights_sha256") == info.get("weights_sha256")
+    same_t = r.get("tokenizer_sha256") == info.get("tokenizer_sha256")
+    if same_w and same_t:
+        lines.append("  = the reference thinker the README's table was made with (bitwise identical)")
+        return ReferenceCheck("identical", lines)
+    renv = ref.get("built_with", {})
+    diff = [f"{k} {renv.get(k)} → {env.get(k)}" for k in ("torch", "transformers", "tokenizers", "machine",
+                                                          "cpu_capability", "blas") if renv.get(k) != env.get(k)]
+    what = ("weights" if not same_w else "") + (" and " if not same_w and not same_t else "") + \
+           ("tokenizer" if not same_t else "")
+    lines.append(f"  ≠ the README's reference thinker ({what} differ: reference weights "
+                 f"{(r.get('weights_sha256') or '?')[:12]}…, final loss {r.get('final_loss', float('nan')):.4f})")
+    lines.append("  environment differences: " + (", ".join(diff) if diff else
+                 "none recorded (same versions and CPU capability; a different BLAS build or CPU model)"))
+    lines.append("  expect the README's numbers within their stated spread over thinker seeds, not identical")
+    return ReferenceCheck("different", lines)
 
 
 def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = None, force: bool = False) -> Path:

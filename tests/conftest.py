@@ -57,14 +57,14 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
-             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh interpreter, as a user would."""
+             cwd: Path | None = None, timeout: float | None = 600) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter, as a user would (``timeout=None``: CI's own limit applies)."""
     e = dict(os.environ)
     e.update(env or {})
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["COLUMNS"] = "200"
     p = subprocess.run([sys.executable, "-m", "btpo_cli", *args], capture_output=True, text=True, env=e,
-                       cwd=cwd or REPO, timeout=600)
+                       cwd=cwd or REPO, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"btpo {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

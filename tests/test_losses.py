@@ -594,3 +594,27 @@ def test_btpo_loss_stats_hand_values() -> None:
     close(st["adv_abs_mean"], 1 / 6)
     # the loss at ρ = 1 with logp = 0 tokens: L_thought = −Σ_r mean_k 2·Â = 0 (advantages sum to 0)
     close(st["loss_thought"], 0.0)
+
+
+def test_btpo_loss_per_term_stats() -> None:
+    """The split terms sum to their totals; log p(Yes) levels, drifts and Yes-logit pushes by hand."""
+    theta, forward, mask = _toy(7)
+    logp, logp_yes = forward(theta)
+    g = torch.Generator().manual_seed(3)
+    old = logp.detach() + 0.05 * torch.randn(logp.shape, generator=g, dtype=D64)
+    old_yes = logp_yes.detach() + 0.2 * torch.randn(logp_yes.shape, generator=g, dtype=D64)
+    _, st = btpo_loss(logp, old, mask, logp_yes, old_yes, eps_low=0.03, eps_high=0.03)
+    close(st["loss_score_chosen"] + st["loss_score_rejected"], st["loss_score"])
+    close(st["loss_thought_chosen"] + st["loss_thought_rejected"], st["loss_thought"])
+    omega, pbar, _ = rollout_weights(old_yes, "grpo")
+    lp = logp_yes.detach()
+    close(st["loss_score_chosen"], (-omega * (pbar[:, 0] * lp[:, 0]).sum(-1)).mean())
+    assert float(st["loss_score_chosen"]) > 0 > float(st["loss_score_rejected"])
+    close(st["logp_yes_chosen"], old_yes[:, 0].mean())
+    close(st["logp_yes_rejected"], old_yes[:, 1].mean())
+    close(st["logp_yes_drift_chosen"], (lp[:, 0] - old_yes[:, 0]).mean())
+    close(st["logp_yes_drift_rejected"], (lp[:, 1] - old_yes[:, 1]).mean())
+    p = old_yes.exp()
+    push = omega[:, None, None] * pbar * (1 - p)
+    close(st["yes_logit_push_chosen"], push[:, 0].sum(-1).mean())
+    close(st["yes_logit_push_rejected"], push[:, 1].sum(-1).mean())

@@ -13,18 +13,20 @@ EPILOG = """[bold]Examples[/]
 
   btpo base-model                       (builds once into the cache, prints its folder)
 
-  btpo base-model --force --steps 1200  (rebuild with a longer pre-training)
+  btpo base-model --seed 1              (the second base model of the README's table: tiny-thinker-s1)
+
+  btpo base-model --force --steps 1200  (rebuild with a different pre-training length)
 """
 
 
 def base_model(
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 800)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 2000)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data mix and the initial weights."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
 ) -> None:
     from dataclasses import replace
 
-    from btpo_cli.thinker import ThinkerSpec, ensure_thinker
+    from btpo_cli.thinker import ThinkerSpec, ensure_thinker, reference_check
 
     spec = ThinkerSpec(seed=seed)
     if steps:
@@ -33,4 +35,6 @@ def base_model(
     info = json.loads((path / "btpo_thinker.json").read_text())
     console.print(f"tiny-thinker: {info['parameters']:,} parameters, final pre-training loss "
                   f"{info['final_loss']:.3f}", highlight=False)
+    for line in reference_check(info).lines:
+        console.print(line, highlight=False)
     out.print(str(path), markup=False, highlight=False)

@@ -14,7 +14,8 @@ EPILOG = """[bold]Examples[/]
 
   btpo demo --quick                           (smaller budget; what the integration test runs)
 
-  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2 --out demo_out
+  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2,3,4 --thinker-seeds 0,1
+                                              (the README's table: 5 seeds × 2 base models)
 """
 
 
@@ -23,14 +24,24 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A smaller budget (smoke tests, CI)."),
     methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated: bt, btpo, btpo-no-omega."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds."),
+    thinker_seeds: str = typer.Option("0", "--thinker-seeds",
+                                      help="Comma-separated pre-training seeds of the base model (tiny-thinker-s<N>)."),
     overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Start the runs over if they exist."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write <out>/compare.png."),
 ) -> None:
     from btpo_cli.demo import run_demo
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError as e:
-        raise typer.BadParameter(f"--seeds {seeds!r}: expected integers like 0,1,2") from e
+    seed_list = _ints("--seeds", seeds)
+    thinker_list = _ints("--thinker-seeds", thinker_seeds)
     run_demo(out, quick=quick, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seed_list,
-             overwrite=overwrite, plot=out / "compare.png" if plot else None)
+             overwrite=overwrite, plot=out / "compare.png" if plot else None, thinker_seeds=thinker_list)
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"{flag} {text!r}: expected non-negative integers like 0,1,2") from e
+    if not vals or any(v < 0 for v in vals):
+        raise typer.BadParameter(f"{flag} {text!r}: expected non-negative integers like 0,1,2")
+    return vals
