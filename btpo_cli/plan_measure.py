@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three four five six").split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu", "one", "two", "three", "four", "five", "six"]
 
 
 def status_kb(field: str) -> int:
@@ -134,11 +133,10 @@ def _malloc_trim() -> None:
 
 def _child(cfg_path: str, out_path: str, device: str) -> None:
     """The measured process: warm everything up, take the baseline, train, report."""
-    import yaml
-
     import accelerate  # noqa: F401
     import torch
     import transformers  # noqa: F401
+    import yaml
 
     from btpo_cli.config import config_from_dict, validate
     from btpo_cli.methods import get_method

@@ -12,7 +12,6 @@ from typing import NoReturn
 
 import click
 import typer
-from rich.markup import escape
 
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
