@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,17 @@ def preload_split(source: str | Path, split: str, strict: bool = False) -> None:
     a second; the training loop's :func:`read_split` then takes the records from here."""
     records, skips = read_split(source, split, strict)
     _PRELOADED[(str(source), split, strict)] = (records, skips)
+
+
+def seeded_sample(pool: Sequence[PairRecord], n: int, key: str) -> list[PairRecord]:
+    """A sample of ``n`` records seeded by the string ``key`` (all, shuffled, when ``n`` is 0 or at
+    least the pool): the builders' down-sampling, the same on every machine and Python."""
+    rng = random.Random(key)
+    if n <= 0 or n >= len(pool):
+        out = list(pool)
+        rng.shuffle(out)
+        return out
+    return rng.sample(list(pool), n)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -30,7 +30,6 @@ import contextlib
 import copy
 import fcntl
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from btpo_cli.data import sha256_file
 from btpo_cli.errors import BtpoError
 
 ALIAS = "smollm2-135m"
@@ -133,14 +133,6 @@ def find_gguf() -> GGUFSource:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return GGUFSource(version, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:

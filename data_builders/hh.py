@@ -30,13 +30,12 @@ gets none of their pairs.
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, seeded_sample, write_dataset
 from btpo_cli.errors import BtpoError
 from data_builders.sources import SourceSpec, available_splits, load_rows, resolve_sources
 
@@ -199,12 +198,7 @@ def plan_inputs(spec: SourceSpec, subsets: Sequence[str]) -> dict[tuple[str, str
 
 def sample_pairs(pool: Sequence[PairRecord], n: int, seed: int, split: str) -> list[PairRecord]:
     """A seeded sample of ``n`` pairs (all, shuffled, when ``n`` is 0 or more than the pool)."""
-    rng = random.Random(f"hh:{seed}:{split}")
-    if n <= 0 or n >= len(pool):
-        out = list(pool)
-        rng.shuffle(out)
-        return out
-    return rng.sample(list(pool), n)
+    return seeded_sample(pool, n, f"hh:{seed}:{split}")
 
 
 def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets: Sequence[str] = HH_SUBSETS,

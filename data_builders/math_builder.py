@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, seeded_sample, write_dataset
 from btpo_cli.errors import BtpoError
 from data_builders.grading import HAS_MATH_VERIFY, answers_match, extract_answer
 from data_builders.math_questions import MathQuestion, alpaca_prompt, read_questions
@@ -390,12 +390,7 @@ def grade_and_pair(
 
 def downsample(pool: Sequence[PairRecord], n: int, seed: int, tag: str) -> list[PairRecord]:
     """A seeded sample of ``n`` records (all, shuffled, when ``n`` is 0 or at least the pool)."""
-    rng = random.Random(f"{tag}:{seed}")
-    if n <= 0 or n >= len(pool):
-        out = list(pool)
-        rng.shuffle(out)
-        return out
-    return rng.sample(list(pool), n)
+    return seeded_sample(pool, n, f"{tag}:{seed}")
 
 
 def build_math(

@@ -64,22 +64,30 @@ def _text(row: dict[str, Any], key: str) -> str | None:
     return v.strip() if isinstance(v, str) and v.strip() else None
 
 
+def _question_rows(spec: SourceSpec, split: str | None, skips: SkipLog | None, limit: int | None,
+                   question: str, answer: str, extract: Callable[[str], str | None],
+                   no_gold: str) -> Iterator[tuple[int, dict[str, Any], str, str, str]]:
+    """Rows with a question text and an answer text whose gold answer ``extract`` finds:
+    ``(row number, row, question, answer text, gold)``; every other row is skipped by field."""
+    skips = skips if skips is not None else SkipLog()
+    for file, num, row in load_rows(spec, split, skips=skips, limit=limit):
+        q, a = _text(row, question), _text(row, answer)
+        missing = question if q is None else answer if a is None else None
+        if missing is not None:
+            skips.skip(file, num, missing, R_MISSING)
+            continue
+        gold = extract(a)
+        if gold is None:
+            skips.skip(file, num, answer, no_gold)
+            continue
+        yield num, row, q, a, gold
+
+
 def read_metamathqa(spec: SourceSpec, *, split: str | None = "train", skips: SkipLog | None = None,
                     limit: int | None = None) -> Iterator[MathQuestion]:
     """MetaMathQA rows → questions; ``qid`` is ``metamathqa-<row>`` (0-based), source ``metamathqa/<type>``."""
-    skips = skips if skips is not None else SkipLog()
-    for file, num, row in load_rows(spec, split, skips=skips, limit=limit):
-        query, response = _text(row, "query"), _text(row, "response")
-        if query is None:
-            skips.skip(file, num, "query", R_MISSING)
-            continue
-        if response is None:
-            skips.skip(file, num, "response", R_MISSING)
-            continue
-        gold = extract_metamath_answer(response)
-        if gold is None:
-            skips.skip(file, num, "response", R_NO_ANSWER_IS)
-            continue
+    for num, row, query, _, gold in _question_rows(spec, split, skips, limit, "query", "response",
+                                                   extract_metamath_answer, R_NO_ANSWER_IS):
         qtype = str(row.get("type") or "unknown")
         yield MathQuestion(f"metamathqa-{num - 1}", query, gold, f"metamathqa/{qtype}",
                            {"type": qtype, "original_question": row.get("original_question")})
@@ -88,20 +96,9 @@ def read_metamathqa(spec: SourceSpec, *, split: str | None = "train", skips: Ski
 def read_gsm8k(spec: SourceSpec, *, split: str | None = "test", skips: SkipLog | None = None,
                limit: int | None = None) -> Iterator[MathQuestion]:
     """GSM8K rows → questions; ``qid`` is ``gsm8k-<split>-<row>`` (0-based), source ``gsm8k``."""
-    skips = skips if skips is not None else SkipLog()
     split_name = split or spec.split or "test"
-    for file, num, row in load_rows(spec, split, skips=skips, limit=limit):
-        question, answer = _text(row, "question"), _text(row, "answer")
-        if question is None:
-            skips.skip(file, num, "question", R_MISSING)
-            continue
-        if answer is None:
-            skips.skip(file, num, "answer", R_MISSING)
-            continue
-        gold = extract_gsm8k_answer(answer)
-        if gold is None:
-            skips.skip(file, num, "answer", R_NO_HASHES)
-            continue
+    for num, _, question, answer, gold in _question_rows(spec, split, skips, limit, "question", "answer",
+                                                         extract_gsm8k_answer, R_NO_HASHES):
         yield MathQuestion(f"gsm8k-{split_name}-{num - 1}", question, gold, "gsm8k", {"solution": answer})
 
 
