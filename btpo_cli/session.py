@@ -4,12 +4,13 @@ scheduler, trackers and the resume state — built in one order, in one place.
 A method's ``train`` reads top to bottom::
 
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")   # accelerator, seed, tokenizer
-    records = sess.load_split()                                        # the training split
+    records = sess.load_split()                                        # the training split (less held-out eval pairs)
     units, counts = encode(sess.tok, records, ...)                     # the method's own encoding
-    sess.build("causal", total_steps, reference=cfg.btpo.beta > 0)     # model, ref, opt, sched, resume
+    sess.build("causal", total_steps, reference=cfg.btpo.beta > 0)     # model, ref, opt, sched, resume, evals
     sess.log_data(len(units), counts)                                  # step-0 data row (fresh runs)
-    run_supervised(sess, …) or run_rollouts(sess, …)                   # the shared loops
-    sess.finish(meta)                                                  # final/ + trackers closed
+    sess.meta = describe(cfg, records, ...)                            # btpo.json of best/ and final/
+    run_supervised(sess, …) or run_rollouts(sess, …)                   # the shared loops (+ eval during training)
+    sess.finish(sess.meta)                                             # final/ + trackers closed
 
 This is the one place that knows how a model is wrapped for training (``accelerator.prepare``)
 and how full weights are read back out of it (:meth:`TrainSession.full_weights`, used for the
