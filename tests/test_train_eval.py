@@ -259,3 +259,24 @@ def test_two_processes_evaluate_as_one(tmp_path: Path, bt_run: Path, valid_data:
     assert sorted(w1) == sorted(w2)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["btpo", "gram", "grpo-pair", "grpo-point", "bt-prefilled"])
+def test_every_method_evaluates_in_memory_as_btpo_eval_does(tmp_path: Path, valid_data: Path, method: str) -> None:
+    """Both loops, every judge: the last eval/ row equals `btpo eval` on final/ for the same 4 pairs."""
+    from tests.conftest import JUDGE_TRAIN
+
+    run = tmp_path / method
+    run_btpo("train", "--method", method, "--model", "tiny-qwen2", "--data", str(valid_data), "--out", str(run),
+             *JUDGE_TRAIN[method], "--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0",
+             "--set", "train.eval_every=1", "--set", "train.eval_limit=4", "--set", "eval.batch_size=2",
+             "--set", "eval.max_new_tokens=8", env=ONE_THREAD)
+    evals = _evals(run)
+    assert [r["step"] for r in evals] == [r["step"] for r in _train_rows(run)]
+    assert (run / "best" / "btpo.json").exists()
+    p = run_btpo("eval", "--checkpoint", str(run), "--split", "validation", "--limit", "4", "--batch-size", "2",
+                 "--max-new-tokens", "8", "--json", env=ONE_THREAD)
+    summary = json.loads(p.stdout)
+    for k in EVAL_KEYS:
+        assert evals[-1][f"eval/{k}"] == summary[k], k
