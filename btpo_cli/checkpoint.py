@@ -13,7 +13,8 @@ folder (``docs/judge.md`` lists every key)::
     settings      the judge's settings in the config's own shape: model.*, data.max_length,
                   eval.* (batch size, thought budget, samples), rollout.temperature / top_p /
                   engine, train.seed, and the method's own section (btpo.*, prefilled.*, …)
-    training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods
+    training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods;
+                  ``early_stop`` when ``train.early_stop_patience`` ended the run
     eval          {"<dataset>/<split>": accuracy, raw accuracy, ties, format errors, n}: filled by ``btpo eval``
     selected      ``best/`` only: the step and eval result it was kept for (``train.eval_every``)
 

@@ -210,5 +210,9 @@ class TrainSession:
         and close the trackers."""
         if self.evals:
             self.evals.close()
+            if self.evals.stopped:          # btpo.json says the run ended early and where its best was
+                meta = {**meta, "training": {**meta.get("training", {}), "early_stop": {
+                    "best_step": self.evals.best_step, "best_raw_accuracy": self.evals.best,
+                    "patience": self.evals.patience}}}
         save_final(self, meta)
         self.acc.end_training()

@@ -226,6 +226,8 @@ def test_early_stop_in_the_rollout_loop_and_a_resume_after_it(tmp_path: Path, sy
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == last["step"] and state["eval"]["stopped"] is True
     assert json.loads((run / "best" / "btpo.json").read_text())["selected"]["step"] == last["eval/best_step"]
+    stop = json.loads((run / "final" / "btpo.json").read_text())["training"]["early_stop"]
+    assert stop["best_step"] == last["eval/best_step"] and stop["patience"] == 2
     before = (run / "metrics.jsonl").read_text(), _bytes(run / "final")
     run_btpo("train", "--out", str(run), "--resume", env=ONE_THREAD)           # a stopped run stays stopped
     assert ((run / "metrics.jsonl").read_text(), _bytes(run / "final")) == before
