@@ -13,8 +13,10 @@ folder (``docs/judge.md`` lists every key)::
     settings      the judge's settings in the config's own shape: model.*, data.max_length,
                   eval.* (batch size, thought budget, samples), rollout.temperature / top_p /
                   engine, train.seed, and the method's own section (btpo.*, prefilled.*, …)
-    training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods
+    training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods;
+                  ``early_stop`` when ``train.early_stop_patience`` ended the run
     eval          {"<dataset>/<split>": accuracy, raw accuracy, ties, format errors, n}: filled by ``btpo eval``
+    selected      ``best/`` only: the step and eval result it was kept for (``train.eval_every``)
 
 plus method extras (``thought_writer`` and ``max_thought_tokens`` for bt-prefilled,
 ``label_token_ids`` for gram). ``final/README.md`` is the model card rendered from it.
@@ -253,8 +255,13 @@ def model_card(meta: dict[str, Any]) -> str:
               f"- aspect: **{aspect}**" + (f" (training aspects: {_fmt_aspects(meta['aspects'])})"
                                           if len(meta.get("aspects") or {}) > 1 else ""),
               f"- templates: `{(meta.get('template') or {}).get('version', '?')}`; written by btpo "
-              f"{meta.get('btpo_version', '?')}", "", "## Training", "",
-              "| | |", "|---|---|"]
+              f"{meta.get('btpo_version', '?')}"]
+    sel = meta.get("selected")
+    if isinstance(sel, dict):
+        lines.append(f"- selected: the weights of step {sel.get('step')}, the best evaluation during training "
+                     f"(accuracy {_pct(sel.get('accuracy'))}, raw {_pct(sel.get('raw_accuracy'))} on "
+                     f"{sel.get('n')} pairs of {sel.get('split')})")
+    lines += ["", "## Training", "", "| | |", "|---|---|"]
     rows = [("data", tr.get("data")), ("training pairs", tr.get("train_pairs")),
             ("steps", tr.get("max_steps") or f"{tr.get('epochs')} epoch(s)"), ("batch (pairs)", tr.get("batch_size")),
             ("learning rate", tr.get("lr")), ("seed", tr.get("seed"))]

@@ -65,6 +65,11 @@ class DataConfig:
     """Use only the first N training pairs (quick runs)."""
     strict: bool = False
     """Fail on the first unusable record instead of skipping and counting it."""
+    valid_split: str = "auto"
+    """The pairs ``train.eval_every`` evaluates on: ``auto`` (the dataset's ``validation`` split when the
+    folder has one, else ``heldout``), ``heldout`` (``train.eval_limit`` training pairs drawn by the seed and
+    removed from training; their ids go to ``RUN/eval_pairs.json``) or a split name. Never the test split
+    unless named here."""
 
 
 @dataclass
@@ -100,6 +105,13 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     log_every: int = 1
+    eval_every: int = 0
+    """Evaluate the model in memory every N optimizer steps and at the last (METHOD §7 on
+    ``data.valid_split``; ``eval/`` rows in metrics.jsonl, ``best/`` kept by eval accuracy); 0 = off."""
+    eval_limit: int = 256
+    """Pairs evaluated: the held-out slice's size, or the first N of a validation split (0 = all of it)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations in a row without a better eval accuracy (0 = never)."""
     report_to: str = "none"
     """``none``, ``tensorboard`` or ``wandb`` (through accelerate's trackers)."""
     precision: str = "auto"
@@ -518,6 +530,18 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    for key in ("train.eval_every", "train.eval_limit", "train.early_stop_patience"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")
+    if cfg.train.early_stop_patience and not cfg.train.eval_every:
+        raise ConfigError("train.early_stop_patience: needs train.eval_every > 0 (early stopping watches eval accuracy)")
+    if cfg.train.eval_every and not cfg.data.valid_split:
+        raise ConfigError("data.valid_split: empty; use auto, heldout or a split name")
+    if cfg.train.eval_every and cfg.data.valid_split == cfg.data.train_split:
+        raise ConfigError(f"data.valid_split: {cfg.data.valid_split!r} is the training split; use heldout to "
+                          "evaluate on training pairs kept out of training")
+    if cfg.train.eval_every and cfg.data.valid_split == "heldout" and not cfg.train.eval_limit:
+        raise ConfigError("train.eval_limit: data.valid_split=heldout needs the number of pairs to hold out (> 0)")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be positive, got {cfg.train.max_steps}")
     if cfg.hardware.gpu_memory_gb is not None and cfg.hardware.gpu_memory_gb <= 0:

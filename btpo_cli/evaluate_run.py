@@ -21,7 +21,13 @@ from btpo_cli.evaluation import EVAL_VERSION, PairResult, summarize
 from btpo_cli.runs import Run
 
 
-def model_dir_of(run: Run) -> Path:
+def model_dir_of(run: Run, which: str = "final") -> Path:
+    if which == "best":
+        if not run.best_dir.exists():
+            raise BtpoError(f"{run.root}: no best/ model (it is kept when training with train.eval_every > 0)")
+        return run.best_dir
+    if which != "final":
+        raise BtpoError(f"--which {which}: expected final or best")
     if not run.final_dir.exists():
         raise BtpoError(f"{run.root}: no final/ model yet (did training finish? `btpo train --out {run.root} "
                         "--resume` completes it)")
@@ -31,8 +37,11 @@ def model_dir_of(run: Run) -> Path:
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
                  batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
                  max_new_tokens: int | None = None, device: str | None = None,
-                 engine: str | None = None) -> dict[str, Any]:
-    """Run the method's evaluator and the shared protocol; write and return the eval summary."""
+                 engine: str | None = None, which: str = "final") -> dict[str, Any]:
+    """Run the method's evaluator and the shared protocol; write and return the eval summary.
+
+    ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
+    ``train.eval_every``; results in ``RUN/eval/best/``)."""
     from rich.markup import escape
 
     from btpo_cli.console import console
@@ -57,14 +66,14 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     if impl.generative:
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
     split = split or cfg.data.eval_split
-    model_dir = model_dir_of(run)
+    model_dir = model_dir_of(run, which)
     records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
                                 limit=limit if limit is not None else cfg.eval.limit)
     if skips.total and int(os.environ.get("RANK", "0")) == 0:
         console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
                       f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
     name = dataset_name(cfg.data.path)
-    out_dir = run.root / "eval"
+    out_dir = eval_dir(run.root, which)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = EvalShards.start(len(records), cfg.eval.batch_size)
     dev = shards.device if shards.world > 1 and device is None else \
@@ -94,6 +103,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         **summarize(results),
         "data_skips": {"records": len(records), **skips.as_dict()},
         "checkpoint": str(model_dir),
+        "which": which,
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
         "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
@@ -149,9 +159,7 @@ class EvalShards:
 
         state = PartialState(cpu=use_cpu())
         world, rank = state.num_processes, state.process_index
-        batches = math.ceil(n / batch_size)
-        per = math.ceil(batches / world) * batch_size                   # whole batches per process
-        return cls(world, rank, min(n, rank * per), min(n, (rank + 1) * per), state.device)
+        return cls(world, rank, *batch_block(n, batch_size, rank, world), state.device)
 
     @property
     def is_main(self) -> bool:
@@ -169,12 +177,7 @@ class EvalShards:
             return results
         from accelerate.utils import gather_object
 
-        everything = gather_object(results)
-        pos = {r.id: k for k, r in enumerate(records)}
-        unjudged = [r for r in everything if r.detail.get("reason") == "too_long" and r.credit == 0]
-        skip = {id(r) for r in unjudged}
-        judged = [r for r in everything if id(r) not in skip]
-        merged = sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))
+        merged = in_record_order(gather_object(results), records)
         self.wait()
         if self.is_main:
             parts = [out_dir / ".parts" / f"rank{r}" for r in range(self.world)]
@@ -193,9 +196,31 @@ class EvalShards:
             PartialState().wait_for_everyone()
 
 
+def batch_block(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s records ``[lo, hi)`` of ``n``: one contiguous block of whole batches, so every
+    batch holds the same pairs (same padding, same numbers) as in a one-process evaluation."""
+    per = math.ceil(math.ceil(n / batch_size) / world) * batch_size
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def in_record_order(results: list[PairResult], records: list[Any]) -> list[PairResult]:
+    """Every process's results → one process's order: judged pairs in record order, then the unjudged."""
+    pos = {r.id: k for k, r in enumerate(records)}
+    unjudged = [r for r in results if r.detail.get("reason") == "too_long" and r.credit == 0]
+    skip = {id(r) for r in unjudged}
+    judged = [r for r in results if id(r) not in skip]
+    return sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))
+
+
+def eval_dir(run_dir: str | Path, which: str = "final") -> Path:
+    """Where the results of ``final/`` (``RUN/eval/``) or ``best/`` (``RUN/eval/best/``) go."""
+    d = Path(run_dir) / "eval"
+    return d / "best" if which == "best" else d
+
+
 def eval_paths(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
     """The files an evaluation wrote: the summary JSON first, then the per-pair predictions."""
-    d = Path(run_dir) / "eval"
+    d = eval_dir(run_dir, summary.get("which", "final"))
     return [d / f"{summary['dataset']}.json", d / f"{summary['dataset']}.predictions.jsonl"]
 
 

@@ -157,6 +157,9 @@ class Judge:
     """Base class of every method's judge; subclasses implement ``_score_chunk`` and/or ``_compare_chunk``.
 
     Built by the method's ``MethodSpec.judge(model_dir, cfg, device, meta)``; use :func:`load_judge`.
+    A built-in judge also takes ``module=``: a model already in memory (the trainer's policy, for
+    evaluation during training: :mod:`btpo_cli.train_eval`) used instead of loading ``model_dir``'s
+    weights; ``model_dir`` then only names the tokenizer.
     """
 
     method: str = "?"

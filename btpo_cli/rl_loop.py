@@ -9,7 +9,10 @@ Per rollout batch (``rollout.batch_size`` units; process ``r`` takes its slice):
    units (the first pass's minibatches do not depend on the number of processes:
    :func:`rollout_slice`), each one optimizer step over micro-batches (``accumulate``), the method's ``loss``
    giving a micro-batch's mean loss and stats;
-3. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end).
+3. an evaluation every ``train.eval_every`` optimizer steps (``sess.evals``: ``eval/`` rows, ``best/``,
+   early stopping, which ends the run at that step);
+4. a checkpoint at the rollout boundary when ``train.save_every`` is crossed (and at the end, or
+   at an early stop).
    Sampling seeds are derived from (run seed, rollout, unit, response), never carried, so a
    resumed run re-samples exactly the next rollout an uninterrupted one samples, on any engine.
 
@@ -31,6 +34,7 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.errors import BtpoError, ConfigError
 from btpo_cli.runs import maybe_fault
+from btpo_cli.tracking import memory_metrics
 from btpo_cli.trainer import (
     BatchPlan,
     StepTimer,
@@ -114,7 +118,10 @@ def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, titl
     timer = StepTimer()
     bar = TrainProgress(plan.total_steps, sess.start, title, acc.is_main_process)
     step = sess.start
-    for r_idx in range(sess.start // plan.steps_per_rollout + 1, plan.batches.total_steps + 1):
+    evals = sess.evals
+    stop = bool(evals and evals.stopped)          # resumed after an early stop: nothing left to train
+    first = plan.batches.total_steps + 1 if stop else sess.start // plan.steps_per_rollout + 1
+    for r_idx in range(first, plan.batches.total_steps + 1):
         # ---- rollout with the current ("old") weights
         t_roll = time.perf_counter()
         local = rollout_slice(plan, r_idx, cfg.train.batch_size, acc.process_index, world, cfg.train.seed)
@@ -159,15 +166,22 @@ def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, titl
                            "train/loss": tot["loss"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
                            "train/rollout": r_idx,
                            **{f"{prefix}/{key}": v / n for key, v in tot.items() if key != "loss"},
-                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop(), **roll_metrics}
+                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop(), **roll_metrics,
+                           **memory_metrics(acc.device)}
                 roll_metrics = {}   # rollout metrics go with the first step after each rollout
                 log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
                 bar.update(step, bar_info(metrics))
+                stop = evals.after_step(step, plan.total_steps) if evals else False
+                if stop:
+                    break
                 maybe_fault(step)
+            if stop:
+                break
         every = cfg.train.save_every
-        if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps:
-            run.save_checkpoint(acc, step, {"step": step, "rollout": r_idx}, cfg.train.keep_checkpoints)
-        if step >= plan.total_steps:
+        if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps \
+                or stop:
+            run.save_checkpoint(acc, step, sess.checkpoint_state(step=step, rollout=r_idx), cfg.train.keep_checkpoints)
+        if step >= plan.total_steps or stop:
             break
     bar.close()
 

@@ -42,8 +42,9 @@ from btpo_cli.runlock import LOCK_FILE, RunLock, describe
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 SKIPS_FILE = "data_skips.json"
+EVAL_PAIRS_FILE = "eval_pairs.json"
 LEFTOVERS = {"config.yaml", "env.json", "metrics.jsonl", SKIPS_FILE, "logs", "tracking.json", LOCK_FILE,
-             "checkpoints", ".final.tmp"}
+             "checkpoints", ".final.tmp", EVAL_PAIRS_FILE}
 """What a launch writes before its first optimizer step: a folder holding only these (and no
 checkpoint, no metrics row past step 0) never trained, and a new run may take it over."""
 LOW_DISK_BYTES = 64 << 20
@@ -144,6 +145,11 @@ class Run:
     @property
     def final_dir(self) -> Path:
         return self.root / "final"
+
+    @property
+    def best_dir(self) -> Path:
+        """The model of the best evaluation during training (``train.eval_every``)."""
+        return self.root / "best"
 
     # -- lifecycle ------------------------------------------------------------------------------
 

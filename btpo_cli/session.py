@@ -4,12 +4,13 @@ scheduler, trackers and the resume state — built in one order, in one place.
 A method's ``train`` reads top to bottom::
 
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")   # accelerator, seed, tokenizer
-    records = sess.load_split()                                        # the training split
+    records = sess.load_split()                                        # the training split (less held-out eval pairs)
     units, counts = encode(sess.tok, records, ...)                     # the method's own encoding
-    sess.build("causal", total_steps, reference=cfg.btpo.beta > 0)     # model, ref, opt, sched, resume
+    sess.build("causal", total_steps, reference=cfg.btpo.beta > 0)     # model, ref, opt, sched, resume, evals
     sess.log_data(len(units), counts)                                  # step-0 data row (fresh runs)
-    run_supervised(sess, …) or run_rollouts(sess, …)                   # the shared loops
-    sess.finish(meta)                                                  # final/ + trackers closed
+    sess.meta = describe(cfg, records, ...)                            # btpo.json of best/ and final/
+    run_supervised(sess, …) or run_rollouts(sess, …)                   # the shared loops (+ eval during training)
+    sess.finish(sess.meta)                                             # final/ + trackers closed
 
 This is the one place that knows how a model is wrapped for training (``accelerator.prepare``)
 and how full weights are read back out of it (:meth:`TrainSession.full_weights`, used for the
@@ -54,6 +55,14 @@ class TrainSession:
     """Frozen reference model for a KL term (``reference=True``), in eval mode."""
     start: int = 0
     """Optimizer steps already taken (the resumed checkpoint's step; 0 for a fresh run)."""
+    meta: dict[str, Any] | None = None
+    """The ``btpo.json`` of the run's model (:func:`~btpo_cli.checkpoint.describe`), set by the method
+    before its loop: ``best/`` and the in-memory judge of ``train.eval_every`` read it."""
+    eval_pairs: Any = None
+    """The pairs ``train.eval_every`` evaluates on (:class:`~btpo_cli.train_eval.EvalPairs`), split off
+    by :meth:`load_split`."""
+    evals: Any = None
+    """Evaluation during training (:class:`~btpo_cli.train_eval.TrainEval`), made by :meth:`build`."""
 
     @classmethod
     def begin(cls, cfg: Config, run: Run, resume: bool, padding_side: str = "right") -> TrainSession:
@@ -84,7 +93,15 @@ class TrainSession:
         return bool(self.acc.is_main_process)
 
     def load_split(self, split: str | None = None) -> list[Any]:
-        return load_split(self.cfg, split or self.cfg.data.train_split, self.acc)
+        """A split of the run's data; the training split without the pairs of ``train.eval_every``
+        (``data.valid_split=heldout``: :func:`~btpo_cli.train_eval.split_eval_pairs`)."""
+        split = split or self.cfg.data.train_split
+        records = load_split(self.cfg, split, self.acc)
+        if split == self.cfg.data.train_split and self.cfg.train.eval_every:
+            from btpo_cli.train_eval import split_eval_pairs
+
+            records, self.eval_pairs = split_eval_pairs(self.cfg, records, self.acc, self.run, self.resume)
+        return records
 
     def build(self, kind: Literal["causal", "reward"], total_steps: int, reference: bool = False) -> int:
         """Load the policy (and reference), make optimizer and scheduler, prepare, start trackers, resume.
@@ -110,6 +127,10 @@ class TrainSession:
 
         init_tracking(acc, cfg, self.run)
         self.start = resume_step(acc, self.run, self.resume)
+        from btpo_cli.train_eval import TrainEval
+
+        ckpt = self.run.latest_checkpoint() if self.start else None
+        self.evals = TrainEval(self, self.eval_pairs, self.run.read_state(ckpt) if ckpt else None)
         return self.start
 
     @property
@@ -180,8 +201,18 @@ class TrainSession:
         engine.update_weights(self.full_weights())
         yield
 
+    def checkpoint_state(self, **state: Any) -> dict[str, Any]:
+        """A checkpoint's ``trainer_state.json``: the loop's position plus the evaluation state."""
+        return {**state, **(self.evals.state() if self.evals else {})}
+
     def finish(self, meta: dict[str, Any]) -> None:
         """Write ``final/`` (full weights, tokenizer, ``btpo.json`` with ``meta``; ``adapter/`` with LoRA)
         and close the trackers."""
+        if self.evals:
+            self.evals.close()
+            if self.evals.stopped:          # btpo.json says the run ended early and where its best was
+                meta = {**meta, "training": {**meta.get("training", {}), "early_stop": {
+                    "best_step": self.evals.best_step, "best_raw_accuracy": self.evals.best,
+                    "patience": self.evals.patience}}}
         save_final(self, meta)
         self.acc.end_training()

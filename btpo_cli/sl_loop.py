@@ -4,7 +4,9 @@ Per optimizer step ``s``: the global batch of ``train.batch_size`` units from
 :class:`~btpo_cli.trainer.BatchPlan` (depends only on the seed and ``s``), this process's slice,
 micro-batches of ``train.micro_batch_size`` units (or ``train.micro_batch_tokens`` tokens), forward/backward through the method's
 ``loss`` (:func:`~btpo_cli.trainer.accumulate`: DDP sync on the last micro-batch only), one
-clipped optimizer step, metrics, a checkpoint every ``train.save_every`` steps and at the end.
+clipped optimizer step, metrics, an evaluation every ``train.eval_every`` steps (``sess.evals``:
+``eval/`` rows, ``best/``, early stopping), a checkpoint every ``train.save_every`` steps, at the end
+and when the run stops early.
 
 What differs between methods — how a micro-batch's loss is computed and which statistics it
 reports — comes in as callbacks; everything else is here once.
@@ -20,6 +22,7 @@ import torch
 
 from btpo_cli import trainer
 from btpo_cli.runs import maybe_fault
+from btpo_cli.tracking import memory_metrics
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]]
 """``loss(unit indices) → (mean loss over the micro-batch's units, per-unit mean stats incl. "loss")``."""
@@ -34,7 +37,7 @@ def run_supervised(sess: Any, plan: trainer.BatchPlan, *, loss: LossFn,
     ``metrics(totals, n) → dict``: ``totals`` are the stats summed over the global batch's ``n``
     units (``n = train.batch_size``); the loop adds ``step``, ``train/epoch``, ``train/loss``,
     ``train/grad_norm``, ``train/lr`` and the ``perf/`` timings (``perf/tokens_per_s`` when the
-    stats carry ``tokens``, the mean tokens per unit). ``sizes(unit) → token lengths of its
+    stats carry ``tokens``, the mean tokens per unit; ``perf/mem_*_gb`` on a GPU). ``sizes(unit) → token lengths of its
     sequences`` lets ``train.micro_batch_tokens`` size micro-batches by tokens.
     """
     cfg, acc, run, model = sess.cfg, sess.acc, sess.run, sess.model
@@ -42,7 +45,9 @@ def run_supervised(sess: Any, plan: trainer.BatchPlan, *, loss: LossFn,
     timer = trainer.StepTimer()
     bar = trainer.TrainProgress(plan.total_steps, sess.start, f"{cfg.method} {run.root.name}", acc.is_main_process)
     model.train()
-    for step in range(sess.start + 1, plan.total_steps + 1):
+    evals = sess.evals
+    first = plan.total_steps + 1 if evals and evals.stopped else sess.start + 1     # stopped early: done
+    for step in range(first, plan.total_steps + 1):
         t0 = time.perf_counter()
         local = plan.local_batch(step, acc.process_index, acc.num_processes)
         micro = trainer.micro_batches(local, cfg, sizes)
@@ -58,9 +63,14 @@ def run_supervised(sess: Any, plan: trainer.BatchPlan, *, loss: LossFn,
         if "tokens" in tot:
             row["perf/tokens_per_s"] = round(tot["tokens"] / dt, 1)
         row.update(timer.pop())
+        row.update(memory_metrics(acc.device))
         trainer.log_metrics(acc, run, cfg, row, step, plan.total_steps)
         bar.update(step, bar_info(row))
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps:
-            run.save_checkpoint(acc, step, {"step": step, "epoch": plan.epoch_of(step)}, cfg.train.keep_checkpoints)
+        stop = evals.after_step(step, plan.total_steps) if evals else False
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps or stop:
+            run.save_checkpoint(acc, step, sess.checkpoint_state(step=step, epoch=plan.epoch_of(step)),
+                                cfg.train.keep_checkpoints)
         maybe_fault(step)
+        if stop:
+            break
     bar.close()

@@ -308,9 +308,9 @@ class TrainProgress:
             sys.stderr.flush()
 
 
-def save_final(sess: Any, meta: dict[str, Any]) -> None:
-    """Write ``final/`` atomically: full weights loadable by plain transformers, tokenizer, btpo.json,
-    README.md (the model card).
+def save_final(sess: Any, meta: dict[str, Any], dest: Any = None) -> None:
+    """Write ``final/`` (or ``dest``: ``best/``) atomically: full weights loadable by plain
+    transformers, tokenizer, btpo.json, README.md (the model card). Every process calls this.
 
     The weights come from ``sess.full_weights()`` (gathered shard by shard under FSDP2 / ZeRO-3,
     every process taking part; kept on the main process's CPU); with LoRA they are the merged
@@ -321,6 +321,7 @@ def save_final(sess: Any, meta: dict[str, Any]) -> None:
     from btpo_cli.lora import is_peft
 
     acc, run = sess.acc, sess.run
+    dest = run.final_dir if dest is None else dest
     acc.wait_for_everyone()
     main = acc.is_main_process
     state: dict[str, torch.Tensor] = {}
@@ -335,7 +336,7 @@ def save_final(sess: Any, meta: dict[str, Any]) -> None:
         adapter_state = {n: t.detach().to("cpu", copy=True) for n, t in full_state(acc, sess.model)
                          if main and (".lora_" in n or ".modules_to_save." in n)}
     if main:
-        tmp = run.root / ".final.tmp"
+        tmp = dest.parent / f".{dest.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         base = policy.get_base_model() if is_peft(policy) else policy
@@ -346,9 +347,12 @@ def save_final(sess: Any, meta: dict[str, Any]) -> None:
         from btpo_cli.checkpoint import write_meta
 
         write_meta(tmp, meta)       # btpo.json + README.md (the model card)
-        if run.final_dir.exists():
-            shutil.rmtree(run.final_dir)
-        os.replace(tmp, run.final_dir)
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.del"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)          # a kill from here leaves no half-deleted model under dest's name
+            shutil.rmtree(old)
+        os.replace(tmp, dest)
     acc.wait_for_everyone()
 
 

@@ -19,6 +19,8 @@ EPILOG = """[bold]Examples[/]
 
   btpo eval --checkpoint runs/btpo --data data/hh --split test --limit 200
 
+  btpo eval --checkpoint runs/bt --which best      # best/, kept by train.eval_every
+
 Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl and prints their paths on
 stdout, one per line (--json: the summary instead); the table goes to stderr.
 """
@@ -26,6 +28,8 @@ stdout, one per line (--json: the summary instead); the table goes to stderr.
 
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder (its final/ model is evaluated)."),
+    which: str = typer.Option("final", "--which", help="final, or best: the model kept by train.eval_every "
+                              "(results under RUN/eval/best/)."),
     data: str | None = typer.Option(None, "--data", "-d", help="Dataset (default: the one it trained on)."),
     split: str | None = typer.Option(None, "--split", help="Split to evaluate (default: data.eval_split)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Pairs per batch."),
@@ -40,7 +44,7 @@ def evaluate(
 ) -> None:
     from btpo_cli.evaluate_run import eval_paths, evaluate_run
 
-    s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine)
+    s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine, which)
     if int(os.environ.get("RANK", "0")) != 0:     # under accelerate launch: the main process reports
         return
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")

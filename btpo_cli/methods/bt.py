@@ -106,6 +106,8 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
     sess.build("reward", plan.total_steps)
     sess.log_data(len(pairs), enc_stats)
     model, device, pad = sess.model, sess.device, tok.pad_token_id
+    info = describe(cfg, records, templates=(templates_of or templates)(tok), token_ids={"pad": tok.pad_token_id})
+    sess.meta = {**info, **(meta or {})}
 
     def loss(ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = [pairs[i] for i in ids]
@@ -124,8 +126,7 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
                               "train/reward_chosen": t["r_w"] / n, "train/reward_rejected": t["r_l"] / n},
         bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
         sizes=lambda i: [len(pairs[i].chosen), len(pairs[i].rejected)])
-    info = describe(cfg, records, templates=(templates_of or templates)(tok), token_ids={"pad": tok.pad_token_id})
-    sess.finish({**info, **(meta or {})})
+    sess.finish(sess.meta)
 
 
 # ----------------------------------------------------------------------------- the judge and evaluation
@@ -136,11 +137,11 @@ class RewardJudge(Judge):
 
     protocol = "pointwise"
 
-    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir)
-        self.model = load_reward_model(cfg.model, self.tok.pad_token_id, device.type, inference=True,
-                                       path=model_dir).to(device).eval()
+        self.model = module if module is not None else load_reward_model(
+            cfg.model, self.tok.pad_token_id, device.type, inference=True, path=model_dir).to(device).eval()
 
     def encode(self, items: list[Item]) -> list[tuple[list[int] | None, str | None]]:
         """(token ids or None when too long, the thought read) per item."""

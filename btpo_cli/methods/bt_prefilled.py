@@ -286,8 +286,8 @@ class PrefilledJudge(bt.RewardJudge):
     thought after each response (``max_thought_tokens``, the training budget), then the trained
     reward model scores ``prefilled_messages(x, y, aspect, thought)``; the thought is returned."""
 
-    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
-        super().__init__(model_dir, cfg, device, meta)
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        super().__init__(model_dir, cfg, device, meta, module)
         self.spec = _spec(cfg, meta.get("thought_writer"), meta.get("max_thought_tokens"))
         self.given_thoughts: dict[str, dict[str, Any]] | None = None
         """Evaluation: the test pairs' thoughts, read from or written to the cache beforehand (id → row)."""
@@ -322,9 +322,11 @@ class PrefilledJudge(bt.RewardJudge):
         """Every pair's thoughts first (:attr:`given_thoughts`, or written now in chunks of
         ``prefilled.batch_size`` pairs, as training and evaluation write them), then BT scores."""
         thoughts = self.given_thoughts
-        if thoughts is None:
-            thoughts, _ = ensure_thoughts(list(records), None, self.spec, self.device,
-                                          make_writer=lambda spec, device: _Borrowed(self.writer()))
+        if thoughts is None:      # thoughts written earlier by this judge are kept (the writer is frozen)
+            todo = [r for r in records if r.id not in self._given]
+            written, _ = ensure_thoughts(todo, None, self.spec, self.device,
+                                         make_writer=lambda spec, device: _Borrowed(self.writer())) if todo else ({}, {})
+            thoughts = {**self._given, **written}
         self._given = thoughts
         return super().judge_pairs(records, progress, sink)
 

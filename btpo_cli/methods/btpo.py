@@ -152,6 +152,10 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     sess.build("causal", plan.total_steps, reference=cfg.btpo.beta > 0)
     sess.log_data(len(pairs), enc_stats)
     engine = sess.rollout_engine()
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.meta = describe(cfg, records, templates=templates(sess.tok, aspect),
+                         token_ids={"yes": judge.yes_id, "no": judge.no_id, "end_of_turn": judge.eot_id,
+                                    "pad": judge.pad_id})
 
     def rollout(local: list[int], r_idx: int, timer: StepTimer) -> tuple[Rollout, dict[str, float]]:
         return do_rollout(sess.model, sess.ref, engine, [pairs[i] for i in local], judge, cfg, timer,
@@ -164,10 +168,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         loss=lambda ro, ids: micro_loss(sess.model, ro, ids, judge, cfg, sess.device),
         bar_info=lambda m: f"loss {m['train/loss']:.4f} ω̂ {m.get('btpo/omega_mean', 0):.3f}")
     engine.close()
-    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
-    sess.finish(describe(cfg, records, templates=templates(sess.tok, aspect),
-                         token_ids={"yes": judge.yes_id, "no": judge.no_id, "end_of_turn": judge.eot_id,
-                                    "pad": judge.pad_id}))
+    sess.finish(sess.meta)
 
 
 def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, cfg: Config,
@@ -200,14 +201,15 @@ class BTPOJudge(Judge):
 
     protocol = "pointwise"
 
-    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.engines import engine_for
         from btpo_cli.models import load_causal_lm, load_tokenizer
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.ids = GPMTokens.from_tokenizer(self.tok)
-        self.model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+        self.model = module if module is not None else \
+            load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
         self.engine = engine_for(cfg, model_dir, self.ids.pad_id, device, module=self.model,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
                                  max_new_tokens=cfg.eval.max_new_tokens)

@@ -134,6 +134,10 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     sess.build("causal", plan.total_steps)
     sess.log_data(len(pairs), enc_stats)
     model, device, eps = sess.model, sess.device, cfg.gram.label_smoothing
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.meta = describe(cfg, records, templates=templates(tok, aspect),
+                         token_ids={"A": labels.a_id, "B": labels.b_id, "pad": tok.pad_token_id},
+                         label_token_ids={"A": labels.a_id, "B": labels.b_id})
 
     def loss(ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Mean over the micro-batch's 2m judgements (both orders of each pair)."""
@@ -155,10 +159,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
                               "gram/label_mass": t["label_mass"] / n},
         bar_info=lambda m: f"loss {m['train/loss']:.4f} acc {m['train/accuracy']:.2f}",
         sizes=lambda i: [len(pairs[i].ab), len(pairs[i].ba)])
-    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
-    sess.finish(describe(cfg, records, templates=templates(tok, aspect),
-                         token_ids={"A": labels.a_id, "B": labels.b_id, "pad": tok.pad_token_id},
-                         label_token_ids={"A": labels.a_id, "B": labels.b_id}))
+    sess.finish(sess.meta)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -170,11 +171,12 @@ class GramJudge(Judge):
 
     protocol = "pairwise"
 
-    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.labels = Labels.from_tokenizer(self.tok)
-        self.model = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+        self.model = module if module is not None else \
+            load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
 
     def encode(self, a: Item, b: Item) -> tuple[list[int], list[int]] | None:
         """Judge prompts with a shown as A, then as B; None when too long."""

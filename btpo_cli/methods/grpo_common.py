@@ -197,6 +197,9 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
     sess.build("causal", plan.total_steps, reference=cfg.grpo.beta > 0)
     sess.log_data(len(units), enc_stats)
     engine = sess.rollout_engine()
+    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
+    sess.meta = describe(cfg, records, templates=templates(tok, aspect) if templates else {},
+                         token_ids={"end_of_turn": eot_id, "pad": pad_id})
 
     def rollout(local: list[int], r_idx: int, timer: StepTimer) -> tuple[Any, dict[str, float]]:
         queries = task.queries([units[i] for i in local], r_idx, cfg.train.seed)
@@ -217,9 +220,7 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
         loss=lambda ro, ids: micro_loss(sess.model, ro, ids, per_unit, pad_id, cfg, sess.device),
         bar_info=lambda m: f"loss {m['train/loss']:.4f} reward {m.get('grpo/reward_mean', 0):.3f}")
     engine.close()
-    aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
-    sess.finish(describe(cfg, records, templates=templates(tok, aspect) if templates else {},
-                         token_ids={"end_of_turn": eot_id, "pad": pad_id}))
+    sess.finish(sess.meta)
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
@@ -230,14 +231,13 @@ class RationaleJudge(Judge):
     The rollout engine (``rollout.engine``) decodes greedily up to ``eval.max_new_tokens`` tokens,
     stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
-    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any]):
+    def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.engines import engine_for, resolve_engine_name
         from btpo_cli.models import load_causal_lm, load_tokenizer
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
-        module = None
-        if resolve_engine_name(cfg.rollout.engine) == "hf":       # the hf engine generates with this copy
+        if module is None and resolve_engine_name(cfg.rollout.engine) == "hf":   # the hf engine generates with it
             module = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
         self.engine = engine_for(cfg, model_dir, self.tok.pad_token_id, device, module=module,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
