@@ -44,6 +44,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "30m": dict(model_type="qwen2", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=2, intermediate_size=1408, vocab_size=16384, tie_word_embeddings=True,
                 max_position_embeddings=4096),
+    # Qwen2.5-0.5B's own shape (hidden 896, 14/2 heads, MLP 4864, 151 936-token vocabulary), 4 of its 24 layers
+    "qwen2.5-0.5b-4l": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=4, num_attention_heads=14,
+                            num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                            tie_word_embeddings=True, max_position_embeddings=4096),
     "120m": dict(model_type="qwen2", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=2, intermediate_size=2048, vocab_size=32768, tie_word_embeddings=False,
                  max_position_embeddings=4096),
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                 inp = inputs_from_config(cfg, gpus=1, device=args.device, tail_tokens=tail, context_gb=0.0,
                                          nccl_gb=0.0, fragmentation=0.0)
                 est = estimate(inp, "ddp")
-                measured = got["peak_rss_over_baseline"] if args.device == "cpu" else got["max_allocated"]
+                measured = got.get("train_peak_rss_over_baseline", got["peak_rss_over_baseline"]) \
+                    if args.device == "cpu" else got["max_allocated"]
                 rows.append({"size": size, "params": shape.params("reward" if method.startswith("bt") and method != "btpo"
                                                                   else "causal"),
                              "method": method, "ckpt": ckpt, "measured": measured, "planned": est.peak,
