@@ -80,7 +80,7 @@ def run_config(method: str, model_dir: Path, data_dir: Path, out: Path, ckpt: bo
     return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "30m", "120m"])
     ap.add_argument("--methods", nargs="+", default=["bt", "btpo"])
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-per-batch", type=int, default=4)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="print nothing; return the rows (tests)")
     args = ap.parse_args(argv)
 
     from btpo_cli.config import config_from_dict
@@ -126,14 +127,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{size:>6} {method:>5} ckpt={int(ckpt)} measured {measured / GiB:7.3f} GiB  planned "
                       f"{est.peak / GiB:7.3f} GiB  ratio {est.peak / measured:5.2f}  ({est.info['phase']})",
                       file=sys.stderr, flush=True)
+    if args.quiet:
+        return rows
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return rows
     print("| model | params | method | ckpt | measured (GiB) | planned (GiB) | planned / measured | peak phase |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params'] / 1e6:.1f} M | {r['method']} | {'on' if r['ckpt'] else 'off'} | "
               f"{r['measured'] / GiB:.3f} | {r['planned'] / GiB:.3f} | {r['ratio']:.2f} | {r['phase']} |")
+    return rows
 
 
 if __name__ == "__main__":
