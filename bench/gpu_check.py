@@ -3,6 +3,8 @@ weight-sync time; Qwen2.5-0.5B shape, bf16, random weights, the ``hf`` engine.
 
     python bench/gpu_check.py --json gpu_check.json        # on a GPU machine
     python bench/gpu_check.py --smoke                      # anywhere: 2 layers, CPU, fp32, tiny sizes
+    python bench/gpu_check.py --scale --json scale.json    # + plan validation, FSDP2 / ZeRO steps (issue 11)
+    python bench/gpu_check.py --scale --smoke              # the same on CPU (tiny sizes; ZeRO where deepspeed imports)
 
 vLLM is not part of it (its wheel cannot be carried to the lent GPU machine); ``bench_engines.py``
 compares engines where both are installed.
@@ -16,13 +18,22 @@ compares engines where both are installed.
   len² per sequence) / time / peak bf16 FLOP/s (``--peak-tflops``, H200 dense: 989).
 - weight sync: ``HFEngine.update_weights`` of an engine holding its own copy (as under
   FSDP/ZeRO-3 or with a separate rollout copy), from the trainer's parameters, on the device.
+- ``--scale``: (1) ``bench/plan_memory.py --device cuda`` — ``btpo plan``'s estimate against
+  ``torch.cuda.max_memory_allocated`` of real ``bt`` and ``btpo`` runs of random-init Qwen2.5-0.5B
+  (4 layers) and SmolLM2-135M shapes (docs/plan.md § Validation); (2) real training steps under
+  the shipped ``recipes/accelerate/fsdp2.yaml``, ``zero2.yaml`` and ``zero3.yaml`` (one process,
+  ``bt`` on tiny-qwen2, 4 micro-batches per step): each must equal a plain run's losses and its
+  ``final/`` must load with plain transformers. ZeRO rows are skipped where ``deepspeed`` does
+  not import (install it with ``pip install deepspeed`` first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hbm-gbps", type=float, default=H200["hbm_gbps"])
     ap.add_argument("--peak-tflops", type=float, default=H200["bf16_tflops"])
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--scale", action="store_true", help="also: plan validation and FSDP2/ZeRO training steps")
     a = ap.parse_args(argv)
     if a.smoke:
         a.layers, a.prompts, a.k, a.prompt_tokens, a.new_tokens = 2, 2, 2, 16, 4
@@ -133,10 +145,71 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "gbps": weight_bytes / statistics.median(ts) / 1e9,
                               "copies": copy.stats()["weight_sync_copies"]}
         copy.close()
+    if a.scale:
+        out["scale"] = scale_checks(device, a.smoke)
     print(json.dumps(out, indent=2))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def scale_checks(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Plan validation on this device, and one real step sequence per shipped sharding config."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import plan_memory
+
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        sizes = ["tiny"] if smoke else ["qwen2.5-0.5b-4l", "smollm2-135m"]
+        rows = plan_memory.main(["--device", device.type, "--sizes", *sizes, "--methods", "bt", "btpo",
+                                 "--workdir", str(root / "plan"), "--quiet"])
+        res["plan"] = [{k: r[k] for k in ("size", "method", "measured", "planned", "ratio", "phase")} for r in rows]
+        from data_builders.synthetic import build_synthetic
+
+        data = root / "syn"
+        build_synthetic(data, n_train=96, n_test=24, seed=0)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   OMP_NUM_THREADS="1")
+        common = ["train", "--method", "bt", "--data", str(data), "--max-steps", "3", "--set", "train.batch_size=8",
+                  "--set", "train.micro_batch_size=2", "--set", "optim.lr=1e-3", "--set", "optim.warmup_ratio=0",
+                  "--set", "train.precision=fp32"]
+        plain = root / "plain"
+        subprocess.run([sys.executable, "-m", "btpo_cli", *common, "--out", str(plain)], check=True, env=env,
+                       capture_output=True, text=True)
+        ref = _losses(plain)
+        for config in ("fsdp2", "zero2", "zero3"):
+            if config.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+                res[config] = {"skipped": "deepspeed does not import"}
+                continue
+            if config == "fsdp2" and device.type == "cpu":
+                res[config] = {"skipped": "one CPU process runs without FSDP (tests/test_scale.py runs 2 on gloo)"}
+                continue
+            run = root / config
+            p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                str(REPO / "recipes" / "accelerate" / f"{config}.yaml"), "--num_processes", "1",
+                                "--mixed_precision", "no", "-m", "btpo_cli", *common, "--out", str(run)],
+                               env=env, capture_output=True, text=True)
+            if p.returncode:
+                res[config] = {"ok": False, "error": (p.stderr or p.stdout)[-1500:]}
+                continue
+            got = _losses(run)
+            from transformers import AutoModelForSequenceClassification
+
+            AutoModelForSequenceClassification.from_pretrained(str(run / "final"))
+            diff = max(abs(x - y) for x, y in zip(got, ref, strict=True))
+            res[config] = {"ok": diff <= 1e-4, "losses": got, "plain": ref, "max_abs_diff": diff}
+    return res
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "30m": dict(model_type="qwen2", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=2, intermediate_size=1408, vocab_size=16384, tie_word_embeddings=True,
                 max_position_embeddings=4096),
+    # Qwen2.5-0.5B's own shape (hidden 896, 14/2 heads, MLP 4864, 151 936-token vocabulary), 4 of its 24 layers
+    "qwen2.5-0.5b-4l": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=4, num_attention_heads=14,
+                            num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                            tie_word_embeddings=True, max_position_embeddings=4096),
     "120m": dict(model_type="qwen2", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=2, intermediate_size=2048, vocab_size=32768, tie_word_embeddings=False,
                  max_position_embeddings=4096),
@@ -76,7 +80,7 @@ def run_config(method: str, model_dir: Path, data_dir: Path, out: Path, ckpt: bo
     return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "30m", "120m"])
     ap.add_argument("--methods", nargs="+", default=["bt", "btpo"])
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-per-batch", type=int, default=4)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="print nothing; return the rows (tests)")
     args = ap.parse_args(argv)
 
     from btpo_cli.config import config_from_dict
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                 inp = inputs_from_config(cfg, gpus=1, device=args.device, tail_tokens=tail, context_gb=0.0,
                                          nccl_gb=0.0, fragmentation=0.0)
                 est = estimate(inp, "ddp")
-                measured = got["peak_rss_over_baseline"] if args.device == "cpu" else got["max_allocated"]
+                measured = got.get("train_peak_rss_over_baseline", got["peak_rss_over_baseline"]) \
+                    if args.device == "cpu" else got["max_allocated"]
                 rows.append({"size": size, "params": shape.params("reward" if method.startswith("bt") and method != "btpo"
                                                                   else "causal"),
                              "method": method, "ckpt": ckpt, "measured": measured, "planned": est.peak,
@@ -121,14 +127,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{size:>6} {method:>5} ckpt={int(ckpt)} measured {measured / GiB:7.3f} GiB  planned "
                       f"{est.peak / GiB:7.3f} GiB  ratio {est.peak / measured:5.2f}  ({est.info['phase']})",
                       file=sys.stderr, flush=True)
+    if args.quiet:
+        return rows
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+        return rows
     print("| model | params | method | ckpt | measured (GiB) | planned (GiB) | planned / measured | peak phase |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params'] / 1e6:.1f} M | {r['method']} | {'on' if r['ckpt'] else 'off'} | "
               f"{r['measured'] / GiB:.3f} | {r['planned'] / GiB:.3f} | {r['ratio']:.2f} | {r['phase']} |")
+    return rows
 
 
 if __name__ == "__main__":

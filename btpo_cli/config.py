@@ -117,7 +117,7 @@ class TrainConfig:
     precision: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` (bf16 compute over fp32 master weights and fp32
     optimizer state: autocast under DDP, MixedPrecisionPolicy under FSDP2, bf16 mode under
-    DeepSpeed), ``fp32``. docs/scale.md gives the memory of each."""
+    DeepSpeed), ``fp32``. docs/plan.md gives the memory of each."""
 
 
 @dataclass

@@ -385,7 +385,7 @@ def estimate(inp: PlanInputs, strategy: str) -> Estimate:
     work = state["working copies"]
     body = act["peak"] + work + head_grads
     during_step = grads + step
-    transient = max(body, during_step)
+    # the update peak holds the larger of the two transients; its components are listed below
     frag = inp.fragmentation * (act["peak"] + work) if cuda else 0.0
     upd: dict[str, float] = {k: v for k, v in state.items() if k not in ("gradients", "working copies")}
     if body >= during_step:

@@ -6,9 +6,11 @@ on a generated data set whose prompts are long enough that every sequence is cut
 ``data.max_length`` tokens — so the run sees the planner's worst-case shapes. It runs in a fresh
 child process (``python -m btpo_cli.plan_measure CONFIG OUT``) that
 
-- on ``cpu``: imports everything, loads the tokenizer and the data, reads its resident set size
+- on ``cpu`` (with ``MALLOC_MMAP_THRESHOLD_=65536``, so that freed tensors leave the RSS as
+  they leave a CUDA allocator's *allocated* bytes): imports everything, loads the tokenizer and the data, reads its resident set size
   (``VmRSS`` in ``/proc/self/status``) as the *baseline*, trains, and reports ``VmHWM`` (the peak
-  resident set size) minus that baseline;
+  resident set size) minus that baseline, over the whole run and over the training steps alone
+  (from the end of the session's build to the first checkpoint save: ``/proc/self/clear_refs``);
 - on ``cuda``: reports ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the
   device memory in use outside the allocator (context, NCCL), from ``mem_get_info``.
 
@@ -17,6 +19,7 @@ child process (``python -m btpo_cli.plan_measure CONFIG OUT``) that
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -113,6 +116,11 @@ def measure(cfg_dict: dict[str, Any], workdir: Path, device: str = "cpu", timeou
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # a fixed mmap threshold: glibc then serves every block ≥ 64 KiB (any tensor that matters)
+        # with its own mapping and unmaps it on free, so the RSS follows the live tensors as
+        # torch.cuda.max_memory_allocated does on a GPU, instead of keeping freed activations in
+        # its heap (the dynamic threshold rises to 32 MiB after the first large free)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run([sys.executable, "-m", "btpo_cli.plan_measure", str(cfg_path), str(out_path), device],
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out_path.exists():
@@ -125,10 +133,62 @@ def _malloc_trim() -> None:
     """Give the C heap's free pages back to the system (glibc), so the baseline holds no free memory."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
+
+def reset_hwm() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (``/proc/self/clear_refs`` value 5, Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class _TrainWindow:
+    """Peak RSS of the training steps alone: from the end of ``TrainSession.build`` (model, optimizer,
+    reference loaded) to the first checkpoint save or ``finish`` (which serialize copies of the
+    weights: not training memory, and not what the planner estimates).
+
+    ``peak``/``built`` stay None where ``VmHWM`` cannot be reset; the whole-run peak is reported anyway."""
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+        self.built: int = 0
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> _TrainWindow:
+        from btpo_cli.runs import Run
+        from btpo_cli.session import TrainSession
+
+        def after_build(orig: Any) -> Any:
+            def wrapped(sess: Any, *a: Any, **k: Any) -> Any:
+                r = orig(sess, *a, **k)
+                gc.collect()
+                self.built = status_kb("VmRSS") * 1024
+                self._open = reset_hwm()
+                return r
+            return wrapped
+
+        def before(orig: Any) -> Any:
+            def wrapped(obj: Any, *a: Any, **k: Any) -> Any:
+                if getattr(self, "_open", False) and self.peak is None:
+                    self.peak = status_kb("VmHWM") * 1024
+                return orig(obj, *a, **k)
+            return wrapped
+
+        for owner, name, wrap in ((TrainSession, "build", after_build), (TrainSession, "finish", before),
+                                  (Run, "save_checkpoint", before)):
+            orig = getattr(owner, name)
+            self._saved.append((owner, name, orig))
+            setattr(owner, name, wrap(orig))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, orig in self._saved:
+            setattr(owner, name, orig)
 
 
 def _child(cfg_path: str, out_path: str, device: str) -> None:
@@ -167,9 +227,14 @@ def _child(cfg_path: str, out_path: str, device: str) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base_rss = status_kb("VmRSS") * 1024
-    launch(cfg, overwrite=True)
+    window = _TrainWindow()
+    with window:
+        launch(cfg, overwrite=True)
     report: dict[str, Any] = {"device": device, "baseline_rss": base_rss, "hwm": status_kb("VmHWM") * 1024}
     report["peak_rss_over_baseline"] = report["hwm"] - base_rss
+    if window.peak is not None:
+        report["train_peak_rss_over_baseline"] = window.peak - base_rss
+        report["built_rss_over_baseline"] = window.built - base_rss
     if cuda:
         free, total = torch.cuda.mem_get_info()
         report.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved(),

@@ -44,7 +44,7 @@ def make_accelerator(cfg: Config, run: Run) -> Any:
     """The accelerator of a training run, for whatever strategy ``accelerate launch`` was given.
 
     bf16 (``train.precision``) means bf16 compute over fp32 master weights and fp32 optimizer
-    state in every strategy (docs/scale.md). FSDP on a CPU-only machine runs accelerate's FSDP2
+    state in every strategy (docs/plan.md). FSDP on a CPU-only machine runs accelerate's FSDP2
     path over gloo (:func:`~btpo_cli.sharding.make_fsdp_on_cpu`); under DeepSpeed the config gets
     its micro-batch size, clipping and precision, and the loop marks accumulation boundaries."""
     import os

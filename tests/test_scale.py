@@ -113,3 +113,74 @@ def test_two_process_eval_equals_one(tmp_path: Path, synthetic_data: Path) -> No
         assert json.loads(one["synthetic.json"])["n"] == 23
         for name in one:
             assert one[name] == two[name], (method, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: Path, config: str) -> None:
+    """Real DeepSpeed (its CPU accelerator, gloo) under the shipped ZeRO configs, 2 processes × 2
+    micro-batches per global batch, equals 1 plain process × 4 micro-batches at every step and in
+    final/. Had the engine stepped per micro-batch (its own accumulation count, or none), AdamW at
+    lr 1e-3 would have taken 2× the steps and the losses and weights would differ."""
+    pytest.importorskip("deepspeed")
+    common = ["train", "--method", "bt", "--data", str(synthetic_data), "--max-steps", "3",
+              "--set", "train.batch_size=8", "--set", "train.micro_batch_size=2", "--set", "optim.lr=1e-3",
+              "--set", "optim.warmup_ratio=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_btpo(*common, "--out", str(one))
+    launch(*common, "--out", str(two), config=config)
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    assert_same_run(one, two, 3, ("train/accuracy", "train/reward_margin", "train/grad_norm"))
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(str(two / "final"))   # plain transformers
+
+
+def test_token_budget_micro_batches_give_the_per_pair_gradient() -> None:
+    """``train.micro_batch_tokens`` groups pairs of different lengths into padded forwards; through
+    ``trainer.accumulate`` the gradient equals one pair per forward (``micro_batch_size: 1``)."""
+    from accelerate import Accelerator
+
+    from btpo_cli import trainer
+    from btpo_cli.config import build_config
+    from btpo_cli.losses import bt_loss
+    from btpo_cli.methods.bt import rewards
+    from btpo_cli.models import load_reward_model, load_tokenizer
+
+    per_pair = build_config(overrides=["method=bt", "train.micro_batch_size=1"])
+    budget = build_config(overrides=["method=bt", "train.micro_batch_tokens=160"])
+    tok = load_tokenizer(per_pair.model.name)
+    model = load_reward_model(per_pair.model, tok.pad_token_id)
+    acc = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(0)
+
+    def seq() -> list[int]:
+        n = int(torch.randint(6, 40, (1,), generator=g))
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+
+    pairs = [(seq(), seq()) for _ in range(10)]
+    ids = list(range(len(pairs)))
+
+    def loss_fn(batch: list[int]) -> tuple[torch.Tensor, dict]:
+        r = rewards(model, [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch], tok.pad_token_id, "cpu")
+        mean = bt_loss(r[:len(batch)], r[len(batch):])
+        return mean, {"loss": mean.detach()}
+
+    def grads(micro: list[list[int]]) -> tuple[torch.Tensor, float]:
+        model.zero_grad(set_to_none=True)
+        sums = trainer.accumulate(acc, model, micro, len(ids), loss_fn)
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]), sums["loss"]
+
+    sizes = lambda i: [len(pairs[i][0]), len(pairs[i][1])]   # noqa: E731
+    one = trainer.micro_batches(ids, per_pair, sizes)
+    by_tokens = trainer.micro_batches(ids, budget, sizes)
+    assert one == [[i] for i in ids]
+    assert 1 < len(by_tokens) < len(ids) and sum(by_tokens, []) == ids
+    assert any(len(m) > 1 for m in by_tokens)
+    for m in by_tokens:   # rows × longest row within the budget, unless a unit alone is over it
+        assert len(m) == 1 or 2 * len(m) * max(max(sizes(i)) for i in m) <= 160
+    g1, l1 = grads(one)
+    g2, l2 = grads(by_tokens)
+    assert float(g1.abs().max()) > 0
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+    assert l2 == pytest.approx(l1, rel=1e-5)
