@@ -219,6 +219,11 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
             parse_counts[kind] = parse_counts.get(kind, 0) + int(n)
     if parse_counts:
         summary["parse"] = dict(sorted(parse_counts.items()))   # generative judges: outcome of every parse
+    from btpo_cli.evaluation import thought_stats
+
+    stats = thought_stats(results)
+    if stats:
+        summary["thoughts"] = stats    # BTPO: mean thought length, cut fraction, mean Yes+No mass
     sampled = [r for r in results if "sampled_chosen" in r.detail]
     if sampled:
         from btpo_cli.evaluation import pointwise_result
