@@ -27,6 +27,11 @@ Rules (also in ``btpo compare --help``):
   skipped, as are invalid JSON, empty evals and folders that are not run folders. A run folder
   with no usable eval is listed as not evaluated. A folder that is not a run folder but holds run
   folders (``runs/``) is expanded one level.
+- **Eval settings that differ.** Within a backbone block, rows (or the runs of one row) whose evals
+  ran with different settings that move a judge's figure — thought budget, engine, sampled
+  thoughts, ``yes_no_normalize`` (:func:`eval_settings_of`) — get a warning naming the values and
+  rows, and the rows are marked ``†`` (csv/json: ``settings_differ``). Settings a method does not
+  read (a BT row's engine) are not compared.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class TableRow:
     runs: list[RunEvals]
     cells: dict[str, Cell]
     avg: Cell | None = None
+    settings_differ: list[str] = field(default_factory=list)
+    """Eval settings (:data:`SETTING_KEYS`) in which this row's evals differ from another's of its block."""
 
 
 @dataclass
@@ -186,6 +193,57 @@ def collect(run_dirs: Iterable[Path]) -> Collected:
         else:
             runs.append(rec)
     return Collected(runs, sorted(datasets), missing, skipped)
+
+
+SETTING_KEYS = ("thought_budget", "engine", "samples", "yes_no_normalize")
+DIFFER_MARK = " †"
+
+
+def eval_settings_of(s: dict[str, Any]) -> dict[str, Any]:
+    """The eval settings of a summary that make figures comparable (``eval_settings``, written by btpo eval;
+    derived from ``engine`` and ``eval_config`` for older summaries, which did not record ``yes_no_normalize``)."""
+    got = s.get("eval_settings")
+    if isinstance(got, dict):
+        return {k: got[k] for k in SETTING_KEYS if k in got}
+    out: dict[str, Any] = {}
+    conf = s.get("eval_config") if isinstance(s.get("eval_config"), dict) else {}
+    if s.get("engine"):
+        out["engine"] = s["engine"]
+        if s.get("method") != "bt-prefilled" and "max_new_tokens" in conf:
+            out["thought_budget"] = conf["max_new_tokens"]
+    if s.get("method") == "btpo" and "samples" in conf:
+        out["samples"] = conf["samples"]
+    return out
+
+
+def _settings_warnings(model: str, block: list[TableRow]) -> list[str]:
+    """Mark the rows of one backbone block whose evals differ in a setting; one warning per setting."""
+    out = []
+    for key in SETTING_KEYS:
+        where: dict[str, list[str]] = {}          # value → rows
+        per_row: dict[int, set[str]] = {}       # row index → its values
+        for i, r in enumerate(block):
+            for s in (s for run in r.runs for s in run.results.values()):
+                st = eval_settings_of(s)
+                if key in st:
+                    v = json.dumps(st[key])
+                    per_row.setdefault(i, set()).add(v)
+                    rows = where.setdefault(v, [])
+                    if r.method not in rows:
+                        rows.append(r.method)
+        if len(where) < 2:
+            continue
+        for i in per_row:
+            block[i].settings_differ.append(key)
+        vals = "; ".join(f"{v} ({', '.join(rows)})" for v, rows in sorted(where.items()))
+        out.append(f"{model}: eval setting '{key}' differs between evals: {vals} — rows marked{DIFFER_MARK}, "
+                   "their figures are not comparable on this setting")
+    return out
+
+
+def row_label(r: TableRow) -> str:
+    """The method column: the method (and tag), ``†`` when its eval settings differ from the block's."""
+    return r.method + (DIFFER_MARK if r.settings_differ else "")
 
 
 def _is_num(v: Any) -> bool:
@@ -375,6 +433,7 @@ def build_table(c: Collected, show: str = "clipped") -> Table:
         for ds in c.datasets:
             _mark_best([r.cells[ds] for r in block if ds in r.cells], show)
         _mark_best([r.avg for r in block if r.avg is not None], show)
+        warnings.extend(_settings_warnings(model, block))
         base = next((r for r in block if r.method == BASELINE), None)
         if base is not None:
             for r in block:
@@ -417,6 +476,8 @@ def legend(t: Table) -> list[str]:
     fig = "raw accuracy" if t.show == "raw" else "accuracy clipped at 50, raw in [brackets] where clipped"
     lines = [f"{fig} (%); mean ± std over n runs (seeds); (±x) = difference to BT of the same backbone; "
              "best per backbone block marked"]
+    if any(r.settings_differ for r in t.rows):
+        lines.append(f"{DIFFER_MARK.strip()} = eval settings differ from another row of the block (see the warnings)")
     for model, ds in t.avg_datasets.items():
         if ds != t.datasets:
             lines.append(f"avg for {model} over: {', '.join(ds) if ds else '(no dataset common to all rows)'}")
@@ -434,7 +495,7 @@ def to_markdown(t: Table | Collected) -> str:
     for r in t.rows:
         cells = [cell_text(r.cells.get(ds), t.show, ("**", "**")) for ds in t.datasets]
         cells.append(cell_text(r.avg, t.show, ("**", "**")))
-        lines.append(f"| {r.model} | {r.method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.model} | {row_label(r)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.extend(f"_{ln}_  " for ln in legend(t))
     return "\n".join(lines) + "\n"
@@ -458,7 +519,7 @@ def to_rich(t: Table | Collected) -> Any:
         prev = r.model
         cells = [cell_text(r.cells.get(ds), t.show, ("[bold green]", "*[/]")) for ds in t.datasets]
         cells.append(cell_text(r.avg, t.show, ("[bold green]", "*[/]")))
-        rt.add_row(r.model, r.method, *cells)
+        rt.add_row(r.model, row_label(r), *cells)
     return rt
 
 
@@ -480,7 +541,7 @@ def to_json(t: Table | Collected) -> str:
     rows = []
     for r in t.rows:
         rows.append({"model": r.model, "method": r.method, "runs": [x.name for x in r.runs],
-                     "run_paths": [str(x.path) for x in r.runs],
+                     "run_paths": [str(x.path) for x in r.runs], "settings_differ": r.settings_differ,
                      "cells": {ds: _cell_json(c, t.show) for ds, c in r.cells.items()},
                      "avg": None if r.avg is None else {k: v for k, v in _cell_json(r.avg, t.show).items()
                                                         if k in ("value", "accuracy", "raw_accuracy", "n_runs",
@@ -493,7 +554,7 @@ def to_json(t: Table | Collected) -> str:
 def csv_columns(datasets: list[str]) -> list[str]:
     per_ds = ("", "_raw", "_n", "_std", "_runs", "_clipped", "_best", "_delta_bt")
     return (["model", "method", "run"] + [f"{ds}{s}" for ds in datasets for s in per_ds]
-            + ["avg", "avg_raw", "avg_best", "avg_delta_bt"])
+            + ["avg", "avg_raw", "avg_best", "avg_delta_bt", "settings_differ"])
 
 
 def to_csv(t: Table | Collected) -> str:
@@ -504,7 +565,8 @@ def to_csv(t: Table | Collected) -> str:
     w = csv.DictWriter(buf, fieldnames=csv_columns(t.datasets), lineterminator="\n")
     w.writeheader()
     for r in t.rows:
-        rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": ";".join(x.name for x in r.runs)}
+        rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": ";".join(x.name for x in r.runs),
+                               "settings_differ": ";".join(r.settings_differ)}
         for ds in t.datasets:
             c = r.cells.get(ds)
             if c is None:

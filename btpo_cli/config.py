@@ -450,10 +450,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
-                 flags: dict[str, Any] | None = None) -> Config:
-    """Defaults ← recipe ← flags (``--method`` …) ← ``--set`` overrides; then validate."""
+                 flags: dict[str, Any] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or ``base``) ← recipe ← flags (``--method`` …) ← ``--set`` overrides; then validate."""
     _load_methods()
-    cfg = Config()
+    cfg = base or Config()
     if recipe:
         from btpo_cli.recipes import find
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.config import build_config, dump_yaml
+from btpo_cli.config import build_config
 from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
 
@@ -61,20 +61,16 @@ def demo_config(key: str, data: Path, folder: Path, seed: int, quick: bool, step
 
 
 def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0) -> Path:
-    """A run folder for the untrained base GPM, so that ``btpo eval`` treats it like any other."""
-    from btpo_cli.models import resolve_model
+    """Evaluate the untrained base GPM as it is (``btpo eval --model``: same protocol and judge as the
+    trained runs; tag ``base``) into ``runs/base-t<t>-s<seed>``; returns that folder."""
+    from btpo_cli.evaluate_run import evaluate_model
 
-    model = thinker_model(thinker_seed)
-    cfg = build_config(None, COMMON, {"method": "btpo", "model.name": model, "data.path": str(data),
-                                      "train.seed": seed})
-    cfg.tag = "base"
     run = folder / "runs" / f"base-t{thinker_seed}-s{seed}"
     if run.exists():
         shutil.rmtree(run)
-    (run / "final").parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(resolve_model(model), run / "final")
-    (run / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-    return run
+    root, _ = evaluate_model(thinker_model(thinker_seed), "btpo", str(data), out=run,
+                             overrides=[*COMMON, f"train.seed={seed}"], tag="base")
+    return root
 
 
 def report_thinker(thinker_seed: int) -> str:
@@ -207,9 +203,7 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     for t in thinker_seeds:
         for seed in seeds:
             console.rule(f"[bold]3. untrained base GPM (thinker {t}, seed {seed})")
-            base = base_run(folder, data, seed, t)
-            evaluate_run(base)
-            runs.append(base)
+            runs.append(base_run(folder, data, seed, t))
             for m in methods:
                 console.rule(f"[bold]4. {m} (thinker {t}, seed {seed})")
                 run = launch(demo_config(m, data, folder, seed, quick, thinker_seed=t), resume=False,

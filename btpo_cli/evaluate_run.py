@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from btpo_cli import __version__
-from btpo_cli.config import Config
+from btpo_cli.config import Config, dump_yaml
 from btpo_cli.data import dataset_name
 from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
@@ -34,22 +34,9 @@ def model_dir_of(run: Run, which: str = "final") -> Path:
     return run.final_dir
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
-                 batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
-                 max_new_tokens: int | None = None, device: str | None = None,
-                 engine: str | None = None, which: str = "final") -> dict[str, Any]:
-    """Run the method's evaluator and the shared protocol; write and return the eval summary.
-
-    ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
-    ``train.eval_every``; results in ``RUN/eval/best/``)."""
-    from rich.markup import escape
-
-    from btpo_cli.console import console
-    from btpo_cli.data import read_split
-    from btpo_cli.methods import get_method
-
-    run = Run(run_dir)
-    cfg: Config = run.load_config()
+def _override_eval(cfg: Config, data: str | None, batch_size: int | None, samples: int | None,
+                   max_new_tokens: int | None, engine: str | None) -> None:
+    """Apply ``btpo eval``'s flags to the config the judge will run on."""
     if data:
         cfg.data.path = data
     if batch_size:
@@ -58,22 +45,148 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         cfg.eval.samples = samples
     if max_new_tokens:
         cfg.eval.max_new_tokens = max_new_tokens
-    impl = get_method(cfg.method)
     if engine:
         if engine != "auto" and engine not in available_engines():
             raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
         cfg.rollout.engine = engine
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
+                 batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
+                 max_new_tokens: int | None = None, device: str | None = None,
+                 engine: str | None = None, which: str = "final") -> dict[str, Any]:
+    """Run the method's evaluator and the shared protocol on a run's model; write and return the eval summary.
+
+    ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
+    ``train.eval_every``; results in ``RUN/eval/best/``)."""
+    run = Run(run_dir)
+    cfg: Config = run.load_config()
+    _override_eval(cfg, data, batch_size, samples, max_new_tokens, engine)
+    return run_protocol(cfg, run.root, str(model_dir_of(run, which)), split, limit, device, which=which)
+
+
+def evaluate_model(model: str, method: str | None, data: str | None, out: str | Path | None = None,
+                   split: str | None = None, batch_size: int | None = None, limit: int | None = None,
+                   samples: int | None = None, max_new_tokens: int | None = None, device: str | None = None,
+                   engine: str | None = None, recipe: str | None = None, overrides: list[str] | None = None,
+                   tag: str = "base") -> tuple[Path, dict[str, Any]]:
+    """Evaluate a model as it is — an alias, a Hub id or a folder (an untrained base, an off-the-shelf
+    reward model, a checkpoint trained elsewhere) — as ``method``'s judge, by the same protocol and judge
+    code as :func:`evaluate_run`.
+
+    The result goes to a run folder of its own (``out``, default ``runs/<method>-<tag>-<model>``):
+    ``config.yaml`` (the settings the judge ran with; ``tag`` defaults to ``base``) and
+    ``eval/<dataset>.json`` marked ``"as_is": true``, so that ``btpo compare`` shows it as the
+    method's ``<method> (<tag>)`` row beside the trained runs of the same backbone. Nothing is copied:
+    the folder holds no ``final/``; ``checkpoint`` in the JSON names the model that was judged."""
+    from btpo_cli.checkpoint import read_meta
+    from btpo_cli.config import build_config
+    from btpo_cli.methods import get_method, method_names
+    from btpo_cli.models import resolve_model
+    from btpo_cli.runs import atomic_write
+
+    if not data:
+        raise BtpoError("--data is required with --model (the pairs to judge)")
+    model_dir = resolve_model(model)
+    if (Path(model_dir) / "config.yaml").is_file() and (Path(model_dir) / "final").is_dir():
+        model_dir = str(Path(model_dir) / "final")        # a run folder: its final/ model
+    meta = read_meta(model_dir) if Path(model_dir).is_dir() else {}
+    trained_as = meta.get("method") if isinstance(meta.get("method"), str) else None
+    method = method or trained_as
+    if not method:
+        raise BtpoError(f"--method is required: {model} has no btpo.json naming the method it was trained with "
+                        f"(one of {', '.join(method_names())})")
+    if trained_as and trained_as != method:
+        raise BtpoError(f"{model} was trained as a {trained_as} judge (its btpo.json); evaluate it with "
+                        f"--method {trained_as}")
+    spec = get_method(method)
+    if spec.judge is None:
+        raise BtpoError(f"method '{method}' registers no judge (MethodSpec.judge): it cannot evaluate a model")
+    check_model_class(model, model_dir, spec.model_class)
+    if method == "bt-prefilled" and not meta.get("thought_writer"):
+        raise BtpoError(f"{model}: bt-prefilled needs the model that writes its thoughts (thought_writer in "
+                        "btpo.json); only a bt-prefilled checkpoint has one")
+    base = None
+    if "settings" in meta:          # a btpo checkpoint: the settings it was trained and is judged with
+        from btpo_cli.checkpoint import read_checkpoint
+
+        base = read_checkpoint(model_dir).cfg
+    cfg = build_config(recipe, overrides, {"method": method, "model.name": model, "data.path": data}, base=base)
+    cfg.tag = tag
+    _override_eval(cfg, None, batch_size, samples, max_new_tokens, engine)
+    root = Path(out) if out else Path("runs") / f"{method}-{tag}-{_slug(model)}"
+    run = Run(root)
+    if run.checkpoints() or run.final_dir.exists():
+        raise BtpoError(f"{root} holds a trained run (checkpoints or final/); pick another --out")
+    cfg.out = str(root)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "config.yaml", dump_yaml(cfg))
+    return root, run_protocol(cfg, root, model_dir, split, limit, device, as_is=True)
+
+
+def check_model_class(model: str, model_dir: str, model_class: str) -> None:
+    """Refuse a model whose head cannot be the method's judge (a causal LM has no reward head; a reward model
+    cannot write thoughts), by ``architectures`` in its ``config.json``; unknown architectures pass."""
+    from transformers import AutoConfig
+
+    try:
+        archs = list(AutoConfig.from_pretrained(model_dir).architectures or [])
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BtpoError(f"could not read the config of model '{model}': {first}") from e
+    want = "ForSequenceClassification" if model_class == "AutoModelForSequenceClassification" else "ForCausalLM"
+    other = "ForCausalLM" if want == "ForSequenceClassification" else "ForSequenceClassification"
+    if archs and not any(a.endswith(want) for a in archs) and any(a.endswith(other) for a in archs):
+        what = ("a reward model (sequence classification) cannot write thoughts or answer" if want == "ForCausalLM"
+                else "a causal LM has no reward head (it would be a random one)")
+        raise BtpoError(f"{model} is {', '.join(archs)}: {what}; this method needs a *{want} model")
+
+
+def _slug(model: str) -> str:
+    name = Path(model.rstrip("/")).name if Path(model).exists() else model
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.") or "model"
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that change a judge's figures beyond its weights, for the methods that read them
+    (``btpo compare`` warns when rows differ in them): engine and thought/rationale budget of
+    generative judges, BTPO's sampled-thought count and ``yes_no_normalize``."""
+    from btpo_cli.methods import get_method
+
+    impl = get_method(cfg.method)
+    out: dict[str, Any] = {}
+    if impl.generative:
+        out["engine"] = resolve_engine_name(cfg.rollout.engine)
+        out["thought_budget"] = int((meta or {}).get("max_thought_tokens") or cfg.prefilled.max_thought_tokens) \
+            if cfg.method == "bt-prefilled" else cfg.eval.max_new_tokens
+    if cfg.method == "btpo":
+        out["samples"] = cfg.eval.samples
+        out["yes_no_normalize"] = bool(cfg.btpo.yes_no_normalize)
+    return out
+
+
+def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, limit: int | None,
+                 device: str | None, as_is: bool = False, which: str = "final") -> dict[str, Any]:
+    """METHOD §7 with ``cfg.method``'s judge on ``model_dir``: write ``root/eval/<dataset>.json`` (+ the
+    predictions and the method's artifacts) and return the summary."""
+    from rich.markup import escape
+
+    from btpo_cli.checkpoint import read_meta
+    from btpo_cli.console import console
+    from btpo_cli.data import read_split
+    from btpo_cli.methods import get_method
+
+    impl = get_method(cfg.method)
     if impl.generative:
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
     split = split or cfg.data.eval_split
-    model_dir = model_dir_of(run, which)
     records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
                                 limit=limit if limit is not None else cfg.eval.limit)
     if skips.total and int(os.environ.get("RANK", "0")) == 0:
         console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
                       f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
     name = dataset_name(cfg.data.path)
-    out_dir = eval_dir(run.root, which)
+    out_dir = eval_dir(root, which)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = EvalShards.start(len(records), cfg.eval.batch_size)
     dev = shards.device if shards.world > 1 and device is None else \
@@ -85,14 +198,14 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
 
     with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not shards.is_main) as bar:
-        task = bar.add_task(f"{run.root.name} on {name}/{split}", total=len(records))
-        results: list[PairResult] = impl.evaluate(cfg, str(model_dir), mine, dev,
+        task = bar.add_task(f"{root.name} on {name}/{split}", total=len(records))
+        results: list[PairResult] = impl.evaluate(cfg, model_dir, mine, dev,
                                                   progress=lambda k: bar.advance(task, k * shards.world),
                                                   artifacts=artifacts) if mine else []
     results = shards.gather(results, records, out_dir)
     summary = {
         "eval_version": EVAL_VERSION,
-        "run": run.root.name,
+        "run": root.name,
         "method": cfg.method,
         "tag": cfg.tag,
         "model": cfg.model.name,
@@ -104,8 +217,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         "data_skips": {"records": len(records), **skips.as_dict()},
         "checkpoint": str(model_dir),
         "which": which,
+        "as_is": as_is,
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
+        "eval_settings": eval_settings(cfg, read_meta(model_dir) if Path(model_dir).is_dir() else {}),
         "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
     }
     parse_counts: dict[str, int] = {}
@@ -114,6 +229,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
             parse_counts[kind] = parse_counts.get(kind, 0) + int(n)
     if parse_counts:
         summary["parse"] = dict(sorted(parse_counts.items()))   # generative judges: outcome of every parse
+    from btpo_cli.evaluation import thought_stats
+
+    stats = thought_stats(results)
+    if stats:
+        summary["thoughts"] = stats    # BTPO: mean thought length, cut fraction, mean Yes+No mass
     sampled = [r for r in results if "sampled_chosen" in r.detail]
     if sampled:
         from btpo_cli.evaluation import pointwise_result
@@ -125,9 +245,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
-        from btpo_cli.checkpoint import record_eval
+        if not as_is:
+            from btpo_cli.checkpoint import record_eval
 
-        record_eval(model_dir, summary)        # final/btpo.json and its model card learn the result
+            record_eval(Path(model_dir), summary)   # final/btpo.json and its model card learn the result
     shards.wait()
     return summary
 

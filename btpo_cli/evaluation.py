@@ -93,3 +93,24 @@ def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
         "tie_rate": sum(r.ties for r in results) / judgements,
         "format_error_rate": sum(r.format_errors for r in results) / (2 * n),  # 2 scores or 2 orders per pair
     }
+
+
+def thought_stats(results: Sequence[PairResult]) -> dict[str, Any] | None:
+    """How a generative pointwise judge kept its format, over every judged response: mean thought length
+    (tokens), the fraction of thoughts cut at the budget, and the mean Yes + No probability mass at
+    the answer position (BTPO; near 1 = the judge answers Yes or No, small = it wants to say something
+    else). None when the results carry no thoughts (other methods)."""
+    got: dict[str, list[float]] = {"thought_tokens": [], "thought_cut": [], "yes_no_mass": []}
+    for r in results:
+        for key, values in got.items():
+            v = r.detail.get(key)
+            if isinstance(v, list):
+                values.extend(float(x) for x in v if isinstance(x, (int, float)))
+    if not got["thought_tokens"] and not got["yes_no_mass"]:
+        return None
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {"responses": len(got["thought_tokens"]), "thought_tokens_mean": mean(got["thought_tokens"]),
+            "thought_cut_fraction": mean(got["thought_cut"]), "yes_no_mass_mean": mean(got["yes_no_mass"])}

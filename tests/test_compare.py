@@ -264,3 +264,52 @@ def test_show_skips(runs: Path) -> None:
     err = p.stderr.replace("\n", " ")
     assert f"no skip report: {runs / 'a-gram'}" in err and str(runs / "b-gram" / "data_skips.json") in err
     assert "Traceback" not in p.stderr
+
+
+def _set_settings(run_dir: Path, **settings: Any) -> None:
+    for f in (run_dir / "eval").glob("*.json"):
+        s = json.loads(f.read_text())
+        s["eval_settings"] = settings
+        f.write_text(json.dumps(s))
+
+
+def test_rows_whose_eval_settings_differ_are_warned_about_and_marked(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    same = {"engine": "hf", "thought_budget": 64, "samples": 0, "yes_no_normalize": False}
+    _set_settings(fake_run(root, "a-bt", "model-a", "bt", {"hh": 0.60}))                   # BT: no generative settings
+    _set_settings(fake_run(root, "a-btpo", "model-a", "btpo", {"hh": 0.70}), **same)
+    _set_settings(fake_run(root, "a-gram", "model-a", "gram", {"hh": 0.65}), engine="hf", thought_budget=64)
+    _set_settings(fake_run(root, "b-btpo", "model-b", "btpo", {"hh": 0.70}), **same)    # other block: not compared
+    t = build_table(collect([root]))
+    assert t.warnings == [] and not any(r.settings_differ for r in t.rows)
+
+    base = fake_run(root, "a-btpo-base", "model-a", "btpo", {"hh": 0.55})
+    for f in (base / "eval").glob("*.json"):
+        s = json.loads(f.read_text())
+        s["tag"] = "base"
+        f.write_text(json.dumps(s))
+    _set_settings(base, **{**same, "thought_budget": 32, "yes_no_normalize": True})
+    t = build_table(collect([root]))
+    marked = {(r.model, r.method): r.settings_differ for r in t.rows if r.settings_differ}
+    assert marked == {("model-a", "btpo"): ["thought_budget", "yes_no_normalize"],
+                      ("model-a", "gram"): ["thought_budget"],
+                      ("model-a", "btpo (base)"): ["thought_budget", "yes_no_normalize"]}
+    assert len(t.warnings) == 2
+    assert "model-a: eval setting 'thought_budget' differs" in t.warnings[0]
+    assert "32 (btpo (base))" in t.warnings[0] and "64 (gram, btpo)" in t.warnings[0]
+    assert "'yes_no_normalize'" in t.warnings[1] and "true (btpo (base))" in t.warnings[1]
+    md = to_markdown(t)
+    assert "| model-a | btpo (base) † |" in md and "| model-a | bt |" in md and "| model-b | btpo |" in md
+    assert "† = eval settings differ" in md
+    rows = {(r["model"], r["method"]): r for r in json.loads(to_json(t))["rows"]}
+    assert rows[("model-a", "gram")]["settings_differ"] == ["thought_budget"]
+    got = {(r["model"], r["method"]): r["settings_differ"] for r in csv.DictReader(io.StringIO(to_csv(t)))}
+    assert got[("model-a", "btpo (base)")] == "thought_budget;yes_no_normalize" and got[("model-a", "bt")] == ""
+
+
+def test_settings_of_older_eval_files_come_from_eval_config() -> None:
+    from btpo_cli.compare import eval_settings_of
+
+    old = {"method": "btpo", "engine": "hf", "eval_config": {"max_new_tokens": 48, "samples": 4}}
+    assert eval_settings_of(old) == {"engine": "hf", "thought_budget": 48, "samples": 4}
+    assert eval_settings_of({"method": "bt", "engine": None, "eval_config": {"max_new_tokens": 1000}}) == {}

@@ -62,3 +62,21 @@ def test_demo_quick_from_a_fresh_thinker_btpo_beats_base_and_bt(tmp_path: Path) 
     assert (out / "compare.png").stat().st_size > 10_000
     assert "tiny-thinker v" in p.stdout + p.stderr and "weights sha256" in p.stdout + p.stderr
     assert "worst run" in p.stdout
+
+
+def test_demo_base_is_evaluated_as_it_is_without_a_copied_model(tmp_path: Path, synthetic_data: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from btpo_cli import demo
+
+    monkeypatch.setattr(demo, "thinker_model", lambda seed=0: "tiny-qwen2")   # the thinker takes minutes to build
+    monkeypatch.setattr(demo, "COMMON", [*demo.COMMON, "eval.max_new_tokens=4"])
+    torch.set_num_threads(1)
+    run = demo.base_run(tmp_path, synthetic_data, seed=1)
+    assert run == tmp_path / "runs" / "base-t0-s1" and not (run / "final").exists()
+    s = json.loads((run / "eval" / "synthetic.json").read_text())
+    assert (s["as_is"], s["tag"], s["method"], s["model"], s["n"]) == (True, "base", "btpo", "tiny-qwen2", 24)
+    assert s["eval_settings"]["thought_budget"] == 4
+    summary = seed_summary(tmp_path, [], [1], [0])
+    assert summary.values("base") == [100.0 * s["raw_accuracy"]]

@@ -270,3 +270,19 @@ def test_btpo_one_step_and_eval(tmp_path: Path, hh_data: Path) -> None:
     for t in thoughts:
         assert 0 < t["p_yes_chosen"] < 1 and 0 < t["p_yes_rejected"] < 1
         assert t["thought_chosen"].strip()   # a real instruct model writes something
+
+
+def test_untrained_model_as_a_btpo_judge_with_eval_model(tmp_path: Path, hh_data: Path) -> None:
+    out = tmp_path / "runs" / "btpo-base"
+    run_btpo("eval", "--model", ALIAS, "--method", "btpo", "--data", str(hh_data), "--out", str(out),
+             "--max-new-tokens", "16", "--set", "data.max_length=256", "--batch-size", "4", env=ONE_THREAD)
+    s = json.loads((out / "eval" / "hh.json").read_text())
+    assert s["as_is"] is True and s["tag"] == "base" and s["model"] == ALIAS and s["n"] == 4
+    assert s["eval_settings"]["thought_budget"] == 16
+    thoughts = [json.loads(x) for x in (out / "eval" / "hh.thoughts.jsonl").read_text().splitlines()]
+    assert len(thoughts) == 4
+    for t in thoughts:
+        assert 0 < t["p_yes_chosen"] < 1 and t["thought_chosen"].strip() and 0 < t["tokens_chosen"] <= 16
+    rows = json.loads(run_btpo("compare", str(tmp_path / "runs"), "--format", "json").stdout)["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(ALIAS, "btpo (base)")]
+    assert rows[0]["cells"]["hh"]["n_pairs"] == 4

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from btpo_cli.console import console
 
-HELP = "Evaluate a trained run: order-swapped / pointwise accuracy, clipped at 50%."
+HELP = ("Evaluate a trained run (--checkpoint), or any model as it is (--model, --method): order-swapped / "
+        "pointwise accuracy, clipped at 50%.")
 EPILOG = """[bold]Examples[/]
 
   btpo eval --checkpoint runs/bt
@@ -21,16 +22,34 @@ EPILOG = """[bold]Examples[/]
 
   btpo eval --checkpoint runs/bt --which best      # best/, kept by train.eval_every
 
+  btpo eval --model smollm2-135m --method btpo --data data/hh --out runs/btpo-base
+
 Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl and prints their paths on
 stdout, one per line (--json: the summary instead); the table goes to stderr.
+
+--model evaluates a model as it is (an untrained base as a BTPO/GRPO/GRAM judge, an off-the-shelf
+reward model as BT, a folder trained elsewhere) by the same protocol and judge code: the eval JSON
+("as_is": true) goes to a run folder of its own (--out, default runs/<method>-<tag>-<model>) that
+`btpo compare` shows as the "<method> (base)" row (--tag to name it otherwise).
 """
 
 
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder (its final/ model is evaluated)."),
-    which: str = typer.Option("final", "--which", help="final, or best: the model kept by train.eval_every "
-                              "(results under RUN/eval/best/)."),
-    data: str | None = typer.Option(None, "--data", "-d", help="Dataset (default: the one it trained on)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Run folder (its final/ model is evaluated)."),
+    which: str = typer.Option("final", "--which", help="With --checkpoint: final, or best: the model kept by "
+                              "train.eval_every (results under RUN/eval/best/)."),
+    model: str | None = typer.Option(None, "--model", help="Instead of --checkpoint: evaluate this model as it is "
+                                     "(alias, Hub id or folder) as --method's judge."),
+    method: str | None = typer.Option(None, "--method", "-m", help="With --model: the judge it is asked as (default: "
+                                      "the method in the folder's btpo.json)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="With --model: run folder for the result "
+                                    "(default runs/<method>-<tag>-<model>)."),
+    tag: str = typer.Option("base", "--tag", help="With --model: the row's tag in `btpo compare` (method (tag))."),
+    recipe: Path | None = typer.Option(None, "--recipe", "-r", help="With --model: YAML recipe for the judge's settings."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="With --model: override a setting "
+                                        "(--set data.max_length=512)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Dataset (default: the one it trained on; "
+                                    "required with --model)."),
     split: str | None = typer.Option(None, "--split", help="Split to evaluate (default: data.eval_split)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Pairs per batch."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N pairs."),
@@ -42,9 +61,23 @@ def evaluate(
                                       "vllm (default: the run's rollout.engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
 ) -> None:
-    from btpo_cli.evaluate_run import eval_paths, evaluate_run
+    from btpo_cli.evaluate_run import eval_paths, evaluate_model, evaluate_run
 
-    s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine, which)
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give either --checkpoint RUN or --model NAME (with --method and --data)")
+    if model is not None and which != "final":
+        raise typer.BadParameter("--which: only with --checkpoint (a model as it is has no best/)")
+    if checkpoint is not None:
+        as_model = [f for f, v in (("--method", method), ("--out", out), ("--recipe", recipe), ("--set", overrides),
+                                    ("--tag", tag != "base")) if v]
+        if as_model:
+            raise typer.BadParameter(f"{', '.join(as_model)}: only with --model (a run keeps its own settings)")
+        s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine,
+                         which)
+        folder = checkpoint
+    else:
+        folder, s = evaluate_model(model, method, data, out, split, batch_size, limit, eval_samples, max_new_tokens,
+                                   device, engine, str(recipe) if recipe else None, overrides, tag)
     if int(os.environ.get("RANK", "0")) != 0:     # under accelerate launch: the main process reports
         return
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")
@@ -61,6 +94,6 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(s, indent=2, ensure_ascii=False) + "\n")
     else:
-        for path in eval_paths(checkpoint, s):
+        for path in eval_paths(folder, s):
             sys.stdout.write(f"{path}\n")
     sys.stdout.flush()
