@@ -434,6 +434,12 @@ def build_table(c: Collected, show: str = "clipped") -> Table:
             _mark_best([r.cells[ds] for r in block if ds in r.cells], show)
         _mark_best([r.avg for r in block if r.avg is not None], show)
         warnings.extend(_settings_warnings(model, block))
+        for ds in c.datasets:
+            ns = {r.method: r.cells[ds].n_pairs for r in block if ds in r.cells}
+            if len(set(ns.values())) > 1:
+                warnings.append(f"{model}/{ds}: rows were evaluated on different numbers of pairs ("
+                                + ", ".join(f"{m}: {n if n is not None else 'mixed'}" for m, n in ns.items())
+                                + ") — their figures are not on the same pairs")
         base = next((r for r in block if r.method == BASELINE), None)
         if base is not None:
             for r in block:

@@ -295,6 +295,10 @@ def test_rows_whose_eval_settings_differ_are_warned_about_and_marked(tmp_path: P
                       ("model-a", "gram"): ["thought_budget"],
                       ("model-a", "btpo (base)"): ["thought_budget", "yes_no_normalize"]}
     assert len(t.warnings) == 2
+    fake_run(root, "a-gram-n50", "model-a", "gram", {"hh": 0.65}, n=50)     # another size, another warning
+    w = build_table(collect([root])).warnings
+    assert any("model-a/hh: rows were evaluated on different numbers of pairs" in x and "btpo (base): 200" in x
+               for x in w)
     assert "model-a: eval setting 'thought_budget' differs" in t.warnings[0]
     assert "32 (btpo (base))" in t.warnings[0] and "64 (gram, btpo)" in t.warnings[0]
     assert "'yes_no_normalize'" in t.warnings[1] and "true (btpo (base))" in t.warnings[1]
