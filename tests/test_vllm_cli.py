@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ONE_THREAD, run_btpo
 
@@ -46,9 +47,9 @@ def test_train_and_eval_with_vllm(vllm_run: Path) -> None:
     rows = [r for r in _rows(vllm_run) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["train/rollout"] for r in rows] == [1, 1, 2, 2]
-    assert json.loads((vllm_run / "config.json").read_text())["rollout"]["engine"] == "vllm"
+    assert yaml.safe_load((vllm_run / "config.yaml").read_text())["rollout"]["engine"] == "vllm"
     diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
-    # one per rollout; the second comes after two updates at lr 1e-3: stale engine weights would show
+    # one per rollout (the second after two updates): the engine samples from the trainer's weights
     assert len(diffs) == 2 and all(d < 1e-3 for d in diffs), diffs
     p = run_btpo("eval", "--checkpoint", str(vllm_run), "--engine", "vllm", *EVAL, env=ONE_THREAD)
     summary = json.loads((vllm_run / "eval" / "synthetic.json").read_text())
