@@ -54,7 +54,9 @@ def test_train_and_eval_with_vllm(vllm_run: Path) -> None:
     p = run_btpo("eval", "--checkpoint", str(vllm_run), "--engine", "vllm", *EVAL, env=ONE_THREAD)
     summary = json.loads((vllm_run / "eval" / "synthetic.json").read_text())
     assert summary["engine"] == "vllm" and summary["method"] == "btpo" and summary["n"] == 12
-    assert str(vllm_run / "eval" / "synthetic.json") in p.stdout
+    # stdout is for programs: the written paths, one per line, and nothing of vLLM's logging
+    assert p.stdout.splitlines() == [str(vllm_run / "eval" / f) for f in ("synthetic.json",
+                                                                            "synthetic.predictions.jsonl")]
     thoughts = [json.loads(x) for x in (vllm_run / "eval" / "synthetic.thoughts.jsonl").read_text().splitlines()]
     assert len(thoughts) == 12 and all(0 < t["p_yes_chosen"] < 1 for t in thoughts)
 
@@ -92,7 +94,7 @@ def test_score_with_a_btpo_judge_on_vllm(vllm_run: Path, synthetic_data: Path, t
     for engine in ("vllm", "hf"):
         p = run_btpo("score", "--judge", str(vllm_run), str(inp), "--engine", engine, "--thoughts",
                      "--max-new-tokens", "8", "-q", env=ONE_THREAD)
-        out[engine] = [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
+        out[engine] = [json.loads(x) for x in p.stdout.splitlines()]      # JSONL only: vLLM logs to stderr
     assert len(out["vllm"]) == 3 and all(len(r["scores"]) == 2 for r in out["vllm"])
     for a, b in zip(out["vllm"], out["hf"], strict=True):
         assert a["best"] == b["best"] and a["thoughts"] == b["thoughts"]
