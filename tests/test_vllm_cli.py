@@ -43,7 +43,23 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path) -> 
     return run_dir
 
 
-def test_train_and_eval_with_vllm(vllm_run: Path) -> None:
+def _eval_outputs(run_dir: Path, engine: str, into: Path) -> tuple[dict, list[dict], list[dict], str]:
+    """``btpo eval --engine …`` on ``run_dir``; its summary, predictions, thoughts (copied to ``into``), stdout."""
+    p = run_btpo("eval", "--checkpoint", str(run_dir), "--engine", engine, *EVAL, env=ONE_THREAD)
+    into.mkdir()
+    for f in ("synthetic.json", "synthetic.predictions.jsonl", "synthetic.thoughts.jsonl"):
+        shutil.copy(run_dir / "eval" / f, into / f)
+    lines = [[json.loads(x) for x in (into / f).read_text().splitlines()]
+             for f in ("synthetic.predictions.jsonl", "synthetic.thoughts.jsonl")]
+    return json.loads((into / "synthetic.json").read_text()), lines[0], lines[1], p.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_eval(vllm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict], list[dict], str]:
+    return _eval_outputs(vllm_run, "vllm", tmp_path_factory.mktemp("eval-vllm") / "out")
+
+
+def test_train_and_eval_with_vllm(vllm_run: Path, vllm_eval: tuple) -> None:
     rows = [r for r in _rows(vllm_run) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["train/rollout"] for r in rows] == [1, 1, 2, 2]
@@ -51,29 +67,17 @@ def test_train_and_eval_with_vllm(vllm_run: Path) -> None:
     diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
     # one per rollout (the second after two updates): the engine samples from the trainer's weights
     assert len(diffs) == 2 and all(d < 1e-3 for d in diffs), diffs
-    p = run_btpo("eval", "--checkpoint", str(vllm_run), "--engine", "vllm", *EVAL, env=ONE_THREAD)
-    summary = json.loads((vllm_run / "eval" / "synthetic.json").read_text())
+    summary, _, thoughts, stdout = vllm_eval
     assert summary["engine"] == "vllm" and summary["method"] == "btpo" and summary["n"] == 12
     # stdout is for programs: the written paths, one per line, and nothing of vLLM's logging
-    assert p.stdout.splitlines() == [str(vllm_run / "eval" / f) for f in ("synthetic.json",
-                                                                            "synthetic.predictions.jsonl")]
-    thoughts = [json.loads(x) for x in (vllm_run / "eval" / "synthetic.thoughts.jsonl").read_text().splitlines()]
+    assert stdout.splitlines() == [str(vllm_run / "eval" / f) for f in ("synthetic.json",
+                                                                          "synthetic.predictions.jsonl")]
     assert len(thoughts) == 12 and all(0 < t["p_yes_chosen"] < 1 for t in thoughts)
 
 
-def _eval_outputs(run_dir: Path, engine: str, into: Path) -> tuple[dict, list[dict], list[dict]]:
-    run_btpo("eval", "--checkpoint", str(run_dir), "--engine", engine, *EVAL, env=ONE_THREAD)
-    into.mkdir()
-    for f in ("synthetic.json", "synthetic.predictions.jsonl", "synthetic.thoughts.jsonl"):
-        shutil.copy(run_dir / "eval" / f, into / f)
-    lines = [[json.loads(x) for x in (into / f).read_text().splitlines()]
-             for f in ("synthetic.predictions.jsonl", "synthetic.thoughts.jsonl")]
-    return json.loads((into / "synthetic.json").read_text()), lines[0], lines[1]
-
-
-def test_vllm_and_hf_give_the_same_greedy_eval(vllm_run: Path, tmp_path: Path) -> None:
-    sv, pv, tv = _eval_outputs(vllm_run, "vllm", tmp_path / "vllm")
-    sh, ph, th = _eval_outputs(vllm_run, "hf", tmp_path / "hf")
+def test_vllm_and_hf_give_the_same_greedy_eval(vllm_run: Path, vllm_eval: tuple, tmp_path: Path) -> None:
+    sv, pv, tv, _ = vllm_eval
+    sh, ph, th, _ = _eval_outputs(vllm_run, "hf", tmp_path / "hf")
     assert (sv["engine"], sh["engine"]) == ("vllm", "hf")
     assert [t["thought_chosen"] for t in tv] == [t["thought_chosen"] for t in th]
     assert [t["thought_rejected"] for t in tv] == [t["thought_rejected"] for t in th]
