@@ -17,6 +17,9 @@ Each repeat runs every engine once on the full rollout and once with ``max_new_t
 (prefill, plus one sampled token), in alternating order; times are medians, the speed-up is the
 median of per-repeat ratios (the engines run back to back, so a noisy shared machine hits both).
 Before timing, both engines decode greedily and the outputs are compared (same weights, fp32).
+Besides wall time each call's process CPU time is recorded (``generate_cpu``; both engines run in
+this process): on a machine shared with other jobs, run with ``OMP_NUM_THREADS=1`` and read the
+CPU-time ratio, which waiting for a core does not inflate.
 """
 
 from __future__ import annotations
@@ -101,6 +104,15 @@ def timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, res
 
 
+def cpu_timed(fn: Any) -> tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds over all its threads, result). Both engines run in
+    this process (vLLM in-process), so CPU seconds are each engine's own work: on a machine shared
+    with other jobs they move far less than wall time (with one thread, not at all from waiting)."""
+    c0 = time.process_time()
+    dt, res = timed(fn)
+    return dt, time.process_time() - c0, res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engines", default="hf,vllm")
@@ -149,18 +161,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     full = SamplingParams(temperature=1.0, max_new_tokens=args.thought_tokens, stop_token_ids=[])
     prefill = SamplingParams(temperature=1.0, max_new_tokens=1, stop_token_ids=[])
-    times: dict[str, dict[str, list[float]]] = {n: {"generate": [], "prefill": []} for n in engines}
+    times: dict[str, dict[str, list[float]]] = {n: {"generate": [], "prefill": [], "generate_cpu": [],
+                                                    "prefill_cpu": []} for n in engines}
     tokens: dict[str, int] = {}
     for r in range(args.repeats):
         order = engines if r % 2 == 0 else engines[::-1]
         for name in order:
             eng = built[name]
-            dt, res = timed(lambda eng=eng: eng.generate(prompts, args.k, full, seeds))
+            dt, cpu, res = cpu_timed(lambda eng=eng: eng.generate(prompts, args.k, full, seeds))
             tokens[name] = sum(len(s.token_ids) for g in res for s in g)
             times[name]["generate"].append(dt)
-            dt, _ = timed(lambda eng=eng: eng.generate(prompts, args.k, prefill, seeds))
+            times[name]["generate_cpu"].append(cpu)
+            dt, cpu, _ = cpu_timed(lambda eng=eng: eng.generate(prompts, args.k, prefill, seeds))
             times[name]["prefill"].append(dt)
-            print(f"repeat {r} {name}: generate {times[name]['generate'][-1]:.2f}s prefill {dt:.2f}s", flush=True)
+            times[name]["prefill_cpu"].append(cpu)
+            print(f"repeat {r} {name}: generate {times[name]['generate'][-1]:.2f}s "
+                  f"(cpu {times[name]['generate_cpu'][-1]:.2f}s) prefill {dt:.2f}s (cpu {cpu:.2f}s)", flush=True)
     expected = len(prompts) * args.k * args.thought_tokens
     assert all(t == expected for t in tokens.values()), (tokens, expected)
     floor = gemm_floor(folder, len(prompts) * args.k)
@@ -173,13 +189,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in engines:
         g, p = statistics.median(times[name]["generate"]), statistics.median(times[name]["prefill"])
         out["engines"][name] = {"generate_s": g, "prefill_s": p, "decode_s": g - p, "tokens_per_s": expected / g,
-                                "decode_tokens_per_s": expected / max(g - p, 1e-9), "all_generate_s": times[name]["generate"]}
+                                "decode_tokens_per_s": expected / max(g - p, 1e-9), "all_generate_s": times[name]["generate"],
+                                "generate_cpu_s": statistics.median(times[name]["generate_cpu"]),
+                                "prefill_cpu_s": statistics.median(times[name]["prefill_cpu"]),
+                                "tokens_per_cpu_s": expected / statistics.median(times[name]["generate_cpu"]),
+                                "all_generate_cpu_s": times[name]["generate_cpu"]}
     if len(engines) > 1:
         base, other = engines[0], engines[1]
         ratios = [a / b for a, b in zip(times[base]["generate"], times[other]["generate"], strict=True)]
         pratios = [a / b for a, b in zip(times[base]["prefill"], times[other]["prefill"], strict=True)]
+        cratios = [a / b for a, b in zip(times[base]["generate_cpu"], times[other]["generate_cpu"], strict=True)]
         out["speedup"] = {"of": other, "over": base, "generate": statistics.median(ratios),
-                          "prefill": statistics.median(pratios), "per_repeat": ratios}
+                          "prefill": statistics.median(pratios), "per_repeat": ratios,
+                          "generate_cpu": statistics.median(cratios), "per_repeat_cpu": cratios}
     for e in built.values():
         if hasattr(e, "stats"):
             out["engines"][e.name]["stats"] = e.stats()

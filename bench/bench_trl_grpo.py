@@ -11,7 +11,9 @@ What is held equal: the model (tiny-qwen2, fp32, CPU), the number of sequences s
 generations), the thought budget (``--thought-tokens``; the random tiny model almost never ends a
 thought early, and the tokens actually generated are reported per side), one optimizer step per
 rollout (btpo: ``rollout_batch_size == train.batch_size``; TRL: ``steps_per_generation=1``), the
-``hf`` generation path on both sides (TRL's ``model.generate``, btpo's rollout engine).
+``hf`` generation path on both sides by default (TRL's ``model.generate``, btpo's rollout engine;
+``--engine vllm`` gives btpo's side the vLLM engine, run then with .venv-vllm's python, TRL keeping
+``model.generate``).
 What differs by design: btpo's step also scores every thought's verdict (p(Yes) of the response) and
 its prompts are GPM dialogs (TRL gets the same conversation + evaluation request as a chat
 prompt, lengths reported). Each side runs in its own fresh process; step 1 (warm-up) is dropped and
@@ -42,7 +44,7 @@ def btpo_side(a: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
            "--set", f"btpo.rollout_batch_size={a.pairs}", "--set", f"train.batch_size={a.pairs}",
            "--set", f"train.micro_batch_size={a.pairs}", "--set", f"btpo.k={a.k}",
            "--set", f"btpo.max_thought_tokens={a.thought_tokens}", "--set", "train.save_every=0",
-           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0"]
+           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0", "--engine", a.engine]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--thought-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--engine", default="hf", help="btpo's rollout engine (vllm: run with .venv-vllm's python)")
     ap.add_argument("--json", dest="json_out", default=None)
     a = ap.parse_args(argv)
     if not (Path(a.trl_site) / "trl").is_dir():
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
     tl = theirs["completion_lens"]
     gen = statistics.median(x for x in ours["generate_s"][1:] if x is not None)
-    res = {"pairs": a.pairs, "k": a.k, "thought_tokens": a.thought_tokens, "steps": a.steps,
+    res = {"engine": a.engine, "pairs": a.pairs, "k": a.k, "thought_tokens": a.thought_tokens, "steps": a.steps,
            "sequences_per_step": 2 * a.pairs * a.k, "btpo": ours, "trl": theirs,
            "btpo_step_s": b, "btpo_generate_s": gen, "btpo_update_s": statistics.median(ours["update_s"][1:]),
            "trl_step_s": t, "trl_over_btpo": t / b,

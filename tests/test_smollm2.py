@@ -286,3 +286,27 @@ def test_untrained_model_as_a_btpo_judge_with_eval_model(tmp_path: Path, hh_data
     rows = json.loads(run_btpo("compare", str(tmp_path / "runs"), "--format", "json").stdout)["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [(ALIAS, "btpo (base)")]
     assert rows[0]["cells"]["hh"]["n_pairs"] == 4
+
+
+@pytest.mark.vllm
+def test_btpo_one_step_and_eval_on_vllm(tmp_path: Path, hh_data: Path) -> None:
+    """The same run with the vLLM engine sampling the thoughts (in .venv-vllm); its greedy eval
+    thoughts equal the HF engine's on the same trained weights."""
+    import math
+
+    run_dir = tmp_path / "btpo-vllm"
+    run_btpo("train", "--method", "btpo", "--model", ALIAS, "--data", str(hh_data), "--out", str(run_dir),
+             "--max-steps", "1", "--engine", "vllm", *SMALL, *SMALL_BTPO, env=ONE_THREAD)
+    rows = _train_rows(run_dir)
+    assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["train/loss"])
+    assert 0 < rows[0]["btpo/thought_len"] <= 16
+    assert rows[0]["rollout/logprob_diff"] < 1e-3        # vLLM's log-probs of its samples = the trainer's
+    thoughts = {}
+    for engine in ("vllm", "hf"):
+        run_btpo("eval", "--checkpoint", str(run_dir), "--engine", engine, "--max-new-tokens", "16", env=ONE_THREAD)
+        summary = json.loads((run_dir / "eval" / "hh.json").read_text())
+        assert summary["engine"] == engine and summary["n"] == 4
+        thoughts[engine] = [json.loads(x) for x in (run_dir / "eval" / "hh.thoughts.jsonl").read_text().splitlines()]
+    assert [t["thought_chosen"] for t in thoughts["vllm"]] == [t["thought_chosen"] for t in thoughts["hf"]]
+    assert [t["thought_rejected"] for t in thoughts["vllm"]] == [t["thought_rejected"] for t in thoughts["hf"]]
+    assert all(t["thought_chosen"].strip() for t in thoughts["vllm"])

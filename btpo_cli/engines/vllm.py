@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 """Set on CPU only where the user has not set them (GiB of KV cache; no core pinning)."""
+LOG_ENV_DEFAULTS = {"VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "WARNING"}
+"""Set everywhere where the user has not set them: vLLM logs to stdout by default, which would mix its
+lines into what btpo prints there for programs (``btpo score``'s JSONL, ``btpo eval``'s paths)."""
 CPU_ENGINE_ARGS: dict[str, Any] = {"enable_chunked_prefill": False, "block_size": 32}
 """CPU only. Chunked prefill off: a prompt cut across two steps makes vLLM rewind its seeded
 generator's offset, which a CPU ``torch.Generator`` cannot do (``RuntimeError: CPU Generator does
@@ -59,9 +62,11 @@ CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 def prepare_environment(device: str = "cpu") -> None:
     """Environment vLLM reads when it starts: call before the first ``import vllm`` (from_spec does).
 
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is forced (the engine must live in this process); the CPU
-    defaults are set only where absent."""
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is forced (the engine must live in this process); the log
+    and CPU defaults are set only where absent (vLLM reads its logging settings at import)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    for k, v in LOG_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     if not str(device).startswith("cuda"):
         for k, v in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
