@@ -63,7 +63,8 @@ def _terms(model: Any, ro: Any, pair_ids: list[int], judge: Any, cfg: Any, devic
                                cfg.btpo.agg, float(cfg.rollout.max_new_tokens))
     th = seq.view(m, 2, k).mean(-1)
     return {"score_w": score_loss(lp_yes[:, 0], lp_yes[:, 1], pbar[:, 0], zero, omega).mean(),
-            "score_l": score_loss(lp_yes[:, 0], lp_yes[:, 1], zero, pbar[:, 1], omega).mean(),
+            "score_l": score_loss(lp_yes[:, 0], lp_yes[:, 1], zero, pbar[:, 1], omega,
+                                  cfg.btpo.score_floor).mean(),
             "thought_w": th[:, 0].mean(), "thought_l": th[:, 1].mean(),
             "h_w": lp_yes[:, 0].mean(), "h_l": lp_yes[:, 1].mean()}
 
