@@ -18,7 +18,7 @@ Usage (writes <out>/terms.jsonl beside the run's metrics.jsonl)::
     python bench/btpo_terms_probe.py --every 2 -- train --method btpo --model PATH --data DIR --out RUN \\
         --set ... (any ``btpo train`` arguments)
 
-It wraps ``btpo_cli.methods.btpo._micro_loss`` and ``make_optimizer``; if those move, move it.
+It wraps ``btpo_cli.methods.btpo.micro_loss`` and ``btpo_cli.session.make_optimizer``; if those move, move it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import btpo_cli.methods.btpo as M  # noqa: E402
+import btpo_cli.session as S  # noqa: E402
 from btpo_cli.gpm import score_thoughts  # noqa: E402
 from btpo_cli.losses import clipped_surrogate, rollout_weights, score_loss  # noqa: E402
 
@@ -48,22 +49,22 @@ def _make_optimizer(model: Any, cfg: Any) -> Any:
 
 
 def _terms(model: Any, ro: Any, pair_ids: list[int], judge: Any, cfg: Any, device: Any) -> dict[str, torch.Tensor]:
-    k = cfg.btpo.k
-    rows = [(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)]
-    seqs = [ro.seqs[x] for x in rows]
-    sc = score_thoughts(model, seqs, judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize,
-                        cfg.btpo.temperature)
+    k = cfg.rollout.n
+    rows = torch.tensor([(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)])
+    sc = score_thoughts(model, ro.seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id, cfg.btpo.yes_no_normalize,
+                        cfg.rollout.temperature)
     m = len(pair_ids)
-    old = M._pad_rows([ro.old_logp[x] for x in rows], sc.logp.shape[1], device)
+    old = ro.old_logp[rows, :sc.logp.shape[1]].to(device)
     lp_yes = sc.logp_yes.view(m, 2, k)
     omega, pbar, adv = rollout_weights(ro.old_logp_yes[pair_ids].to(device), cfg.btpo.thought_advantage,
                                        cfg.btpo.misalignment_weight)
     zero = torch.zeros_like(pbar[:, 0])
     seq, _ = clipped_surrogate(sc.logp, old, adv.reshape(-1), sc.mask, cfg.btpo.clip_eps_low, cfg.btpo.clip_eps_high,
-                               cfg.btpo.agg, float(cfg.btpo.max_thought_tokens))
+                               cfg.btpo.agg, float(cfg.rollout.max_new_tokens))
     th = seq.view(m, 2, k).mean(-1)
     return {"score_w": score_loss(lp_yes[:, 0], lp_yes[:, 1], pbar[:, 0], zero, omega).mean(),
-            "score_l": score_loss(lp_yes[:, 0], lp_yes[:, 1], zero, pbar[:, 1], omega).mean(),
+            "score_l": score_loss(lp_yes[:, 0], lp_yes[:, 1], zero, pbar[:, 1], omega,
+                                  cfg.btpo.score_floor).mean(),
             "thought_w": th[:, 0].mean(), "thought_l": th[:, 1].mean(),
             "h_w": lp_yes[:, 0].mean(), "h_l": lp_yes[:, 1].mean()}
 
@@ -110,8 +111,8 @@ def _micro_loss(model: Any, ro: Any, pair_ids: list[int], judge: Any, cfg: Any, 
     return loss, stats
 
 
-ORIG_MICRO = M._micro_loss
-ORIG_MAKE_OPT = M.make_optimizer
+ORIG_MICRO = M.micro_loss
+ORIG_MAKE_OPT = S.make_optimizer
 
 
 def main() -> None:
@@ -126,8 +127,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     STATE["out"] = out / "terms.jsonl"
     STATE["out"].unlink(missing_ok=True)
-    M._micro_loss = _micro_loss
-    M.make_optimizer = _make_optimizer
+    M.micro_loss = _micro_loss
+    S.make_optimizer = _make_optimizer
     from btpo_cli.cli import main as cli_main
 
     sys.argv = ["btpo", *argv]

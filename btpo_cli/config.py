@@ -176,6 +176,9 @@ class BTPOConfig:
     """KL (k3) coefficient to the frozen reference model; 0 loads no reference."""
     yes_no_normalize: bool = False
     """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
+    score_floor: float = 0.0
+    """(ours) p(Yes) below which a rejected response's thought gets no more score-term push
+    (``losses.score_loss``); 0 is METHOD's unbounded term. docs/experiments.md: the collapse it stops."""
     schedule: str = "joint"
     """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
 
@@ -542,6 +545,8 @@ def validate(cfg: Config) -> None:
                           "evaluate on training pairs kept out of training")
     if cfg.train.eval_every and cfg.data.valid_split == "heldout" and not cfg.train.eval_limit:
         raise ConfigError("train.eval_limit: data.valid_split=heldout needs the number of pairs to hold out (> 0)")
+    if not 0 <= cfg.btpo.score_floor < 1:
+        raise ConfigError(f"btpo.score_floor: must be in [0, 1), got {cfg.btpo.score_floor}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be positive, got {cfg.train.max_steps}")
     if cfg.hardware.gpu_memory_gb is not None and cfg.hardware.gpu_memory_gb <= 0:

@@ -27,8 +27,8 @@ from btpo_cli.errors import BtpoError
 
 COMMON = ["data.max_length=160", "optim.warmup_ratio=0", "train.save_every=0", "eval.batch_size=32",
           "eval.max_new_tokens=64"]
-_BTPO = ["train.batch_size=16", "train.micro_batch_size=8", "btpo.k=4", "btpo.rollout_batch_size=32",
-         "btpo.max_thought_tokens=64", "optim.lr=2.5e-4", "optim.scheduler=constant"]
+_BTPO = ["train.batch_size=16", "train.micro_batch_size=8", "rollout.n=4", "rollout.batch_size=32",
+         "rollout.max_new_tokens=64", "optim.lr=2.5e-4", "optim.scheduler=constant", "btpo.score_floor=0.01"]
 BUDGETS: dict[str, dict[str, Any]] = {
     # method: steps (full, quick) and overrides
     "bt": {"steps": (200, 60), "set": ["train.batch_size=32", "train.micro_batch_size=32", "optim.lr=1e-3"]},

@@ -406,8 +406,15 @@ def score_loss(
     pbar_w: Tensor,
     pbar_l: Tensor,
     omega: Tensor,
+    floor: float = 0.0,
 ) -> Tensor:
     """Scoring term ``L_score = −ω̂ [Σ_k p̄^w_k log p(Yes|z^w_k) − Σ_k p̄^l_k log p(Yes|z^l_k)]`` (§5).
+
+    With ``floor > 0`` (ours) the rejected side reads ``max(log p(Yes|z^l_k), log floor)``: a
+    rejected thought whose p(Yes) is already below ``floor`` is pushed no further. Above the floor
+    the term and its gradient are METHOD's exactly; below it the push on log p(Yes), which is
+    unbounded below (and, through the Yes logit the two sides share, drags the chosen side down with
+    it), stops. ``floor = 0`` is METHOD's term.
 
     Args:
         logp_yes_w: ``(B, K)`` current ``log p(Yes | x, y_w, z^w_k)`` (carries the graph).
@@ -415,6 +422,7 @@ def score_loss(
         pbar_w: ``(B, K)`` ``p̄^w`` (detached here).
         pbar_l: ``(B, K)`` ``p̄^l`` (detached here).
         omega: ``(B,)`` ``ω̂`` (detached here).
+        floor: p(Yes) below which a rejected thought's score term is constant (0: none).
 
     Returns:
         ``(B,)`` per-pair loss. A thought with ``p̄ = 0`` contributes exactly 0, even if its
@@ -431,6 +439,8 @@ def score_loss(
         logp_yes, pbar = _upcast(logp_yes), _upcast(pbar).detach()
         return _masked(pbar * logp_yes, pbar > 0).sum(dim=-1)
 
+    if floor > 0:
+        logp_yes_l = _upcast(logp_yes_l).clamp_min(math.log(floor))
     return -omega.detach() * (weighted(logp_yes_w, pbar_w) - weighted(logp_yes_l, pbar_l))
 
 
@@ -548,6 +558,7 @@ def btpo_loss(
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
     adv_eps: float = 1e-6,
+    score_floor: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """BTPO surrogate loss of a minibatch of ``B`` pairs (METHOD.md §5).
 
@@ -580,6 +591,7 @@ def btpo_loss(
         ref_logp: per-token reference log-probs, same shape as ``logp``; needed when ``beta > 0``.
         beta: KL coefficient (0 by default, METHOD.md §5).
         adv_eps: std epsilon of ``grpo`` advantages.
+        score_floor: the rejected side's p(Yes) floor in the score term (:func:`score_loss`; 0: METHOD's term).
 
     Returns:
         ``(loss, stats)``: ``loss`` is ``()``; ``stats`` maps names to detached ``()`` tensors:
@@ -609,7 +621,7 @@ def btpo_loss(
 
     omega, pbar, adv = rollout_weights(old_logp_yes, thought_advantage, misalignment_weight, adv_eps)
 
-    l_score = score_loss(logp_yes[:, 0], logp_yes[:, 1], pbar[:, 0], pbar[:, 1], omega)  # (B,)
+    l_score = score_loss(logp_yes[:, 0], logp_yes[:, 1], pbar[:, 0], pbar[:, 1], omega, score_floor)  # (B,)
     seq_losses, clip_stats = clipped_surrogate(
         logp_f, old_f, adv.reshape(n_seq), mask_f, eps_low, eps_high, agg, norm_constant
     )
@@ -650,6 +662,9 @@ def btpo_loss(
             "logp_yes_drift_rejected": (lp_new[:, 1] - lp_old[:, 1]).mean(),
             "yes_logit_push_chosen": push[:, 0].sum(-1).mean(),
             "yes_logit_push_rejected": push[:, 1].sum(-1).mean(),
+            # share of the rejected side's score weight (p̄) on thoughts already below the floor
+            "score_floor_share": (pbar[:, 1] * (lp_new[:, 1] < math.log(score_floor)).to(pbar.dtype)).sum(-1).mean()
+            if score_floor > 0 else torch.zeros((), dtype=pbar.dtype),
             "omega_mean": omega.mean(),
             "score_chosen": log_s[:, 0].exp().mean(),
             "score_rejected": log_s[:, 1].exp().mean(),

@@ -340,6 +340,31 @@ def test_score_loss_zero_weight_neg_inf() -> None:
     assert torch.isfinite(lw.grad).all() and torch.isfinite(ll.grad).all()
 
 
+def test_score_floor_stops_the_rejected_push_below_it_only() -> None:
+    pw, pl = t(0.75, 0.25).view(1, 2), t(0.5, 0.5).view(1, 2)
+    lw = t(0.6, 0.2).log().view(1, 2).requires_grad_()
+    ll = t(0.3, 0.001).log().view(1, 2).requires_grad_()          # one above the floor 0.01, one below
+    out = score_loss(lw, ll, pw, pl, t(0.4), floor=0.01)
+    close(out, t(-0.4 * (0.75 * math.log(0.6) + 0.25 * math.log(0.2) - 0.5 * math.log(0.3) - 0.5 * math.log(0.01))))
+    out.sum().backward()
+    close(lw.grad, -0.4 * pw)                                      # the chosen side is untouched
+    close(ll.grad, t(0.4 * 0.5, 0.0).view(1, 2))                   # METHOD's gradient above the floor, none below
+    # floor 0 is METHOD's term exactly
+    ll0 = ll.detach().clone().requires_grad_()
+    score_loss(lw.detach(), ll0, pw, pl, t(0.4), floor=0.0).sum().backward()
+    close(ll0.grad, 0.4 * pl)
+
+
+def test_btpo_loss_reports_the_share_below_the_score_floor() -> None:
+    lp_yes = torch.tensor([[[0.5, 0.4], [0.3, 0.001]]], dtype=D64).log()
+    logp = torch.zeros(4, 3, dtype=D64)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    _, st = btpo_loss(logp, logp, mask, lp_yes, lp_yes, score_floor=0.01)
+    close(st["score_floor_share"], t(0.001 / 0.301)[0])
+    _, st0 = btpo_loss(logp, logp, mask, lp_yes, lp_yes)
+    close(st0["score_floor_share"], t(0.0)[0])
+
+
 def test_kl_k3() -> None:
     logp = torch.randn(3, 5, dtype=D64, requires_grad=True)
     mask = torch.ones(3, 5, dtype=torch.bool)

@@ -186,7 +186,8 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, c
         sc.logp, old, sc.mask, sc.logp_yes.view(m, 2, k), ro.old_logp_yes[pair_ids].to(device),
         thought_advantage=cfg.btpo.thought_advantage, agg=cfg.btpo.agg, eps_low=cfg.btpo.clip_eps_low,
         eps_high=cfg.btpo.clip_eps_high, norm_constant=float(cfg.rollout.max_new_tokens),
-        misalignment_weight=cfg.btpo.misalignment_weight, ref_logp=ref, beta=cfg.btpo.beta)
+        misalignment_weight=cfg.btpo.misalignment_weight, ref_logp=ref, beta=cfg.btpo.beta,
+        score_floor=cfg.btpo.score_floor)
 
 
 # ----------------------------------------------------------------------------- evaluation

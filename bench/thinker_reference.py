@@ -1,0 +1,56 @@
+"""Write ``btpo_cli/thinker_reference.json`` from built tiny-thinkers (the README table's base models).
+
+Build (or reuse) the thinkers first, e.g. ``btpo base-model`` per seed or ``btpo demo --thinker-seeds 0,1``,
+then::
+
+    python bench/thinker_reference.py --seeds 0,1 [--cache DIR]
+
+It reads ``<cache>/models/tiny-thinker-v<VERSION>-s<seed>/btpo_thinker.json`` for each seed and
+records their weights / tokenizer sha256, final pre-training loss and the environment of the
+first one (all must have been built with the same library versions and CPU capability).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from btpo_cli.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinker_dir  # noqa: E402
+from btpo_cli.tiny import tiny_cache_root  # noqa: E402
+
+ENV_KEYS = ("python", "torch", "transformers", "tokenizers", "accelerate", "machine", "system",
+            "cpu_capability", "blas", "build_threads")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=REFERENCE_FILE)
+    a = ap.parse_args()
+    seeds, env = {}, None
+    for s in (int(x) for x in a.seeds.split(",")):
+        path = thinker_dir(ThinkerSpec(seed=s), a.cache or tiny_cache_root()) / "btpo_thinker.json"
+        if not path.is_file():
+            print(f"thinker_reference: {path} not found (build tiny-thinker-s{s} first)", file=sys.stderr)
+            return 2
+        info = json.loads(path.read_text(encoding="utf-8"))
+        e = {k: info["built_with"].get(k) for k in ENV_KEYS}
+        if env is not None and e != env:
+            print(f"thinker_reference: seed {s} was built in another environment: {e} vs {env}", file=sys.stderr)
+            return 2
+        env = e
+        seeds[str(s)] = {"weights_sha256": info["weights_sha256"], "tokenizer_sha256": info["tokenizer_sha256"],
+                         "final_loss": info["final_loss"]}
+    a.out.write_text(json.dumps({"version": VERSION, "built_with": env, "seeds": seeds}, indent=2) + "\n",
+                     encoding="utf-8")
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
