@@ -26,7 +26,8 @@ BTPO_SMALL = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "-
 def launch(*args: str, config: str | None = "fsdp2", env: dict[str, str] | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch [--config_file recipes/accelerate/<config>.yaml] --num_processes 2 -m btpo_cli …``."""
-    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", COLUMNS="200", **(env or {}))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))   # keep extra site dirs
+    e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", COLUMNS="200", **(env or {}))
     cfg = ["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml")] if config else ["--multi_gpu"]
     p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *cfg, "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
