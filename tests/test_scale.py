@@ -60,7 +60,8 @@ def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...]) -> 
     w1, w2 = weights(one), weights(two)
     assert sorted(w1) == sorted(w2)
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow
