@@ -47,7 +47,7 @@ def weights(d: Path) -> dict[str, torch.Tensor]:
     return load_file(str(d / "final" / "model.safetensors"))
 
 
-def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...]) -> None:
+def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...], w_atol: float = 1e-5) -> None:
     r1, r2 = rows(one), rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, steps + 1))
     for a, b in zip(r1, r2, strict=True):
@@ -60,7 +60,7 @@ def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...]) -> 
     w1, w2 = weights(one), weights(two)
     assert sorted(w1) == sorted(w2)
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=w_atol,
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
@@ -132,7 +132,10 @@ def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: P
     run_btpo(*common, "--out", str(one))
     launch(*common, "--out", str(two), config=config)
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
-    assert_same_run(one, two, 3, ("train/accuracy", "train/reward_margin", "train/grad_norm"))
+    # weights: ZeRO's gradient reduction sums in another order; AdamW turns that rounding into up to
+    # ~2e-5 on the odd element whose gradient is near zero (2 of 168 576 here). An extra or missing
+    # step would move nearly every element by ~lr = 1e-3.
+    assert_same_run(one, two, 3, ("train/accuracy", "train/reward_margin", "train/grad_norm"), w_atol=1e-4)
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(str(two / "final"))   # plain transformers
