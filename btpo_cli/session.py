@@ -116,7 +116,10 @@ class TrainSession:
         cfg, acc = self.cfg, self.acc
         model = load_policy(cfg.model, kind, self.tok.pad_token_id, acc.device)
         if reference and not cfg.model.lora.r:
-            self.ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
+            from btpo_cli.sharding import unpartitioned_loading
+
+            with unpartitioned_loading():      # a full frozen copy, also under ZeRO-3
+                self.ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
             self.ref.requires_grad_(False)
         opt = make_optimizer(model, cfg)
         sched = make_scheduler(opt, cfg, total_steps)

@@ -91,6 +91,27 @@ def fill_deepspeed_config(acc: Any, micro_batch_size: int, max_grad_norm: float,
     plugin.gradient_accumulation_steps = 1
 
 
+@contextmanager
+def unpartitioned_loading() -> Iterator[None]:
+    """Within: ``from_pretrained`` loads full tensors even under ZeRO-3.
+
+    accelerate's DeepSpeed plugin registers its config with transformers, which then builds every
+    model under ``deepspeed.zero.Init`` (parameters partitioned, placeholders of shape ``[0]``).
+    That is right for the policy the engine wraps, wrong for a frozen copy that runs plain
+    forwards (the KL reference)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:    # pragma: no cover - transformers without the integration
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def set_sync(acc: Any, sync: bool) -> None:
     """Mark whether the next backward ends a global batch (DeepSpeed steps only when it does)."""
     acc.gradient_state._set_sync_gradients(sync)

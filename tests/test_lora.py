@@ -23,8 +23,9 @@ def _ids(n: int = 3, t: int = 20) -> torch.Tensor:
     return torch.randint(5, 1000, (n, t), generator=torch.Generator().manual_seed(0))
 
 
-def _check_final(run: Path, cls_name: str) -> None:
-    """final/ loads with plain transformers and equals base + adapter (peft) on the same input."""
+def _check_final(run: Path, cls_name: str, changed: bool = True) -> None:
+    """final/ loads with plain transformers and equals base + adapter (peft) on the same input;
+    ``changed``: training moved the adapter (else: it must be exactly the untrained, B = 0 one)."""
     import transformers
 
     cls = getattr(transformers, cls_name)
@@ -44,7 +45,10 @@ def _check_final(run: Path, cls_name: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with torch.no_grad(), adapted.disable_adapter():
         plain = adapted(input_ids=x).logits
-    assert (a - plain).abs().max() > 1e-4, "training did not change the adapter"
+    if changed:
+        assert (a - plain).abs().max() > 1e-4, "training did not change the adapter"
+    else:
+        assert torch.equal(a, plain), "the adapter moved without a gradient"
 
 
 @pytest.mark.slow
@@ -67,8 +71,12 @@ def test_lora_rollout_methods_end_to_end(tmp_path: Path, synthetic_data: Path, m
     beta = "btpo.beta=0.05" if method == "btpo" else "grpo.beta=0.05"
     run_btpo("train", "--method", method, "--data", str(synthetic_data), "--max-steps", "2", *RL_SMALL, *LORA,
              "--set", beta, "--out", str(run), env={"OMP_NUM_THREADS": "1"})
-    _check_final(run, "AutoModelForCausalLM")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in x]
+    # GRPO on the untrained tiny model: it rarely writes a verdict, so every group can be flat
+    # (zero advantages) and, with policy = reference at B = 0, the gradient is exactly zero.
+    signal = max(r["train/grad_norm"] for r in rows) > 0
+    assert signal or method != "btpo"
+    _check_final(run, "AutoModelForCausalLM", changed=signal)
     prefix = "btpo" if method == "btpo" else "grpo"
     assert rows[0][f"{prefix}/kl"] == pytest.approx(0.0, abs=1e-7)   # adapter starts at B = 0: policy = reference
     run_btpo("eval", "--checkpoint", str(run), "--limit", "4", "--max-new-tokens", "4")

@@ -26,7 +26,8 @@ BTPO_SMALL = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "-
 def launch(*args: str, config: str | None = "fsdp2", env: dict[str, str] | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch [--config_file recipes/accelerate/<config>.yaml] --num_processes 2 -m btpo_cli …``."""
-    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", COLUMNS="200", **(env or {}))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))   # keep extra site dirs
+    e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", COLUMNS="200", **(env or {}))
     cfg = ["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml")] if config else ["--multi_gpu"]
     p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *cfg, "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -46,7 +47,7 @@ def weights(d: Path) -> dict[str, torch.Tensor]:
     return load_file(str(d / "final" / "model.safetensors"))
 
 
-def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...]) -> None:
+def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...], w_atol: float = 1e-5) -> None:
     r1, r2 = rows(one), rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, steps + 1))
     for a, b in zip(r1, r2, strict=True):
@@ -59,7 +60,8 @@ def assert_same_run(one: Path, two: Path, steps: int, keys: tuple[str, ...]) -> 
     w1, w2 = weights(one), weights(two)
     assert sorted(w1) == sorted(w2)
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=w_atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow
@@ -130,7 +132,10 @@ def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: P
     run_btpo(*common, "--out", str(one))
     launch(*common, "--out", str(two), config=config)
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
-    assert_same_run(one, two, 3, ("train/accuracy", "train/reward_margin", "train/grad_norm"))
+    # weights: ZeRO's gradient reduction sums in another order; AdamW turns that rounding into up to
+    # ~2e-5 on the odd element whose gradient is near zero (2 of 168 576 here). An extra or missing
+    # step would move nearly every element by ~lr = 1e-3.
+    assert_same_run(one, two, 3, ("train/accuracy", "train/reward_margin", "train/grad_norm"), w_atol=1e-4)
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(str(two / "final"))   # plain transformers
