@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children that the tests start get SIGINT at its default, whatever this process inherited: a
+    shell starts background jobs (``cmd &``, nohup, some CI runners) with SIGINT ignored, and an
+    ignored disposition survives exec, so the Ctrl-C tests would send a signal nobody receives.
+    A Python-level handler here is reset to the default in every exec'd child."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.cache
