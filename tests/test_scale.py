@@ -104,7 +104,8 @@ def test_two_process_eval_equals_one(tmp_path: Path, synthetic_data: Path) -> No
         run = tmp_path / method
         run_btpo("train", "--method", method, "--data", str(synthetic_data), "--max-steps", "2", *TINY_BT,
                  "--set", "eval.batch_size=5", "--out", str(run))
-        run_btpo("eval", "--checkpoint", str(run), "--limit", "23")
+        # one intra-op thread like each launched process: the thread count changes how matmuls sum
+        run_btpo("eval", "--checkpoint", str(run), "--limit", "23", env={"OMP_NUM_THREADS": "1"})
         ev = run / "eval"
         one = {f.name: f.read_text() for f in ev.iterdir()}
         for f in ev.iterdir():
