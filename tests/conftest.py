@@ -66,10 +66,15 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed's variables: an in-process vLLM engine in an earlier test sets some of them in this
+process, and a CLI child that inherits them believes it is one rank of a launched world (env://)."""
+
+
 def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
              cwd: Path | None = None, timeout: float | None = 600) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter, as a user would (``timeout=None``: CI's own limit applies)."""
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     e.update(env or {})
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["COLUMNS"] = "200"
