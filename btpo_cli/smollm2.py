@@ -26,9 +26,7 @@ close to, but not the same numbers as, the Hub weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import functools
 import importlib.metadata
 import importlib.util
@@ -37,7 +35,6 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,16 +214,6 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _stale(target: Path) -> bool:
     """A converted folder made from another version of the package than the one installed now."""
     spec = importlib.util.find_spec(MODULE)
@@ -244,6 +231,8 @@ def ensure_converted(cache_root: Path | None = None) -> Path:
     src = find_gguf()
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
+    from btpo_cli.tiny import _locked
+
     with _locked(target.parent / f".{ALIAS}.lock"):
         if is_converted(target) and not _stale(target):  # another process converted it meanwhile
             return target

@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 
+from btpo_cli.data import sha256_file
+
 VERSION = 6
 """v6: 3 heads of 32 (v5: 4 of 24), own weight init, single-thread deterministic build, hashes in the metadata."""
 
@@ -178,14 +180,6 @@ def init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
                 p.fill_(1.0)
             else:
                 p.zero_()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_environment(threads: int = BUILD_THREADS) -> dict[str, Any]:
