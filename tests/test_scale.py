@@ -118,20 +118,38 @@ def test_two_process_eval_equals_one(tmp_path: Path, synthetic_data: Path) -> No
             assert one[name] == two[name], (method, name)
 
 
+DS_SPECS = ["deepspeed==0.19.8", "hjson", "msgpack", "ninja", "py-cpuinfo", "einops", "nvidia-ml-py"]
+"""DeepSpeed and its small dependencies, without torch (the venv's is used): installed for these tests
+only, because an installed deepspeed logs to stdout from any process that imports it."""
+
+
+@pytest.fixture(scope="session")
+def ds_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with DeepSpeed for PYTHONPATH: ``pip install --no-deps --target`` once per session (it
+    builds from its sdist in seconds without CUDA), or ``BTPO_DS_SITE`` if set."""
+    if os.environ.get("BTPO_DS_SITE"):
+        return Path(os.environ["BTPO_DS_SITE"])
+    root = tmp_path_factory.mktemp("ds_site")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                        "--target", str(root), *DS_SPECS], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"could not install DeepSpeed for this test (needs PyPI or BTPO_DS_SITE):\n{p.stderr[-3000:]}"
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: Path, config: str) -> None:
+def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: Path, config: str,
+                                               ds_site: Path) -> None:
     """Real DeepSpeed (its CPU accelerator, gloo) under the shipped ZeRO configs, 2 processes × 2
     micro-batches per global batch, equals 1 plain process × 4 micro-batches at every step and in
     final/. Had the engine stepped per micro-batch (its own accumulation count, or none), AdamW at
     lr 1e-3 would have taken 2× the steps and the losses and weights would differ."""
-    pytest.importorskip("deepspeed")
     common = ["train", "--method", "bt", "--data", str(synthetic_data), "--max-steps", "3",
               "--set", "train.batch_size=8", "--set", "train.micro_batch_size=2", "--set", "optim.lr=1e-3",
               "--set", "optim.warmup_ratio=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_btpo(*common, "--out", str(one))
-    launch(*common, "--out", str(two), config=config)
+    launch(*common, "--out", str(two), config=config, env={"PYTHONPATH": os.pathsep.join([str(REPO), str(ds_site)])})
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
     # weights: ZeRO's gradient reduction sums in another order; AdamW turns that rounding into up to
     # ~2e-5 on the odd element whose gradient is near zero (2 of 168 576 here). An extra or missing
