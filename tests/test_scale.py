@@ -27,7 +27,7 @@ def launch(*args: str, config: str | None = "fsdp2", env: dict[str, str] | None 
            check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch [--config_file recipes/accelerate/<config>.yaml] --num_processes 2 -m btpo_cli …``."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))   # keep extra site dirs
-    e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", COLUMNS="200", **(env or {}))
+    e = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})}
     cfg = ["--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml")] if config else ["--multi_gpu"]
     p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *cfg, "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
