@@ -327,6 +327,15 @@ class Judge:
         verdict = "a" if a.score > b.score else "b" if a.score < b.score else "tie"
         return Comparison(self.preference(a.score, b.score), verdict, scores=(a, b))  # type: ignore[arg-type]
 
+    def causal_lm(self, module: Any = None) -> Any:
+        """The causal LM the judge reads: ``module`` (the policy in memory, during training) or the
+        checkpoint's weights loaded for inference on the judge's device."""
+        if module is not None:
+            return module
+        from btpo_cli.models import load_causal_lm
+
+        return load_causal_lm(self.cfg.model, self.device.type, inference=True, path=self.model_dir).to(self.device).eval()
+
     def __enter__(self) -> Judge:
         return self
 

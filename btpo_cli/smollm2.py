@@ -231,7 +231,7 @@ def ensure_converted(cache_root: Path | None = None) -> Path:
     src = find_gguf()
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    from btpo_cli.tiny import _locked
+    from btpo_cli.tiny import _locked, _make_readable
 
     with _locked(target.parent / f".{ALIAS}.lock"):
         if is_converted(target) and not _stale(target):  # another process converted it meanwhile
@@ -243,10 +243,7 @@ def ensure_converted(cache_root: Path | None = None) -> Path:
             console.print(f"{ALIAS}: converting {src.path.name} from {PACKAGE} {src.package_version} "
                           f"into {target} (once)", highlight=False)
             convert(src, tmp)
-            tmp.chmod(0o755)
-            for p in tmp.iterdir():
-                if p.is_file():
-                    p.chmod(0o644)
+            _make_readable(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.rename(tmp, target)

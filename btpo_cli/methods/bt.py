@@ -170,11 +170,8 @@ class RewardJudge(Judge):
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
              progress: Any = None, artifacts: Any = None) -> list[PairResult]:
     """Score chosen and rejected of every pair with the trained reward model (pointwise protocol)."""
-    judge = judge_for_eval(RewardJudge, cfg, model_dir, device)
-    try:
+    with judge_for_eval(RewardJudge, cfg, model_dir, device) as judge:
         return judge.evaluate_pairs(records, progress)
-    finally:
-        judge.close()
 
 
 def templates(tok: Any) -> dict[str, Any]:

@@ -366,12 +366,9 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
     thoughts, counts = ensure_thoughts(records, path, spec, device)
     console.print(f"[btpo] prefilled thoughts (eval): {counts['cached']} cached, {counts['generated']} generated",
                   highlight=False, markup=False)
-    judge = judge_for_eval(PrefilledJudge, cfg, model_dir, device)
-    judge.given_thoughts = thoughts
-    try:
+    with judge_for_eval(PrefilledJudge, cfg, model_dir, device) as judge:
+        judge.given_thoughts = thoughts
         return judge.evaluate_pairs(records, progress)
-    finally:
-        judge.close()
 
 
 def templates(tok: Any, aspect: str) -> dict[str, Any]:

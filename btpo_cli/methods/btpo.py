@@ -204,13 +204,12 @@ class BTPOJudge(Judge):
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.engines import engine_for
-        from btpo_cli.models import load_causal_lm, load_tokenizer
+        from btpo_cli.models import load_tokenizer
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.ids = GPMTokens.from_tokenizer(self.tok)
-        self.model = module if module is not None else \
-            load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+        self.model = self.causal_lm(module)
         self.engine = engine_for(cfg, model_dir, self.ids.pad_id, device, module=self.model,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
                                  max_new_tokens=cfg.eval.max_new_tokens)

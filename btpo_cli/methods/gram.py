@@ -49,7 +49,7 @@ from btpo_cli.evaluation import PairResult, pairwise_result
 from btpo_cli.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
 from btpo_cli.losses import gram_loss
 from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models import load_causal_lm, load_tokenizer
+from btpo_cli.models import load_tokenizer
 from btpo_cli.runs import Run
 from btpo_cli.session import TrainSession
 from btpo_cli.sl_loop import run_supervised
@@ -175,8 +175,7 @@ class GramJudge(Judge):
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.labels = Labels.from_tokenizer(self.tok)
-        self.model = module if module is not None else \
-            load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+        self.model = self.causal_lm(module)
 
     def encode(self, a: Item, b: Item) -> tuple[list[int], list[int]] | None:
         """Judge prompts with a shown as A, then as B; None when too long."""
@@ -217,11 +216,8 @@ class GramJudge(Judge):
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any,
              progress: Any = None, artifacts: Path | None = None) -> list[PairResult]:
     """:class:`GramJudge` on both orders of every pair, batched; verdict from p(A) vs p(B)."""
-    judge = judge_for_eval(GramJudge, cfg, model_dir, device)
-    try:
+    with judge_for_eval(GramJudge, cfg, model_dir, device) as judge:
         return judge.evaluate_pairs(records, progress)
-    finally:
-        judge.close()
 
 
 def templates(tok: Any, aspect: str) -> dict[str, Any]:

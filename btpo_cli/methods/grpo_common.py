@@ -233,12 +233,12 @@ class RationaleJudge(Judge):
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.engines import engine_for, resolve_engine_name
-        from btpo_cli.models import load_causal_lm, load_tokenizer
+        from btpo_cli.models import load_tokenizer
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         if module is None and resolve_engine_name(cfg.rollout.engine) == "hf":   # the hf engine generates with it
-            module = load_causal_lm(cfg.model, device.type, inference=True, path=model_dir).to(device).eval()
+            module = self.causal_lm()
         self.engine = engine_for(cfg, model_dir, self.tok.pad_token_id, device, module=module,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
                                  max_new_tokens=cfg.eval.max_new_tokens)
