@@ -338,7 +338,8 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
     if (target / "btpo_thinker.json").exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".thinker.lock", "w") as lock:
+    # one lock per thinker folder: different seeds build side by side, the same seed once
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "btpo_thinker.json").exists() and not force:
             return target
