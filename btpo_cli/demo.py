@@ -10,6 +10,12 @@
 
 Run folders: ``<out>/runs/<method>-t<thinker seed>-s<seed>``; the summary also goes to
 ``<out>/summary.json`` and ``<out>/summary.md``.
+
+``--keep`` continues a sweep instead of starting it over: a run that finished with the same
+settings is reused (evaluated if it was not yet), one that was stopped part-way is resumed from its
+last checkpoint, one made with other settings is an error. So a long sweep can be stopped and
+restarted, or run in parts (say one ``--thinker-seeds`` each, side by side) and summarised at the end
+by the whole command over the merged ``runs/``.
 """
 
 from __future__ import annotations
@@ -60,12 +66,20 @@ def demo_config(key: str, data: Path, folder: Path, seed: int, quick: bool, step
     return cfg
 
 
-def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0) -> Path:
+def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: bool = False,
+             n_test: int | None = None) -> Path:
     """Evaluate the untrained base GPM as it is (``btpo eval --model``: same protocol and judge as the
-    trained runs; tag ``base``) into ``runs/base-t<t>-s<seed>``; returns that folder."""
+    trained runs; tag ``base``) into ``runs/base-t<t>-s<seed>``; returns that folder. With ``keep``
+    an evaluation already there of the same model on ``n_test`` pairs is reused."""
     from btpo_cli.evaluate_run import evaluate_model
 
     run = folder / "runs" / f"base-t{thinker_seed}-s{seed}"
+    if keep:
+        for e in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+            s = json.loads(e.read_text(encoding="utf-8"))
+            if isinstance(s, dict) and s.get("model") == thinker_model(thinker_seed) and s.get("n") == n_test:
+                console.print(f"{run}: kept (evaluated before)", highlight=False)
+                return run
     if run.exists():
         shutil.rmtree(run)
     root, _ = evaluate_model(thinker_model(thinker_seed), "btpo", str(data), out=run,
@@ -180,6 +194,62 @@ def seed_summary(folder: Path, methods: list[str], seeds: list[int], thinker_see
 
 # ----------------------------------------------------------------------------- the pipeline
 
+_NOT_SETTINGS = ("out", "name")   # where a run lives, not how it was made (runs may be moved between folders)
+
+
+def _settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in cfg_dict.items() if k not in _NOT_SETTINGS}
+    d["data"] = {k: v for k, v in d.get("data", {}).items() if k != "path"}   # rebuilt the same every time
+    return d
+
+
+def keep_or_launch(cfg: Any) -> Path:
+    """``--keep``: reuse a finished run made with ``cfg``'s settings, resume a stopped one, or start it.
+
+    A folder whose ``config.yaml`` differs from ``cfg`` in anything but its location is refused with
+    the first differing key (it would mix budgets in one table)."""
+    import yaml
+
+    from btpo_cli.config import config_from_dict
+    from btpo_cli.runs import Run
+    from btpo_cli.trainer import launch
+
+    root = Path(cfg.out)
+    saved = root / "config.yaml"
+    if not saved.exists() or Run(root).progress() is None:
+        return launch(cfg, resume=False, overwrite=False).root
+    try:
+        old = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")), str(saved))
+    except Exception as e:  # noqa: BLE001 - any unreadable config: say which file
+        raise BtpoError(f"{saved}: cannot read it to compare with the demo's settings ({e}); pass --overwrite") from e
+    a, b = _flat(_settings(old.to_dict())), _flat(_settings(cfg.to_dict()))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        k = diff[0]
+        raise BtpoError(f"{saved}: made with other settings than this demo ({k}: {a.get(k)!r} there, "
+                        f"{b.get(k)!r} here{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+                        "pass --overwrite or another --out")
+    run = Run(root)
+    if run.final_dir.exists():
+        console.print(f"{root}: kept (finished before with the same settings)", highlight=False)
+        return root
+    console.print(f"{root}: resuming (stopped before it finished)", highlight=False)
+    return launch(cfg, resume=True).root
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out_: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out_.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out_[f"{prefix}{k}"] = v
+    return out_
+
+
+def _has_eval(run: Path) -> bool:
+    return _raw_accuracy(run) is not None
+
 
 def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], overwrite: bool,
              plot: Path | None = None, thinker_seeds: list[int] | None = None) -> list[Path]:
@@ -203,13 +273,17 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     for t in thinker_seeds:
         for seed in seeds:
             console.rule(f"[bold]3. untrained base GPM (thinker {t}, seed {seed})")
-            runs.append(base_run(folder, data, seed, t))
+            runs.append(base_run(folder, data, seed, t, keep=not overwrite, n_test=n_test))
             for m in methods:
                 console.rule(f"[bold]4. {m} (thinker {t}, seed {seed})")
-                run = launch(demo_config(m, data, folder, seed, quick, thinker_seed=t), resume=False,
-                             overwrite=overwrite)
-                evaluate_run(run.root)
-                runs.append(run.root)
+                cfg = demo_config(m, data, folder, seed, quick, thinker_seed=t)
+                if overwrite:
+                    root = launch(cfg, resume=False, overwrite=True).root
+                else:
+                    root = keep_or_launch(cfg)
+                if overwrite or not _has_eval(root):
+                    evaluate_run(root)
+                runs.append(root)
     console.rule("[bold]5. compare")
     c = collect(runs)
     out.print(to_markdown(c), markup=False, highlight=False)

@@ -80,3 +80,50 @@ def test_demo_base_is_evaluated_as_it_is_without_a_copied_model(tmp_path: Path, 
     assert s["eval_settings"]["thought_budget"] == 4
     summary = seed_summary(tmp_path, [], [1], [0])
     assert summary.values("base") == [100.0 * s["raw_accuracy"]]
+
+
+def test_demo_keep_reuses_finished_runs_resumes_stopped_ones_and_refuses_other_settings(
+        tmp_path: Path, synthetic_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import torch
+
+    from btpo_cli import demo
+    from btpo_cli.errors import BtpoError
+    from btpo_cli.runs import Run
+    from btpo_cli.trainer import launch
+
+    monkeypatch.setattr(demo, "thinker_model", lambda seed=0: "tiny-qwen2")
+    torch.set_num_threads(1)
+    a = tmp_path / "a"
+    cfg = demo.demo_config("bt", synthetic_data, a, seed=0, quick=True, steps=2)
+    root = launch(cfg, overwrite=True).root
+    weights = (root / "final" / "model.safetensors").read_bytes()
+    steps = [r["step"] for r in Run(root).read_metrics() if "train/loss" in r]
+
+    # moved to another sweep folder (another data path): same settings → kept, not retrained
+    b = tmp_path / "b"
+    shutil.copytree(a / "runs", b / "runs")
+    moved = demo.demo_config("bt", synthetic_data.parent / "elsewhere", b, seed=0, quick=True, steps=2)
+    assert demo.keep_or_launch(moved) == b / "runs" / "bt-t0-s0"
+    assert (b / "runs" / "bt-t0-s0" / "final" / "model.safetensors").read_bytes() == weights
+    assert [r["step"] for r in Run(b / "runs" / "bt-t0-s0").read_metrics() if "train/loss" in r] == steps
+
+    # other settings: refused with the key that differs
+    with pytest.raises(BtpoError, match=r"train.max_steps: 2 there, 3 here"):
+        demo.keep_or_launch(demo.demo_config("bt", synthetic_data, b, seed=0, quick=True, steps=3))
+
+    # stopped part-way (a checkpoint, no final/): resumed to the end, the earlier steps not redone
+    c = tmp_path / "c"
+    part = demo.demo_config("bt", synthetic_data, c, seed=0, quick=True, steps=2)
+    part.train.save_every = 1
+    launch(part, overwrite=True)
+    run = Run(c / "runs" / "bt-t0-s0")
+    shutil.rmtree(run.final_dir)
+    for ck in run.checkpoints()[1:]:
+        shutil.rmtree(ck)
+    with (run.root / "metrics.jsonl").open() as f:
+        rows = [line for line in f if '"step": 2' not in line]
+    (run.root / "metrics.jsonl").write_text("".join(rows))
+    assert demo.keep_or_launch(part) == run.root and run.final_dir.exists()
+    assert [r["step"] for r in run.read_metrics() if "train/loss" in r] == [1, 2]

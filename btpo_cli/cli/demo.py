@@ -16,6 +16,9 @@ EPILOG = """[bold]Examples[/]
 
   btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2,3,4 --thinker-seeds 0,1
                                               (the README's table: 5 seeds × 2 base models)
+
+  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2,3,4 --thinker-seeds 0,1 --keep
+                                              (the same, continued after a stop: finished runs are kept)
 """
 
 
@@ -26,7 +29,10 @@ def demo(
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds."),
     thinker_seeds: str = typer.Option("0", "--thinker-seeds",
                                       help="Comma-separated pre-training seeds of the base model (tiny-thinker-s<N>)."),
-    overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Start the runs over if they exist."),
+    overwrite: bool = typer.Option(
+        True, "--overwrite/--keep",
+        help="--overwrite: start the runs over. --keep: continue a sweep (reuse finished runs with the same "
+             "settings, resume stopped ones)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write <out>/compare.png."),
 ) -> None:
     from btpo_cli.demo import run_demo
