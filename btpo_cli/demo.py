@@ -41,10 +41,13 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "btpo": {"steps": (100, 40), "set": _BTPO},
     "btpo-no-omega": {"method": "btpo", "tag": "no-omega", "steps": (100, 40),
                       "set": [*_BTPO, "btpo.misalignment_weight=false"]},
+    # METHOD's score term as written (no floor on the rejected side's log p(Yes)): the ablation of our fix
+    "btpo-no-floor": {"method": "btpo", "tag": "no-floor", "steps": (100, 40),
+                      "set": [*_BTPO, "btpo.score_floor=0"]},
 }
 DEFAULT_METHODS = ["bt", "btpo"]
 LABELS = {"base": "untrained base GPM (greedy thought)", "bt": "BT (scalar head)", "btpo": "BTPO",
-          "btpo-no-omega": "BTPO without ω̂"}
+          "btpo-no-omega": "BTPO without ω̂", "btpo-no-floor": "BTPO without the score floor"}
 
 
 def thinker_model(thinker_seed: int) -> str:

@@ -25,7 +25,7 @@ EPILOG = """[bold]Examples[/]
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for data/, runs/ and the plot."),
     quick: bool = typer.Option(False, "--quick", help="A smaller budget (smoke tests, CI)."),
-    methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated: bt, btpo, btpo-no-omega."),
+    methods: str = typer.Option("bt,btpo", "--methods", help="Comma-separated: bt, btpo, btpo-no-omega, btpo-no-floor."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds."),
     thinker_seeds: str = typer.Option("0", "--thinker-seeds",
                                       help="Comma-separated pre-training seeds of the base model (tiny-thinker-s<N>)."),
