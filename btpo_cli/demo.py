@@ -211,43 +211,28 @@ def keep_or_launch(cfg: Any) -> Path:
 
     A folder whose ``config.yaml`` differs from ``cfg`` in anything but its location is refused with
     the first differing key (it would mix budgets in one table)."""
-    import yaml
-
-    from btpo_cli.config import config_from_dict
+    from btpo_cli.config import flatten
     from btpo_cli.runs import Run
     from btpo_cli.trainer import launch
 
     root = Path(cfg.out)
-    saved = root / "config.yaml"
-    if not saved.exists() or Run(root).progress() is None:
+    run = Run(root)
+    if not (root / "config.yaml").exists() or run.progress() is None:
         return launch(cfg, resume=False, overwrite=False).root
-    try:
-        old = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")), str(saved))
-    except Exception as e:  # noqa: BLE001 - any unreadable config: say which file
-        raise BtpoError(f"{saved}: cannot read it to compare with the demo's settings ({e}); pass --overwrite") from e
-    a, b = _flat(_settings(old.to_dict())), _flat(_settings(cfg.to_dict()))
+    saved = root / "config.yaml"
+    old = run.load_config()      # a config.yaml that does not load is an error naming it
+    a, b = flatten(_settings(old.to_dict())), flatten(_settings(cfg.to_dict()))
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
         k = diff[0]
         raise BtpoError(f"{saved}: made with other settings than this demo ({k}: {a.get(k)!r} there, "
                         f"{b.get(k)!r} here{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); "
                         "pass --overwrite or another --out")
-    run = Run(root)
     if run.final_dir.exists():
         console.print(f"{root}: kept (finished before with the same settings)", highlight=False)
         return root
     console.print(f"{root}: resuming (stopped before it finished)", highlight=False)
     return launch(cfg, resume=True).root
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out_: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out_.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out_[f"{prefix}{k}"] = v
-    return out_
 
 
 def _has_eval(run: Path) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from btpo_cli.config import Config, build_config
+from btpo_cli.config import Config, build_config, flatten
 from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
@@ -107,7 +107,7 @@ def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides
         cfg.out = out
         return cfg, False
     saved = run.load_config()
-    flat = _flatten(saved.to_dict())
+    flat = flatten(saved.to_dict())
     if Path(saved.out) != Path(out):
         console.print(f"[yellow]note[/]: {escape(out)}/config.yaml names out={escape(saved.out)}; continuing in "
                       f"{escape(out)} (the folder given)", highlight=False, soft_wrap=True)
@@ -119,15 +119,5 @@ def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides
     if engine is not None:      # the engine changes speed, not the samples (derived seeds)
         flat["rollout.engine"] = engine
     return build_config(None, overrides, flat), True
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
