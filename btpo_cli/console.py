@@ -10,8 +10,9 @@ from rich.console import Console
 console = Console(stderr=True)
 """Progress bars, status lines and errors."""
 
-out = Console()
-"""Results: tables, paths a script may want to capture."""
+out = Console(soft_wrap=True)
+"""Results: tables, paths a script may want to capture. Never wrapped at the terminal's (or, piped,
+80 columns') width: a wrapped markdown row or path is a broken one in a log or ``$(…)``."""
 
 _LIVE: list[Any] = []
 

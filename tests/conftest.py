@@ -75,9 +75,11 @@ def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
              cwd: Path | None = None, timeout: float | None = 600) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter, as a user would (``timeout=None``: CI's own limit applies)."""
     e = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    e.update(env or {})
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e["COLUMNS"] = "200"
+    e.update(env or {})
+    if not e["COLUMNS"]:       # env={"COLUMNS": ""}: no width given, as in a plain pipe
+        del e["COLUMNS"]
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "btpo_cli", *args], capture_output=True, text=True, env=e,
                        cwd=cwd or REPO, timeout=timeout)
     if check and p.returncode != 0:

@@ -87,3 +87,13 @@ def test_pipeline_build_train_eval_compare(tmp_path: Path) -> None:
         assert "bt" in out
     csv_out = run_btpo("compare", str(run_dir), "--format", "csv").stdout.splitlines()
     assert csv_out[0].startswith("model,method,run,synthetic,synthetic_raw,synthetic_n")
+
+
+def test_results_on_stdout_are_not_wrapped_when_piped(tmp_path: Path) -> None:
+    """Piped stdout has no terminal width: a path (or table row) longer than 80 columns must stay one
+    line, or ``RUN=$(btpo …)`` and a logged markdown table break."""
+    folder = tmp_path / ("a folder with a long name " * 4).strip() / "synthetic"
+    p = run_btpo("build-data", "synthetic", "--out", str(folder), "--n-train", "16", "--n-test", "4",
+                 env={"COLUMNS": ""})                    # no width given: rich's 80 columns when piped
+    assert len(str(folder)) > 100
+    assert p.stdout.splitlines() == [str(folder)]
