@@ -14,10 +14,10 @@ EPILOG = """[bold]Examples[/]
 
   btpo demo --quick                           (smaller budget; what the integration test runs)
 
-  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2,3,4 --thinker-seeds 0,1
+  btpo demo --methods bt,btpo,btpo-no-omega,btpo-no-floor --seeds 0,1,2,3,4 --thinker-seeds 0,1
                                               (the README's table: 5 seeds × 2 base models)
 
-  btpo demo --methods bt,btpo,btpo-no-omega --seeds 0,1,2,3,4 --thinker-seeds 0,1 --keep
+  btpo demo --methods bt,btpo,btpo-no-omega,btpo-no-floor --seeds 0,1,2,3,4 --thinker-seeds 0,1 --keep
                                               (the same, continued after a stop: finished runs are kept)
 """
 
