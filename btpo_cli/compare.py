@@ -596,6 +596,17 @@ def _curve(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def _band(runs: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Several runs' curves → steps, and per step the mean, min and max over the runs that logged it."""
+    at: dict[int, list[float]] = {}
+    for xs, ys in runs:
+        for x, y in zip(xs, ys, strict=True):
+            at.setdefault(x, []).append(y)
+    steps = sorted(at)
+    return (steps, [statistics.fmean(at[x]) for x in steps], [min(at[x]) for x in steps],
+            [max(at[x]) for x in steps])
+
+
 def _smooth(ys: list[float], w: int) -> list[float]:
     if w <= 1:
         return ys
@@ -609,9 +620,11 @@ def _smooth(ys: list[float], w: int) -> list[float]:
 
 
 def plot(t: Table | Collected, path: str | Path) -> Path:
-    """(a) grouped accuracy bars per dataset (+avg), error bars = std over runs; (b) ``train/loss`` per run;
-    (c) ``btpo/omega_mean`` per btpo run, when logged. Curves with more than 60 points are drawn with a
-    trailing moving average over ~1/30 of the run (the raw curve faint behind it)."""
+    """(a) grouped accuracy bars per dataset (+avg), error bars = std over runs; (b) ``train/loss`` and
+    (c) ``btpo/omega_mean`` (when logged): one line per table row — its run, or the mean over its runs
+    (seeds) with a min–max band. Curves with more than 60 points are drawn with a trailing moving
+    average over ~1/30 of the run (a single run's raw curve faint behind it). Legends of more than 4
+    lines are left out of (b)/(c): the colours are (a)'s."""
     try:
         import matplotlib
 
@@ -667,29 +680,35 @@ def plot(t: Table | Collected, path: str | Path) -> Path:
     panels = [("train/loss", "(b) training loss", fig.add_subplot(gs[1, 0]))]
     if has_omega:
         panels.append(("btpo/omega_mean", "(c) BTPO misalignment weight ω̂ (mean)", fig.add_subplot(gs[1, 1])))
-    styles = ["-", "--", ":", "-."]
     for key, title, pax in panels:
-        seen: dict[int, int] = {}
-        drawn = False
-        for i, label, cs in curves:
-            xs, ys = cs[key]
-            if not xs:
+        lines = 0
+        for i, r in enumerate(t.rows):
+            runs_c = [(label, cs[key]) for j, label, cs in curves if j == i and cs[key][0]]
+            if not runs_c:
                 continue
-            k = seen.get(i, 0)
-            seen[i] = k + 1
+            if len(runs_c) == 1:
+                label, (xs, ys) = runs_c[0]
+                lo_ys = hi_ys = None
+            else:                       # several seeds: their mean, and a min–max band
+                xs, ys, lo_ys, hi_ys = _band([c for _, c in runs_c])
+                label = f"{r.model} / {r.method} (mean of {len(runs_c)}, band min–max)"
             w = max(1, len(xs) // 30) if len(xs) > 60 else 1
-            if w > 1:
+            if lo_ys is not None and hi_ys is not None:
+                pax.fill_between(xs, _smooth(lo_ys, w), _smooth(hi_ys, w), color=colors[i], alpha=0.15, lw=0)
+            elif w > 1:
                 pax.plot(xs, ys, color=colors[i], alpha=0.2, lw=0.6)
-            pax.plot(xs, _smooth(ys, w), color=colors[i], ls=styles[k % len(styles)], lw=1.4, label=label)
-            drawn = True
-        pax.set_title(title)
+            pax.plot(xs, _smooth(ys, w), color=colors[i], lw=1.4, label=label)
+            lines += 1
         pax.set_xlabel("optimizer step")
         pax.set_ylabel(key)
         pax.grid(alpha=0.3)
-        if drawn:
-            pax.legend(fontsize=7, loc="best")
-        else:
+        if lines == 0:
             pax.text(0.5, 0.5, f"no {key} in metrics.jsonl", ha="center", va="center", transform=pax.transAxes)
+        elif lines <= 4:
+            pax.legend(fontsize=7, loc="best")
+        else:                           # a legend of many lines would hide them: (a)'s colours say which is which
+            title += " — colours as in (a)"
+        pax.set_title(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

@@ -317,3 +317,11 @@ def test_settings_of_older_eval_files_come_from_eval_config() -> None:
     old = {"method": "btpo", "engine": "hf", "eval_config": {"max_new_tokens": 48, "samples": 4}}
     assert eval_settings_of(old) == {"engine": "hf", "thought_budget": 48, "samples": 4}
     assert eval_settings_of({"method": "bt", "engine": None, "eval_config": {"max_new_tokens": 1000}}) == {}
+
+
+def test_band_is_mean_min_max_over_the_runs_that_logged_each_step() -> None:
+    from btpo_cli.compare import _band
+
+    steps, mean, lo, hi = _band([([1, 2, 3], [1.0, 2.0, 3.0]), ([1, 2], [3.0, 0.0])])
+    assert steps == [1, 2, 3]
+    assert mean == [2.0, 1.0, 3.0] and lo == [1.0, 0.0, 3.0] and hi == [3.0, 2.0, 3.0]
