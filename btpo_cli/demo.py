@@ -70,7 +70,7 @@ def demo_config(key: str, data: Path, folder: Path, seed: int, quick: bool, step
 
 
 def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: bool = False,
-             n_test: int | None = None) -> Path:
+             n_test: int | None = None, sha: str | None = None) -> Path:
     """Evaluate the untrained base GPM as it is (``btpo eval --model``: same protocol and judge as the
     trained runs; tag ``base``) into ``runs/base-t<t>-s<seed>``; returns that folder. With ``keep``
     an evaluation already there of the same model on ``n_test`` pairs is reused."""
@@ -81,12 +81,14 @@ def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: b
         for e in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
             s = json.loads(e.read_text(encoding="utf-8"))
             if isinstance(s, dict) and s.get("model") == thinker_model(thinker_seed) and s.get("n") == n_test:
+                check_stamp(run, sha)
                 console.print(f"{run}: kept (evaluated before)", highlight=False)
                 return run
     if run.exists():
         shutil.rmtree(run)
     root, _ = evaluate_model(thinker_model(thinker_seed), "btpo", str(data), out=run,
                              overrides=[*COMMON, f"train.seed={seed}"], tag="base")
+    stamp(root, thinker_seed, sha)
     return root
 
 
@@ -103,6 +105,43 @@ def report_thinker(thinker_seed: int) -> str:
     for i, line in enumerate(check.lines):
         console.print(f"[{style}]{line}[/]" if i >= 2 else line, highlight=False)
     return check.status
+
+
+STAMP = "demo_thinker.json"
+"""Written into each demo run folder: which thinker (weights sha256) the run was made from, so that
+``--keep`` never mixes runs from different thinkers (parts run on machines that built different ones)."""
+
+
+def thinker_sha(thinker_seed: int) -> str | None:
+    """The weights sha256 of the thinker ``thinker_model(seed)`` resolves to (None: not a tiny-thinker)."""
+    from btpo_cli.models import resolve_model
+
+    meta = Path(resolve_model(thinker_model(thinker_seed))) / "btpo_thinker.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256")
+
+
+def stamp(run: Path, thinker_seed: int, sha: str | None) -> None:
+    if sha is not None:
+        (run / STAMP).write_text(json.dumps({"model": thinker_model(thinker_seed), "weights_sha256": sha}) + "\n",
+                                 encoding="utf-8")
+
+
+def check_stamp(run: Path, sha: str | None) -> None:
+    """Refuse to keep a run made from another thinker than this machine's; note one with no record."""
+    f = run / STAMP
+    if sha is None:
+        return
+    if not f.is_file():
+        console.print(f"[yellow]note[/]: {run}: no record of the thinker it was made from; kept as it is",
+                      highlight=False, soft_wrap=True)
+        return
+    rec = json.loads(f.read_text(encoding="utf-8"))
+    there = rec.get("weights_sha256") or "?"
+    if there != sha:
+        raise BtpoError(f"{run}: made from another {rec.get('model', 'thinker')} (weights sha256 {there[:12]}… "
+                        f"there, {sha[:12]}… here: built on another machine?); pass --overwrite or another --out")
 
 
 # ----------------------------------------------------------------------------- the seed summary
@@ -206,11 +245,12 @@ def _settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def keep_or_launch(cfg: Any) -> Path:
+def keep_or_launch(cfg: Any, thinker_seed: int = 0, sha: str | None = None) -> Path:
     """``--keep``: reuse a finished run made with ``cfg``'s settings, resume a stopped one, or start it.
 
     A folder whose ``config.yaml`` differs from ``cfg`` in anything but its location is refused with
-    the first differing key (it would mix budgets in one table)."""
+    the first differing key (it would mix budgets in one table), and so is one made from a thinker
+    whose weights differ from ``sha`` (this machine's)."""
     from btpo_cli.config import flatten
     from btpo_cli.runs import Run
     from btpo_cli.trainer import launch
@@ -218,7 +258,9 @@ def keep_or_launch(cfg: Any) -> Path:
     root = Path(cfg.out)
     run = Run(root)
     if not (root / "config.yaml").exists() or run.progress() is None:
-        return launch(cfg, resume=False, overwrite=False).root
+        launch(cfg, resume=False, overwrite=False)
+        stamp(root, thinker_seed, sha)
+        return root
     saved = root / "config.yaml"
     old = run.load_config()      # a config.yaml that does not load is an error naming it
     a, b = flatten(_settings(old.to_dict())), flatten(_settings(cfg.to_dict()))
@@ -228,6 +270,7 @@ def keep_or_launch(cfg: Any) -> Path:
         raise BtpoError(f"{saved}: made with other settings than this demo ({k}: {a.get(k)!r} there, "
                         f"{b.get(k)!r} here{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); "
                         "pass --overwrite or another --out")
+    check_stamp(root, sha)
     if run.final_dir.exists():
         console.print(f"{root}: kept (finished before with the same settings)", highlight=False)
         return root
@@ -257,18 +300,20 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     console.print(f"{data}: {n_train} train / {n_test} test pairs (multi-step arithmetic)")
     console.rule("[bold]2. base model")
     thinkers = {t: report_thinker(t) for t in thinker_seeds}
+    shas = {t: thinker_sha(t) for t in thinker_seeds}
     runs = []
     for t in thinker_seeds:
         for seed in seeds:
             console.rule(f"[bold]3. untrained base GPM (thinker {t}, seed {seed})")
-            runs.append(base_run(folder, data, seed, t, keep=not overwrite, n_test=n_test))
+            runs.append(base_run(folder, data, seed, t, keep=not overwrite, n_test=n_test, sha=shas[t]))
             for m in methods:
                 console.rule(f"[bold]4. {m} (thinker {t}, seed {seed})")
                 cfg = demo_config(m, data, folder, seed, quick, thinker_seed=t)
                 if overwrite:
                     root = launch(cfg, resume=False, overwrite=True).root
+                    stamp(root, t, shas[t])
                 else:
-                    root = keep_or_launch(cfg)
+                    root = keep_or_launch(cfg, t, shas[t])
                 if overwrite or not _has_eval(root):
                     evaluate_run(root)
                 runs.append(root)

@@ -97,7 +97,8 @@ def test_demo_keep_reuses_finished_runs_resumes_stopped_ones_and_refuses_other_s
     torch.set_num_threads(1)
     a = tmp_path / "a"
     cfg = demo.demo_config("bt", synthetic_data, a, seed=0, quick=True, steps=2)
-    root = launch(cfg, overwrite=True).root
+    root = demo.keep_or_launch(cfg, 0, None)          # nothing there yet: trained
+    assert not (root / demo.STAMP).exists()           # no thinker hash to record for tiny-qwen2
     weights = (root / "final" / "model.safetensors").read_bytes()
     steps = [r["step"] for r in Run(root).read_metrics() if "train/loss" in r]
 
@@ -112,6 +113,13 @@ def test_demo_keep_reuses_finished_runs_resumes_stopped_ones_and_refuses_other_s
     # other settings: refused with the key that differs
     with pytest.raises(BtpoError, match=r"train.max_steps: 2 there, 3 here"):
         demo.keep_or_launch(demo.demo_config("bt", synthetic_data, b, seed=0, quick=True, steps=3))
+
+    # made from another thinker (a part run on a machine that built other weights): refused
+    demo.stamp(b / "runs" / "bt-t0-s0", 0, "1767d2b3" + "0" * 56)
+    assert demo.keep_or_launch(moved, 0, "1767d2b3" + "0" * 56) == b / "runs" / "bt-t0-s0"
+    with pytest.raises(BtpoError, match=r"made from another tiny-qwen2 \(weights sha256 1767d2b30000… there, "
+                                        r"5a966a120000… here"):
+        demo.keep_or_launch(moved, 0, "5a966a12" + "0" * 56)
 
     # stopped part-way (a checkpoint, no final/): resumed to the end, the earlier steps not redone
     c = tmp_path / "c"
