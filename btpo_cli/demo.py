@@ -92,8 +92,9 @@ def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: b
     return root
 
 
-def report_thinker(thinker_seed: int) -> str:
-    """Build or load the thinker; print its hashes, build environment and how it compares with the README's."""
+def report_thinker(thinker_seed: int) -> tuple[str, str | None]:
+    """Build or load the thinker; print its hashes, build environment and how it compares with the README's.
+    Returns the reference status and the weights sha256 (what :data:`STAMP` records in each run)."""
     from btpo_cli.models import resolve_model
     from btpo_cli.thinker import reference_check
 
@@ -104,22 +105,12 @@ def report_thinker(thinker_seed: int) -> str:
     console.print(f"{path}", highlight=False)
     for i, line in enumerate(check.lines):
         console.print(f"[{style}]{line}[/]" if i >= 2 else line, highlight=False)
-    return check.status
+    return check.status, info.get("weights_sha256")
 
 
 STAMP = "demo_thinker.json"
 """Written into each demo run folder: which thinker (weights sha256) the run was made from, so that
 ``--keep`` never mixes runs from different thinkers (parts run on machines that built different ones)."""
-
-
-def thinker_sha(thinker_seed: int) -> str | None:
-    """The weights sha256 of the thinker ``thinker_model(seed)`` resolves to (None: not a tiny-thinker)."""
-    from btpo_cli.models import resolve_model
-
-    meta = Path(resolve_model(thinker_model(thinker_seed))) / "btpo_thinker.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text(encoding="utf-8")).get("weights_sha256")
 
 
 def stamp(run: Path, thinker_seed: int, sha: str | None) -> None:
@@ -257,11 +248,11 @@ def keep_or_launch(cfg: Any, thinker_seed: int = 0, sha: str | None = None) -> P
 
     root = Path(cfg.out)
     run = Run(root)
-    if not (root / "config.yaml").exists() or run.progress() is None:
+    saved = root / "config.yaml"
+    if not saved.exists() or run.progress() is None:
         launch(cfg, resume=False, overwrite=False)
         stamp(root, thinker_seed, sha)
         return root
-    saved = root / "config.yaml"
     old = run.load_config()      # a config.yaml that does not load is an error naming it
     a, b = flatten(_settings(old.to_dict())), flatten(_settings(cfg.to_dict()))
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
@@ -276,10 +267,6 @@ def keep_or_launch(cfg: Any, thinker_seed: int = 0, sha: str | None = None) -> P
         return root
     console.print(f"{root}: resuming (stopped before it finished)", highlight=False)
     return launch(cfg, resume=True).root
-
-
-def _has_eval(run: Path) -> bool:
-    return _raw_accuracy(run) is not None
 
 
 def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], overwrite: bool,
@@ -299,8 +286,9 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     build_synthetic(data, n_train=n_train, n_test=n_test, seed=0)
     console.print(f"{data}: {n_train} train / {n_test} test pairs (multi-step arithmetic)")
     console.rule("[bold]2. base model")
-    thinkers = {t: report_thinker(t) for t in thinker_seeds}
-    shas = {t: thinker_sha(t) for t in thinker_seeds}
+    reports = {t: report_thinker(t) for t in thinker_seeds}
+    thinkers = {t: status for t, (status, _) in reports.items()}
+    shas = {t: sha for t, (_, sha) in reports.items()}
     runs = []
     for t in thinker_seeds:
         for seed in seeds:
@@ -314,7 +302,7 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
                     stamp(root, t, shas[t])
                 else:
                     root = keep_or_launch(cfg, t, shas[t])
-                if overwrite or not _has_eval(root):
+                if overwrite or _raw_accuracy(root) is None:
                     evaluate_run(root)
                 runs.append(root)
     console.rule("[bold]5. compare")

@@ -231,9 +231,9 @@ def ensure_converted(cache_root: Path | None = None) -> Path:
     src = find_gguf()
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    from btpo_cli.tiny import _locked, _make_readable
+    from btpo_cli.tiny import _make_readable, file_lock
 
-    with _locked(target.parent / f".{ALIAS}.lock"):
+    with file_lock(target.parent / f".{ALIAS}.lock"):
         if is_converted(target) and not _stale(target):  # another process converted it meanwhile
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -331,7 +331,7 @@ def reference_check(info: dict[str, Any], reference: dict[str, Any] | None = Non
 
 def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = None, force: bool = False) -> Path:
     """The cached base model folder, pre-training it first if needed (with a progress bar)."""
-    import fcntl
+    from btpo_cli.tiny import file_lock
 
     spec = spec or ThinkerSpec()
     target = thinker_dir(spec, cache_root)
@@ -339,8 +339,7 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # one lock per thinker folder: different seeds build side by side, the same seed once
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / "btpo_thinker.json").exists() and not force:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-thinker-", dir=target.parent))

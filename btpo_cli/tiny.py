@@ -524,7 +524,7 @@ def _make_readable(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive fcntl lock on ``lock_path`` (blocks until it is free)."""
     with open(lock_path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -547,7 +547,7 @@ def ensure_tiny(name: str, cache_root: Path | None = None) -> Path:
     if _is_complete(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(models_dir / ".lock"):
+    with file_lock(models_dir / ".lock"):
         if _is_complete(target):  # another process built it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_dir))
