@@ -96,7 +96,7 @@ print("RESULT " + json.dumps({"step_s": times, "completion_lens": lens, "trl": t
 
 
 def trl_side(a: argparse.Namespace, prompts: list[Any], work: Path) -> dict[str, Any]:
-    from btpo_cli.tiny import ensure_tiny
+    from btpo_cli.models.tiny import ensure_tiny
 
     cfg = {"model": str(ensure_tiny(a.model)), "prompts": prompts, "k": a.k, "thought_tokens": a.thought_tokens,
            "steps": a.steps, "out": str(work / "trl_out")}

@@ -18,7 +18,7 @@ Usage (writes <out>/terms.jsonl beside the run's metrics.jsonl)::
     python bench/btpo_terms_probe.py --every 2 -- train --method btpo --model PATH --data DIR --out RUN \\
         --set ... (any ``btpo train`` arguments)
 
-It wraps ``btpo_cli.methods.btpo.micro_loss`` and ``btpo_cli.session.make_optimizer``; if those move, move it.
+It wraps ``btpo_cli.methods.btpo.micro_loss`` and ``btpo_cli.training.session.make_optimizer``; if those move, move it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import btpo_cli.methods.btpo as M  # noqa: E402
-import btpo_cli.session as S  # noqa: E402
-from btpo_cli.gpm import score_thoughts  # noqa: E402
+import btpo_cli.training.session as S  # noqa: E402
+from btpo_cli.judging.gpm import score_thoughts  # noqa: E402
 from btpo_cli.losses import clipped_surrogate, rollout_weights, score_loss  # noqa: E402
 
 STATE: dict[str, Any] = {"opt": None, "calls": 0, "every": 2, "out": None}

@@ -193,7 +193,7 @@ def scale_checks(device: torch.device, smoke: bool) -> dict[str, Any]:
                 res[config] = {"skipped": "deepspeed does not import"}
                 continue
             if config == "fsdp2" and device.type == "cpu":
-                res[config] = {"skipped": "one CPU process runs without FSDP (tests/test_scale.py runs 2 on gloo)"}
+                res[config] = {"skipped": "one CPU process runs without FSDP (tests/invariants/test_scale.py runs 2 on gloo)"}
                 continue
             run = root / config
             p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",

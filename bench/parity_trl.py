@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def btpo_side(cfg: Any, work: Path) -> list[float]:
     from btpo_cli.methods import get_method
-    from btpo_cli.runs import Run
+    from btpo_cli.runs.folder import Run
 
     run = Run(work / "run_btpo")
     run.check_new(resume=False, overwrite=True)
@@ -83,8 +83,8 @@ def trl_side(args: argparse.Namespace, cfg: Any, init_dir: Path, work: Path, ord
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from btpo_cli.models import load_tokenizer
-    from btpo_cli.trainer import make_optimizer
+    from btpo_cli.models.loading import load_tokenizer
+    from btpo_cli.training.steps import make_optimizer
 
     tok = load_tokenizer(str(init_dir))
     rows = [{"prompt": records[pairs[i].index].prompt, "chosen": records[pairs[i].index].chosen,
@@ -180,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from btpo_cli.config import Config, ModelConfig
     from btpo_cli.methods.bt import encode_pairs
-    from btpo_cli.models import load_reward_model, load_tokenizer
-    from btpo_cli.tiny import ensure_tiny
-    from btpo_cli.trainer import BatchPlan, load_split
+    from btpo_cli.models.loading import load_reward_model, load_tokenizer
+    from btpo_cli.models.tiny import ensure_tiny
+    from btpo_cli.training.launch import load_split
+    from btpo_cli.training.steps import BatchPlan
     from data_builders.synthetic import build_synthetic
 
     if args.threads:

@@ -6,7 +6,7 @@ Run (see bench/README.md)::
     python bench/plan_memory.py --sizes 30m --methods btpo --ckpt both
     python bench/plan_memory.py --device cuda --sizes qwen2.5-0.5b smollm2-135m --methods bt btpo --ckpt both
 
-Each row is one real ``btpo train`` run (``btpo_cli/plan_measure.py``: a fresh process, the
+Each row is one real ``btpo train`` run (``btpo_cli/plan/measure.py``: a fresh process, the
 method's own loop, two optimizer steps with gradient accumulation, the rollout engine for BTPO)
 of a random-init model of the named architecture on a generated data set whose prompts are cut
 to exactly ``--max-length`` tokens. ``measured`` is the peak resident set size over the process's
@@ -26,15 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from btpo_cli.model_shapes import from_config, known_shapes  # noqa: E402
-from btpo_cli.plan import GiB, estimate, inputs_from_config  # noqa: E402
-from btpo_cli.plan_measure import (  # noqa: E402
+from btpo_cli.plan.estimate import GiB, estimate, inputs_from_config  # noqa: E402
+from btpo_cli.plan.measure import (  # noqa: E402
     WARMUP_CONFIG,
     build_random_model,
     gpm_tail_tokens,
     measure,
     write_long_pairs,
 )
+from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
 
 # Random-init Qwen2-shaped models small enough for a CPU (config.json fields).
 SIZES: dict[str, dict[str, Any]] = {

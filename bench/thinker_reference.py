@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from btpo_cli.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinker_dir  # noqa: E402
-from btpo_cli.tiny import tiny_cache_root  # noqa: E402
+from btpo_cli.models.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinker_dir  # noqa: E402
+from btpo_cli.models.tiny import tiny_cache_root  # noqa: E402
 
 ENV_KEYS = ("python", "torch", "transformers", "tokenizers", "accelerate", "machine", "system",
             "cpu_capability", "blas", "build_threads")

@@ -23,7 +23,7 @@ Rules (also in ``btpo compare --help``):
 - **Delta to BT.** For every non-BT row, shown figure minus the BT row of the same backbone and
   dataset (percentage points, ``(+3.2)``), when that BT cell exists.
 - **What is left out, and said so.** Eval files whose ``eval_version`` differs from this version
-  of btpo's (:data:`btpo_cli.evaluation.EVAL_VERSION`) are never mixed in: they are listed as
+  of btpo's (:data:`btpo_cli.judging.protocol.EVAL_VERSION`) are never mixed in: they are listed as
   skipped, as are invalid JSON, empty evals and folders that are not run folders. A run folder
   with no usable eval is listed as not evaluated. A folder that is not a run folder but holds run
   folders (``runs/``) is expanded one level.
@@ -46,8 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table as RichTable
+
 from btpo_cli.errors import BtpoError
-from btpo_cli.evaluation import EVAL_VERSION
+from btpo_cli.judging.protocol import EVAL_VERSION
+from btpo_cli.methods import method_names
+from btpo_cli.runs.folder import Run
 
 BASELINE = "bt"
 SHOW = ("clipped", "raw")
@@ -338,7 +342,6 @@ def format_skips(rows: list[dict[str, Any]], fmt: str) -> Any:
         lines = ["| " + " | ".join(SKIP_COLUMNS) + " |", "|" + "---|" * len(SKIP_COLUMNS)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
         return "\n".join(lines) + "\n"
-    from rich.table import Table as RichTable
 
     rt = RichTable(title="records skipped (by reason; where = file:line of the first few)")
     for c in SKIP_COLUMNS:
@@ -359,8 +362,6 @@ def method_label(summary: dict[str, Any]) -> str:
 
 def method_order() -> list[str]:
     """Row order: the registry's (``MethodSpec.order``); unknown methods follow alphabetically."""
-    from btpo_cli.methods import method_names
-
     return method_names()
 
 
@@ -509,7 +510,6 @@ def to_markdown(t: Table | Collected) -> str:
 
 def to_rich(t: Table | Collected) -> Any:
     t = _as_table(t)
-    from rich.table import Table as RichTable
 
     fig = "raw accuracy (%)" if t.show == "raw" else "accuracy (%), clipped at 50, raw in [ ]"
     rt = RichTable(title=fig, caption="* best in its backbone block · ± std over n runs · (±x) vs BT",
@@ -626,13 +626,12 @@ def plot(t: Table | Collected, path: str | Path) -> Path:
     average over ~1/30 of the run (a single run's raw curve faint behind it). Legends of more than 4
     lines are left out of (b)/(c): the colours are (a)'s."""
     try:
-        import matplotlib
+        import matplotlib  # optional extra: imported on use
 
         matplotlib.use("Agg", force=True)
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # optional extra: imported on use
     except ImportError as e:
         raise PlotDependencyMissing("--plot needs matplotlib: pip install 'btpo[plot]'") from e
-    from btpo_cli.runs import Run
 
     t = _as_table(t)
     path = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from btpo_cli.errors import ConfigError
+from btpo_cli.methods import method_names
 
 
 @dataclass
@@ -436,6 +438,36 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return d
 
 
+def recipes_dir() -> Path:
+    env = os.environ.get("BTPO_RECIPES")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "recipes"
+    return here if here.is_dir() else Path.cwd() / "recipes"
+
+
+NOT_RECIPES = ("accelerate",)
+"""Folders under recipes/ that hold other YAML (accelerate launch configs), not training recipes."""
+
+
+def shipped() -> list[Path]:
+    d = recipes_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.rglob("*.yaml") if p.relative_to(d).parts[0] not in NOT_RECIPES)
+
+
+def find(name_or_path: str | Path) -> Path:
+    """A path, or a name like ``bt/qwen2.5-7b-hh`` relative to the recipes folder."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    cand = recipes_dir() / (str(name_or_path) + ("" if str(name_or_path).endswith(".yaml") else ".yaml"))
+    if cand.exists():
+        return cand
+    raise ConfigError(f"{name_or_path}: no such recipe file or shipped recipe (see `btpo recipes list`)")
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -458,8 +490,6 @@ def build_config(recipe: str | Path | None = None, overrides: list[str] | None =
     _load_methods()
     cfg = base or Config()
     if recipe:
-        from btpo_cli.recipes import find
-
         path = find(recipe)
         _apply(cfg, migrate(load_recipe(path)), "", str(path))
     for key, value in (flags or {}).items():
@@ -481,8 +511,6 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 def _load_methods() -> None:
     """Method modules (and plugins) register their config sections when the registry loads."""
-    from btpo_cli.methods import method_names
-
     method_names()
 
 
@@ -507,8 +535,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from btpo_cli.engines import available_engines
-    from btpo_cli.methods import method_names
+    from btpo_cli.engines import available_engines  # heavy: imported on use
 
     choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
     for key, choices in choices_now.items():

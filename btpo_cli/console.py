@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 """Progress bars, status lines and errors."""
@@ -37,6 +38,12 @@ def stop_live() -> None:
 
 def print_error(text: str) -> None:
     """The one-line ``error: ...`` of a failed command (markup in ``text`` is shown as it is)."""
-    from rich.markup import escape
-
     console.print(f"[red]error:[/] {escape(' '.join(text.splitlines()))}", highlight=False, soft_wrap=True)
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' load reports and per-file progress bars out of our progress display."""
+    import transformers  # heavy: only callers that are about to load a model pay for it
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.config import build_config
+from btpo_cli.compare import collect, to_markdown
+from btpo_cli.compare import plot as draw
+from btpo_cli.config import build_config, flatten
 from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
+from btpo_cli.models.aliases import resolve_model
+from btpo_cli.runs.folder import Run
+from data_builders.synthetic import build_synthetic
 
 COMMON = ["data.max_length=160", "optim.warmup_ratio=0", "train.save_every=0", "eval.batch_size=32",
           "eval.max_new_tokens=64"]
@@ -74,7 +79,7 @@ def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: b
     """Evaluate the untrained base GPM as it is (``btpo eval --model``: same protocol and judge as the
     trained runs; tag ``base``) into ``runs/base-t<t>-s<seed>``; returns that folder. With ``keep``
     an evaluation already there of the same model on ``n_test`` pairs is reused."""
-    from btpo_cli.evaluate_run import evaluate_model
+    from btpo_cli.judging.run_eval import evaluate_model  # heavy: imported on use
 
     run = folder / "runs" / f"base-t{thinker_seed}-s{seed}"
     if keep:
@@ -95,8 +100,7 @@ def base_run(folder: Path, data: Path, seed: int, thinker_seed: int = 0, keep: b
 def report_thinker(thinker_seed: int) -> tuple[str, str | None]:
     """Build or load the thinker; print its hashes, build environment and how it compares with the README's.
     Returns the reference status and the weights sha256 (what :data:`STAMP` records in each run)."""
-    from btpo_cli.models import resolve_model
-    from btpo_cli.thinker import reference_check
+    from btpo_cli.models.thinker import reference_check  # heavy: imported on use
 
     path = Path(resolve_model(thinker_model(thinker_seed)))
     info = json.loads((path / "btpo_thinker.json").read_text(encoding="utf-8"))
@@ -242,9 +246,7 @@ def keep_or_launch(cfg: Any, thinker_seed: int = 0, sha: str | None = None) -> P
     A folder whose ``config.yaml`` differs from ``cfg`` in anything but its location is refused with
     the first differing key (it would mix budgets in one table), and so is one made from a thinker
     whose weights differ from ``sha`` (this machine's)."""
-    from btpo_cli.config import flatten
-    from btpo_cli.runs import Run
-    from btpo_cli.trainer import launch
+    from btpo_cli.training.launch import launch  # heavy: imported on use
 
     root = Path(cfg.out)
     run = Run(root)
@@ -271,10 +273,8 @@ def keep_or_launch(cfg: Any, thinker_seed: int = 0, sha: str | None = None) -> P
 
 def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], overwrite: bool,
              plot: Path | None = None, thinker_seeds: list[int] | None = None) -> list[Path]:
-    from btpo_cli.compare import collect, to_markdown
-    from btpo_cli.evaluate_run import evaluate_run
-    from btpo_cli.trainer import launch
-    from data_builders.synthetic import build_synthetic
+    from btpo_cli.judging.run_eval import evaluate_run  # heavy: imported on use
+    from btpo_cli.training.launch import launch  # heavy: imported on use
 
     thinker_seeds = thinker_seeds or [0]
     for m in methods:
@@ -315,8 +315,6 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     out.print("\nraw test accuracy (%), mean ± std over seeds:\n" + md, markup=False, highlight=False)
     if plot is not None:
         try:
-            from btpo_cli.compare import plot as draw
-
             draw(c, plot)
             console.print(f"plot: {plot}", highlight=False)
         except ImportError:

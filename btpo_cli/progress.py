@@ -1,10 +1,15 @@
-"""How often training progress is printed as plain lines when stderr is not a terminal (``--log-every``).
+"""Progress of long phases: a rich bar on a terminal, plain ``[btpo] …`` lines in a log (``--log-every``).
 
 Torch-free, so that the CLI can check the flag before anything heavy is imported."""
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from dataclasses import dataclass
+
+from btpo_cli.console import console, register_live, unregister_live
 
 
 @dataclass
@@ -33,7 +38,73 @@ class ProgressEvery:
 
 
 EVERY = ProgressEvery()
-"""Set by :func:`btpo_cli.trainer.launch` from ``--log-every``."""
+"""Set by :func:`btpo_cli.training.launch.launch` from ``--log-every``."""
+
+
+class TrainProgress:
+    """Progress of a training loop on the main process; silent elsewhere.
+
+    On a terminal: a rich bar with loss and ETA. Otherwise (a log file, nohup, Slurm, ``| tee``):
+    one plain line every :data:`btpo_cli.progress.EVERY` steps or seconds, plus the first and the last step —
+    ``[btpo] bt run: step 40/200 (20%) loss 0.6931 acc 0.50 | 1.25 steps/s | elapsed 0:00:32 | eta 0:02:08``
+    — written and flushed at once (rich holds a non-terminal bar back until it stops)."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        self.enabled, self.total, self.start, self.description = enabled, total, start, description
+        self.plain = not console.is_terminal
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_step = start
+        self.printed = start
+        if not enabled or self.plain:
+            return
+        from rich.progress import (  # rich's progress module is imported only for a terminal
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )  # heavy: imported on use
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console, transient=False)
+        self.task = self.progress.add_task(description, total=total, completed=start, info="")
+        self.progress.start()
+        register_live(self.progress)
+
+    def line(self, step: int, info: str) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        pct = 100 * step / max(1, self.total)
+        return (f"[btpo] {self.description}: step {step}/{self.total} ({pct:.0f}%) {info} | {rate:.3g} steps/s | "
+                f"elapsed {hms(elapsed)} | eta {'?' if math.isnan(eta) else hms(eta)}")
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        self.last_step, self.last_info = step, info
+        if not self.plain:
+            self.progress.update(self.task, completed=step, info=info)
+            return
+        now = time.perf_counter()
+        every = EVERY
+        due = (step - self.printed >= every.steps) if every.steps else (now - self.last_t >= every.seconds)
+        if due or self.printed == self.start or step >= self.total:
+            sys.stderr.write(self.line(step, info) + "\n")
+            sys.stderr.flush()
+            self.printed, self.last_t = step, now
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if not self.plain:
+            self.progress.stop()
+            unregister_live(self.progress)
+        elif self.last_step > self.printed:
+            sys.stderr.write(self.line(self.last_step, getattr(self, "last_info", "")) + "\n")
+            sys.stderr.flush()
 
 
 def hms(seconds: float) -> str:
@@ -43,7 +114,7 @@ def hms(seconds: float) -> str:
 
 def check_log_every(text: str | None) -> None:
     """Raise ``typer.BadParameter`` (exit 2) for a malformed ``--log-every``."""
-    import typer
+    import typer  # heavy: imported on use
 
     try:
         ProgressEvery.parse(text)

@@ -8,48 +8,20 @@ accelerate launch configs, not recipes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from btpo_cli.config import Config, build_config
 from btpo_cli.errors import BtpoError, ConfigError
-
-
-def recipes_dir() -> Path:
-    env = os.environ.get("BTPO_RECIPES")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return here if here.is_dir() else Path.cwd() / "recipes"
-
-
-NOT_RECIPES = ("accelerate",)
-"""Folders under recipes/ that hold other YAML (accelerate launch configs), not training recipes."""
-
-
-def shipped() -> list[Path]:
-    d = recipes_dir()
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.rglob("*.yaml") if p.relative_to(d).parts[0] not in NOT_RECIPES)
-
-
-def find(name_or_path: str | Path) -> Path:
-    """A path, or a name like ``bt/qwen2.5-7b-hh`` relative to the recipes folder."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    cand = recipes_dir() / (str(name_or_path) + ("" if str(name_or_path).endswith(".yaml") else ".yaml"))
-    if cand.exists():
-        return cand
-    raise ConfigError(f"{name_or_path}: no such recipe file or shipped recipe (see `btpo recipes list`)")
+from btpo_cli.models.aliases import ALIASES
+from btpo_cli.plan.estimate import GiB, estimate, inputs_from_config
 
 
 def validate_recipe(path: Path) -> Config:
     """Load a recipe into the typed config (unknown keys, bad values and bad choices are errors)."""
     cfg = build_config(path)
-    from btpo_cli.models import ALIASES
 
     name = cfg.model.name
     if not (name in ALIASES or "/" in name or Path(name).exists()):
@@ -70,8 +42,6 @@ class FitCheck:
 
 def check_fit(cfg: Config, path: Path | str = "") -> FitCheck:
     """Run the memory planner for the recipe's ``hardware`` (docs/plan.md); ``no`` = cannot fit."""
-    from btpo_cli.plan import GiB, estimate, inputs_from_config
-
     hw = cfg.hardware
     if hw.gpu_memory_gb is None:
         return FitCheck(hw.strategy, None, "?", "no hardware.gpu_memory_gb: not checked")
@@ -84,8 +54,6 @@ def check_fit(cfg: Config, path: Path | str = "") -> FitCheck:
 
 
 def description(path: Path) -> str:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from btpo_cli.data import RecordSkip, SkipLog, to_messages
+from btpo_cli.data.pairs import RecordSkip, SkipLog, to_messages
 from data_builders.sources import SourceSpec, load_rows
 
 R_INVALID_JSON = "invalid JSON"
@@ -63,7 +63,7 @@ def _decode(value: Any, field_name: str) -> Any:
 def parse_rubrics(metadata: Any) -> tuple[list[str], dict[str, Any]]:
     """``prompt_metadata`` (a JSON string or dict) → ``(rubrics, other_metadata)``.
 
-    Raises :class:`~btpo_cli.data.RecordSkip` naming ``prompt_metadata`` or
+    Raises :class:`~btpo_cli.data.pairs.RecordSkip` naming ``prompt_metadata`` or
     ``prompt_metadata.<key>``.
     """
     meta = _decode(metadata, "prompt_metadata")

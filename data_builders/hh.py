@@ -35,7 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, seeded_sample, write_dataset
+from btpo_cli.data.pairs import (
+    PairRecord,
+    RecordSkip,
+    SkipLog,
+    normalize_record,
+    seeded_sample,
+    write_dataset,
+)
 from btpo_cli.errors import BtpoError
 from data_builders.sources import SourceSpec, available_splits, load_rows, resolve_sources
 
@@ -100,7 +107,7 @@ def parse_transcript(text: str) -> list[dict[str, str]]:
 def split_pair(chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str, str]:
     """Turn two HH transcripts into ``(prompt_messages, chosen_text, rejected_text)``.
 
-    Raises :class:`~btpo_cli.data.RecordSkip` naming the field (``chosen``, ``rejected`` or
+    Raises :class:`~btpo_cli.data.pairs.RecordSkip` naming the field (``chosen``, ``rejected`` or
     ``prompt``) and one of the ``R_*`` reasons.
     """
     parsed = {}

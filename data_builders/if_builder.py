@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.data.pairs import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
 from btpo_cli.errors import BtpoError
 from data_builders.advancedif import IFPrompt, read_advancedif
 from data_builders.math_builder import (

@@ -30,7 +30,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import DEFAULT_ASPECT, PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.data.pairs import (
+    DEFAULT_ASPECT,
+    PairRecord,
+    RecordSkip,
+    SkipLog,
+    normalize_record,
+    write_dataset,
+)
 from btpo_cli.errors import BtpoError, UsageError
 from data_builders.hh import hh_record
 from data_builders.sources import SourceSpec, available_splits, load_rows, spec_from_value

@@ -20,9 +20,9 @@ Stages (METHOD.md §8), each resumable:
    (:func:`~data_builders.grading.extract_answer` + :func:`~data_builders.grading.answers_match`;
    a sample with no extractable answer is incorrect, counted apart); per question one correct
    and one incorrect solution are picked (seeded by ``(seed, qid)``) → a
-   :class:`~btpo_cli.data.PairRecord` with ``prompt = [user: question]``, aspect ``"correct"``;
+   :class:`~btpo_cli.data.pairs.PairRecord` with ``prompt = [user: question]``, aspect ``"correct"``;
    train pairs come from MetaMathQA, test pairs from GSM8K + MATH-500; each split is seeded
-   down-sampled to ``n_train`` / ``n_test`` and written with :func:`~btpo_cli.data.write_dataset`.
+   down-sampled to ``n_train`` / ``n_test`` and written with :func:`~btpo_cli.data.pairs.write_dataset`.
 
 Questions whose samples are all correct or all incorrect give no pair; they are counted in the
 manifest (``questions.<source>.all_correct`` / ``all_incorrect``), never an error. Setting the
@@ -44,8 +44,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from btpo_cli.data import PairRecord, RecordSkip, SkipLog, normalize_record, seeded_sample, write_dataset
+from btpo_cli.config import ModelConfig
+from btpo_cli.data.pairs import (
+    PairRecord,
+    RecordSkip,
+    SkipLog,
+    normalize_record,
+    seeded_sample,
+    write_dataset,
+)
 from btpo_cli.errors import BtpoError
+from btpo_cli.models.aliases import resolve_model
 from data_builders.grading import HAS_MATH_VERIFY, answers_match, extract_answer
 from data_builders.math_questions import MathQuestion, alpaca_prompt, read_questions
 from data_builders.sources import resolve_sources
@@ -168,7 +177,7 @@ def maybe_fault(batches_done: int) -> None:
 
 
 def default_device() -> str:
-    import torch
+    import torch  # heavy: imported on use
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -196,7 +205,7 @@ _MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 def _generation_eos(path: str) -> Any:
     """The model's generation stop id(s), read without loading its weights."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig  # heavy: imported on use
 
     try:
         return GenerationConfig.from_pretrained(path).eos_token_id
@@ -222,9 +231,8 @@ class HFSampler:
     def _load(self) -> None:
         if self._engine is not None:
             return
-        from btpo_cli.config import ModelConfig
-        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name
-        from btpo_cli.models import load_causal_lm, load_tokenizer, resolve_model
+        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name  # heavy: imported on use
+        from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
 
         engine = resolve_engine_name(self.engine_name)
         key = (self.name, self.device)
@@ -266,7 +274,7 @@ class HFSampler:
         seed: int | None,
         chat: bool,
     ) -> list[list[tuple[str, bool]]]:
-        from btpo_cli.engines import SamplingParams
+        from btpo_cli.engines import SamplingParams  # heavy: imported on use
 
         self._load()
         self.calls += 1

@@ -10,7 +10,7 @@ Each reader yields :class:`MathQuestion` ``(qid, question, gold_answer, source, 
   ``solution``, ``answer``, ``subject``, ``level``, ``unique_id``. Gold = ``answer`` (or the
   last ``\\boxed{}`` of ``solution`` when ``answer`` is empty).
 
-Rows that cannot be used are counted in the :class:`~btpo_cli.data.SkipLog` under
+Rows that cannot be used are counted in the :class:`~btpo_cli.data.pairs.SkipLog` under
 ``"<field>: <reason>"`` (see :data:`SKIP_REASONS`); strict mode raises on the first.
 """
 
@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from btpo_cli.data import SkipLog
+from btpo_cli.data.pairs import SkipLog
+from btpo_cli.errors import BtpoError
 from data_builders.grading import extract_boxed, extract_gsm8k_answer, extract_metamath_answer
 from data_builders.sources import SourceSpec, load_rows
 
@@ -131,7 +132,5 @@ def read_questions(name: str, spec: SourceSpec, *, skips: SkipLog | None = None,
                    limit: int | None = None) -> Iterator[MathQuestion]:
     """Read the questions of the Math input ``name`` from its source's default split."""
     if name not in READERS:
-        from btpo_cli.errors import BtpoError
-
         raise BtpoError(f"unknown Math source '{name}' (known: {', '.join(READERS)})")
     return READERS[name](spec, split=spec.split, skips=skips, limit=limit)

@@ -14,7 +14,7 @@ and gives each a default Hub location (:data:`BUILDER_SOURCES`). ``--source NAME
 :func:`load_rows` then yields ``(file_label, record_number, row)`` for one split. The record
 number is the line number for JSONL, the line on which the record starts for CSV, and the
 1-based position for JSON lists, parquet and ``datasets`` tables. Rows that cannot be read
-(invalid JSON, a non-object) are counted in the :class:`~btpo_cli.data.SkipLog` (or raise in
+(invalid JSON, a non-object) are counted in the :class:`~btpo_cli.data.pairs.SkipLog` (or raise in
 strict mode). When a Hub load fails (no network, no such split) the error names the source and
 says how to point at a local copy.
 """
@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data import SkipLog, iter_file, iter_saved
+from btpo_cli.data.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
+from btpo_cli.data.pairs import SkipLog, iter_file, iter_saved
 from btpo_cli.errors import BtpoError, UsageError
-from btpo_cli.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
 
 STANDARD_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 """Split names recognised in file names (``test.jsonl``, ``train-00000-of-00002.parquet``)."""
@@ -235,7 +235,7 @@ def available_splits(spec: SourceSpec) -> list[str]:
     For a Hub dataset this asks the Hub (``datasets.get_dataset_split_names``).
     """
     if spec.path is None:
-        import datasets
+        import datasets  # heavy: imported on use
 
         kwargs = {"data_dir": spec.data_dir} if spec.data_dir else {}
         try:
@@ -299,7 +299,7 @@ def _hub_error(spec: SourceSpec, split: str | None, e: Exception) -> BtpoError:
 
 
 def _iter_hub(spec: SourceSpec, split: str | None) -> Iterator[tuple[str, int, Any]]:
-    import datasets
+    import datasets  # heavy: imported on use
 
     kwargs: dict[str, Any] = {"split": split}
     if spec.data_dir:

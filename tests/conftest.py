@@ -105,7 +105,7 @@ JUDGE_TRAIN = {
     "grpo-point": ["--max-steps", "2", *_ROLLOUT, "--set", "data.max_length=256"],
     "btpo": ["--max-steps", "2", *_ROLLOUT, "--set", "data.max_length=128"],
 }
-"""A few steps of each method on tiny-qwen2: judges for tests/test_judge.py, test_serve.py, test_trl_reward.py."""
+"""A few steps of each method on tiny-qwen2: judges for tests/judging/test_judge.py, test_serve.py, test_trl_reward.py."""
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from btpo_cli.compare import build_table, collect, plot, to_csv, to_json, to_markdown
 from btpo_cli.config import Config, dump_yaml
-from btpo_cli.evaluation import EVAL_VERSION
+from btpo_cli.judging.protocol import EVAL_VERSION
 from tests.conftest import run_btpo
 
 

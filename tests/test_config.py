@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from btpo_cli.config import Config, build_config, parse_override, valid_keys
+from btpo_cli.config import Config, build_config, parse_override, shipped, valid_keys
 from btpo_cli.errors import ConfigError
-from btpo_cli.recipes import shipped, validate_recipe
+from btpo_cli.recipes import validate_recipe
 
 
 def test_defaults_and_overrides() -> None:

@@ -90,8 +90,8 @@ def test_demo_keep_reuses_finished_runs_resumes_stopped_ones_and_refuses_other_s
 
     from btpo_cli import demo
     from btpo_cli.errors import BtpoError
-    from btpo_cli.runs import Run
-    from btpo_cli.trainer import launch
+    from btpo_cli.runs.folder import Run
+    from btpo_cli.training.launch import launch
 
     monkeypatch.setattr(demo, "thinker_model", lambda seed=0: "tiny-qwen2")
     torch.set_num_threads(1)

@@ -6,6 +6,7 @@ unless ``--debug``); 2 bad usage; 130 interrupted.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from typing import NoReturn
@@ -16,7 +17,7 @@ import typer
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
-from btpo_cli.console import console, print_error
+from btpo_cli.console import console, print_error, stop_live
 from btpo_cli.errors import BtpoError, FollowerError, UsageError
 
 app = typer.Typer(
@@ -104,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _stop_live() -> None:
-    from btpo_cli.console import stop_live
-
     stop_live()
 
 
@@ -120,8 +119,6 @@ def _error(message: str, e: BaseException, debug: bool, code: int = 1) -> NoRetu
 def _interrupted() -> NoReturn:
     """Ctrl-C: one line, exit 130 at once. atexit handlers run (tracker and file flushes); the
     interpreter's own teardown (seconds with torch loaded) is skipped."""
-    import atexit
-
     _stop_live()
     console.print("[red]interrupted[/]", highlight=False)
     try:

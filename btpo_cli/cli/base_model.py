@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import typer
 
 from btpo_cli.console import console, out
+from btpo_cli.models.thinker import ThinkerSpec, ensure_thinker, reference_check
 
 HELP = "Pre-train tiny-thinker, a tiny base GPM that can think a little (CPU, minutes; cached)."
 EPILOG = """[bold]Examples[/]
@@ -24,10 +26,6 @@ def base_model(
     seed: int = typer.Option(0, "--seed", help="Seed of the data mix and the initial weights."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
 ) -> None:
-    from dataclasses import replace
-
-    from btpo_cli.thinker import ThinkerSpec, ensure_thinker, reference_check
-
     spec = ThinkerSpec(seed=seed)
     if steps:
         spec = replace(spec, steps=steps)

@@ -9,8 +9,14 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from btpo_cli.console import console, out
+from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from data_builders.hh import HH_SUBSETS, build_hh
+from data_builders.importer import import_pairs
+from data_builders.sources import BUILDER_SOURCES, parse_source_args
+from data_builders.synthetic import build_synthetic
 
 app = typer.Typer(help="Build preference-pair datasets: train.jsonl, test.jsonl and manifest.json in a folder.",
                   no_args_is_help=True)
@@ -39,8 +45,6 @@ def synthetic(
                                       help="Fraction of training pairs with chosen/rejected swapped."),
 ) -> None:
     """Multi-step arithmetic pairs (right result vs near miss): hard to judge without thinking; no Hub."""
-    from data_builders.synthetic import build_synthetic
-
     _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise), out_dir)
 
 
@@ -78,8 +82,7 @@ def _progress(unit: str = "rows") -> Iterator[_Bars]:
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
-    )
-    from rich.text import Text
+    )  # heavy: imported on use
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
@@ -91,8 +94,6 @@ def _progress(unit: str = "rows") -> Iterator[_Bars]:
 
 
 def _sources(items: list[str] | None, builder: str) -> dict[str, str]:
-    from data_builders.sources import BUILDER_SOURCES, parse_source_args
-
     return parse_source_args(items, BUILDER_SOURCES[builder])
 
 
@@ -114,8 +115,6 @@ def hh(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
     """Anthropic/hh-rlhf transcripts → pairs (prompt = shared turns, responses = final assistant turns)."""
-    from data_builders.hh import HH_SUBSETS, build_hh
-
     subs = [s.strip() for s in subsets.split(",") if s.strip()] if subsets else list(HH_SUBSETS)
     with _progress() as bars:
         m = build_hh(None if dry_run else out_dir, _sources(source, "hh"), subs, n_train, n_test, seed, limit,
@@ -140,8 +139,6 @@ def import_(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
     """Import any preference data (file, folder, Hub id) into the canonical pair format."""
-    from data_builders.importer import import_pairs
-
     with _progress() as bars:
         m = import_pairs(source, None if dry_run else out_dir, column_map=column_map, split_map=split_map,
                          aspect=aspect, seed=seed, test_fraction=test_fraction, fmt=fmt, strict=strict,
@@ -156,8 +153,6 @@ def _report_generation(m: dict) -> None:
 
 
 def _engine(name: str) -> str:
-    from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
-
     if name != "auto" and name not in available_engines():
         raise typer.BadParameter(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
     engine_class(resolve_engine_name(name))      # a one-line error now if it is not installed
@@ -187,7 +182,7 @@ def math(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
     """Sample solutions, grade the final answers, pair a correct with an incorrect one (resumable)."""
-    from data_builders.math_builder import build_math
+    from data_builders.math_builder import build_math  # optional extra: imported on use
 
     with _progress("questions") as bars:
         m = build_math(out_dir, _sources(source, "math"), generator=generator, n_samples=n_samples,
@@ -237,7 +232,7 @@ def if_(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
 ) -> None:
     """AdvancedIF prompts → sampled responses judged per rubric → pairs (CC-BY-NC-4.0: non-commercial)."""
-    from data_builders.if_builder import build_if
+    from data_builders.if_builder import build_if  # optional extra: imported on use
 
     with _progress("prompts") as bars:
         m = build_if(None if dry_run else out_dir, _sources(source, "if"), generator=generator, judge=judge,

@@ -5,7 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
+from btpo_cli.compare import (
+    build_table,
+    collect,
+    collect_skips,
+    format_skips,
+    legend,
+    to_csv,
+    to_json,
+    to_markdown,
+    to_rich,
+)
+from btpo_cli.compare import plot as make_plot
 from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
 
@@ -45,8 +58,6 @@ def compare(
     plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
                                      "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
 ) -> None:
-    from btpo_cli.compare import build_table, collect, to_csv, to_json, to_markdown, to_rich
-
     if fmt not in ("table", "markdown", "csv", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: expected table, markdown, csv or json")
     if show not in ("clipped", "raw", "skips"):
@@ -67,16 +78,11 @@ def compare(
     elif fmt == "json":
         out.print(to_json(t), end="", markup=False, highlight=False, soft_wrap=True)
     else:
-        from btpo_cli.compare import legend
-
         out.print(to_rich(t))
         for line in legend(t)[1:]:
             out.print(line, style="dim", highlight=False)
     if plot is not None:
-        from btpo_cli.compare import plot as make_plot
-
         console.print(f"figure: {make_plot(t, plot)}", highlight=False)
-    from rich.markup import escape
 
     for m in c.missing_eval:
         console.print(f"[yellow]not evaluated:[/] {escape(m)}", highlight=False, soft_wrap=True)
@@ -87,10 +93,6 @@ def compare(
 
 
 def _show_skips(runs: list[Path], fmt: str) -> None:
-    from rich.markup import escape
-
-    from btpo_cli.compare import collect_skips, format_skips
-
     rows, problems = collect_skips(runs)
     shown = format_skips(rows, fmt)
     if isinstance(shown, str):

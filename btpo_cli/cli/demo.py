@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from btpo_cli.demo import run_demo
+
 HELP = ("Does thinking pay? Synthetic multi-step arithmetic pairs → tiny-thinker base GPM → "
         "train BT and BTPO → evaluate (base GPM too) → table and plot. CPU, minutes.")
 EPILOG = """[bold]Examples[/]
@@ -35,8 +37,6 @@ def demo(
              "settings, resume stopped ones)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write <out>/compare.png."),
 ) -> None:
-    from btpo_cli.demo import run_demo
-
     seed_list = _ints("--seeds", seeds)
     thinker_list = _ints("--thinker-seeds", thinker_seeds)
     run_demo(out, quick=quick, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seed_list,

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from btpo_cli.console import console
+from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run
 
 HELP = ("Evaluate a trained run (--checkpoint), or any model as it is (--model, --method): order-swapped / "
         "pointwise accuracy, clipped at 50%.")
@@ -61,8 +62,6 @@ def evaluate(
                                       "vllm (default: the run's rollout.engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
 ) -> None:
-    from btpo_cli.evaluate_run import eval_paths, evaluate_model, evaluate_run
-
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give either --checkpoint RUN or --model NAME (with --method and --data)")
     if model is not None and which != "final":

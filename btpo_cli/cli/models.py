@@ -6,13 +6,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from btpo_cli.console import out
+from btpo_cli.models.aliases import ALIASES, SOURCE_TEXT, offline_availability
 
 HELP = "List model aliases, where each comes from and whether it loads offline now (any Hub id or local path works too)."
 
 
 def models() -> None:
-    from btpo_cli.models import ALIASES, SOURCE_TEXT, offline_availability
-
     t = Table(title="model aliases")
     for col in ("alias", "Hub id", "source", "offline now", "family", "note"):
         t.add_column(col)

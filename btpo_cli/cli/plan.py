@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
+from btpo_cli.config import build_config
 from btpo_cli.console import out
 from btpo_cli.errors import BtpoError
+from btpo_cli.plan.estimate import PRECISIONS, STRATEGIES, GiB, geometry, inputs_from_config, plan_all
 
 HELP = ("Estimate per-GPU memory of a training run by component (weights, gradients, optimizer state, "
         "activations with and without gradient checkpointing, logits, reference model, rollout engine, "
@@ -53,9 +56,6 @@ def plan(
                                            "(default 40)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json."),
 ) -> None:
-    from btpo_cli.config import build_config
-    from btpo_cli.plan import PRECISIONS, STRATEGIES, inputs_from_config, plan_all
-
     if fmt not in ("table", "json"):
         raise BtpoError(f"--format: {fmt!r} is not one of table, json")
     if device not in ("cuda", "cpu"):
@@ -100,8 +100,6 @@ def plan(
 
 
 def _gb(x: float) -> str:
-    from btpo_cli.plan import GiB
-
     return f"{x / GiB:.1f}" if x else "-"
 
 
@@ -114,8 +112,6 @@ ROLLOUT_ROWS = ("engine weights", "engine KV cache", "engine transients", "engin
 
 def plan_table(inp: Any, ests: list[Any], recipe_strategy: str | None = None) -> Table:
     """Components (GiB) × strategies, the two phases, the peak and the verdict."""
-    from btpo_cli.plan import GiB, geometry
-
     geo = geometry(inp)
     title = (f"{inp.method} · {inp.shape.name} ({inp.shape.params(geo.head) / 1e9:.2f} B params) · "
              f"{inp.gpus}×{inp.nodes} {inp.device} · {inp.precision}"
@@ -145,8 +141,6 @@ def plan_table(inp: Any, ests: list[Any], recipe_strategy: str | None = None) ->
 
 
 def plan_notes(inp: Any, ests: list[Any]) -> list[str]:
-    from btpo_cli.plan import GiB, geometry
-
     geo = geometry(inp)
     e = ests[0]
     lines = [f"micro-batch: {e.info['rows_per_micro_batch']} sequences × {geo.seq_len} tokens "
@@ -160,10 +154,6 @@ def plan_notes(inp: Any, ests: list[Any]) -> list[str]:
 
 
 def plan_json(inp: Any, ests: list[Any], recipe_strategy: str | None = None) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from btpo_cli.plan import GiB, geometry
-
     geo = geometry(inp)
 
     def gib(d: dict[str, float]) -> dict[str, float]:

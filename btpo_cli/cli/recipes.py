@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from btpo_cli.config import dump_yaml, find, recipes_dir, shipped
 from btpo_cli.console import console, out
 from btpo_cli.errors import BtpoError
+from btpo_cli.recipes import check_fit, description, validate_recipe
 
 app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo train --recipe`).",
                   no_args_is_help=True)
@@ -16,8 +18,6 @@ app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo 
 
 @app.command("list", help="List shipped recipes.")
 def list_recipes(method: str | None = typer.Option(None, "--method", help="Only this method's recipes.")) -> None:
-    from btpo_cli.recipes import description, recipes_dir, shipped
-
     t = Table(title=f"recipes in {recipes_dir()}")
     t.add_column("name")
     t.add_column("description")
@@ -32,9 +32,6 @@ def list_recipes(method: str | None = typer.Option(None, "--method", help="Only 
 
 @app.command("show", help="Print a recipe resolved into the full config (every key).")
 def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or path.")) -> None:
-    from btpo_cli.config import dump_yaml
-    from btpo_cli.recipes import find, validate_recipe
-
     out.print(dump_yaml(validate_recipe(find(name))), markup=False, highlight=False, end="")
 
 
@@ -42,8 +39,6 @@ def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or
              "with a hardware: block — the memory planner's estimate against its GPUs (`btpo plan`). "
              "Exit 1 if any is invalid or cannot fit.")
 def validate(files: list[Path] = typer.Argument(None, help="Recipe files (default: all shipped).")) -> None:
-    from btpo_cli.recipes import check_fit, shipped, validate_recipe
-
     paths = files or shipped()
     bad = 0
     for p in paths:

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import typer
 
+from btpo_cli.console import console
+from btpo_cli.data.pairs import open_text
+from btpo_cli.errors import BtpoError
+from btpo_cli.judging.judge import load_judge
+from btpo_cli.serving.scoring import score_lines
+
 HELP = "Score responses with a trained judge: JSONL in, JSONL out (scores, thoughts, best of N, pair accuracy)."
 EPILOG = """[bold]Input lines[/] (JSON objects; `prompt` is a string or a list of chat messages)
 
@@ -47,12 +53,6 @@ def score(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:
-    from btpo_cli.console import console
-    from btpo_cli.data import open_text
-    from btpo_cli.errors import BtpoError
-    from btpo_cli.judge import load_judge
-    from btpo_cli.scoring import score_lines
-
     if input_path != "-" and not Path(input_path).is_file():
         raise BtpoError(f"{input_path}: no such file (give a JSONL file or - for stdin)")
     judge = load_judge(judge_path, device=device, engine=engine, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -66,7 +66,13 @@ def score(
         if not quiet and skipped_shown <= 20:
             console.print(f"[yellow]skipped[/] {msg}", highlight=False, markup=True, soft_wrap=True)
 
-    from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (  # heavy: imported on use
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     stream = sys.stdin if input_path == "-" else open_text(Path(input_path))
     try:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
 import typer
+
+from btpo_cli.console import console
+from btpo_cli.errors import BtpoError
+from btpo_cli.judging.judge import load_judge
 
 HELP = "Serve a trained judge over HTTP: POST /v1/score, POST /v1/compare, GET /health (dynamic batching)."
 EPILOG = """[bold]Examples[/]
@@ -43,16 +49,9 @@ def serve(
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),
 ) -> None:
-    import importlib.util
-    import logging
-
-    from btpo_cli.console import console
-    from btpo_cli.errors import BtpoError
-
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise BtpoError("btpo serve needs fastapi and uvicorn: pip install 'btpo[serve]'")
-    from btpo_cli.judge import load_judge
-    from btpo_cli.serve import Limits, bind, run_server
+    from btpo_cli.serving.http import Limits, bind, run_server  # optional extra: imported on use
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     judge = load_judge(judge_path, device=device, engine=engine, batch_size=batch_size, samples=samples,

@@ -10,9 +10,13 @@ from rich.markup import escape
 
 from btpo_cli.config import Config, build_config, flatten
 from btpo_cli.console import console
+from btpo_cli.data.pairs import preload_split
 from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
-from btpo_cli.runs import Run
+from btpo_cli.progress import check_log_every
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.launch import launch
+from btpo_cli.training.tracking import check_tracker
 
 
 def _help() -> str:
@@ -63,7 +67,6 @@ def train(
 ) -> None:
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
-    from btpo_cli.progress import check_log_every
 
     check_log_every(log_every)
     flags = {"method": method, "model.name": model, "data.path": data, "train.seed": seed,
@@ -76,12 +79,9 @@ def train(
         cfg = build_config(recipe, overrides, flags)
         cfg.out = out or (cfg.out if recipe and cfg.out != "runs/default" else _default_out(cfg.method, cfg.model.name))
     # cheap checks first (no torch yet): a tracker that is not installed, data that cannot be used
-    from btpo_cli.data import preload_split
-    from btpo_cli.tracking import check_tracker
 
     check_tracker(cfg.train.report_to)
     preload_split(cfg.data.path, cfg.data.train_split, strict=cfg.data.strict)
-    from btpo_cli.trainer import launch
 
     launch(cfg, resume, overwrite, log_every)
 

@@ -9,14 +9,17 @@ A new engine is one file with a class that has ``from_spec(spec: EngineSpec)`` a
 :class:`~btpo_cli.engines.base.RolloutEngine`, plus one line in ``_BUILTIN`` (or a call to
 :func:`register_engine` from a plugin). ``config.validate`` and ``--engine`` take their choices
 from here. The contract every engine keeps is in ``engines/base.py`` and tested, engine by
-engine, in ``tests/test_engines.py``.
+engine, in ``tests/engines/test_engines.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from btpo_cli.engines.base import (
     RolloutEngine,
@@ -144,10 +147,6 @@ def engine_for(cfg: Any, model_path: str, pad_token_id: int, device: Any, module
 
 def default_engine() -> str:
     """``vllm`` on a GPU machine where vLLM imports, else ``hf`` (what ``rollout.engine: auto`` means)."""
-    import importlib.util
-
-    import torch
-
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "hf"

@@ -10,7 +10,7 @@ training run or evaluation::
     engine.stats() -> dict                                   # counters since construction
     engine.close()
 
-Promises every engine keeps (``tests/test_engines.py`` checks them for each registered engine):
+Promises every engine keeps (``tests/engines/test_engines.py`` checks them for each registered engine):
 
 - greedy (``temperature == 0``) equals a cache-free argmax decode of the engine's weights;
 - a continuation's ``token_ids`` include the stop token when generation stopped on one

@@ -16,35 +16,19 @@ copy (evaluation, data building, or a sharded trainer that sends gathered full w
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from btpo_cli.console import quiet_transformers
 from btpo_cli.engines.base import Sample, SamplingParams, resolve_seeds, sample_seed
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) ragged → input_ids, attention_mask (N, T), padded on the left."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, t - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, t - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding: (N, T) → (N, T)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+from btpo_cli.models.inputs import left_pad, positions
 
 
 def cache_kwarg(model: Any) -> str:
     """transformers ≥ 5.24 renamed ``past_key_values`` to ``cache``; use whichever forward takes."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -101,9 +85,7 @@ class HFEngine:
     def from_spec(cls, spec: Any) -> HFEngine:
         if spec.module is not None:
             return cls(spec.module, spec.pad_token_id, batch_size=spec.prompts_per_batch)
-        from transformers import AutoModelForCausalLM
-
-        from btpo_cli.models import quiet_transformers
+        from transformers import AutoModelForCausalLM  # heavy: imported on use
 
         quiet_transformers()
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(spec.dtype)
@@ -174,7 +156,7 @@ class HFEngine:
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
                         seeds: list[int]) -> list[list[Sample]]:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: imported on use
 
         device = self._device()
         rows = prompts if self.shared_prefill else [p for p in prompts for _ in range(n)]

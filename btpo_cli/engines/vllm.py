@@ -38,7 +38,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from btpo_cli.engines.base import Sample, SamplingParams, resolve_seeds, sample_seed
 from btpo_cli.errors import BtpoError
@@ -74,7 +76,7 @@ def prepare_environment(device: str = "cpu") -> None:
 
 def checkpoint_shapes(folder: str | Path) -> dict[str, tuple[int, ...]] | None:
     """Weight name → shape of a Hugging Face safetensors checkpoint folder (None: not safetensors)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy: imported on use
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
@@ -98,7 +100,7 @@ def resolve_folder(model_path: str | Path) -> Path:
     if folder.is_dir():
         return folder
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: imported on use
 
         return Path(snapshot_download(str(model_path)))
     except Exception as e:
@@ -116,8 +118,6 @@ def _rng_untouched(device: str) -> Iterator[None]:
     py_state = random.getstate()
     np_state = None
     with contextlib.suppress(ImportError):
-        import numpy as np
-
         np_state = np.random.get_state()
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
@@ -126,8 +126,6 @@ def _rng_untouched(device: str) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             if np_state is not None:
-                import numpy as np
-
                 np.random.set_state(np_state)
 
 
@@ -137,7 +135,6 @@ def _keep_default_group(keep: bool) -> Iterator[None]:
     if not keep:
         yield
         return
-    import torch.distributed as dist
 
     original = dist.destroy_process_group
 
@@ -197,7 +194,7 @@ class VLLMEngine:
         on_gpu = device.startswith("cuda")
         prepare_environment(device)
         try:
-            from vllm import LLM
+            from vllm import LLM  # optional extra: imported on use
         except ImportError as e:
             raise BtpoError(f"rollout engine 'vllm' is not usable here: {e}. Install it with "
                             "`bash scripts/setup.sh --with-vllm` (then use .venv-vllm), or use --engine hf.") from e
@@ -209,7 +206,6 @@ class VLLMEngine:
             raise BtpoError(f"{folder}: head dim {head_dim} cannot run on vLLM's CPU attention "
                             f"(supported: {', '.join(map(str, CPU_HEAD_DIMS))}); use --engine hf")
         dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        import torch.distributed as dist
 
         external = dist.is_available() and dist.is_initialized()
         kwargs: dict[str, Any] = {}
@@ -256,7 +252,7 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[Sample]]:
-        from vllm import SamplingParams as VllmParams
+        from vllm import SamplingParams as VllmParams  # optional extra: imported on use
 
         self._check_usable()
         if self._asleep:

@@ -20,10 +20,12 @@ registry is first read, and its ``register_method`` calls join the table.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Literal
 
 from btpo_cli.errors import BtpoError
@@ -54,7 +56,7 @@ class MethodSpec:
     order: int = 100
     """Position of its rows in ``btpo compare`` (lower first)."""
     judge: Callable[..., Any] | None = None
-    """``judge(model_dir, cfg, device, meta) → btpo_cli.judge.Judge``: how a trained model scores new data
+    """``judge(model_dir, cfg, device, meta) → btpo_cli.judging.judge.Judge``: how a trained model scores new data
     (``btpo score``, ``btpo serve``, ``load_judge``); its ``evaluate`` should be this judge's
     ``evaluate_pairs`` so that eval and score cannot disagree. None: the method cannot be used as a judge."""
 
@@ -77,12 +79,8 @@ def _load() -> None:
     for mod in _BUILTIN:
         importlib.import_module(f"btpo_cli.methods.{mod}")
     plugins = [m.strip() for m in os.environ.get("BTPO_PLUGINS", "").split(",") if m.strip()]
-    try:
-        from importlib.metadata import entry_points
-
+    with contextlib.suppress(Exception):  # a broken distribution must not break btpo itself
         plugins += [ep.value for ep in entry_points(group="btpo.plugins")]
-    except Exception:  # noqa: BLE001 - a broken distribution must not break btpo itself
-        pass
     for mod in plugins:
         try:
             importlib.import_module(mod)

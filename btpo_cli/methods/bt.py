@@ -24,19 +24,20 @@ from typing import Any
 
 import torch
 
-from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.evaluation import PairResult
-from btpo_cli.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
+from btpo_cli.judging.protocol import PairResult
+from btpo_cli.judging.templates import PLACEHOLDER_PROMPT, TooLong, encode_response, render
 from btpo_cli.losses import bt_loss
 from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models import load_reward_model, load_tokenizer
-from btpo_cli.runs import Run
-from btpo_cli.session import TrainSession
-from btpo_cli.sl_loop import run_supervised
-from btpo_cli.templates import PLACEHOLDER_PROMPT, TooLong, encode_response, render
-from btpo_cli.trainer import BatchPlan
+from btpo_cli.models.inputs import pad_batch
+from btpo_cli.models.loading import load_reward_model, load_tokenizer
+from btpo_cli.runs.final import describe
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.session import TrainSession
+from btpo_cli.training.steps import BatchPlan
+from btpo_cli.training.supervised import run_supervised
 
 
 @dataclass
@@ -71,21 +72,6 @@ def encode_pairs(tokenizer: Any, records: list[PairRecord], max_length: int,
 
 Encoder = Callable[[Any, list[PairRecord]], tuple[list[EncodedPair], dict[str, int]]]
 """``(tokenizer, records) → (encoded pairs, counts)``: replaces :func:`encode_pairs` (BT-prefilled)."""
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, device: Any, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) ragged lists → input_ids, attention_mask of shape (N, T_max)."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if left:
-            ids[i, t - len(s):] = torch.tensor(s)
-            mask[i, t - len(s):] = 1
-        else:
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torch.Tensor:

@@ -53,14 +53,12 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config, ModelConfig
-from btpo_cli.data import PairRecord
+from btpo_cli.console import console
+from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
-from btpo_cli.evaluation import PairResult
-from btpo_cli.judge import Item, judge_for_eval
-from btpo_cli.methods import MethodSpec, bt, register_method
-from btpo_cli.models import load_causal_lm, load_tokenizer, resolve_model
-from btpo_cli.runs import Run
-from btpo_cli.templates import (
+from btpo_cli.judging.judge import Item, judge_for_eval
+from btpo_cli.judging.protocol import PairResult
+from btpo_cli.judging.templates import (
     EVAL_INSTRUCTION,
     PLACEHOLDER_PROMPT,
     Encoded,
@@ -73,7 +71,13 @@ from btpo_cli.templates import (
     prefilled_messages,
     render,
 )
-from btpo_cli.trainer import chunks, load_split
+from btpo_cli.methods import MethodSpec, bt, register_method
+from btpo_cli.models.aliases import resolve_model
+from btpo_cli.models.loading import load_causal_lm, load_tokenizer
+from btpo_cli.runs.final import read_meta
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.launch import load_split
+from btpo_cli.training.steps import chunks
 
 # ----------------------------------------------------------------------------- the thought writer
 
@@ -99,8 +103,6 @@ class ThoughtWriter:
     """The frozen base model writing one greedy thought per response (GPM dialog turns 1–4)."""
 
     def __init__(self, spec: WriterSpec, device: Any):
-        from btpo_cli.config import Config
-
         self.spec = spec
         cfg = spec.run_cfg or Config()
         self.tok = load_tokenizer(spec.model.name, padding_side="left")
@@ -179,7 +181,7 @@ def ensure_thoughts(records: list[PairRecord], path: Path | None, spec: WriterSp
             for part in chunks(missing, spec.batch_size * world):
                 rows = writer.write(part[rank::world])
                 if world > 1:
-                    from accelerate.utils import gather_object
+                    from accelerate.utils import gather_object  # heavy: imported on use
 
                     rows = gather_object(rows)
                 for row in rows:
@@ -255,9 +257,7 @@ def _spec(cfg: Config, writer: str | None = None, max_thought_tokens: int | None
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
-    from accelerate import PartialState
-
-    from btpo_cli.console import console
+    from accelerate import PartialState  # heavy: imported on use
 
     state = PartialState()
     spec = _spec(cfg)
@@ -357,9 +357,6 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
              progress: Any = None, artifacts: Path | None = None) -> list[PairResult]:
     """Greedy thoughts from the base model (cached beside the eval JSON; the writer is freed before the
     reward model loads), then :class:`PrefilledJudge` scores (pointwise)."""
-    from btpo_cli.checkpoint import read_meta
-    from btpo_cli.console import console
-
     meta = read_meta(model_dir)
     spec = _spec(cfg, meta.get("thought_writer"), meta.get("max_thought_tokens"))
     path = artifacts.parent / f"{artifacts.name}.prefilled_thoughts.jsonl" if artifacts else None

@@ -29,20 +29,14 @@ from typing import Any
 
 import torch
 
-from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.engines import SamplingParams, request_seed
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
-from btpo_cli.evaluation import PairResult, pointwise_result
-from btpo_cli.gpm import SeqBatch, score_thoughts, thought_sequence
-from btpo_cli.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
-from btpo_cli.losses import btpo_loss
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.rl_loop import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
-from btpo_cli.runs import Run
-from btpo_cli.session import TrainSession
-from btpo_cli.templates import (
+from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence
+from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
+from btpo_cli.judging.protocol import PairResult, pointwise_result
+from btpo_cli.judging.templates import (
     EVAL_INSTRUCTION,
     PLACEHOLDER_PROMPT,
     RATING_QUESTION,
@@ -54,7 +48,14 @@ from btpo_cli.templates import (
     gpm_messages,
     render,
 )
-from btpo_cli.trainer import StepTimer
+from btpo_cli.losses import btpo_loss
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.runs.final import describe
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
+from btpo_cli.training.session import TrainSession
+from btpo_cli.training.steps import StepTimer
 
 
 @dataclass
@@ -203,9 +204,6 @@ class BTPOJudge(Judge):
     protocol = "pointwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
-        from btpo_cli.engines import engine_for
-        from btpo_cli.models import load_tokenizer
-
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.ids = GPMTokens.from_tokenizer(self.tok)

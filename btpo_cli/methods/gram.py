@@ -41,19 +41,11 @@ from typing import Any
 
 import torch
 
-from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.engines.hf import left_pad, positions
-from btpo_cli.evaluation import PairResult, pairwise_result
-from btpo_cli.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
-from btpo_cli.losses import gram_loss
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models import load_tokenizer
-from btpo_cli.runs import Run
-from btpo_cli.session import TrainSession
-from btpo_cli.sl_loop import run_supervised
-from btpo_cli.templates import (
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.judging.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
+from btpo_cli.judging.protocol import PairResult, pairwise_result
+from btpo_cli.judging.templates import (
     GRAM_PROMPT,
     PLACEHOLDER_PROMPT,
     TooLong,
@@ -63,7 +55,15 @@ from btpo_cli.templates import (
     pairwise_messages,
     render,
 )
-from btpo_cli.trainer import BatchPlan
+from btpo_cli.losses import gram_loss
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.models.inputs import left_pad, positions
+from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.runs.final import describe
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.session import TrainSession
+from btpo_cli.training.steps import BatchPlan
+from btpo_cli.training.supervised import run_supervised
 
 # ----------------------------------------------------------------------------- encoding
 

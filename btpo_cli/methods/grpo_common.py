@@ -12,7 +12,7 @@ Everything else is here, in the same order as BTPO's loop (``methods/btpo.py``):
    ``Â = (r − mean_group) / (std_group + 1e-6)`` with the population std
    (:func:`btpo_cli.losses.group_advantages`).
 3. One no-grad forward per completion gives the old per-token log-probs (and the reference
-   model's when ``β > 0``), with :func:`btpo_cli.gpm.score_thoughts` on ``prompt + completion``
+   model's when ``β > 0``), with :func:`btpo_cli.judging.gpm.score_thoughts` on ``prompt + completion``
    (the whole completion, end-of-turn token included, is the "thought"; there is no tail).
 4. ``update_epochs`` passes over the rollout in minibatches of ``train.batch_size`` pairs (a
    pair's ``q·G`` completions stay together); each step minimizes, per pair, the mean over its
@@ -21,7 +21,7 @@ Everything else is here, in the same order as BTPO's loop (``methods/btpo.py``):
 
 Checkpoints are written only at rollout boundaries; sampling seeds are derived, so a killed run
 continues exactly. Prompts longer than ``data.max_length`` tokens lose conversation tokens from
-the left (:func:`btpo_cli.templates.encode_judge`); the responses and the instruction are never
+the left (:func:`btpo_cli.judging.templates.encode_judge`); the responses and the instruction are never
 cut; a pair whose responses alone do not fit is skipped and counted (``data/too_long``).
 
 Metrics (every key documented):
@@ -49,19 +49,20 @@ from typing import Any, Protocol
 
 import torch
 
-from btpo_cli.checkpoint import describe
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.engines import Sample, SamplingParams, request_seed
-from btpo_cli.gpm import SeqBatch, ThoughtSeq, score_thoughts
-from btpo_cli.judge import Judge
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
+from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judging.judge import Judge
+from btpo_cli.judging.parsers import ParseStats, ScoreParse, VerdictParse
+from btpo_cli.judging.templates import TooLong, encode_judge, end_of_turn_id
 from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
-from btpo_cli.parsers import ParseStats, ScoreParse, VerdictParse
-from btpo_cli.rl_loop import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
-from btpo_cli.runs import Run
-from btpo_cli.session import TrainSession
-from btpo_cli.templates import TooLong, encode_judge, end_of_turn_id
-from btpo_cli.trainer import StepTimer
+from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.runs.final import describe
+from btpo_cli.runs.folder import Run
+from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
+from btpo_cli.training.session import TrainSession
+from btpo_cli.training.steps import StepTimer
 
 Parse = VerdictParse | ScoreParse
 
@@ -232,9 +233,6 @@ class RationaleJudge(Judge):
     stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
-        from btpo_cli.engines import engine_for, resolve_engine_name
-        from btpo_cli.models import load_tokenizer
-
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         if module is None and resolve_engine_name(cfg.rollout.engine) == "hf":   # the hf engine generates with it

@@ -4,7 +4,7 @@ Objective. The judge prompt (``templates.GRPO_PAIR_PROMPT``) shows the conversat
 responses as A and B and asks for a rationale, then a verdict ``[[A]]`` or ``[[B]]``. Per rollout,
 each pair is shown once, in an order drawn per pair and rollout (seeded by ``train.seed``, the
 rollout and the pair, so independent of the number of processes); ``G = rollout.n`` completions are
-sampled; a completion earns reward 1 if its parsed verdict (``btpo_cli.parsers.parse_verdict``)
+sampled; a completion earns reward 1 if its parsed verdict (``btpo_cli.judging.parsers.parse_verdict``)
 names the preferred response, else 0 (every format error, truncation included, is 0). Advantages
 are the rewards standardized within the ``G`` completions, and the policy minimizes the clipped
 surrogate over all completion tokens (``grpo.agg``), plus ``β · k3`` KL to the frozen initial model
@@ -35,21 +35,21 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.evaluation import PairResult, pairwise_result
-from btpo_cli.judge import TOO_LONG, Comparison, Item, judge_for_eval, pairwise_comparison
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
-from btpo_cli.methods.grpo_common import train as grpo_train
-from btpo_cli.parsers import ParseStats, VerdictParse, parse_verdict
-from btpo_cli.runs import Run
-from btpo_cli.templates import (
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.judging.judge import TOO_LONG, Comparison, Item, judge_for_eval, pairwise_comparison
+from btpo_cli.judging.parsers import ParseStats, VerdictParse, parse_verdict
+from btpo_cli.judging.protocol import PairResult, pairwise_result
+from btpo_cli.judging.templates import (
     GRPO_PAIR_PROMPT,
     PLACEHOLDER_PROMPT,
     encode_judge_prompts,
     pairwise_messages,
     render,
 )
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
+from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.runs.folder import Run
 
 
 @dataclass

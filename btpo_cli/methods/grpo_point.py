@@ -33,21 +33,21 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config
-from btpo_cli.data import PairRecord
-from btpo_cli.evaluation import PairResult, pointwise_result
-from btpo_cli.judge import TOO_LONG, Item, Score, judge_for_eval
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
-from btpo_cli.methods.grpo_common import train as grpo_train
-from btpo_cli.parsers import ParseStats, ScoreParse, parse_score
-from btpo_cli.runs import Run
-from btpo_cli.templates import (
+from btpo_cli.data.pairs import PairRecord
+from btpo_cli.judging.judge import TOO_LONG, Item, Score, judge_for_eval
+from btpo_cli.judging.parsers import ParseStats, ScoreParse, parse_score
+from btpo_cli.judging.protocol import PairResult, pointwise_result
+from btpo_cli.judging.templates import (
     GRPO_POINT_PROMPT,
     PLACEHOLDER_PROMPT,
     encode_judge_prompts,
     pointwise_messages,
     render,
 )
+from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
+from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.runs.folder import Run
 
 
 @dataclass

@@ -1,0 +1,340 @@
+"""Evaluate a run folder on a dataset split and write ``eval/<dataset>.json`` (shared by all methods)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from btpo_cli import __version__
+from btpo_cli.config import Config, build_config, dump_yaml
+from btpo_cli.console import console
+from btpo_cli.data.pairs import dataset_name, read_split
+from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from btpo_cli.errors import BtpoError
+from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result, summarize, thought_stats
+from btpo_cli.methods import get_method, method_names
+from btpo_cli.models.aliases import resolve_model
+from btpo_cli.runs.final import read_checkpoint, read_meta, record_eval
+from btpo_cli.runs.folder import Run, atomic_write
+from btpo_cli.training.accelerator import use_cpu
+
+
+def model_dir_of(run: Run, which: str = "final") -> Path:
+    if which == "best":
+        if not run.best_dir.exists():
+            raise BtpoError(f"{run.root}: no best/ model (it is kept when training with train.eval_every > 0)")
+        return run.best_dir
+    if which != "final":
+        raise BtpoError(f"--which {which}: expected final or best")
+    if not run.final_dir.exists():
+        raise BtpoError(f"{run.root}: no final/ model yet (did training finish? `btpo train --out {run.root} "
+                        "--resume` completes it)")
+    return run.final_dir
+
+
+def _override_eval(cfg: Config, data: str | None, batch_size: int | None, samples: int | None,
+                   max_new_tokens: int | None, engine: str | None) -> None:
+    """Apply ``btpo eval``'s flags to the config the judge will run on."""
+    if data:
+        cfg.data.path = data
+    if batch_size:
+        cfg.eval.batch_size = batch_size
+    if samples is not None:
+        cfg.eval.samples = samples
+    if max_new_tokens:
+        cfg.eval.max_new_tokens = max_new_tokens
+    if engine:
+        if engine != "auto" and engine not in available_engines():
+            raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
+        cfg.rollout.engine = engine
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
+                 batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
+                 max_new_tokens: int | None = None, device: str | None = None,
+                 engine: str | None = None, which: str = "final") -> dict[str, Any]:
+    """Run the method's evaluator and the shared protocol on a run's model; write and return the eval summary.
+
+    ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
+    ``train.eval_every``; results in ``RUN/eval/best/``)."""
+    run = Run(run_dir)
+    cfg: Config = run.load_config()
+    _override_eval(cfg, data, batch_size, samples, max_new_tokens, engine)
+    return run_protocol(cfg, run.root, str(model_dir_of(run, which)), split, limit, device, which=which)
+
+
+def evaluate_model(model: str, method: str | None, data: str | None, out: str | Path | None = None,
+                   split: str | None = None, batch_size: int | None = None, limit: int | None = None,
+                   samples: int | None = None, max_new_tokens: int | None = None, device: str | None = None,
+                   engine: str | None = None, recipe: str | None = None, overrides: list[str] | None = None,
+                   tag: str = "base") -> tuple[Path, dict[str, Any]]:
+    """Evaluate a model as it is — an alias, a Hub id or a folder (an untrained base, an off-the-shelf
+    reward model, a checkpoint trained elsewhere) — as ``method``'s judge, by the same protocol and judge
+    code as :func:`evaluate_run`.
+
+    The result goes to a run folder of its own (``out``, default ``runs/<method>-<tag>-<model>``):
+    ``config.yaml`` (the settings the judge ran with; ``tag`` defaults to ``base``) and
+    ``eval/<dataset>.json`` marked ``"as_is": true``, so that ``btpo compare`` shows it as the
+    method's ``<method> (<tag>)`` row beside the trained runs of the same backbone. Nothing is copied:
+    the folder holds no ``final/``; ``checkpoint`` in the JSON names the model that was judged."""
+    if not data:
+        raise BtpoError("--data is required with --model (the pairs to judge)")
+    model_dir = resolve_model(model)
+    if (Path(model_dir) / "config.yaml").is_file() and (Path(model_dir) / "final").is_dir():
+        model_dir = str(Path(model_dir) / "final")        # a run folder: its final/ model
+    meta = read_meta(model_dir) if Path(model_dir).is_dir() else {}
+    trained_as = meta.get("method") if isinstance(meta.get("method"), str) else None
+    method = method or trained_as
+    if not method:
+        raise BtpoError(f"--method is required: {model} has no btpo.json naming the method it was trained with "
+                        f"(one of {', '.join(method_names())})")
+    if trained_as and trained_as != method:
+        raise BtpoError(f"{model} was trained as a {trained_as} judge (its btpo.json); evaluate it with "
+                        f"--method {trained_as}")
+    spec = get_method(method)
+    if spec.judge is None:
+        raise BtpoError(f"method '{method}' registers no judge (MethodSpec.judge): it cannot evaluate a model")
+    check_model_class(model, model_dir, spec.model_class)
+    if method == "bt-prefilled" and not meta.get("thought_writer"):
+        raise BtpoError(f"{model}: bt-prefilled needs the model that writes its thoughts (thought_writer in "
+                        "btpo.json); only a bt-prefilled checkpoint has one")
+    base = None
+    if "settings" in meta:          # a btpo checkpoint: the settings it was trained and is judged with
+
+        base = read_checkpoint(model_dir).cfg
+    cfg = build_config(recipe, overrides, {"method": method, "model.name": model, "data.path": data}, base=base)
+    cfg.tag = tag
+    _override_eval(cfg, None, batch_size, samples, max_new_tokens, engine)
+    root = Path(out) if out else Path("runs") / f"{method}-{tag}-{_slug(model)}"
+    run = Run(root)
+    if run.checkpoints() or run.final_dir.exists():
+        raise BtpoError(f"{root} holds a trained run (checkpoints or final/); pick another --out")
+    cfg.out = str(root)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "config.yaml", dump_yaml(cfg))
+    return root, run_protocol(cfg, root, model_dir, split, limit, device, as_is=True)
+
+
+def check_model_class(model: str, model_dir: str, model_class: str) -> None:
+    """Refuse a model whose head cannot be the method's judge (a causal LM has no reward head; a reward model
+    cannot write thoughts), by ``architectures`` in its ``config.json``; unknown architectures pass."""
+    from transformers import AutoConfig  # heavy: imported on use
+
+    try:
+        archs = list(AutoConfig.from_pretrained(model_dir).architectures or [])
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BtpoError(f"could not read the config of model '{model}': {first}") from e
+    want = "ForSequenceClassification" if model_class == "AutoModelForSequenceClassification" else "ForCausalLM"
+    other = "ForCausalLM" if want == "ForSequenceClassification" else "ForSequenceClassification"
+    if archs and not any(a.endswith(want) for a in archs) and any(a.endswith(other) for a in archs):
+        what = ("a reward model (sequence classification) cannot write thoughts or answer" if want == "ForCausalLM"
+                else "a causal LM has no reward head (it would be a random one)")
+        raise BtpoError(f"{model} is {', '.join(archs)}: {what}; this method needs a *{want} model")
+
+
+def _slug(model: str) -> str:
+    name = Path(model.rstrip("/")).name if Path(model).exists() else model
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.") or "model"
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that change a judge's figures beyond its weights, for the methods that read them
+    (``btpo compare`` warns when rows differ in them): engine and thought/rationale budget of
+    generative judges, BTPO's sampled-thought count and ``yes_no_normalize``."""
+    impl = get_method(cfg.method)
+    out: dict[str, Any] = {}
+    if impl.generative:
+        out["engine"] = resolve_engine_name(cfg.rollout.engine)
+        out["thought_budget"] = int((meta or {}).get("max_thought_tokens") or cfg.prefilled.max_thought_tokens) \
+            if cfg.method == "bt-prefilled" else cfg.eval.max_new_tokens
+    if cfg.method == "btpo":
+        out["samples"] = cfg.eval.samples
+        out["yes_no_normalize"] = bool(cfg.btpo.yes_no_normalize)
+    return out
+
+
+def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, limit: int | None,
+                 device: str | None, as_is: bool = False, which: str = "final") -> dict[str, Any]:
+    """METHOD §7 with ``cfg.method``'s judge on ``model_dir``: write ``root/eval/<dataset>.json`` (+ the
+    predictions and the method's artifacts) and return the summary."""
+    impl = get_method(cfg.method)
+    if impl.generative:
+        engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
+    split = split or cfg.data.eval_split
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
+                                limit=limit if limit is not None else cfg.eval.limit)
+    if skips.total and int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
+    name = dataset_name(cfg.data.path)
+    out_dir = eval_dir(root, which)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = EvalShards.start(len(records), cfg.eval.batch_size)
+    dev = shards.device if shards.world > 1 and device is None else \
+        torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mine = records[shards.lo:shards.hi]
+    artifacts = shards.artifact_dir(out_dir) / name
+
+    from rich.progress import (  # heavy: imported on use
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not shards.is_main) as bar:
+        task = bar.add_task(f"{root.name} on {name}/{split}", total=len(records))
+        results: list[PairResult] = impl.evaluate(cfg, model_dir, mine, dev,
+                                                  progress=lambda k: bar.advance(task, k * shards.world),
+                                                  artifacts=artifacts) if mine else []
+    results = shards.gather(results, records, out_dir)
+    summary = {
+        "eval_version": EVAL_VERSION,
+        "run": root.name,
+        "method": cfg.method,
+        "tag": cfg.tag,
+        "model": cfg.model.name,
+        "dataset": name,
+        "data_path": cfg.data.path,
+        "split": split,
+        "protocol": impl.protocol,
+        **summarize(results),
+        "data_skips": {"records": len(records), **skips.as_dict()},
+        "checkpoint": str(model_dir),
+        "which": which,
+        "as_is": as_is,
+        "btpo_version": __version__,
+        "eval_config": cfg.eval.__dict__,
+        "eval_settings": eval_settings(cfg, read_meta(model_dir) if Path(model_dir).is_dir() else {}),
+        "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
+    }
+    parse_counts: dict[str, int] = {}
+    for r in results:
+        for kind, n in (r.detail.get("parse") or {}).items():
+            parse_counts[kind] = parse_counts.get(kind, 0) + int(n)
+    if parse_counts:
+        summary["parse"] = dict(sorted(parse_counts.items()))   # generative judges: outcome of every parse
+
+    stats = thought_stats(results)
+    if stats:
+        summary["thoughts"] = stats    # BTPO: mean thought length, cut fraction, mean Yes+No mass
+    sampled = [r for r in results if "sampled_chosen" in r.detail]
+    if sampled:
+        summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
+            [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
+    if shards.is_main:
+        _atomic_json(out_dir / f"{name}.json", summary)
+        with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+        if not as_is:
+            record_eval(Path(model_dir), summary)   # final/btpo.json and its model card learn the result
+    shards.wait()
+    return summary
+
+
+@dataclass
+class EvalShards:
+    """This process's share of the test pairs under ``accelerate launch … -m btpo_cli eval``.
+
+    Process ``r`` evaluates one contiguous block of whole ``eval.batch_size`` batches, so every
+    batch holds the same pairs as in a one-process run (same padding, same numbers). The results
+    are gathered to every process in record order — judged pairs first, then the unjudged ones
+    (:func:`~btpo_cli.judging.protocol.with_unjudged`), exactly as one process orders them — and the
+    main process writes the JSON, the predictions and the method's artifacts (each process
+    writes its own under ``eval/.parts/rank<r>/``; they are joined in rank order)."""
+
+    world: int
+    rank: int
+    lo: int
+    hi: int
+    device: Any = None
+
+    @classmethod
+    def start(cls, n: int, batch_size: int) -> EvalShards:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(1, 0, 0, n)
+        from accelerate import PartialState  # heavy: imported on use
+
+        state = PartialState(cpu=use_cpu())
+        world, rank = state.num_processes, state.process_index
+        return cls(world, rank, *batch_block(n, batch_size, rank, world), state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def artifact_dir(self, out_dir: Path) -> Path:
+        if self.world == 1:
+            return out_dir
+        d = out_dir / ".parts" / f"rank{self.rank}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def gather(self, results: list[PairResult], records: list[Any], out_dir: Path) -> list[PairResult]:
+        if self.world == 1:
+            return results
+        from accelerate.utils import gather_object  # heavy: imported on use
+
+        merged = in_record_order(gather_object(results), records)
+        self.wait()
+        if self.is_main:
+            parts = [out_dir / ".parts" / f"rank{r}" for r in range(self.world)]
+            for fname in sorted({f.name for d in parts if d.exists() for f in d.iterdir()}):
+                with open(out_dir / fname, "wb") as dst:
+                    for d in parts:
+                        if (d / fname).exists():
+                            dst.write((d / fname).read_bytes())
+            shutil.rmtree(out_dir / ".parts", ignore_errors=True)
+        return merged
+
+    def wait(self) -> None:
+        if self.world > 1:
+            from accelerate import PartialState  # heavy: imported on use
+
+            PartialState().wait_for_everyone()
+
+
+def batch_block(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s records ``[lo, hi)`` of ``n``: one contiguous block of whole batches, so every
+    batch holds the same pairs (same padding, same numbers) as in a one-process evaluation."""
+    per = math.ceil(math.ceil(n / batch_size) / world) * batch_size
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def in_record_order(results: list[PairResult], records: list[Any]) -> list[PairResult]:
+    """Every process's results → one process's order: judged pairs in record order, then the unjudged."""
+    pos = {r.id: k for k, r in enumerate(records)}
+    unjudged = [r for r in results if r.detail.get("reason") == "too_long" and r.credit == 0]
+    skip = {id(r) for r in unjudged}
+    judged = [r for r in results if id(r) not in skip]
+    return sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))
+
+
+def eval_dir(run_dir: str | Path, which: str = "final") -> Path:
+    """Where the results of ``final/`` (``RUN/eval/``) or ``best/`` (``RUN/eval/best/``) go."""
+    d = Path(run_dir) / "eval"
+    return d / "best" if which == "best" else d
+
+
+def eval_paths(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """The files an evaluation wrote: the summary JSON first, then the per-pair predictions."""
+    d = eval_dir(run_dir, summary.get("which", "final"))
+    return [d / f"{summary['dataset']}.json", d / f"{summary['dataset']}.predictions.jsonl"]
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

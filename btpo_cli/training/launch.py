@@ -1,0 +1,74 @@
+"""``btpo train``'s lifecycle: lock the run folder, run the method's training, release; and reading a split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from btpo_cli import progress as progress_settings
+from btpo_cli.config import Config
+from btpo_cli.console import console, out
+from btpo_cli.data.pairs import read_split
+from btpo_cli.errors import BtpoError
+from btpo_cli.methods import get_method
+from btpo_cli.runs.folder import Run, disk_full, disk_full_error, free_bytes
+from btpo_cli.training.accelerator import use_cpu
+from btpo_cli.training.tracking import check_tracker, finish_tracking
+
+
+def load_split(cfg: Config, split: str, acc: Any = None, limit: int | None = None) -> list[Any]:
+    """Read and validate one split of ``cfg.data.path``. Skipped records are reported on the main
+    process: a line on stderr and, when training (``acc`` given), ``RUN/data_skips.json``."""
+    lim = limit if limit is not None else (cfg.data.limit if split == cfg.data.train_split else None)
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict, limit=lim)
+    main = acc is None or acc.is_main_process
+    if skips.total and main:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
+    if acc is not None and main:
+        Run(Path(cfg.out)).record_skips(split, str(cfg.data.path), len(records), skips.as_dict())
+    return records
+
+
+def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every: str | None = None) -> Run:
+    """Lock and prepare the run folder, then run the method's training loop (every process calls this).
+
+    The main process takes the folder's lock (refused, naming the holder, while another run uses
+    it), checks the folder and writes config.yaml / env.json; the other processes wait for it.
+    On the way out — finished, failed or interrupted — the trackers are ended and the lock
+    released. Prints the run folder on stdout when done."""
+    from accelerate import PartialState  # heavy: imported on use
+    progress_settings.EVERY = progress_settings.ProgressEvery.parse(log_every)
+    cfg.name = cfg.name or Path(cfg.out).name
+    impl = get_method(cfg.method)
+    check_tracker(cfg.train.report_to)
+    state = PartialState(cpu=use_cpu())
+    run = Run(cfg.out, is_main=state.is_main_process)
+    lock = run.begin(cfg, state, resume, overwrite)
+    try:
+        if state.is_main_process:
+            console.print(f"[bold]btpo train[/] method={cfg.method} model={escape(cfg.model.name)} "
+                          f"data={escape(str(cfg.data.path))} → {escape(str(run.root))}  ({state.num_processes} "
+                          f"process(es), {state.device})", highlight=False, soft_wrap=True)
+        impl.train(cfg, run, resume)
+    except KeyboardInterrupt:
+        finish_tracking()
+        if state.is_main_process:
+            console.print(f"continue with: btpo train --out {escape(str(run.root))} --resume", highlight=False,
+                          soft_wrap=True)
+        raise
+    except Exception as e:
+        finish_tracking()
+        free = free_bytes(run.root)
+        if not isinstance(e, BtpoError) and disk_full(e, free):
+            raise disk_full_error(run.root, "training", e, free) from e
+        raise
+    finally:
+        lock.release()
+    finish_tracking(ended=True)
+    if state.is_main_process:
+        console.print(f"[green]done[/]: {escape(str(run.final_dir))}", highlight=False, soft_wrap=True)
+        out.print(str(run.root), markup=False, highlight=False, soft_wrap=True)
+    return run
