@@ -70,24 +70,53 @@ class GenSettings:
     seed: int
 
 
-def check_settings(
-    n_samples: int,
-    n_train: int,
-    n_test: int,
-    batch_size: int,
-    max_new_tokens: int,
-    pair_needs: str,
-    test_fraction: float | None = None,
-) -> None:
-    """The checks every generated build makes before reading anything (``pair_needs``: why 2 samples)."""
-    if n_samples < 2:
-        raise BtpoError(f"--n-samples must be at least 2 (a pair needs {pair_needs})")
-    if n_train < 0 or n_test < 0:
-        raise BtpoError("--n-train and --n-test must be >= 0 (0 keeps every pair)")
-    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
-        raise BtpoError("--test-fraction must be in [0, 1)")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+S = TypeVar("S", bound=GenSettings)
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    """The options every generated build takes besides its own (the flags ``build-data math`` and
+    ``if`` share); a builder fills in its defaults with :meth:`with_defaults`."""
+
+    generator: str
+    n_samples: int
+    max_new_tokens: int
+    batch_size: int
+    n_train: int
+    n_test: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    seed: int = 0
+    limit: int | None = None
+    strict: bool = False
+    dry_run: bool = False
+    device: str | None = None
+    engine: str = "auto"
+
+    @classmethod
+    def with_defaults(cls, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> GenOptions:
+        """``given`` (keyword arguments of a ``build_*``) over the builder's ``defaults``."""
+        return cls(**{**defaults, **given})
+
+    def check(self, pair_needs: str, test_fraction: float | None = None) -> None:
+        """The checks every generated build makes before reading anything (``pair_needs``: why 2 samples)."""
+        if self.n_samples < 2:
+            raise BtpoError(f"--n-samples must be at least 2 (a pair needs {pair_needs})")
+        if self.n_train < 0 or self.n_test < 0:
+            raise BtpoError("--n-train and --n-test must be >= 0 (0 keeps every pair)")
+        if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+            raise BtpoError("--test-fraction must be in [0, 1)")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+
+    def settings(self, cls: type[S] = GenSettings) -> S:  # type: ignore[assignment]
+        """The generator settings (cached with every line; the manifest's ``generator``)."""
+        return cls(self.generator, self.n_samples, float(self.temperature), float(self.top_p),
+                   self.max_new_tokens, self.seed)
+
+    def sampler(self, given: Sampler | None = None) -> Sampler:
+        """``given`` (a test's fake, another generator), else the local generator model."""
+        return given or HFSampler(self.generator, self.device, self.batch_size, self.engine)
 
 
 def require_items(items: Sequence[Any], builder: str, what: str, skips: SkipLog) -> None:
@@ -381,16 +410,14 @@ class LocalJudge:
         return [g[0][0] for g in groups]
 
 
-def make_judge(
-    judge: str, judge_url: str | None, generator: str, sampler: Sampler, device: str | None, batch_size: int,
-    engine: str,
-) -> Judge:
-    """``judge`` behind ``judge_url`` when given, else the local model ``judge`` (the generator's own
-    sampler when it is the same local model, so it is loaded once)."""
+def make_judge(judge: str, judge_url: str | None, options: GenOptions, sampler: Sampler) -> Judge:
+    """``judge`` behind ``judge_url`` when given, else the local model ``judge`` run like the generator
+    (``options``): the generator's own ``sampler`` when it is the same local model, so it loads once."""
     if judge_url:
         return URLJudge(judge_url, judge)
-    same = judge == generator and isinstance(sampler, HFSampler)
-    return LocalJudge(sampler if same else HFSampler(judge, device, batch_size, engine))
+    if judge == options.generator and isinstance(sampler, HFSampler):
+        return LocalJudge(sampler)
+    return LocalJudge(HFSampler(judge, options.device, options.batch_size, options.engine))
 
 
 # ----------------------------------------------------------------------------- pairs and output

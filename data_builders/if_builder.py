@@ -46,8 +46,7 @@ from btpo_cli.data.pairs import PairRecord, SkipLog
 from btpo_cli.errors import BtpoError
 from data_builders.advancedif import IFPrompt, read_advancedif
 from data_builders.generated import (
-    GenSettings,
-    HFSampler,
+    GenOptions,
     JsonlCache,
     Judge,
     LocalJudge,
@@ -55,7 +54,6 @@ from data_builders.generated import (
     Sampler,
     URLJudge,
     base_manifest,
-    check_settings,
     finish,
     make_judge,
     pick_pair,
@@ -146,47 +144,43 @@ def pair_prompt(
     )
 
 
+IF_DEFAULTS: dict[str, Any] = {"generator": DEFAULT_GENERATOR, "n_samples": 4, "max_new_tokens": 1024,
+                                "batch_size": 8, "n_train": 14407, "n_test": 784}
+"""The defaults of :class:`~data_builders.generated.GenOptions` for IF (the paper's sizes)."""
+
+
 def build_if(
     out: Path | None,
     sources: Mapping[str, str] | None = None,
     *,
-    generator: str = DEFAULT_GENERATOR,
     judge: str = DEFAULT_JUDGE,
     judge_url: str | None = None,
-    n_samples: int = 4,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 1024,
-    batch_size: int = 8,
-    n_train: int = 14407,
-    n_test: int = 784,
     test_fraction: float = 0.05,
-    seed: int = 0,
-    limit: int | None = None,
-    strict: bool = False,
-    dry_run: bool = False,
-    device: str | None = None,
-    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
     judge_impl: Judge | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Build the IF preference set (module docstring) and return its manifest.
 
-    ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
-    check_settings(n_samples, n_train, n_test, batch_size, max_new_tokens, "two responses", test_fraction)
+    ``options`` are those of :class:`~data_builders.generated.GenOptions` (``generator``,
+    ``n_samples``, ``temperature``, ``top_p``, ``max_new_tokens``, ``batch_size``, ``n_train``,
+    ``n_test``, ``seed``, ``limit``, ``strict``, ``dry_run``, ``device``, ``engine``), defaulting to
+    :data:`IF_DEFAULTS`. ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
+    o = GenOptions.with_defaults(IF_DEFAULTS, options)
+    o.check("two responses", test_fraction)
     spec = resolve_sources("if", sources)["advancedif"]
-    skips = SkipLog(strict=strict)
-    prompts = read_advancedif(spec, skips=skips, limit=limit)
+    skips = SkipLog(strict=o.strict)
+    prompts = read_advancedif(spec, skips=skips, limit=o.limit)
     require_items(prompts, "if", "prompts", skips)
-    s = GenSettings(generator, n_samples, float(temperature), float(top_p), max_new_tokens, seed)
+    s = o.settings()
     judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
     base = base_manifest(
-        "if", seed=seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=limit,
+        "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
         sources={"advancedif": spec.describe()}, settings=s, judge={**judge_desc, "question": JUDGE_QUESTION},
-        requested={"train": n_train, "test": n_test, "test_fraction": test_fraction},
+        requested={"train": o.n_train, "test": o.n_test, "test_fraction": test_fraction},
     )
-    if dry_run:
+    if o.dry_run:
         return {
             **base,
             "dry_run": True,
@@ -201,22 +195,22 @@ def build_if(
         raise BtpoError("build_if: an output folder is required unless dry_run is set")
     cache_dir = out / ".cache"
     stats = {"batches": 0}
-    sampler = sampler or HFSampler(generator, device, batch_size, engine)
+    sampler = o.sampler(sampler)
     rcache = JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s))
     responses = rcache.load()
     stats["cached_prompts"] = sum(1 for p in prompts if p.id in responses)
     sample_stage(
         prompts, lambda p: p.id, lambda p: p.messages, chat=True, tag="if", sampler=sampler, settings=s,
-        cache=rcache, done=responses, batch_size=batch_size, label="sample responses", progress=progress,
+        cache=rcache, done=responses, batch_size=o.batch_size, label="sample responses", progress=progress,
         stats=stats,
     )
     if judge_impl is None:
-        judge_impl = make_judge(judge, judge_url, generator, sampler, device, batch_size, engine)
+        judge_impl = make_judge(judge, judge_url, o, sampler)
     # the judgments depend on the responses: key them by the generator settings too
     jcache = JsonlCache(
         cache_dir / "if-judgments.jsonl", "id", "settings", {"generator": asdict(s), **judge_desc}
     )
-    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, batch_size, progress, stats)
+    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, progress, stats)
     judging = {"judgments": 0, "satisfied": 0, "not_satisfied": 0, "unparsable": 0}
     pools: list[PairRecord] = []
     ties = 0
@@ -225,12 +219,12 @@ def build_if(
             for v in vs:
                 judging["judgments"] += 1
                 judging["satisfied" if v else "not_satisfied" if v is False else "unparsable"] += 1
-        rec = pair_prompt(p, responses[p.id]["samples"], verdicts[p.id]["verdicts"], seed)
+        rec = pair_prompt(p, responses[p.id]["samples"], verdicts[p.id]["verdicts"], o.seed)
         if rec is None:
             ties += 1
         else:
             pools.append(rec)
-    splits = split_by_fraction(pools, test_fraction, n_train, n_test, f"if:split:{seed}")
+    splits = split_by_fraction(pools, test_fraction, o.n_train, o.n_test, f"if:split:{o.seed}")
     manifest = {
         **base,
         "prompts": len(prompts),

@@ -44,13 +44,12 @@ from typing import Any
 from btpo_cli.data.pairs import PairRecord, SkipLog, seeded_sample
 from btpo_cli.errors import BtpoError
 from data_builders.generated import (
+    GenOptions,
     GenSettings,
-    HFSampler,
     JsonlCache,
     Progress,
     Sampler,
     base_manifest,
-    check_settings,
     finish,
     load_cache_file,
     pick_pair,
@@ -178,48 +177,44 @@ def downsample(pool: Sequence[PairRecord], n: int, seed: int, tag: str) -> list[
     return seeded_sample(pool, n, f"{tag}:{seed}")
 
 
+MATH_DEFAULTS: dict[str, Any] = {"generator": DEFAULT_GENERATOR, "n_samples": 8, "max_new_tokens": 512,
+                                  "batch_size": 16, "n_train": 16252, "n_test": 841}
+"""The defaults of :class:`~data_builders.generated.GenOptions` for Math (the paper's sizes)."""
+
+
 def build_math(
     out: Path | None,
     sources: Mapping[str, str] | None = None,
     *,
-    generator: str = DEFAULT_GENERATOR,
-    n_samples: int = 8,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    n_train: int = 16252,
-    n_test: int = 841,
     shard: str | tuple[int, int] | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    strict: bool = False,
-    dry_run: bool = False,
-    device: str | None = None,
-    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Build the Math preference set (module docstring) and return its manifest.
 
-    With ``shard`` only the sampling stage runs (for that shard) and a summary is returned
-    (``stage: "sample"``); a later run without ``shard`` samples whatever is still missing and
-    assembles. ``dry_run`` reads the questions and reports what would be generated; it writes
-    nothing. ``sampler`` replaces the generator (tests).
+    ``options`` are those of :class:`~data_builders.generated.GenOptions` (``generator``,
+    ``n_samples``, ``temperature``, ``top_p``, ``max_new_tokens``, ``batch_size``, ``n_train``,
+    ``n_test``, ``seed``, ``limit``, ``strict``, ``dry_run``, ``device``, ``engine``), defaulting to
+    :data:`MATH_DEFAULTS`. With ``shard`` only the sampling stage runs (for that shard) and a summary
+    is returned (``stage: "sample"``); a later run without ``shard`` samples whatever is still
+    missing and assembles. ``dry_run`` reads the questions and reports what would be generated; it
+    writes nothing. ``sampler`` replaces the generator (tests).
     """
-    check_settings(n_samples, n_train, n_test, batch_size, max_new_tokens, "a correct and an incorrect solution")
+    o = GenOptions.with_defaults(MATH_DEFAULTS, options)
+    o.check("a correct and an incorrect solution")
     shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
-    settings = MathSettings(generator, n_samples, float(temperature), float(top_p), max_new_tokens, seed)
-    skips = SkipLog(strict=strict)
-    questions, used = read_math_questions(sources, skips, limit)
+    settings = o.settings(MathSettings)
+    skips = SkipLog(strict=o.strict)
+    questions, used = read_math_questions(sources, skips, o.limit)
     require_items(questions, "math", "questions", skips)
     mine = [q for i, q in enumerate(questions) if shard_t is None or i % shard_t[1] == shard_t[0]]
     base = base_manifest(
-        "math", seed=seed, aspect=MATH_ASPECT, limit=limit, sources=used, settings=settings,
-        grader="math-verify" if HAS_MATH_VERIFY else "builtin", requested={"train": n_train, "test": n_test},
+        "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
+        grader="math-verify" if HAS_MATH_VERIFY else "builtin", requested={"train": o.n_train, "test": o.n_test},
     )
     cache_dir = out / ".cache" if out is not None else None
-    if dry_run:
+    if o.dry_run:
         cached = load_samples(cache_dir, settings) if cache_dir is not None else {}
         per_src: dict[str, int] = {}
         for q in questions:
@@ -239,11 +234,10 @@ def build_math(
         }
     if out is None or cache_dir is None:
         raise BtpoError("build_math: an output folder is required unless dry_run is set")
-    sampler = sampler or HFSampler(generator, device, batch_size, engine)
     cache = JsonlCache(cache_path(cache_dir, shard_t), "qid", "generator", asdict(settings))
     # questions sampled by shard runs count as done
     others = load_samples(cache_dir, settings, "math-samples.shard-*.jsonl") if shard_t is None else {}
-    gen_stats = generate_samples(mine, cache, sampler, settings, batch_size, progress, others)
+    gen_stats = generate_samples(mine, cache, o.sampler(sampler), settings, o.batch_size, progress, others)
     if shard_t is not None:
         return {
             **base,
@@ -270,7 +264,7 @@ def build_math(
         )
         c["questions"] += 1
         before = grading["correct"]
-        rec = grade_and_pair(q, samples[q.qid]["samples"], seed, grading)
+        rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading)
         if rec is None:
             c["all_correct" if grading["correct"] > before else "all_incorrect"] += 1
         else:
@@ -279,8 +273,8 @@ def build_math(
         if progress is not None and (i + 1) % 200 == 0:
             progress("grade", i + 1, len(questions))
     splits = {
-        "train": downsample(pools["train"], n_train, seed, "math:train"),
-        "test": downsample(pools["test"], n_test, seed, "math:test"),
+        "train": downsample(pools["train"], o.n_train, o.seed, "math:train"),
+        "test": downsample(pools["test"], o.n_test, o.seed, "math:test"),
     }
     for split in splits.values():
         for r in split:
