@@ -76,7 +76,8 @@ S = TypeVar("S", bound=GenSettings)
 @dataclass(frozen=True)
 class GenOptions:
     """The options every generated build takes besides its own (the flags ``build-data math`` and
-    ``if`` share); a builder fills in its defaults with :meth:`with_defaults`."""
+    ``if`` share), passed to ``build_math`` / ``build_if`` as keyword arguments; a builder fills in
+    its defaults with :meth:`with_defaults`. An unknown keyword is a ``TypeError``."""
 
     generator: str
     n_samples: int

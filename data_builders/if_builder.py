@@ -163,10 +163,8 @@ def build_if(
 ) -> dict[str, Any]:
     """Build the IF preference set (module docstring) and return its manifest.
 
-    ``options`` are those of :class:`~data_builders.generated.GenOptions` (``generator``,
-    ``n_samples``, ``temperature``, ``top_p``, ``max_new_tokens``, ``batch_size``, ``n_train``,
-    ``n_test``, ``seed``, ``limit``, ``strict``, ``dry_run``, ``device``, ``engine``), defaulting to
-    :data:`IF_DEFAULTS`. ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
+    The shared flags come as ``options`` (:class:`~data_builders.generated.GenOptions`, by
+    :data:`IF_DEFAULTS`); ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
     o = GenOptions.with_defaults(IF_DEFAULTS, options)
     o.check("two responses", test_fraction)
     spec = resolve_sources("if", sources)["advancedif"]

@@ -193,9 +193,7 @@ def build_math(
 ) -> dict[str, Any]:
     """Build the Math preference set (module docstring) and return its manifest.
 
-    ``options`` are those of :class:`~data_builders.generated.GenOptions` (``generator``,
-    ``n_samples``, ``temperature``, ``top_p``, ``max_new_tokens``, ``batch_size``, ``n_train``,
-    ``n_test``, ``seed``, ``limit``, ``strict``, ``dry_run``, ``device``, ``engine``), defaulting to
+    Keyword ``options``: the fields of :class:`~data_builders.generated.GenOptions`, unset ones from
     :data:`MATH_DEFAULTS`. With ``shard`` only the sampling stage runs (for that shard) and a summary
     is returned (``stage: "sample"``); a later run without ``shard`` samples whatever is still
     missing and assembles. ``dry_run`` reads the questions and reports what would be generated; it
