@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -159,6 +160,29 @@ def _engine(name: str) -> str:
     return name
 
 
+def _generated(build: Callable[..., dict], unit: str, folder: Path, dry_run: bool, engine: str,
+               **kw: Any) -> dict | None:
+    """Run a generation-based builder (math, if) with progress bars; a dry run's manifest is printed
+    (→ ``None``), otherwise the sampling statistics, and the manifest is returned."""
+    with _progress(unit) as bars:
+        m = build(dry_run=dry_run, engine=_engine(engine), progress=bars, **kw)
+    if dry_run:
+        _finish(m, folder, True)
+        return None
+    _report_generation(m)
+    return m
+
+
+# The flags build-data math and if share (each command sets its own defaults where they differ).
+_TEMPERATURE = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature.")
+_TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling.")
+_DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present).")
+_ENGINE = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
+                       "it imports, else hf), hf, vllm.")
+_STRICT = typer.Option(False, "--strict", help="Fail on the first unusable row.")
+_DRY_RUN = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing.")
+
+
 @app.command("math", epilog="[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
                             "  btpo build-data math --out data/math              # then assemble")
 def math(
@@ -166,8 +190,8 @@ def math(
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Names: metamathqa, gsm8k, math500."),
     generator: str = typer.Option("meta-math/MetaMath-Llemma-7B", "--generator", help="Generator model."),
     n_samples: int = typer.Option(8, "--n-samples", min=2, help="Solutions sampled per question."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Solution length limit."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Questions per generation batch (one cache write each)."),
     n_train: int = typer.Option(16252, "--n-train", min=0, help="Training pairs (0: all)."),
@@ -175,24 +199,20 @@ def math(
     shard: str = typer.Option(None, "--shard", help="I/N: only sample questions with index mod N == I (no assembly)."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and down-sampling."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N questions per source."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
-    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
-                               "it imports, else hf), hf, vllm."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    device: str = _DEVICE,
+    engine: str = _ENGINE,
+    strict: bool = _STRICT,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """Sample solutions, grade the final answers, pair a correct with an incorrect one (resumable)."""
     from data_builders.math_builder import build_math  # optional extra: imported on use
 
-    with _progress("questions") as bars:
-        m = build_math(out_dir, _sources(source, "math"), generator=generator, n_samples=n_samples,
-                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       n_train=n_train, n_test=n_test, shard=shard, seed=seed, limit=limit, strict=strict,
-                       dry_run=dry_run, device=device, engine=_engine(engine), progress=bars)
-    if dry_run:
-        _finish(m, out_dir, True)
+    m = _generated(build_math, "questions", out_dir, dry_run, engine, out=out_dir, sources=_sources(source, "math"),
+                   generator=generator, n_samples=n_samples, temperature=temperature, top_p=top_p,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, n_train=n_train, n_test=n_test,
+                   shard=shard, seed=seed, limit=limit, strict=strict, device=device)
+    if m is None:
         return
-    _report_generation(m)
     if m.get("stage") == "sample":
         console.print(f"[green]shard {m['shard'][0]}/{m['shard'][1]} sampled[/] into {m['cache']}; run without "
                       "--shard to assemble", highlight=False)
@@ -216,8 +236,8 @@ def if_(
     judge: str = typer.Option("qwen2.5-7b", "--judge", help="Judge model (local; the model name with --judge-url)."),
     judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1."),
     n_samples: int = typer.Option(4, "--n-samples", min=2, help="Responses sampled per prompt."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Response length limit."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch (one cache write each)."),
     n_train: int = typer.Option(14407, "--n-train", min=0, help="Training pairs at most (0: all)."),
@@ -225,25 +245,21 @@ def if_(
     test_fraction: float = typer.Option(0.05, "--test-fraction", min=0.0, max=0.9, help="Share of pairs held out."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and the split."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N prompts."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
-    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
-                               "it imports, else hf), hf, vllm."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    device: str = _DEVICE,
+    engine: str = _ENGINE,
+    strict: bool = _STRICT,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """AdvancedIF prompts → sampled responses judged per rubric → pairs (CC-BY-NC-4.0: non-commercial)."""
     from data_builders.if_builder import build_if  # optional extra: imported on use
 
-    with _progress("prompts") as bars:
-        m = build_if(None if dry_run else out_dir, _sources(source, "if"), generator=generator, judge=judge,
-                     judge_url=judge_url, n_samples=n_samples, temperature=temperature, top_p=top_p,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, n_train=n_train, n_test=n_test,
-                     test_fraction=test_fraction, seed=seed, limit=limit, strict=strict, dry_run=dry_run,
-                     device=device, engine=_engine(engine), progress=bars)
-    if dry_run:
-        _finish(m, out_dir, True)
+    m = _generated(build_if, "prompts", out_dir, dry_run, engine, out=None if dry_run else out_dir,
+                   sources=_sources(source, "if"), generator=generator, judge=judge, judge_url=judge_url,
+                   n_samples=n_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, n_train=n_train, n_test=n_test, test_fraction=test_fraction, seed=seed,
+                   limit=limit, strict=strict, device=device)
+    if m is None:
         return
-    _report_generation(m)
     j = m["judging"]
     console.print(f"judged {j['judgments']} (response, rubric): satisfied {j['satisfied']}, not {j['not_satisfied']}, "
                   f"unparsable {j['unparsable']}; {m['ties']} prompt(s) tied (no pair)", highlight=False)
