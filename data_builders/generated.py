@@ -13,6 +13,9 @@ rest lives here, once:
 * **the judge**, a :class:`Judge`: chat prompts in, one reply text out per prompt.
   :class:`URLJudge` posts to an OpenAI-compatible endpoint; :class:`LocalJudge` asks a
   :class:`Sampler` greedily; :func:`make_judge` picks one from the command-line settings.
+* **the shared options**, :class:`GenOptions` (the generator, sampling, sizes, seed, device,
+  engine, ``strict``, ``dry_run``): ``build_math`` / ``build_if`` take them as keyword arguments
+  over their own defaults, and ``btpo build-data math|if`` declares their flags once.
 * **the resumable stages**: :func:`run_cached_stage` runs items batch by batch through a
   function and appends each batch's rows to a :class:`JsonlCache` (append-only JSONL, ``fsync``
   per batch, lines reused when their settings match); :func:`sample_stage` is the sampling stage
