@@ -9,7 +9,9 @@ difficulty differ too. **AdvancedIF is licensed CC-BY-NC-4.0: the data and anyth
 it are for non-commercial use only.**
 
 Stages (each cached under ``<out>/.cache/``, append-only JSONL with ``fsync`` per batch, reused
-when the settings match, as in :mod:`data_builders.math_builder`):
+when the settings match; the skeleton is :mod:`data_builders.generated`, shared with
+:mod:`data_builders.math_builder`, and this module supplies the prompts, the rubric judging and
+the pairing rule):
 
 1. **prompts**: :func:`~data_builders.advancedif.read_advancedif` (conversation + rubrics).
 2. **sample** (``if-responses.jsonl``): ``n_samples`` responses per prompt from the generator,
@@ -19,7 +21,8 @@ when the settings match, as in :mod:`data_builders.math_builder`):
    * a local judge model through the rollout engine (`--engine`), greedy, asked "Does the
      response satisfy this rubric? Answer Yes or No." (chat template), or
    * an OpenAI-compatible endpoint (``judge_url``: ``POST {url}/chat/completions``, temperature 0;
-     an API key is taken from ``BTPO_JUDGE_API_KEY`` or ``OPENAI_API_KEY`` when set).
+     an API key is taken from ``BTPO_JUDGE_API_KEY`` or ``OPENAI_API_KEY`` when set;
+     :class:`~data_builders.generated.URLJudge`, importable from here too).
 
    The reply is parsed for a leading Yes / No; anything else counts as *not satisfied* and is
    counted under ``judging.unparsable``.
@@ -33,30 +36,35 @@ when the settings match, as in :mod:`data_builders.math_builder`):
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from btpo_cli.data.pairs import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.data.pairs import PairRecord, SkipLog
 from btpo_cli.errors import BtpoError
 from data_builders.advancedif import IFPrompt, read_advancedif
-from data_builders.math_builder import (
-    HFSampler,
+from data_builders.generated import (
+    GenOptions,
     JsonlCache,
+    Judge,
+    LocalJudge,
     Progress,
     Sampler,
-    batch_seed,
+    URLJudge,
+    base_manifest,
+    finish,
+    make_judge,
+    pick_pair,
+    require_items,
     run_cached_stage,
+    sample_stage,
+    split_by_fraction,
 )
 from data_builders.sources import resolve_sources
+
+__all__ = ["LocalJudge", "URLJudge", "build_if", "judge_messages", "pair_prompt", "parse_verdict"]
 
 DEFAULT_GENERATOR = "qwen2.5-7b"
 DEFAULT_JUDGE = "qwen2.5-7b"
@@ -64,7 +72,6 @@ IF_ASPECT = "following all instructions"
 LICENSE_NOTE = "facebook/AdvancedIF is CC-BY-NC-4.0: non-commercial use only"
 JUDGE_QUESTION = "Does the response satisfy this rubric? Answer Yes or No."
 _YES_NO_RE = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-
 
 def judge_messages(
     conversation: Sequence[Mapping[str, str]], response: str, rubric: str
@@ -88,89 +95,16 @@ def parse_verdict(text: str) -> bool | None:
     return None if m is None else m.group(1).lower() == "yes"
 
 
-class URLJudge:
-    """An OpenAI-compatible chat-completions endpoint as a judge (greedy, a few tokens)."""
-
-    def __init__(self, url: str, model: str, timeout: float = 120.0):
-        self.url = url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout = model, timeout
-        self.calls = 0
-
-    def ask(self, messages: list[dict[str, str]]) -> str:
-        self.calls += 1
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 8}
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get("BTPO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = json.loads(resp.read().decode("utf-8"))
-            return str(data["choices"][0]["message"]["content"] or "")
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise BtpoError(f"judge endpoint {self.url} failed: {type(e).__name__}: {str(e)[:200]}") from e
-
-    def judge(self, prompts: list[list[dict[str, str]]]) -> list[str]:
-        return [self.ask(p) for p in prompts]
-
-
-class LocalJudge:
-    """A local judge model (greedy, 4 new tokens, chat template)."""
-
-    def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-
-    def judge(self, prompts: list[list[dict[str, str]]]) -> list[str]:
-        groups = self.sampler.sample(
-            prompts, 1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=None, chat=True
-        )
-        return [g[0][0] for g in groups]
-
-
-@dataclass(frozen=True)
-class IFSettings:
-    generator: str
-    n_samples: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-
-
-def _sample_stage(
-    prompts: Sequence[IFPrompt],
-    cache: JsonlCache,
-    sampler: Sampler,
-    s: IFSettings,
-    batch_size: int,
-    progress: Progress | None,
-    stats: dict[str, int],
-) -> dict[str, dict[str, Any]]:
-    done = cache.load()
-    stats["cached_prompts"] = sum(1 for p in prompts if p.id in done)
-
-    def rows(todo: list[IFPrompt], batch: int) -> list[dict[str, Any]]:
-        groups = sampler.sample([p.messages for p in todo], s.n_samples, temperature=s.temperature, top_p=s.top_p,
-                                max_new_tokens=s.max_new_tokens, seed=batch_seed(s.seed, "if", batch), chat=True)
-        return [{"id": p.id, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
-                for p, g in zip(todo, groups, strict=True)]
-
-    run_cached_stage(prompts, lambda p: p.id, cache, done, batch_size, rows, "sample responses", progress, stats)
-    return done
-
-
 def _judge_stage(
     prompts: Sequence[IFPrompt],
     responses: Mapping[str, dict[str, Any]],
     cache: JsonlCache,
-    judge: Any,
+    judge: Judge,
     batch_size: int,
     progress: Progress | None,
     stats: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
+    """Every (response, rubric) of every prompt through ``judge``; one cached line of verdicts per prompt."""
     done = cache.load()
 
     def rows(todo: list[IFPrompt], batch: int) -> list[dict[str, Any]]:
@@ -194,81 +128,57 @@ def pair_prompt(
     hi, lo = max(s for s, _ in scored), min(s for s, _ in scored)
     if hi == lo:
         return None
-    rng = random.Random(f"if:{seed}:{p.id}")
-    chosen = rng.choice([t for s, t in scored if s == hi])
-    rejected = rng.choice([t for s, t in scored if s == lo])
-    try:
-        return normalize_record(
-            {
-                "id": f"if-{p.id}",
-                "prompt": p.messages,
-                "chosen": chosen,
-                "rejected": rejected,
-                "aspect": IF_ASPECT,
-                "source": f"advancedif/{p.benchmark}",
-                "meta": {"rubrics": len(p.rubrics), "chosen_satisfied": hi, "rejected_satisfied": lo},
-            },
-            0,
-        )
-    except RecordSkip:
-        return None
+    return pick_pair(
+        f"if:{seed}:{p.id}",
+        [t for s, t in scored if s == hi],
+        [t for s, t in scored if s == lo],
+        lambda chosen, rejected: {
+            "id": f"if-{p.id}",
+            "prompt": p.messages,
+            "chosen": chosen,
+            "rejected": rejected,
+            "aspect": IF_ASPECT,
+            "source": f"advancedif/{p.benchmark}",
+            "meta": {"rubrics": len(p.rubrics), "chosen_satisfied": hi, "rejected_satisfied": lo},
+        },
+    )
+
+
+IF_DEFAULTS: dict[str, Any] = {"generator": DEFAULT_GENERATOR, "n_samples": 4, "max_new_tokens": 1024,
+                                "batch_size": 8, "n_train": 14407, "n_test": 784}
+"""The defaults of :class:`~data_builders.generated.GenOptions` for IF (the paper's sizes)."""
 
 
 def build_if(
     out: Path | None,
     sources: Mapping[str, str] | None = None,
     *,
-    generator: str = DEFAULT_GENERATOR,
     judge: str = DEFAULT_JUDGE,
     judge_url: str | None = None,
-    n_samples: int = 4,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 1024,
-    batch_size: int = 8,
-    n_train: int = 14407,
-    n_test: int = 784,
     test_fraction: float = 0.05,
-    seed: int = 0,
-    limit: int | None = None,
-    strict: bool = False,
-    dry_run: bool = False,
-    device: str | None = None,
-    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
-    judge_impl: Any = None,
+    judge_impl: Judge | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Build the IF preference set (module docstring) and return its manifest."""
-    if n_samples < 2:
-        raise BtpoError("--n-samples must be at least 2 (a pair needs two responses)")
-    if n_train < 0 or n_test < 0:
-        raise BtpoError("--n-train and --n-test must be >= 0 (0 keeps every pair)")
-    if not 0.0 <= test_fraction < 1.0:
-        raise BtpoError("--test-fraction must be in [0, 1)")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+    """Build the IF preference set (module docstring) and return its manifest.
+
+    The shared flags come as ``options`` (:class:`~data_builders.generated.GenOptions`, by
+    :data:`IF_DEFAULTS`); ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
+    o = GenOptions.with_defaults(IF_DEFAULTS, options)
+    o.check("two responses", test_fraction)
     spec = resolve_sources("if", sources)["advancedif"]
-    skips = SkipLog(strict=strict)
-    prompts = read_advancedif(spec, skips=skips, limit=limit)
-    if not prompts:
-        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "no rows read"
-        raise BtpoError(f"if: no usable prompts ({reasons})")
-    s = IFSettings(generator, n_samples, float(temperature), float(top_p), max_new_tokens, seed)
+    skips = SkipLog(strict=o.strict)
+    prompts = read_advancedif(spec, skips=skips, limit=o.limit)
+    require_items(prompts, "if", "prompts", skips)
+    s = o.settings()
     judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
-    base: dict[str, Any] = {
-        "builder": "if",
-        "name": "if",
-        "seed": seed,
-        "aspect": IF_ASPECT,
-        "license": LICENSE_NOTE,
-        "limit": limit,
-        "sources": {"advancedif": spec.describe()},
-        "generator": asdict(s),
-        "judge": {**judge_desc, "question": JUDGE_QUESTION},
-        "requested": {"train": n_train, "test": n_test, "test_fraction": test_fraction},
-    }
-    if dry_run:
+    base = base_manifest(
+        "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
+        sources={"advancedif": spec.describe()}, settings=s, judge={**judge_desc, "question": JUDGE_QUESTION},
+        requested={"train": o.n_train, "test": o.n_test, "test_fraction": test_fraction},
+    )
+    if o.dry_run:
         return {
             **base,
             "dry_run": True,
@@ -283,31 +193,22 @@ def build_if(
         raise BtpoError("build_if: an output folder is required unless dry_run is set")
     cache_dir = out / ".cache"
     stats = {"batches": 0}
-    sampler = sampler or HFSampler(generator, device, batch_size, engine)
-    responses = _sample_stage(
-        prompts,
-        JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s)),
-        sampler,
-        s,
-        batch_size,
-        progress,
-        stats,
+    sampler = o.sampler(sampler)
+    rcache = JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s))
+    responses = rcache.load()
+    stats["cached_prompts"] = sum(1 for p in prompts if p.id in responses)
+    sample_stage(
+        prompts, lambda p: p.id, lambda p: p.messages, chat=True, tag="if", sampler=sampler, settings=s,
+        cache=rcache, done=responses, batch_size=o.batch_size, label="sample responses", progress=progress,
+        stats=stats,
     )
     if judge_impl is None:
-        judge_impl = (
-            URLJudge(judge_url, judge)
-            if judge_url
-            else LocalJudge(
-                sampler
-                if judge == generator and isinstance(sampler, HFSampler)
-                else HFSampler(judge, device, batch_size, engine)
-            )
-        )
+        judge_impl = make_judge(judge, judge_url, o, sampler)
     # the judgments depend on the responses: key them by the generator settings too
     jcache = JsonlCache(
         cache_dir / "if-judgments.jsonl", "id", "settings", {"generator": asdict(s), **judge_desc}
     )
-    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, batch_size, progress, stats)
+    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, progress, stats)
     judging = {"judgments": 0, "satisfied": 0, "not_satisfied": 0, "unparsable": 0}
     pools: list[PairRecord] = []
     ties = 0
@@ -316,21 +217,12 @@ def build_if(
             for v in vs:
                 judging["judgments"] += 1
                 judging["satisfied" if v else "not_satisfied" if v is False else "unparsable"] += 1
-        rec = pair_prompt(p, responses[p.id]["samples"], verdicts[p.id]["verdicts"], seed)
+        rec = pair_prompt(p, responses[p.id]["samples"], verdicts[p.id]["verdicts"], o.seed)
         if rec is None:
             ties += 1
         else:
             pools.append(rec)
-    rng = random.Random(f"if:split:{seed}")
-    rng.shuffle(pools)
-    n_te = (
-        min(n_test, math.ceil(test_fraction * len(pools)))
-        if n_test
-        else math.ceil(test_fraction * len(pools))
-    )
-    test, train = pools[:n_te], pools[n_te:]
-    if n_train:
-        train = train[:n_train]
+    splits = split_by_fraction(pools, test_fraction, o.n_train, o.n_test, f"if:split:{o.seed}")
     manifest = {
         **base,
         "prompts": len(prompts),
@@ -339,6 +231,4 @@ def build_if(
         "judging": judging,
         "skipped": skips.as_dict(),
     }
-    result = write_dataset(out, {"train": train, "test": test}, manifest)
-    result["generation_run"] = stats
-    return result
+    return finish(out, splits, manifest, stats)

@@ -29,32 +29,33 @@ manifest (``questions.<source>.all_correct`` / ``all_incorrect``), never an erro
 environment variable ``BTPO_FAULT_AFTER_BATCHES=K`` makes the process exit (code 75) right after
 the K-th batch is written: the tests use it to simulate a killed build.
 
-The sampling machinery (:class:`HFSampler`, :class:`JsonlCache`) is shared with
-:mod:`data_builders.if_builder`.
+The skeleton (the generator, the resumable stages, pairing, writing) is
+:mod:`data_builders.generated`, shared with :mod:`data_builders.if_builder`; this module supplies
+the questions, the prompt, the grading and the per-source split.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from btpo_cli.config import ModelConfig
-from btpo_cli.data.pairs import (
-    PairRecord,
-    RecordSkip,
-    SkipLog,
-    normalize_record,
-    seeded_sample,
-    write_dataset,
-)
+from btpo_cli.data.pairs import PairRecord, SkipLog, seeded_sample
 from btpo_cli.errors import BtpoError
-from btpo_cli.models.aliases import resolve_model
+from data_builders.generated import (
+    GenOptions,
+    GenSettings,
+    JsonlCache,
+    Progress,
+    Sampler,
+    base_manifest,
+    finish,
+    load_cache_file,
+    pick_pair,
+    require_items,
+    sample_stage,
+)
 from data_builders.grading import HAS_MATH_VERIFY, answers_match, extract_answer
 from data_builders.math_questions import MathQuestion, alpaca_prompt, read_questions
 from data_builders.sources import resolve_sources
@@ -63,14 +64,6 @@ DEFAULT_GENERATOR = "meta-math/MetaMath-Llemma-7B"
 MATH_ASPECT = "correct"
 TRAIN_SOURCES = ("metamathqa",)
 TEST_SOURCES = ("gsm8k", "math500")
-FAULT_ENV = "BTPO_FAULT_AFTER_BATCHES"
-FAULT_EXIT_CODE = 75
-
-Progress = Callable[..., None]
-"""``progress(label, done, total)``: called after each batch (``total`` may be ``None``)."""
-
-
-# ----------------------------------------------------------------------------- shared machinery
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -87,225 +80,13 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return si, sn
 
 
-def batch_seed(seed: int, *parts: Any) -> int:
-    """A stable 63-bit seed derived from ``seed`` and ``parts``."""
-    h = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).digest()
-    return int.from_bytes(h[:8], "big") >> 1
-
-
-class JsonlCache:
-    """An append-only JSONL cache keyed by ``key``; lines whose ``settings_key`` differ are ignored."""
-
-    def __init__(self, path: Path, key: str, settings_key: str, settings: Mapping[str, Any]):
-        self.path, self.key, self.settings_key, self.settings = path, key, settings_key, dict(settings)
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """The usable lines, ``{key: line}`` (the last line of a key wins)."""
-        return load_cache_file(self.path, self.key, self.settings_key, self.settings)
-
-    def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append rows and ``fsync``: they survive a crash right after this returns."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = (
-            self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
-        )
-        with open(self.path, "a", encoding="utf-8") as f:
-            if needs_newline:  # a line cut by a crash: start a fresh one
-                f.write("\n")
-            for row in rows:
-                f.write(json.dumps({**row, self.settings_key: self.settings}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def load_cache_file(
-    path: Path, key: str, settings_key: str, settings: Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash
-                continue
-            if isinstance(row, dict) and row.get(settings_key) == dict(settings) and key in row:
-                out[str(row[key])] = row
-    return out
-
-
-def run_cached_stage(items: Sequence[Any], key: Callable[[Any], str], cache: JsonlCache, done: dict[str, Any],
-                     batch_size: int, make_rows: Callable[[list[Any], int], list[dict[str, Any]]], label: str,
-                     progress: Progress | None, stats: dict[str, int]) -> int:
-    """Run one resumable stage: batch by batch, the items whose ``key`` is not in ``done`` go through
-    ``make_rows(todo, batch_index)``; the rows are appended to ``cache`` (fsync) and to ``done``.
-
-    Counts ``stats["batches"]``; returns how many items were computed now. A killed stage resumes
-    where its cache ends (the batch index, hence each batch's seed, does not depend on what is cached)."""
-    n_done = sum(1 for it in items if key(it) in done)
-    made = 0
-    if progress is not None:
-        progress(label, n_done, len(items))
-    for b in range(0, len(items), batch_size):
-        todo = [it for it in items[b : b + batch_size] if key(it) not in done]
-        if not todo:
-            continue
-        rows = make_rows(todo, b // batch_size)
-        cache.append(rows)
-        done.update({str(r[cache.key]): r for r in rows})
-        stats["batches"] = stats.get("batches", 0) + 1
-        n_done += len(todo)
-        made += len(todo)
-        if progress is not None:
-            progress(label, n_done, len(items))
-        maybe_fault(stats["batches"])
-    return made
-
-
-def maybe_fault(batches_done: int) -> None:
-    """Exit abruptly after the K-th batch when ``BTPO_FAULT_AFTER_BATCHES=K`` (tests: a killed build)."""
-    k = os.environ.get(FAULT_ENV)
-    if k and k.isdigit() and batches_done >= int(k):
-        os._exit(FAULT_EXIT_CODE)
-
-
-def default_device() -> str:
-    import torch  # heavy: imported on use
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class Sampler(Protocol):
-    """What the builders need from a generator: texts in, ``n`` sampled texts out per prompt."""
-
-    calls: int
-
-    def sample(
-        self,
-        prompts: list[Any],
-        n: int,
-        *,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seed: int | None,
-        chat: bool,
-    ) -> list[list[tuple[str, bool]]]: ...
-
-
-_MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-
-def _generation_eos(path: str) -> Any:
-    """The model's generation stop id(s), read without loading its weights."""
-    from transformers import AutoConfig, GenerationConfig  # heavy: imported on use
-
-    try:
-        return GenerationConfig.from_pretrained(path).eos_token_id
-    except (OSError, ValueError):
-        return getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
-
-
-class HFSampler:
-    """A local model behind a rollout engine (``--engine``: hf, vllm, auto), by name.
-
-    ``prompts`` are plain strings (``chat=False``: tokenized with ``add_special_tokens=True``) or
-    message lists (``chat=True``: ``apply_chat_template(..., add_generation_prompt=True)``).
-    Returns ``(text, finished)`` per sample; the text is decoded without special tokens.
-    """
-
-    def __init__(self, name: str, device: str | None = None, batch_size: int = 16, engine: str = "auto"):
-        self.name, self.device, self.batch_size = name, device or default_device(), batch_size
-        self.engine_name = engine
-        self.calls = 0
-        self._tok: Any = None
-        self._engine: Any = None
-
-    def _load(self) -> None:
-        if self._engine is not None:
-            return
-        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name  # heavy: imported on use
-        from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
-
-        engine = resolve_engine_name(self.engine_name)
-        key = (self.name, self.device)
-        model = None
-        if engine == "hf":
-            if key not in _MODELS:  # generator and judge may be the same model: load it once
-                tok = load_tokenizer(self.name, padding_side="left")
-                m = load_causal_lm(ModelConfig(name=self.name), self.device.split(":")[0], inference=True)
-                _MODELS[key] = (tok, m.to(self.device).eval())
-            self._tok, model = _MODELS[key]
-        else:
-            self._tok = load_tokenizer(self.name, padding_side="left")
-        path = resolve_model(self.name)
-        self._engine = build_engine(engine, EngineSpec(model_path=path, pad_token_id=self._tok.pad_token_id,
-                                                       device=self.device, module=model,
-                                                       prompts_per_batch=self.batch_size))
-        stops = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) if model is not None \
-            else _generation_eos(path)
-        stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.stop_ids = sorted(stops)
-
-    def encode(self, prompt: Any, chat: bool) -> list[int]:
-        if not chat:
-            return list(self._tok(prompt, add_special_tokens=True)["input_ids"])
-        if not getattr(self._tok, "chat_template", None):
-            raise BtpoError(f"model '{self.name}' has no chat template; pick an instruction-tuned model")
-        text = self._tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
-
-    def sample(
-        self,
-        prompts: list[Any],
-        n: int,
-        *,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seed: int | None,
-        chat: bool,
-    ) -> list[list[tuple[str, bool]]]:
-        from btpo_cli.engines import SamplingParams  # heavy: imported on use
-
-        self._load()
-        self.calls += 1
-        ids = [self.encode(p, chat) for p in prompts]
-        params = SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            seed=seed,
-        )
-        groups = self._engine.generate(ids, n, params)
-        return [
-            [(self._tok.decode(s.token_ids, skip_special_tokens=True).strip(), bool(s.finished)) for s in g]
-            for g in groups
-        ]
-
-
 # ----------------------------------------------------------------------------- math
 
 
 @dataclass(frozen=True)
-class GenSettings:
-    """The generator and its sampling settings (stored with every cached line)."""
+class MathSettings(GenSettings):
+    """The generator settings plus the prompt format (stored with every cached line)."""
 
-    generator: str
-    n_samples: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
     prompt: str = "alpaca"
 
 
@@ -313,6 +94,15 @@ def cache_path(cache_dir: Path, shard: tuple[int, int] | None, stem: str = "math
     if shard is None:
         return cache_dir / f"{stem}.jsonl"
     return cache_dir / f"{stem}.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def load_samples(cache_dir: Path, settings: GenSettings, pattern: str = "math-samples*.jsonl") -> dict[str, Any]:
+    """The cached samples of every cache file in ``cache_dir`` matching ``pattern`` (shards included)."""
+    out: dict[str, Any] = {}
+    if cache_dir.is_dir():
+        for p in sorted(cache_dir.glob(pattern)):
+            out.update(load_cache_file(p, "qid", "generator", asdict(settings)))
+    return out
 
 
 def read_math_questions(
@@ -341,17 +131,11 @@ def generate_samples(
     done = {**(also_done or {}), **cache.load()}
     stats = {"questions": len(questions), "cached": sum(1 for q in questions if q.qid in done), "generated": 0,
              "batches": 0}
-
-    def rows(todo: list[MathQuestion], batch: int) -> list[dict[str, Any]]:
-        groups = sampler.sample([alpaca_prompt(q.question) for q in todo], settings.n_samples,
-                                temperature=settings.temperature, top_p=settings.top_p,
-                                max_new_tokens=settings.max_new_tokens,
-                                seed=batch_seed(settings.seed, "math", batch), chat=False)
-        return [{"qid": q.qid, "samples": [t for t, _ in g], "finished": [f for _, f in g]}
-                for q, g in zip(todo, groups, strict=True)]
-
-    stats["generated"] = run_cached_stage(questions, lambda q: q.qid, cache, done, batch_size, rows,
-                                          "sample solutions", progress, stats)
+    stats["generated"] = sample_stage(
+        questions, lambda q: q.qid, lambda q: alpaca_prompt(q.question), chat=False, tag="math",
+        sampler=sampler, settings=settings, cache=cache, done=done, batch_size=batch_size,
+        label="sample solutions", progress=progress, stats=stats,
+    )
     return stats
 
 
@@ -359,7 +143,7 @@ def grade_and_pair(
     q: MathQuestion, samples: Sequence[str], seed: int, counts: dict[str, int]
 ) -> PairRecord | None:
     """Grade ``samples`` against ``q.gold_answer`` (updating ``counts``); one pair or ``None``."""
-    correct: list[tuple[str, str]] = []
+    correct: list[tuple[str, str | None]] = []
     wrong: list[tuple[str, str | None]] = []
     for text in samples:
         if not text.strip():
@@ -377,23 +161,15 @@ def grade_and_pair(
             wrong.append((text, pred))
     if not correct or not wrong:
         return None
-    rng = random.Random(f"math:{seed}:{q.qid}")
-    chosen, rejected = rng.choice(correct), rng.choice(wrong)
-    try:
-        return normalize_record(
-            {
-                "id": f"math-{q.qid}",
-                "prompt": [{"role": "user", "content": q.question}],
-                "chosen": chosen[0],
-                "rejected": rejected[0],
-                "aspect": MATH_ASPECT,
-                "source": q.source,
-                "meta": {"gold": q.gold_answer, "chosen_answer": chosen[1], "rejected_answer": rejected[1]},
-            },
-            0,
-        )
-    except RecordSkip:
-        return None
+    return pick_pair(f"math:{seed}:{q.qid}", correct, wrong, lambda chosen, rejected: {
+        "id": f"math-{q.qid}",
+        "prompt": [{"role": "user", "content": q.question}],
+        "chosen": chosen[0],
+        "rejected": rejected[0],
+        "aspect": MATH_ASPECT,
+        "source": q.source,
+        "meta": {"gold": q.gold_answer, "chosen_answer": chosen[1], "rejected_answer": rejected[1]},
+    })
 
 
 def downsample(pool: Sequence[PairRecord], n: int, seed: int, tag: str) -> list[PairRecord]:
@@ -401,66 +177,43 @@ def downsample(pool: Sequence[PairRecord], n: int, seed: int, tag: str) -> list[
     return seeded_sample(pool, n, f"{tag}:{seed}")
 
 
+MATH_DEFAULTS: dict[str, Any] = {"generator": DEFAULT_GENERATOR, "n_samples": 8, "max_new_tokens": 512,
+                                  "batch_size": 16, "n_train": 16252, "n_test": 841}
+"""The defaults of :class:`~data_builders.generated.GenOptions` for Math (the paper's sizes)."""
+
+
 def build_math(
     out: Path | None,
     sources: Mapping[str, str] | None = None,
     *,
-    generator: str = DEFAULT_GENERATOR,
-    n_samples: int = 8,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    n_train: int = 16252,
-    n_test: int = 841,
     shard: str | tuple[int, int] | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    strict: bool = False,
-    dry_run: bool = False,
-    device: str | None = None,
-    engine: str = "auto",
     progress: Progress | None = None,
     sampler: Sampler | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Build the Math preference set (module docstring) and return its manifest.
 
-    With ``shard`` only the sampling stage runs (for that shard) and a summary is returned
-    (``stage: "sample"``); a later run without ``shard`` samples whatever is still missing and
-    assembles. ``dry_run`` reads the questions and reports what would be generated; it writes
-    nothing. ``sampler`` replaces the generator (tests).
+    Keyword ``options``: the fields of :class:`~data_builders.generated.GenOptions`, unset ones from
+    :data:`MATH_DEFAULTS`. With ``shard`` only the sampling stage runs (for that shard) and a summary
+    is returned (``stage: "sample"``); a later run without ``shard`` samples whatever is still
+    missing and assembles. ``dry_run`` reads the questions and reports what would be generated; it
+    writes nothing. ``sampler`` replaces the generator (tests).
     """
-    if n_samples < 2:
-        raise BtpoError("--n-samples must be at least 2 (a pair needs a correct and an incorrect solution)")
-    if n_train < 0 or n_test < 0:
-        raise BtpoError("--n-train and --n-test must be >= 0 (0 keeps every pair)")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+    o = GenOptions.with_defaults(MATH_DEFAULTS, options)
+    o.check("a correct and an incorrect solution")
     shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
-    settings = GenSettings(generator, n_samples, float(temperature), float(top_p), max_new_tokens, seed)
-    skips = SkipLog(strict=strict)
-    questions, used = read_math_questions(sources, skips, limit)
-    if not questions:
-        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "no rows read"
-        raise BtpoError(f"math: no usable questions ({reasons})")
+    settings = o.settings(MathSettings)
+    skips = SkipLog(strict=o.strict)
+    questions, used = read_math_questions(sources, skips, o.limit)
+    require_items(questions, "math", "questions", skips)
     mine = [q for i, q in enumerate(questions) if shard_t is None or i % shard_t[1] == shard_t[0]]
-    base: dict[str, Any] = {
-        "builder": "math",
-        "name": "math",
-        "seed": seed,
-        "aspect": MATH_ASPECT,
-        "limit": limit,
-        "sources": used,
-        "generator": asdict(settings),
-        "grader": "math-verify" if HAS_MATH_VERIFY else "builtin",
-        "requested": {"train": n_train, "test": n_test},
-    }
+    base = base_manifest(
+        "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
+        grader="math-verify" if HAS_MATH_VERIFY else "builtin", requested={"train": o.n_train, "test": o.n_test},
+    )
     cache_dir = out / ".cache" if out is not None else None
-    if dry_run:
-        cached: dict[str, Any] = {}
-        if cache_dir is not None and cache_dir.is_dir():
-            for p in sorted(cache_dir.glob("math-samples*.jsonl")):
-                cached.update(load_cache_file(p, "qid", "generator", asdict(settings)))
+    if o.dry_run:
+        cached = load_samples(cache_dir, settings) if cache_dir is not None else {}
         per_src: dict[str, int] = {}
         for q in questions:
             per_src[q.source.split("/")[0]] = per_src.get(q.source.split("/")[0], 0) + 1
@@ -479,13 +232,10 @@ def build_math(
         }
     if out is None or cache_dir is None:
         raise BtpoError("build_math: an output folder is required unless dry_run is set")
-    sampler = sampler or HFSampler(generator, device, batch_size, engine)
     cache = JsonlCache(cache_path(cache_dir, shard_t), "qid", "generator", asdict(settings))
-    others: dict[str, Any] = {}
-    if shard_t is None:  # questions sampled by shard runs count as done
-        for p in sorted(cache_dir.glob("math-samples.shard-*.jsonl")):
-            others.update(load_cache_file(p, "qid", "generator", asdict(settings)))
-    gen_stats = generate_samples(mine, cache, sampler, settings, batch_size, progress, others)
+    # questions sampled by shard runs count as done
+    others = load_samples(cache_dir, settings, "math-samples.shard-*.jsonl") if shard_t is None else {}
+    gen_stats = generate_samples(mine, cache, o.sampler(sampler), settings, o.batch_size, progress, others)
     if shard_t is not None:
         return {
             **base,
@@ -496,9 +246,7 @@ def build_math(
             "counts": {"questions": len(mine)},
             "skipped": skips.as_dict(),
         }
-    samples: dict[str, dict[str, Any]] = {}
-    for p in sorted(cache_dir.glob("math-samples*.jsonl")):
-        samples.update(load_cache_file(p, "qid", "generator", asdict(settings)))
+    samples = load_samples(cache_dir, settings)
     missing = [q.qid for q in questions if q.qid not in samples]
     if missing:  # cannot happen after the sampling stage above, unless the cache was edited meanwhile
         raise BtpoError(
@@ -514,7 +262,7 @@ def build_math(
         )
         c["questions"] += 1
         before = grading["correct"]
-        rec = grade_and_pair(q, samples[q.qid]["samples"], seed, grading)
+        rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading)
         if rec is None:
             c["all_correct" if grading["correct"] > before else "all_incorrect"] += 1
         else:
@@ -523,8 +271,8 @@ def build_math(
         if progress is not None and (i + 1) % 200 == 0:
             progress("grade", i + 1, len(questions))
     splits = {
-        "train": downsample(pools["train"], n_train, seed, "math:train"),
-        "test": downsample(pools["test"], n_test, seed, "math:test"),
+        "train": downsample(pools["train"], o.n_train, o.seed, "math:train"),
+        "test": downsample(pools["test"], o.n_test, o.seed, "math:test"),
     }
     for split in splits.values():
         for r in split:
@@ -542,6 +290,4 @@ def build_math(
         },
         "skipped": skips.as_dict(),
     }
-    result = write_dataset(out, splits, manifest)
-    result["generation_run"] = gen_stats  # not written: differs between a fresh and a resumed build
-    return result
+    return finish(out, splits, manifest, gen_stats)

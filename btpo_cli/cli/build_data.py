@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -159,40 +161,93 @@ def _engine(name: str) -> str:
     return name
 
 
-@app.command("math", epilog="[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
-                            "  btpo build-data math --out data/math              # then assemble")
+def _generated(name: str, build: Callable[..., dict], unit: str, folder: Path, source: list[str] | None,
+               flags: dict[str, Any], **kw: Any) -> dict | None:
+    """Run the generation-based builder ``name`` (math, if) with progress bars, its ``--source`` items and
+    the shared ``flags``; a dry run's manifest is printed (→ ``None``), otherwise the sampling statistics, and the
+    manifest is returned."""
+    with _progress(unit) as bars:
+        sources = _sources(source, name)
+        m = build(sources=sources, **kw, **{**flags, "engine": _engine(flags["engine"])}, progress=bars)
+    if flags["dry_run"]:
+        _finish(m, folder, True)
+        return None
+    _report_generation(m)
+    return m
+
+
+# The flags build-data math and if share: name → (type, typer.Option limits, (default, help) per command;
+# "" for both). The commands declare only their own flags; _generation_command adds these.
+_GENERATION_FLAGS: dict[str, tuple[type, dict[str, Any], dict[str, tuple[Any, str]]]] = {
+    "generator": (str, {}, {"math": ("meta-math/MetaMath-Llemma-7B", "Generator model."),
+                            "if": ("qwen2.5-7b", "Generator model (chat template).")}),
+    "n_samples": (int, {"min": 2}, {"math": (8, "Solutions sampled per question."),
+                                    "if": (4, "Responses sampled per prompt.")}),
+    "temperature": (float, {"min": 0.0}, {"": (0.8, "Sampling temperature.")}),
+    "top_p": (float, {"min": 0.0, "max": 1.0}, {"": (1.0, "Nucleus sampling.")}),
+    "max_new_tokens": (int, {"min": 1}, {"math": (512, "Solution length limit."),
+                                         "if": (1024, "Response length limit.")}),
+    "batch_size": (int, {"min": 1}, {"math": (16, "Questions per generation batch (one cache write each)."),
+                                     "if": (8, "Prompts per batch (one cache write each).")}),
+    "n_train": (int, {"min": 0}, {"math": (16252, "Training pairs (0: all)."),
+                                  "if": (14407, "Training pairs at most (0: all).")}),
+    "n_test": (int, {"min": 0}, {"math": (841, "Test pairs (0: all)."), "if": (784, "Test pairs at most (0: no cap).")}),
+    "seed": (int, {}, {"math": (0, "Seed of sampling, pairing and down-sampling."),
+                       "if": (0, "Seed of sampling, pairing and the split.")}),
+    "limit": (int, {"min": 1}, {"math": (None, "Read at most N questions per source."),
+                                "if": (None, "Read at most N prompts.")}),
+    "device": (str, {}, {"": (None, "cpu, cuda, cuda:1 (default: cuda if present).")}),
+    "engine": (str, {}, {"": ("auto", "Rollout engine for sampling: auto (vllm on a GPU where it imports, else hf), "
+                                      "hf, vllm.")}),
+    "strict": (bool, {}, {"": (False, "Fail on the first unusable row.")}),
+    "dry_run": (bool, {}, {"": (False, "Print the manifest and examples; write nothing.")}),
+}
+
+
+def _generation_flag(command: str, name: str) -> inspect.Parameter:
+    kind, limits, by_command = _GENERATION_FLAGS[name]
+    default, help_ = by_command.get(command) or by_command[""]
+    option = typer.Option(default, "--" + name.replace("_", "-"), help=help_, **limits)
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+
+
+def _generation_command(command: str, epilog: str, layout: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Register ``build-data COMMAND`` from a function that declares its own flags and takes the shared
+    ones (:data:`_GENERATION_FLAGS`) as one dict, ``flags``; ``layout`` orders all of them in ``--help``."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items() if k != "flags"}
+
+        def run(**kw: Any) -> None:
+            fn(**{k: kw.pop(k) for k in own}, flags=kw)
+
+        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [own[name] if name in own else _generation_flag(command, name) for name in layout])
+        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+        app.command(command, epilog=epilog)(run)
+        return fn
+
+    return register
+
+
+@_generation_command("math", "[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
+                             "  btpo build-data math --out data/math              # then assemble",
+                     ("out_dir", "source", "generator", "n_samples", "temperature", "top_p", "max_new_tokens",
+                      "batch_size", "n_train", "n_test", "shard", "seed", "limit", "device", "engine", "strict",
+                      "dry_run"))
 def math(
     out_dir: Path = typer.Option(Path("data/math"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Names: metamathqa, gsm8k, math500."),
-    generator: str = typer.Option("meta-math/MetaMath-Llemma-7B", "--generator", help="Generator model."),
-    n_samples: int = typer.Option(8, "--n-samples", min=2, help="Solutions sampled per question."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Solution length limit."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Questions per generation batch (one cache write each)."),
-    n_train: int = typer.Option(16252, "--n-train", min=0, help="Training pairs (0: all)."),
-    n_test: int = typer.Option(841, "--n-test", min=0, help="Test pairs (0: all)."),
     shard: str = typer.Option(None, "--shard", help="I/N: only sample questions with index mod N == I (no assembly)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and down-sampling."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Read at most N questions per source."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
-    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
-                               "it imports, else hf), hf, vllm."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Sample solutions, grade the final answers, pair a correct with an incorrect one (resumable)."""
     from data_builders.math_builder import build_math  # optional extra: imported on use
 
-    with _progress("questions") as bars:
-        m = build_math(out_dir, _sources(source, "math"), generator=generator, n_samples=n_samples,
-                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       n_train=n_train, n_test=n_test, shard=shard, seed=seed, limit=limit, strict=strict,
-                       dry_run=dry_run, device=device, engine=_engine(engine), progress=bars)
-    if dry_run:
-        _finish(m, out_dir, True)
+    m = _generated("math", build_math, "questions", out_dir, source, flags, out=out_dir, shard=shard)
+    if m is None:
         return
-    _report_generation(m)
     if m.get("stage") == "sample":
         console.print(f"[green]shard {m['shard'][0]}/{m['shard'][1]} sampled[/] into {m['cache']}; run without "
                       "--shard to assemble", highlight=False)
@@ -207,43 +262,27 @@ def math(
     _done(m, out_dir)
 
 
-@app.command("if", epilog="[bold]Example[/]\n\n  btpo build-data if --out data/if --source advancedif=./AdvancedIF "
-                          "--generator qwen2.5-7b --judge qwen2.5-7b")
+@_generation_command("if", "[bold]Example[/]\n\n  btpo build-data if --out data/if --source advancedif=./AdvancedIF "
+                           "--generator qwen2.5-7b --judge qwen2.5-7b",
+                     ("out_dir", "source", "generator", "judge", "judge_url", "n_samples", "temperature", "top_p",
+                      "max_new_tokens", "batch_size", "n_train", "n_test", "test_fraction", "seed", "limit", "device",
+                      "engine", "strict", "dry_run"))
 def if_(
     out_dir: Path = typer.Option(Path("data/if"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Name: advancedif."),
-    generator: str = typer.Option("qwen2.5-7b", "--generator", help="Generator model (chat template)."),
     judge: str = typer.Option("qwen2.5-7b", "--judge", help="Judge model (local; the model name with --judge-url)."),
     judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1."),
-    n_samples: int = typer.Option(4, "--n-samples", min=2, help="Responses sampled per prompt."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling."),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Response length limit."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch (one cache write each)."),
-    n_train: int = typer.Option(14407, "--n-train", min=0, help="Training pairs at most (0: all)."),
-    n_test: int = typer.Option(784, "--n-test", min=0, help="Test pairs at most (0: no cap)."),
     test_fraction: float = typer.Option(0.05, "--test-fraction", min=0.0, max=0.9, help="Share of pairs held out."),
-    seed: int = typer.Option(0, "--seed", help="Seed of sampling, pairing and the split."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Read at most N prompts."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
-    engine: str = typer.Option("auto", "--engine", help="Rollout engine for sampling: auto (vllm on a GPU where "
-                               "it imports, else hf), hf, vllm."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """AdvancedIF prompts → sampled responses judged per rubric → pairs (CC-BY-NC-4.0: non-commercial)."""
     from data_builders.if_builder import build_if  # optional extra: imported on use
 
-    with _progress("prompts") as bars:
-        m = build_if(None if dry_run else out_dir, _sources(source, "if"), generator=generator, judge=judge,
-                     judge_url=judge_url, n_samples=n_samples, temperature=temperature, top_p=top_p,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, n_train=n_train, n_test=n_test,
-                     test_fraction=test_fraction, seed=seed, limit=limit, strict=strict, dry_run=dry_run,
-                     device=device, engine=_engine(engine), progress=bars)
-    if dry_run:
-        _finish(m, out_dir, True)
+    m = _generated("if", build_if, "prompts", out_dir, source, flags, out=None if flags["dry_run"] else out_dir,
+                   judge=judge, judge_url=judge_url, test_fraction=test_fraction)
+    if m is None:
         return
-    _report_generation(m)
     j = m["judging"]
     console.print(f"judged {j['judgments']} (response, rubric): satisfied {j['satisfied']}, not {j['not_satisfied']}, "
                   f"unparsable {j['unparsable']}; {m['ties']} prompt(s) tied (no pair)", highlight=False)

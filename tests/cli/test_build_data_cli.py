@@ -107,25 +107,18 @@ def _manifest(d: Path) -> dict:
 # ----------------------------------------------------------------------------- hh / import
 
 
-def test_hh_cli_deterministic_and_dry_run(fixtures: Path, tmp_path: Path) -> None:
-    args = [
-        "build-data",
-        "hh",
-        "--source",
-        f"hh={fixtures / 'hh-rlhf'}",
-        "--subsets",
-        "helpful-base,harmless-base",
-        "--n-train",
-        "10",
-        "--n-test",
-        "3",
-        "--seed",
-        "3",
-    ]
+def _built_twice(args: list[str], tmp_path: Path) -> dict:
+    """Build into ``a`` and ``b`` with the same arguments; the files must be equal. Returns a's manifest."""
     run_btpo(*args, "--out", str(tmp_path / "a"))
     run_btpo(*args, "--out", str(tmp_path / "b"))
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    m = _manifest(tmp_path / "a")
+    return _manifest(tmp_path / "a")
+
+
+def test_hh_cli_deterministic_and_dry_run(fixtures: Path, tmp_path: Path) -> None:
+    args = ["build-data", "hh", "--source", f"hh={fixtures / 'hh-rlhf'}",
+            "--subsets", "helpful-base,harmless-base", "--n-train", "10", "--n-test", "3", "--seed", "3"]
+    m = _built_twice(args, tmp_path)
     assert m["counts"] == {"train": 10, "test": 3}
     rec = json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])
     assert [t["role"] for t in rec["prompt"]] == ["user", "assistant", "user"]
@@ -140,23 +133,9 @@ def test_hh_cli_bad_source_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_import_cli(fixtures: Path, tmp_path: Path) -> None:
-    args = [
-        "build-data",
-        "import",
-        str(fixtures / "pairs.csv"),
-        "--map",
-        "prompt=question,chosen=good,rejected=bad",
-        "--test-fraction",
-        "0.25",
-        "--aspect",
-        "correct",
-        "--seed",
-        "1",
-    ]
-    run_btpo(*args, "--out", str(tmp_path / "a"))
-    run_btpo(*args, "--out", str(tmp_path / "b"))
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    m = _manifest(tmp_path / "a")
+    args = ["build-data", "import", str(fixtures / "pairs.csv"), "--map", "prompt=question,chosen=good,rejected=bad",
+            "--test-fraction", "0.25", "--aspect", "correct", "--seed", "1"]
+    m = _built_twice(args, tmp_path)
     assert m["counts"]["train"] + m["counts"]["test"] == 40 and m["counts"]["test"] > 0
     run_btpo(*args, "--out", str(tmp_path / "dry"), "--dry-run")
     assert not (tmp_path / "dry").exists()

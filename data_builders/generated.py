@@ -1,0 +1,495 @@
+"""The skeleton shared by the generation-based builders (:mod:`~data_builders.if_builder`,
+:mod:`~data_builders.math_builder`): sample responses with a generator → judge or grade each →
+pair a better with a worse one → split → write the dataset and its manifest.
+
+The builders supply only what differs: their items (prompts, questions) and how an item's prompt
+reads, how a response is judged or graded, how pairs are split, and their manifest fields. The
+rest lives here, once:
+
+* **the generator**, a :class:`Sampler`: texts (or chat messages) in, ``n`` sampled
+  ``(text, finished)`` out per prompt. :class:`HFSampler` is a local model behind a rollout engine
+  of :mod:`btpo_cli.engines` (``--engine``); the tests pass fakes. Another generator (an
+  OpenAI-compatible server) is one more class with that ``sample`` method.
+* **the judge**, a :class:`Judge`: chat prompts in, one reply text out per prompt.
+  :class:`URLJudge` posts to an OpenAI-compatible endpoint; :class:`LocalJudge` asks a
+  :class:`Sampler` greedily; :func:`make_judge` picks one from the command-line settings.
+* **the shared options**, :class:`GenOptions` (the generator, sampling, sizes, seed, device,
+  engine, ``strict``, ``dry_run``): ``build_math`` / ``build_if`` take them as keyword arguments
+  over their own defaults, and ``btpo build-data math|if`` declares their flags once.
+* **the resumable stages**: :func:`run_cached_stage` runs items batch by batch through a
+  function and appends each batch's rows to a :class:`JsonlCache` (append-only JSONL, ``fsync``
+  per batch, lines reused when their settings match); :func:`sample_stage` is the sampling stage
+  on it; ``BTPO_FAULT_AFTER_BATCHES=K`` exits (code 75) after the K-th batch (tests: a killed
+  build). Batch ``b`` is sampled with a seed derived from ``(seed, tag, b)``, so a resumed build
+  draws what an uninterrupted one draws.
+* **pairs and output**: :func:`pick_pair` (a seeded choice among the better and the worse
+  responses → a :class:`~btpo_cli.data.pairs.PairRecord`), :func:`split_by_fraction`,
+  :func:`base_manifest` (the fields every generated manifest starts with) and :func:`finish`
+  (writes with :func:`~btpo_cli.data.pairs.write_dataset`; the run's statistics are returned,
+  not written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from btpo_cli.config import ModelConfig
+from btpo_cli.data.pairs import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.errors import BtpoError
+from btpo_cli.models.aliases import resolve_model
+
+FAULT_ENV = "BTPO_FAULT_AFTER_BATCHES"
+FAULT_EXIT_CODE = 75
+
+Progress = Callable[..., None]
+"""``progress(label, done, total)``: called after each batch (``total`` may be ``None``)."""
+
+Messages = list[dict[str, str]]
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- settings and checks
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """The generator and its sampling settings (stored with every cached line and in the manifest)."""
+
+    generator: str
+    n_samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+S = TypeVar("S", bound=GenSettings)
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    """The options every generated build takes besides its own (the flags ``build-data math`` and
+    ``if`` share), passed to ``build_math`` / ``build_if`` as keyword arguments; a builder fills in
+    its defaults with :meth:`with_defaults`. An unknown keyword is a ``TypeError``."""
+
+    generator: str
+    n_samples: int
+    max_new_tokens: int
+    batch_size: int
+    n_train: int
+    n_test: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    seed: int = 0
+    limit: int | None = None
+    strict: bool = False
+    dry_run: bool = False
+    device: str | None = None
+    engine: str = "auto"
+
+    @classmethod
+    def with_defaults(cls, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> GenOptions:
+        """``given`` (keyword arguments of a ``build_*``) over the builder's ``defaults``."""
+        return cls(**{**defaults, **given})
+
+    def check(self, pair_needs: str, test_fraction: float | None = None) -> None:
+        """The checks every generated build makes before reading anything (``pair_needs``: why 2 samples)."""
+        if self.n_samples < 2:
+            raise BtpoError(f"--n-samples must be at least 2 (a pair needs {pair_needs})")
+        if self.n_train < 0 or self.n_test < 0:
+            raise BtpoError("--n-train and --n-test must be >= 0 (0 keeps every pair)")
+        if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+            raise BtpoError("--test-fraction must be in [0, 1)")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+
+    def settings(self, cls: type[S] = GenSettings) -> S:  # type: ignore[assignment]
+        """The generator settings (cached with every line; the manifest's ``generator``)."""
+        return cls(self.generator, self.n_samples, float(self.temperature), float(self.top_p),
+                   self.max_new_tokens, self.seed)
+
+    def sampler(self, given: Sampler | None = None) -> Sampler:
+        """``given`` (a test's fake, another generator), else the local generator model."""
+        return given or HFSampler(self.generator, self.device, self.batch_size, self.engine)
+
+
+def require_items(items: Sequence[Any], builder: str, what: str, skips: SkipLog) -> None:
+    """A one-line error naming the commonest skip reasons when no item was read."""
+    if not items:
+        reasons = "; ".join(f"{k} ({v})" for k, v in skips.counts.most_common(3)) or "no rows read"
+        raise BtpoError(f"{builder}: no usable {what} ({reasons})")
+
+
+# ----------------------------------------------------------------------------- the resumable cache
+
+
+def batch_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed derived from ``seed`` and ``parts``."""
+    h = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") >> 1
+
+
+class JsonlCache:
+    """An append-only JSONL cache keyed by ``key``; lines whose ``settings_key`` differ are ignored."""
+
+    def __init__(self, path: Path, key: str, settings_key: str, settings: Mapping[str, Any]):
+        self.path, self.key, self.settings_key, self.settings = path, key, settings_key, dict(settings)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The usable lines, ``{key: line}`` (the last line of a key wins)."""
+        return load_cache_file(self.path, self.key, self.settings_key, self.settings)
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append rows and ``fsync``: they survive a crash right after this returns."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        needs_newline = (
+            self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
+        )
+        with open(self.path, "a", encoding="utf-8") as f:
+            if needs_newline:  # a line cut by a crash: start a fresh one
+                f.write("\n")
+            for row in rows:
+                f.write(json.dumps({**row, self.settings_key: self.settings}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def load_cache_file(
+    path: Path, key: str, settings_key: str, settings: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+            if isinstance(row, dict) and row.get(settings_key) == dict(settings) and key in row:
+                out[str(row[key])] = row
+    return out
+
+
+def run_cached_stage(items: Sequence[Any], key: Callable[[Any], str], cache: JsonlCache, done: dict[str, Any],
+                     batch_size: int, make_rows: Callable[[list[Any], int], list[dict[str, Any]]], label: str,
+                     progress: Progress | None, stats: dict[str, int]) -> int:
+    """Run one resumable stage: batch by batch, the items whose ``key`` is not in ``done`` go through
+    ``make_rows(todo, batch_index)``; the rows are appended to ``cache`` (fsync) and to ``done``.
+
+    Counts ``stats["batches"]``; returns how many items were computed now. A killed stage resumes
+    where its cache ends (the batch index, hence each batch's seed, does not depend on what is cached)."""
+    n_done = sum(1 for it in items if key(it) in done)
+    made = 0
+    if progress is not None:
+        progress(label, n_done, len(items))
+    for b in range(0, len(items), batch_size):
+        todo = [it for it in items[b : b + batch_size] if key(it) not in done]
+        if not todo:
+            continue
+        rows = make_rows(todo, b // batch_size)
+        cache.append(rows)
+        done.update({str(r[cache.key]): r for r in rows})
+        stats["batches"] = stats.get("batches", 0) + 1
+        n_done += len(todo)
+        made += len(todo)
+        if progress is not None:
+            progress(label, n_done, len(items))
+        maybe_fault(stats["batches"])
+    return made
+
+
+def maybe_fault(batches_done: int) -> None:
+    """Exit abruptly after the K-th batch when ``BTPO_FAULT_AFTER_BATCHES=K`` (tests: a killed build)."""
+    k = os.environ.get(FAULT_ENV)
+    if k and k.isdigit() and batches_done >= int(k):
+        os._exit(FAULT_EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+class Sampler(Protocol):
+    """What the builders need from a generator: texts in, ``n`` sampled texts out per prompt."""
+
+    calls: int
+
+    def sample(self, prompts: list[Any], n: int, *, temperature: float, top_p: float, max_new_tokens: int,
+               seed: int | None, chat: bool) -> list[list[tuple[str, bool]]]: ...
+
+
+def sample_stage(
+    items: Sequence[T],
+    key: Callable[[T], str],
+    prompt_of: Callable[[T], Any],
+    *,
+    chat: bool,
+    tag: str,
+    sampler: Sampler,
+    settings: GenSettings,
+    cache: JsonlCache,
+    done: dict[str, Any],
+    batch_size: int,
+    label: str,
+    progress: Progress | None,
+    stats: dict[str, int],
+) -> int:
+    """Sample ``settings.n_samples`` responses for every item not in ``done``; one cached line per item,
+    ``{cache.key: key(item), "samples": [...], "finished": [...]}``. Returns how many were sampled now."""
+
+    def rows(todo: list[T], batch: int) -> list[dict[str, Any]]:
+        groups = sampler.sample([prompt_of(it) for it in todo], settings.n_samples,
+                                temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=settings.max_new_tokens,
+                                seed=batch_seed(settings.seed, tag, batch), chat=chat)
+        return [{cache.key: key(it), "samples": [t for t, _ in g], "finished": [f for _, f in g]}
+                for it, g in zip(todo, groups, strict=True)]
+
+    return run_cached_stage(items, key, cache, done, batch_size, rows, label, progress, stats)
+
+
+def default_device() -> str:
+    import torch  # heavy: imported on use
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _generation_eos(path: str) -> Any:
+    """The model's generation stop id(s), read without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig  # heavy: imported on use
+
+    try:
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except (OSError, ValueError):
+        return getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+
+
+class HFSampler:
+    """A local model behind a rollout engine (``--engine``: hf, vllm, auto), by name.
+
+    ``prompts`` are plain strings (``chat=False``: tokenized with ``add_special_tokens=True``) or
+    message lists (``chat=True``: ``apply_chat_template(..., add_generation_prompt=True)``).
+    Returns ``(text, finished)`` per sample; the text is decoded without special tokens.
+    """
+
+    def __init__(self, name: str, device: str | None = None, batch_size: int = 16, engine: str = "auto"):
+        self.name, self.device, self.batch_size = name, device or default_device(), batch_size
+        self.engine_name = engine
+        self.calls = 0
+        self._tok: Any = None
+        self._engine: Any = None
+
+    def _load(self) -> None:
+        if self._engine is not None:
+            return
+        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name  # heavy: imported on use
+        from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
+
+        engine = resolve_engine_name(self.engine_name)
+        key = (self.name, self.device)
+        model = None
+        if engine == "hf":
+            if key not in _MODELS:  # generator and judge may be the same model: load it once
+                tok = load_tokenizer(self.name, padding_side="left")
+                m = load_causal_lm(ModelConfig(name=self.name), self.device.split(":")[0], inference=True)
+                _MODELS[key] = (tok, m.to(self.device).eval())
+            self._tok, model = _MODELS[key]
+        else:
+            self._tok = load_tokenizer(self.name, padding_side="left")
+        path = resolve_model(self.name)
+        self._engine = build_engine(engine, EngineSpec(model_path=path, pad_token_id=self._tok.pad_token_id,
+                                                       device=self.device, module=model,
+                                                       prompts_per_batch=self.batch_size))
+        stops = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) if model is not None \
+            else _generation_eos(path)
+        stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.stop_ids = sorted(stops)
+
+    def encode(self, prompt: Any, chat: bool) -> list[int]:
+        if not chat:
+            return list(self._tok(prompt, add_special_tokens=True)["input_ids"])
+        if not getattr(self._tok, "chat_template", None):
+            raise BtpoError(f"model '{self.name}' has no chat template; pick an instruction-tuned model")
+        text = self._tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def sample(
+        self,
+        prompts: list[Any],
+        n: int,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None,
+        chat: bool,
+    ) -> list[list[tuple[str, bool]]]:
+        from btpo_cli.engines import SamplingParams  # heavy: imported on use
+
+        self._load()
+        self.calls += 1
+        ids = [self.encode(p, chat) for p in prompts]
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=seed,
+        )
+        groups = self._engine.generate(ids, n, params)
+        return [
+            [(self._tok.decode(s.token_ids, skip_special_tokens=True).strip(), bool(s.finished)) for s in g]
+            for g in groups
+        ]
+
+
+# ----------------------------------------------------------------------------- the judge
+
+
+class Judge(Protocol):
+    """What a judging builder needs from a judge: chat prompts in, one reply text out per prompt."""
+
+    def judge(self, prompts: list[Messages]) -> list[str]: ...
+
+
+class URLJudge:
+    """An OpenAI-compatible chat-completions endpoint as a judge (greedy, a few tokens)."""
+
+    def __init__(self, url: str, model: str, timeout: float = 120.0):
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.model, self.timeout = model, timeout
+        self.calls = 0
+
+    def ask(self, messages: Messages) -> str:
+        self.calls += 1
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 8}
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get("BTPO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                data = json.loads(resp.read().decode("utf-8"))
+            return str(data["choices"][0]["message"]["content"] or "")
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise BtpoError(f"judge endpoint {self.url} failed: {type(e).__name__}: {str(e)[:200]}") from e
+
+    def judge(self, prompts: list[Messages]) -> list[str]:
+        return [self.ask(p) for p in prompts]
+
+
+class LocalJudge:
+    """A local judge model (greedy, 4 new tokens, chat template)."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def judge(self, prompts: list[Messages]) -> list[str]:
+        groups = self.sampler.sample(
+            prompts, 1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=None, chat=True
+        )
+        return [g[0][0] for g in groups]
+
+
+def make_judge(judge: str, judge_url: str | None, options: GenOptions, sampler: Sampler) -> Judge:
+    """``judge`` behind ``judge_url`` when given, else the local model ``judge`` run like the generator
+    (``options``): the generator's own ``sampler`` when it is the same local model, so it loads once."""
+    if judge_url:
+        return URLJudge(judge_url, judge)
+    if judge == options.generator and isinstance(sampler, HFSampler):
+        return LocalJudge(sampler)
+    return LocalJudge(HFSampler(judge, options.device, options.batch_size, options.engine))
+
+
+# ----------------------------------------------------------------------------- pairs and output
+
+
+def pick_pair(
+    rng_key: str, better: Sequence[T], worse: Sequence[T], record: Callable[[T, T], dict[str, Any]]
+) -> PairRecord | None:
+    """One of ``better`` as chosen and one of ``worse`` as rejected (seeded by ``rng_key``), made into a
+    record by ``record(chosen, rejected)``; ``None`` when the record is not a usable pair."""
+    rng = random.Random(rng_key)
+    chosen = rng.choice(better)
+    rejected = rng.choice(worse)
+    try:
+        return normalize_record(record(chosen, rejected), 0)
+    except RecordSkip:
+        return None
+
+
+def split_by_fraction(
+    pairs: Sequence[PairRecord], test_fraction: float, n_train: int, n_test: int, rng_key: str
+) -> dict[str, list[PairRecord]]:
+    """Shuffle (seeded by ``rng_key``); the first ``ceil(test_fraction * pairs)`` (at most ``n_test``
+    unless 0) are the test split, the rest (at most ``n_train`` unless 0) the train split."""
+    pool = list(pairs)
+    random.Random(rng_key).shuffle(pool)
+    n_te = math.ceil(test_fraction * len(pool))
+    if n_test:
+        n_te = min(n_test, n_te)
+    test, train = pool[:n_te], pool[n_te:]
+    if n_train:
+        train = train[:n_train]
+    return {"train": train, "test": test}
+
+
+def base_manifest(
+    builder: str,
+    *,
+    seed: int,
+    aspect: str,
+    limit: int | None,
+    sources: Mapping[str, str],
+    settings: GenSettings,
+    requested: Mapping[str, Any],
+    license: str | None = None,
+    **scoring: Any,
+) -> dict[str, Any]:
+    """The fields every generated manifest starts with; ``scoring`` (the judge or the grader) comes
+    after the generator."""
+    return {
+        "builder": builder,
+        "name": builder,
+        "seed": seed,
+        "aspect": aspect,
+        **({"license": license} if license is not None else {}),
+        "limit": limit,
+        "sources": dict(sources),
+        "generator": asdict(settings),
+        **scoring,
+        "requested": dict(requested),
+    }
+
+
+def finish(
+    out: Path, splits: Mapping[str, list[PairRecord]], manifest: dict[str, Any], stats: dict[str, int]
+) -> dict[str, Any]:
+    """Write the dataset; the run's statistics go with the returned manifest, not into the file (they
+    differ between a fresh and a resumed build)."""
+    result = write_dataset(out, dict(splits), manifest)
+    result["generation_run"] = stats
+    return result
