@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +31,8 @@ from typing import Any
 from btpo_cli import __version__
 from btpo_cli.data.files import (
     BOM,
+    atomic_json,
+    atomic_open,
     check_not_lfs_pointer,
     decode_line,
     first_char,
@@ -399,13 +400,11 @@ def sha256_file(path: Path) -> str:
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSONL atomically (temp file + rename). Deterministic bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -426,9 +425,7 @@ def write_dataset(out_dir: str | Path, splits: dict[str, list[PairRecord]], mani
 
     full = {"format": "btpo-pairs/1", "btpo_version": __version__, **manifest,
             "counts": counts, "sha256": digests}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    atomic_json(out / "manifest.json", full)
     return full
 
 
