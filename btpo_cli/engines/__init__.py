@@ -84,6 +84,12 @@ def available_engines() -> list[str]:
     return list(_REGISTRY)
 
 
+def check_engine_choice(name: str) -> None:
+    """:class:`BtpoError` unless ``name`` is ``auto`` or a registered engine (``--engine``, ``engine=``)."""
+    if name != "auto" and name not in available_engines():
+        raise BtpoError(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
+
+
 def engine_class(name: str) -> Any:
     """The class registered as ``name``; a one-line error when unknown or not installed."""
     if name not in _REGISTRY:

@@ -18,8 +18,9 @@ from btpo_cli.config import Config, build_config, dump_yaml
 from btpo_cli.console import console
 from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import dataset_name, read_split
-from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from btpo_cli.engines import engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
+from btpo_cli.judging.judge import override_eval
 from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result, summarize, thought_stats
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.models.aliases import resolve_model
@@ -30,19 +31,12 @@ from btpo_cli.training.accelerator import use_cpu
 
 def _override_eval(cfg: Config, data: str | None, batch_size: int | None, samples: int | None,
                    max_new_tokens: int | None, engine: str | None) -> None:
-    """Apply ``btpo eval``'s flags to the config the judge will run on."""
+    """Apply ``btpo eval``'s flags to the config the judge will run on (a 0 batch size or token
+    budget keeps the config's)."""
     if data:
         cfg.data.path = data
-    if batch_size:
-        cfg.eval.batch_size = batch_size
-    if samples is not None:
-        cfg.eval.samples = samples
-    if max_new_tokens:
-        cfg.eval.max_new_tokens = max_new_tokens
-    if engine:
-        if engine != "auto" and engine not in available_engines():
-            raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
-        cfg.rollout.engine = engine
+    override_eval(cfg, batch_size=batch_size or None, max_new_tokens=max_new_tokens or None,
+                  samples=samples, engine=engine)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
