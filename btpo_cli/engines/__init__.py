@@ -25,13 +25,14 @@ from btpo_cli.engines.base import (
     RolloutEngine,
     Sample,
     SamplingParams,
+    WeightStream,
     request_seed,
     resolve_seeds,
     sample_seed,
 )
 from btpo_cli.errors import BtpoError
 
-__all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "available_engines", "build_engine",
+__all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "WeightStream", "available_engines", "build_engine",
            "default_engine", "engine_class", "engine_for", "register_engine", "request_seed", "resolve_engine_name",
            "resolve_seeds", "sample_seed", "spec_from_config"]
 
