@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from btpo_cli.config import Config
-from btpo_cli.engines import WeightStream, engine_for
+from btpo_cli.engines import RolloutEngine, WeightStream, engine_for
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.models.loading import load_causal_lm, load_policy, load_tokenizer
 from btpo_cli.models.lora import (
@@ -179,7 +179,7 @@ class TrainSession:
 
         return WeightStream({name: t.shape for name, t in weights(meta=True)}, weights(meta=False))
 
-    def rollout_engine(self, max_new_tokens: int | None = None) -> Any:
+    def rollout_engine(self, max_new_tokens: int | None = None) -> RolloutEngine:
         """This process's rollout engine (``rollout.engine``), holding the policy's current weights.
 
         The ``hf`` engine generates with the trainer's own module (no copy; see
@@ -189,7 +189,7 @@ class TrainSession:
                           module=self.policy(), max_new_tokens=max_new_tokens)
 
     @contextmanager
-    def engine_weights(self, engine: Any) -> Iterator[None]:
+    def engine_weights(self, engine: RolloutEngine) -> Iterator[None]:
         """Within: ``engine`` generates with the policy's current weights.
 
         An engine that shares the trainer's module (``hf``) needs no copy: under FSDP2 / ZeRO-3 its
