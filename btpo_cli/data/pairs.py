@@ -23,8 +23,9 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -339,16 +340,24 @@ def read_pairs(source: str | Path, split: str = "train", strict: bool = False,
     out: list[PairRecord] = []
     seen: set[str] = set()
     for file, num, raw in iter_raw_records(source, split, skips):
-        try:
-            rec = normalize_record(raw, num, default_aspect=default_aspect)
-            if rec.id in seen:
-                raise RecordSkip("id", R_DUPLICATE_ID)
-        except RecordSkip as s:
-            skips.skip(file, num, s.field, s.reason)
-            continue
-        seen.add(rec.id)
-        out.append(rec)
+        add_unique(out, seen, skips, file, num, partial(normalize_record, raw, num, default_aspect=default_aspect))
     return out, skips
+
+
+def add_unique(records: list[PairRecord], seen: set[str], skips: SkipLog, file: str, num: int,
+               make: Callable[[], PairRecord]) -> bool:
+    """Append ``make()``'s record unless making it is skipped (:class:`RecordSkip`) or its id is in
+    ``seen``: then log the skip (``file``, ``num``) and return False."""
+    try:
+        rec = make()
+        if rec.id in seen:
+            raise RecordSkip("id", R_DUPLICATE_ID)
+    except RecordSkip as s:
+        skips.skip(file, num, s.field, s.reason)
+        return False
+    seen.add(rec.id)
+    records.append(rec)
+    return True
 
 
 _PRELOADED: dict[tuple[str, str, bool], tuple[list[PairRecord], SkipLog]] = {}
