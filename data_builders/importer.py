@@ -27,6 +27,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from btpo_cli.data.pairs import (
     PairRecord,
     RecordSkip,
     SkipLog,
+    add_unique,
     normalize_record,
     write_dataset,
 )
@@ -50,7 +52,6 @@ TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev", "eval")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant", "bot": "assistant"}
 
-R_DUPLICATE_ID = "duplicate of an earlier record's id"
 R_PROMPTS_DIFFER = "chosen and rejected differ before the final assistant turn"
 R_NO_PROMPT = "no prompt column and the responses carry no prompt turns"
 
@@ -203,16 +204,10 @@ def _read_split(spec: SourceSpec, split: str | None, cmap: dict[str, str], *, na
     for i, (file, num, row) in enumerate(rows):
         if i == 0:
             cmap = _check_columns(cmap, row, file)
-        try:
-            rec = convert_row(row, cmap, f"{id_prefix}{i:07d}", fmt=fmt, aspect=aspect,
-                              source=source_label)
-            if rec.id in seen:
-                raise RecordSkip("id", R_DUPLICATE_ID)
-        except RecordSkip as s:
-            skips.skip(file, num, s.field, s.reason)
+        if not add_unique(records, seen, skips, file, num,
+                          partial(convert_row, row, cmap, f"{id_prefix}{i:07d}", fmt=fmt, aspect=aspect,
+                                  source=source_label)):
             continue
-        seen.add(rec.id)
-        records.append(rec)
         if progress is not None and (i + 1) % 1000 == 0:
             progress(f"{name}/{split or 'all'}", i + 1)
     if progress is not None:

@@ -87,6 +87,18 @@ def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
     return p
 
 
+def full_and_resumed(args: list[str], root: Path, step: int) -> tuple[Path, Path]:
+    """``btpo`` ``args`` twice: into ``root/full`` uninterrupted, and into ``root/killed`` killed
+    right after optimizer step ``step`` (exit 17, no ``final/``) then ``--resume``d to the end."""
+    full, killed = root / "full", root / "killed"
+    run_btpo(*args, "--out", str(full))
+    p = run_btpo(*args, "--out", str(killed), env={"BTPO_FAULT_AT_STEP": str(step)}, check=False)
+    assert p.returncode == 17
+    assert not (killed / "final").exists()
+    run_btpo("train", "--out", str(killed), "--resume")
+    return full, killed
+
+
 TINY_BT = ["--set", "train.batch_size=8", "--set", "train.micro_batch_size=4", "--set", "optim.lr=1e-3",
            "--set", "optim.warmup_ratio=0"]
 

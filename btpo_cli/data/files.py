@@ -12,6 +12,10 @@ What is handled here, once, for every reader (``data.py``, ``data_builders/sourc
 * invalid UTF-8 is reported per line (:func:`decode_line`) or, for readers that decode whole
   streams (CSV, JSON lists), located by :func:`utf8_error` to its line and column;
 * a local-looking path that does not exist is not mistaken for a Hub id (:func:`looks_like_hub_id`).
+
+Writing, once for every writer (data sets, run folders, checkpoints' metadata, eval summaries):
+:func:`atomic_open` / :func:`atomic_write` / :func:`atomic_json` go through a hidden temporary
+file and a rename, so a kill leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +44,29 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
 _STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 _JSON_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- writing
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[IO[str]]:
+    """A text file to write that replaces ``path`` (through ``.<name>.tmp`` and a rename) when the
+    block ends without an exception; a kill or an error leaves the old ``path`` as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yield f
+    os.replace(tmp, path)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (a kill leaves old or new)."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as indented JSON (non-ASCII kept) with a final newline, atomically."""
+    atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- paths

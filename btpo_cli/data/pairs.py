@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from btpo_cli import __version__
 from btpo_cli.data.files import (
     BOM,
+    atomic_json,
+    atomic_open,
     check_not_lfs_pointer,
     decode_line,
     first_char,
@@ -338,16 +340,24 @@ def read_pairs(source: str | Path, split: str = "train", strict: bool = False,
     out: list[PairRecord] = []
     seen: set[str] = set()
     for file, num, raw in iter_raw_records(source, split, skips):
-        try:
-            rec = normalize_record(raw, num, default_aspect=default_aspect)
-            if rec.id in seen:
-                raise RecordSkip("id", R_DUPLICATE_ID)
-        except RecordSkip as s:
-            skips.skip(file, num, s.field, s.reason)
-            continue
-        seen.add(rec.id)
-        out.append(rec)
+        add_unique(out, seen, skips, file, num, partial(normalize_record, raw, num, default_aspect=default_aspect))
     return out, skips
+
+
+def add_unique(records: list[PairRecord], seen: set[str], skips: SkipLog, file: str, num: int,
+               make: Callable[[], PairRecord]) -> bool:
+    """Append ``make()``'s record unless making it is skipped (:class:`RecordSkip`) or its id is in
+    ``seen``: then log the skip (``file``, ``num``) and return False."""
+    try:
+        rec = make()
+        if rec.id in seen:
+            raise RecordSkip("id", R_DUPLICATE_ID)
+    except RecordSkip as s:
+        skips.skip(file, num, s.field, s.reason)
+        return False
+    seen.add(rec.id)
+    records.append(rec)
+    return True
 
 
 _PRELOADED: dict[tuple[str, str, bool], tuple[list[PairRecord], SkipLog]] = {}
@@ -399,13 +409,11 @@ def sha256_file(path: Path) -> str:
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSONL atomically (temp file + rename). Deterministic bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -426,9 +434,7 @@ def write_dataset(out_dir: str | Path, splits: dict[str, list[PairRecord]], mani
 
     full = {"format": "btpo-pairs/1", "btpo_version": __version__, **manifest,
             "counts": counts, "sha256": digests}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    atomic_json(out / "manifest.json", full)
     return full
 
 

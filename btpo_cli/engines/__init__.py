@@ -25,13 +25,14 @@ from btpo_cli.engines.base import (
     RolloutEngine,
     Sample,
     SamplingParams,
+    WeightStream,
     request_seed,
     resolve_seeds,
     sample_seed,
 )
 from btpo_cli.errors import BtpoError
 
-__all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "available_engines", "build_engine",
+__all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "WeightStream", "available_engines", "build_engine",
            "default_engine", "engine_class", "engine_for", "register_engine", "request_seed", "resolve_engine_name",
            "resolve_seeds", "sample_seed", "spec_from_config"]
 
@@ -82,6 +83,12 @@ def register_engine(name: str, target: Any = None) -> Any:
 
 def available_engines() -> list[str]:
     return list(_REGISTRY)
+
+
+def check_engine_choice(name: str) -> None:
+    """:class:`BtpoError` unless ``name`` is ``auto`` or a registered engine (``--engine``, ``engine=``)."""
+    if name != "auto" and name not in available_engines():
+        raise BtpoError(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
 
 
 def engine_class(name: str) -> Any:

@@ -5,7 +5,7 @@ An engine turns prompt token ids into sampled continuations. It is built by name
 training run or evaluation::
 
     engine.generate(prompts, n, params, seeds) -> result      # result[i][j]: j-th sample of prompt i
-    engine.update_weights(named_tensors)                     # once per rollout, full (unsharded) weights
+    engine.update_weights(weights)                           # once per rollout, full (unsharded) weights
     engine.sleep(); engine.wake()                            # free / take back memory around the update
     engine.stats() -> dict                                   # counters since construction
     engine.close()
@@ -18,7 +18,16 @@ Promises every engine keeps (``tests/engines/test_engines.py`` checks them for e
 - sampling is a pure function of (weights, prompt, params, seed of the sample): the ``j``-th
   sample of prompt ``i`` uses :func:`sample_seed` ``(seeds[i], j)``, so a killed and resumed run
   re-draws exactly the thoughts an uninterrupted one draws, whatever RNG the engine uses inside;
-- after ``update_weights`` the engine generates with the new weights.
+- after ``update_weights`` the engine generates with the new weights;
+- a refused update (an unknown name, a wrong shape, for vLLM a missing weight) raises before
+  anything is copied and leaves the engine as it was.
+
+Weights travel as a :class:`WeightStream`: every (name, shape) known up front (a metadata pass:
+no tensor gathered or built), the tensors produced one at a time. An engine checks the names and
+shapes first, then copies each tensor as it arrives and lets it go, so a sync needs the memory of
+one tensor (a gathered or merged one), not of a second copy of the model. A plain iterable of
+(name, tensor) pairs is accepted too (:meth:`WeightStream.of` holds it whole to check it first:
+free for a list of existing tensors, a full copy for a generator of new ones).
 
 Seeds are derived, never carried: the trainer names each request by (run seed, rollout, unit,
 response) through :func:`request_seed`.
@@ -27,7 +36,7 @@ response) through :func:`request_seed`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,6 +70,35 @@ class Sample:
         return isinstance(other, Sample) and (self.token_ids, self.finished) == (other.token_ids, other.finished)
 
 
+class WeightStream:
+    """Full weights for ``update_weights``: ``shapes`` (name → shape, in stream order) known before
+    any tensor exists, and the (name, tensor) pairs themselves produced one at a time by iterating
+    (once). Iterating checks each tensor against what was announced: a producer that strays from
+    its own ``shapes`` is a bug, raised as :class:`RuntimeError`."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], tensors: Iterable[tuple[str, torch.Tensor]]):
+        self.shapes: dict[str, tuple[int, ...]] = {n: tuple(s) for n, s in shapes.items()}
+        self._tensors = tensors
+
+    @classmethod
+    def of(cls, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightStream:
+        """``named_tensors`` itself when it is a stream; else all its pairs, held to be checked first."""
+        if isinstance(named_tensors, WeightStream):
+            return named_tensors
+        pairs = list(named_tensors)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, t in pairs:
+            shapes.setdefault(name, tuple(t.shape))
+        return cls(shapes, pairs)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in self._tensors:
+            if self.shapes.get(name) != tuple(t.shape):
+                raise RuntimeError(f"weight stream: {name!r} with shape {tuple(t.shape)} was announced as "
+                                   f"{self.shapes.get(name)}")
+            yield name, t
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the trainer, the evaluators and the data builders may call."""
@@ -72,8 +110,10 @@ class RolloutEngine(Protocol):
         """``n`` continuations of every prompt; ``seeds[i]`` (optional) names prompt ``i``'s request."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full (unsharded) weights, named as in the Hugging Face checkpoint of the model."""
+    def update_weights(self, named_tensors: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full (unsharded) weights, named as in the Hugging Face checkpoint of the model: check
+        every name and shape (``WeightStream.shapes``) before the first copy, then copy the tensors
+        one at a time as the stream yields them, keeping none."""
         ...
 
     def sleep(self) -> None:

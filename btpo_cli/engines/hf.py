@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from btpo_cli.console import quiet_transformers
-from btpo_cli.engines.base import Sample, SamplingParams, resolve_seeds, sample_seed
+from btpo_cli.engines.base import Sample, SamplingParams, WeightStream, resolve_seeds, sample_seed
 from btpo_cli.models.inputs import left_pad, positions
 
 
@@ -96,21 +96,22 @@ class HFEngine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy full weights in by checkpoint name; a tensor that already IS the parameter is skipped.
-        Names and shapes are checked before anything is copied: a rejected update changes nothing."""
+        Names and shapes are checked before anything is copied (a rejected update changes nothing);
+        then the tensors are copied one at a time as the stream yields them."""
         state = self.model.state_dict(keep_vars=True)
-        weights = list(named_tensors)
-        for name, t in weights:
+        stream = WeightStream.of(named_tensors)
+        for name, shape in stream.shapes.items():
             p = state.get(name)
             if p is None:
                 raise KeyError(f"update_weights: the engine's model has no weight named {name!r}")
-            if p.shape != t.shape:
-                raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, the engine's model "
+            if tuple(p.shape) != shape:
+                raise ValueError(f"update_weights: {name!r} has shape {shape}, the engine's model "
                                  f"{tuple(p.shape)}")
         copied = 0
         with torch.no_grad():
-            for name, t in weights:
+            for name, t in stream:
                 p = state[name]
                 if p.data_ptr() == t.data_ptr():
                     continue

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from btpo_cli.engines.base import Sample, SamplingParams, resolve_seeds, sample_seed
+from btpo_cli.engines.base import Sample, SamplingParams, WeightStream, resolve_seeds, sample_seed
 from btpo_cli.errors import BtpoError
 
 log = logging.getLogger(__name__)
@@ -309,35 +309,37 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def _validate(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        """Names and shapes against the checkpoint the engine was built from, before vLLM sees them
-        (vLLM's reload cannot be undone half-way: a bad name there would leave the engine broken)."""
+    def _validate(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Names and shapes against the checkpoint the engine was built from, before vLLM sees a
+        tensor (vLLM's reload cannot be undone half-way: a bad name there would leave the engine broken)."""
         if self._shapes is None:
             return
         optional = {"lm_head.weight"} if self._tied else set()
         seen = set()
-        for name, t in weights:
+        for name, shape in shapes.items():
             want = self._shapes.get(name)
             if want is None:
                 if name in optional:
                     continue
                 raise KeyError(f"update_weights: the engine's model has no weight named {name!r}")
-            if tuple(t.shape) != want:
-                raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, the engine's model {want}")
+            if shape != want:
+                raise ValueError(f"update_weights: {name!r} has shape {shape}, the engine's model {want}")
             seen.add(name)
         missing = sorted(set(self._shapes) - seen)
         if missing:
             raise ValueError(f"update_weights: {len(missing)} of {len(self._shapes)} weights missing "
                              f"(first: {missing[0]!r}); the vLLM engine reloads whole layers, send all weights")
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full (unsharded) weights, named as in the Hugging Face checkpoint, then drop the
-        prefix cache. The tensors are read, not kept; any dtype/device (cast on copy)."""
+        prefix cache. Names and shapes are checked first; then vLLM reads the tensors one at a time
+        as the stream yields them and keeps none; any dtype/device (cast on copy)."""
         self._check_usable()
         if self._asleep:
             raise BtpoError("update_weights() on a sleeping vLLM engine: call wake() first")
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        self._validate(weights)
+        stream = WeightStream.of(named_tensors)
+        self._validate(stream.shapes)
+        weights = ((name, t.detach()) for name, t in stream)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():

@@ -388,26 +388,13 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     aspect (else the checkpoint's)."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.engines import (  # heavy: imported on use
-        available_engines,
-        engine_class,
-        resolve_engine_name,
-    )
+    from btpo_cli.engines import engine_class, resolve_engine_name  # heavy: imported on use (torch)
 
     ck = read_checkpoint(path)
     cfg = ck.cfg
-    if batch_size is not None:
-        cfg.eval.batch_size = batch_size
-    if max_new_tokens is not None:
-        cfg.eval.max_new_tokens = max_new_tokens
-    if samples is not None:
-        cfg.eval.samples = samples
+    override_eval(cfg, batch_size=batch_size, max_new_tokens=max_new_tokens, samples=samples, engine=engine)
     if seed is not None:
         cfg.train.seed = seed
-    if engine:
-        if engine != "auto" and engine not in available_engines():
-            raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
-        cfg.rollout.engine = engine
     spec = get_method(cfg.method)
     if spec.judge is None:
         raise BtpoError(f"method '{cfg.method}' registers no judge (MethodSpec.judge)")
@@ -419,6 +406,24 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     if aspect:
         meta["aspect"] = aspect
     return spec.judge(str(ck.model_dir), cfg, dev, meta)
+
+
+def override_eval(cfg: Config, *, batch_size: int | None = None, max_new_tokens: int | None = None,
+                  samples: int | None = None, engine: str | None = None) -> None:
+    """Apply the judging settings a caller overrides (``btpo eval``'s flags, :func:`load_judge`'s
+    arguments) to the config the judge will run on; ``None`` keeps the config's. The engine name is
+    checked here (``auto`` or a registered engine)."""
+    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
+
+    if batch_size is not None:
+        cfg.eval.batch_size = batch_size
+    if max_new_tokens is not None:
+        cfg.eval.max_new_tokens = max_new_tokens
+    if samples is not None:
+        cfg.eval.samples = samples
+    if engine:
+        check_engine_choice(engine)
+        cfg.rollout.engine = engine
 
 
 def judge_for_eval(factory: Callable[..., Judge], cfg: Config, model_dir: str, device: Any) -> Judge:

@@ -13,8 +13,10 @@ The eval JSON carries ``eval_version``; ``btpo compare`` only puts results of on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 EVAL_VERSION = "btpo-eval/1"
@@ -114,3 +116,25 @@ def thought_stats(results: Sequence[PairResult]) -> dict[str, Any] | None:
 
     return {"responses": len(got["thought_tokens"]), "thought_tokens_mean": mean(got["thought_tokens"]),
             "thought_cut_fraction": mean(got["thought_cut"]), "yes_no_mass_mean": mean(got["yes_no_mass"])}
+
+
+class JsonlWriter:
+    """``<artifacts><suffix>`` (an evaluation's per-pair rationales or thoughts) when ``artifacts`` is
+    given, one JSON object a line; a no-op otherwise."""
+
+    def __init__(self, artifacts: Path | None, suffix: str = ".rationales.jsonl"):
+        self.path = artifacts.parent / (artifacts.name + suffix) if artifacts else None
+        self._f: Any = None
+
+    def __enter__(self) -> JsonlWriter:
+        if self.path:
+            self._f = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._f:
+            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f:
+            self._f.close()

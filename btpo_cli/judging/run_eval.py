@@ -16,45 +16,27 @@ from rich.markup import escape
 from btpo_cli import __version__
 from btpo_cli.config import Config, build_config, dump_yaml
 from btpo_cli.console import console
+from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import dataset_name, read_split
-from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from btpo_cli.engines import engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
+from btpo_cli.judging.judge import override_eval
 from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result, summarize, thought_stats
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.models.aliases import resolve_model
-from btpo_cli.runs.final import read_checkpoint, read_meta, record_eval
-from btpo_cli.runs.folder import Run, atomic_write
+from btpo_cli.runs.final import model_dir_of, read_checkpoint, read_meta, record_eval
+from btpo_cli.runs.folder import Run
 from btpo_cli.training.accelerator import use_cpu
-
-
-def model_dir_of(run: Run, which: str = "final") -> Path:
-    if which == "best":
-        if not run.best_dir.exists():
-            raise BtpoError(f"{run.root}: no best/ model (it is kept when training with train.eval_every > 0)")
-        return run.best_dir
-    if which != "final":
-        raise BtpoError(f"--which {which}: expected final or best")
-    if not run.final_dir.exists():
-        raise BtpoError(f"{run.root}: no final/ model yet (did training finish? `btpo train --out {run.root} "
-                        "--resume` completes it)")
-    return run.final_dir
 
 
 def _override_eval(cfg: Config, data: str | None, batch_size: int | None, samples: int | None,
                    max_new_tokens: int | None, engine: str | None) -> None:
-    """Apply ``btpo eval``'s flags to the config the judge will run on."""
+    """Apply ``btpo eval``'s flags to the config the judge will run on (a 0 batch size or token
+    budget keeps the config's)."""
     if data:
         cfg.data.path = data
-    if batch_size:
-        cfg.eval.batch_size = batch_size
-    if samples is not None:
-        cfg.eval.samples = samples
-    if max_new_tokens:
-        cfg.eval.max_new_tokens = max_new_tokens
-    if engine:
-        if engine != "auto" and engine not in available_engines():
-            raise BtpoError(f"--engine {engine}: not one of auto, {', '.join(available_engines())}")
-        cfg.rollout.engine = engine
+    override_eval(cfg, batch_size=batch_size or None, max_new_tokens=max_new_tokens or None,
+                  samples=samples, engine=engine)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
@@ -68,7 +50,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     run = Run(run_dir)
     cfg: Config = run.load_config()
     _override_eval(cfg, data, batch_size, samples, max_new_tokens, engine)
-    return run_protocol(cfg, run.root, str(model_dir_of(run, which)), split, limit, device, which=which)
+    return run_protocol(cfg, run.root, str(model_dir_of(run.root, which)), split, limit, device, which=which)
 
 
 def evaluate_model(model: str, method: str | None, data: str | None, out: str | Path | None = None,
@@ -234,7 +216,7 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
         summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
             [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
     if shards.is_main:
-        _atomic_json(out_dir / f"{name}.json", summary)
+        atomic_json(out_dir / f"{name}.json", summary)
         with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
@@ -334,7 +316,3 @@ def eval_paths(run_dir: str | Path, summary: dict[str, Any]) -> list[Path]:
     return [d / f"{summary['dataset']}.json", d / f"{summary['dataset']}.predictions.jsonl"]
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -21,7 +21,6 @@ Run it::
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
-from btpo_cli.engines import SamplingParams, engine_for, request_seed
+from btpo_cli.engines import RolloutEngine, SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
 from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence
 from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
-from btpo_cli.judging.protocol import PairResult, pointwise_result
+from btpo_cli.judging.protocol import JsonlWriter, PairResult, pointwise_result
 from btpo_cli.judging.templates import (
     EVAL_INSTRUCTION,
     PLACEHOLDER_PROMPT,
@@ -53,7 +52,14 @@ from btpo_cli.methods import MethodSpec, register_method
 from btpo_cli.models.loading import load_tokenizer
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
+from btpo_cli.training.rollouts import (
+    Rollout,
+    RolloutPlan,
+    check_rollout_sizes,
+    run_rollouts,
+    sample_and_score,
+    score_chunked,
+)
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import StepTimer
 
@@ -89,51 +95,21 @@ def encode_pairs(judge: GPMTokens, records: list[PairRecord], max_prefix: int) -
     return out, stats
 
 
-@dataclass
-class Rollout:
-    """One rollout batch on this process: b pairs × 2 responses × K thoughts, in that order (rows)."""
-
-    seqs: SeqBatch                    # (b·2·K) rows, left-padded, on the CPU
-    old_logp: torch.Tensor            # (b·2·K, Tz) thought log-probs under the rollout weights, right-padded
-    old_logp_yes: torch.Tensor        # (b, 2, K)
-    ref_logp: torch.Tensor | None     # (b·2·K, Tz) under the reference model (β > 0)
-
-
-@torch.no_grad()
-def score_chunked(model: Any, seqs: SeqBatch, judge: GPMTokens, cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad scoring in chunks of ``batch`` rows: thought log-probs (N, Tz) right-padded, log p(Yes) (N,)."""
-    n = len(seqs)
-    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
-    yes = torch.zeros(n, dtype=torch.float32)
-    for start in range(0, n, batch):
-        rows = list(range(start, min(n, start + batch)))
-        sc = score_thoughts(model, seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
-                            cfg.btpo.yes_no_normalize, cfg.rollout.temperature)
-        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
-        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
-    return logp, yes
-
-
-def do_rollout(model: Any, ref: Any, engine: Any, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: GPMTokens,
-               cfg: Config, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
+def do_rollout(model: Any, ref: Any, engine: RolloutEngine, pairs: list[tuple[int, GPMPrompt, GPMPrompt]],
+               judge: GPMTokens, cfg: Config, timer: StepTimer,
+               seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
     k = cfg.rollout.n
     prompts = [p for _, w, lo in pairs for p in (w, lo)]                          # (2b,)
-    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [judge.eot_id],
-                            logprobs=True)
-    with timer.phase("generate"):
-        samples = engine.generate([p.prefix for p in prompts], k, params, seeds)  # (2b, K)
-    seqs = SeqBatch.from_seqs([thought_sequence(p, s, judge.eot_id) for p, group in zip(prompts, samples, strict=True)
-                               for s in group], judge.pad_id)
-    with timer.phase("score"):
-        old_logp, old_yes = score_chunked(model, seqs, judge, cfg, cfg.train.micro_batch_size * 2 * k)
-        ref_logp = score_chunked(ref, seqs, judge, cfg, cfg.train.micro_batch_size * 2 * k)[0] if ref else None
-    flat = [s for group in samples for s in group]
-    lens = seqs.n_thought.tolist()
+    sc = sample_and_score(model, ref, engine, [p.prefix for p in prompts], cfg, judge.eot_id, timer, seeds,
+                          lambda i, s: thought_sequence(prompts[i], s, judge.eot_id),
+                          (judge.yes_id, judge.no_id, judge.pad_id), cfg.btpo.yes_no_normalize,
+                          cfg.train.micro_batch_size * 2 * k)
+    flat = sc.flat
+    lens = sc.seqs.n_thought.tolist()
     stats = {"len": float(sum(lens)), "n": float(len(lens)),
-             "cut": float(sum(1 for s in flat if not s.finished and len(s.token_ids) >= cfg.rollout.max_new_tokens)),
-             **logprob_diff([s.logprobs for s in flat], old_logp, lens)}
-    return Rollout(seqs, old_logp, old_yes.view(len(pairs), 2, k), ref_logp), stats
+             "cut": float(sum(1 for s in flat if _cut(s, cfg.rollout.max_new_tokens))), **sc.logprob_diff()}
+    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, old_logp_yes=sc.old_logp_yes.view(len(pairs), 2, k)), stats
 
 
 def rollout_seeds(seed: int, r_idx: int, pair_indices: list[int]) -> list[int]:
@@ -184,11 +160,16 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, c
     ref = ro.ref_logp[rows, :width].to(device) if ro.ref_logp is not None else None
     m = len(pair_ids)
     return btpo_loss(
-        sc.logp, old, sc.mask, sc.logp_yes.view(m, 2, k), ro.old_logp_yes[pair_ids].to(device),
+        sc.logp, old, sc.mask, sc.logp_yes.view(m, 2, k), _yes(ro)[pair_ids].to(device),
         thought_advantage=cfg.btpo.thought_advantage, agg=cfg.btpo.agg, eps_low=cfg.btpo.clip_eps_low,
         eps_high=cfg.btpo.clip_eps_high, norm_constant=float(cfg.rollout.max_new_tokens),
         misalignment_weight=cfg.btpo.misalignment_weight, ref_logp=ref, beta=cfg.btpo.beta,
         score_floor=cfg.btpo.score_floor)
+
+
+def _yes(ro: Rollout) -> torch.Tensor:
+    assert ro.old_logp_yes is not None, "a BTPO rollout carries log p(Yes)"
+    return ro.old_logp_yes
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -248,7 +229,8 @@ class BTPOJudge(Judge):
                                        [request_seed(*items[i].key) for i in idx])
             sseqs = SeqBatch.from_seqs([thought_sequence(p, s, ids.eot_id) for p, g in zip(todo, smp, strict=True)
                                         for s in g], ids.pad_id)
-            _, syes = score_chunked(self.model, sseqs, ids, self.cfg, self.cfg.eval.batch_size * 2)
+            _, syes = score_chunked(self.model, sseqs, ids.yes_id, ids.no_id, ids.pad_id, self.cfg.btpo.yes_no_normalize,
+                                    self.cfg.rollout.temperature, self.cfg.eval.batch_size * 2)
             sampled = syes.exp().view(-1, k).tolist()
             sampled_text = [[self.tok.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in smp]
         for j, i in enumerate(idx):
@@ -289,24 +271,18 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
     Each result's detail carries the thought lengths, whether they were cut at the budget and the
     Yes + No mass at the answer position; ``<artifacts>.thoughts.jsonl`` holds the thoughts."""
     judge = judge_for_eval(BTPOJudge, cfg, model_dir, device)
-    thoughts_path = artifacts.parent / (artifacts.name + ".thoughts.jsonl") if artifacts else None
-    thoughts_f = open(thoughts_path, "w", encoding="utf-8") if thoughts_path else None  # noqa: SIM115
 
-    def write(rec: PairRecord, judged: tuple[Score, Score], result: PairResult) -> None:
-        if thoughts_f:
-            sw, sl = judged
-            thoughts_f.write(json.dumps({
-                "id": rec.id, "thought_chosen": sw.thought, "p_yes_chosen": sw.detail["p_yes"],
+    def row(rec: PairRecord, judged: tuple[Score, Score]) -> dict[str, Any]:
+        sw, sl = judged
+        return {"id": rec.id, "thought_chosen": sw.thought, "p_yes_chosen": sw.detail["p_yes"],
                 "tokens_chosen": sw.detail["thought_tokens"], "cut_chosen": sw.detail["thought_cut"],
                 "thought_rejected": sl.thought, "p_yes_rejected": sl.detail["p_yes"],
-                "tokens_rejected": sl.detail["thought_tokens"], "cut_rejected": sl.detail["thought_cut"]},
-                ensure_ascii=False) + "\n")
+                "tokens_rejected": sl.detail["thought_tokens"], "cut_rejected": sl.detail["thought_cut"]}
 
     try:
-        return judge.evaluate_pairs(records, progress, sink=write)
+        with JsonlWriter(artifacts, ".thoughts.jsonl") as out:
+            return judge.evaluate_pairs(records, progress, sink=lambda rec, judged, _: out.write(row(rec, judged)))
     finally:
-        if thoughts_f:
-            thoughts_f.close()
         judge.close()
 
 

@@ -40,7 +40,6 @@ Metrics (every key documented):
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,16 +50,30 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
-from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.engines import (
+    RolloutEngine,
+    Sample,
+    SamplingParams,
+    engine_for,
+    request_seed,
+    resolve_engine_name,
+)
+from btpo_cli.judging.gpm import ThoughtSeq, score_thoughts
 from btpo_cli.judging.judge import Judge
 from btpo_cli.judging.parsers import ParseStats, ScoreParse, VerdictParse
+from btpo_cli.judging.protocol import JsonlWriter
 from btpo_cli.judging.templates import TooLong, encode_judge, end_of_turn_id
 from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
 from btpo_cli.models.loading import load_tokenizer
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
+from btpo_cli.training.rollouts import (
+    Rollout,
+    RolloutPlan,
+    check_rollout_sizes,
+    run_rollouts,
+    sample_and_score,
+)
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import StepTimer
 
@@ -105,57 +118,30 @@ def decode(tok: Any, sample: Sample) -> str:
 
 # ----------------------------------------------------------------------------- rollout
 
-@dataclass
-class Rollout:
-    """One rollout on this process: b units × q queries × G completions, in that order (rows)."""
-
-    seqs: SeqBatch                      # (b·q·G) rows: prompt + completion, n_thought = completion length
-    old_logp: torch.Tensor              # (b·q·G, Tz) completion log-probs under the rollout weights
-    ref_logp: torch.Tensor | None       # (b·q·G, Tz) under the reference (β > 0)
-    advantages: torch.Tensor            # (b·q·G,)
-
-
-@torch.no_grad()
-def completion_logps(model: Any, seqs: SeqBatch, pad_id: int, temperature: float, batch: int) -> torch.Tensor:
-    """No-grad per-token log-probs of each completion (at the sampling temperature), in chunks: (N, Tz)."""
-    n = len(seqs)
-    out = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
-    for start in range(0, n, batch):
-        rows = list(range(start, min(n, start + batch)))
-        sc = score_thoughts(model, seqs.select(rows), pad_id, pad_id, pad_id, False, temperature)
-        out[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
-    return out
-
-
-def do_rollout(model: Any, ref: Any, engine: Any, tok: Any, task: GRPOTask, queries: list[Query], cfg: Config,
-               eot_id: int, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
+def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPOTask, queries: list[Query],
+               cfg: Config, eot_id: int, timer: StepTimer,
+               seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample ``G`` completions per query with ``engine``; parse, reward, score with the trainer's ``model``."""
     g, pad_id = cfg.rollout.n, tok.pad_token_id
-    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [eot_id],
-                            logprobs=True)
-    with timer.phase("generate"):
-        samples = engine.generate([q.ids for q in queries], g, params, seeds)        # (b·q, G)
+    sc = sample_and_score(model, ref, engine, [q.ids for q in queries], cfg, eot_id, timer, seeds,
+                          lambda i, s: ThoughtSeq(queries[i].ids + s.token_ids, len(s.token_ids), 0),
+                          (pad_id, pad_id, pad_id), False, cfg.train.micro_batch_size * task.queries_per_unit * g)
+    samples = sc.samples                                                            # (b·q, G)
     parses = [[task.parse(decode(tok, s), s.finished) for s in group] for group in samples]
     rewards = task.rewards(queries, parses)                                         # (b·q, G)
     adv = group_advantages(rewards)
-    seqs = SeqBatch.from_seqs([ThoughtSeq(q.ids + s.token_ids, len(s.token_ids), 0)
-                               for q, group in zip(queries, samples, strict=True) for s in group], pad_id)
-    batch = cfg.train.micro_batch_size * task.queries_per_unit * g
-    with timer.phase("score"):
-        old = completion_logps(model, seqs, pad_id, cfg.rollout.temperature, batch)
-        ref_lp = completion_logps(ref, seqs, pad_id, cfg.rollout.temperature, batch) if ref else None
     pstats = task.new_stats()
     for group in parses:
         for p in group:
             pstats.add(p)
-    flat = [s for group in samples for s in group]
-    lens = seqs.n_thought.tolist()
+    flat = sc.flat
+    lens = sc.seqs.n_thought.tolist()
     stats = {"reward": float(rewards.sum()), "n": float(rewards.numel()), "groups": float(rewards.shape[0]),
              "flat": float((rewards.amax(-1) == rewards.amin(-1)).sum()),
              "len": float(sum(lens)), "cut": float(sum(1 for s in flat if not s.finished)),
              "errors": float(pstats.errors), **{f"fmt_{k}": float(pstats.counts[k]) for k in pstats.kinds},
-             **logprob_diff([s.logprobs for s in flat], old, lens)}
-    return Rollout(seqs, old, ref_lp, adv.reshape(-1)), stats
+             **sc.logprob_diff()}
+    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, advantages=adv.reshape(-1)), stats
 
 
 def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_id: int, cfg: Config,
@@ -165,6 +151,7 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
     sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature)
     width = sc.logp.shape[1]
     old = ro.old_logp[rows, :width].to(device)                                         # (m·q·G, T)
+    assert ro.advantages is not None, "a GRPO rollout carries advantages"
     adv = ro.advantages[rows].to(device)                                               # (m·q·G,)
     seq_loss, stats = clipped_surrogate(sc.logp, old, adv, sc.mask, cfg.grpo.clip_eps_low, cfg.grpo.clip_eps_high,
                                         cfg.grpo.agg, norm_constant=float(cfg.rollout.max_new_tokens))
@@ -259,27 +246,6 @@ class RationaleJudge(Judge):
         if self.engine is not None:
             self.engine.close()
         self.engine = None
-
-
-class JsonlWriter:
-    """``<artifacts>.rationales.jsonl`` when ``artifacts`` is given; a no-op otherwise."""
-
-    def __init__(self, artifacts: Path | None, suffix: str = ".rationales.jsonl"):
-        self.path = artifacts.parent / (artifacts.name + suffix) if artifacts else None
-        self._f: Any = None
-
-    def __enter__(self) -> JsonlWriter:
-        if self.path:
-            self._f = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-        return self
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self._f:
-            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._f:
-            self._f.close()
 
 
 def evaluate_rationales(judge: Judge, records: list[PairRecord], progress: Any, artifacts: Path | None,

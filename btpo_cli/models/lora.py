@@ -153,3 +153,16 @@ def dequantized_state(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     for name, b in model.named_buffers():
         if name in persistent:
             yield name, b
+
+
+def dequantized_state_shapes(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`dequantized_state`'s names with ``meta`` tensors of its shapes and dtypes."""
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "Params4bit":
+            yield name, torch.empty(tuple(p.quant_state.shape), dtype=torch.bfloat16, device="meta")
+        else:
+            yield name, torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
+    persistent = set(model.state_dict().keys())
+    for name, b in model.named_buffers():
+        if name in persistent:
+            yield name, torch.empty(tuple(b.shape), dtype=b.dtype, device="meta")

@@ -31,9 +31,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,24 +227,14 @@ def ensure_converted(cache_root: Path | None = None) -> Path:
     src = find_gguf()
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    from btpo_cli.models.tiny import file_lock, make_readable  # heavy: imported on use
+    from btpo_cli.models.tiny import file_lock, publish_folder  # heavy: imported on use
 
     with file_lock(target.parent / f".{ALIAS}.lock"):
         if is_converted(target) and not _stale(target):  # another process converted it meanwhile
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            console.print(f"{ALIAS}: converting {src.path.name} from {PACKAGE} {src.package_version} "
-                          f"into {target} (once)", highlight=False)
-            convert(src, tmp)
-            make_readable(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+        console.print(f"{ALIAS}: converting {src.path.name} from {PACKAGE} {src.package_version} "
+                      f"into {target} (once)", highlight=False)
+        return publish_folder(target, lambda tmp: convert(src, tmp))
 
 
 def resolve() -> str:

@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -522,6 +522,23 @@ def make_readable(folder: Path) -> None:
             path.chmod(0o644)
 
 
+def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """``build`` a folder into a fresh ``.<name>.tmp-*`` folder next to ``target``, make it readable
+    by all and rename it into place (an incomplete leftover at ``target`` is replaced); a failure or
+    a kill leaves no half-built ``target``. Call it under :func:`file_lock`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        make_readable(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 @contextlib.contextmanager
 def file_lock(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive fcntl lock on ``lock_path`` (blocks until it is free)."""
@@ -549,14 +566,4 @@ def ensure_tiny(name: str, cache_root: Path | None = None) -> Path:
     with file_lock(models_dir / ".lock"):
         if _is_complete(target):  # another process built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_dir))
-        try:
-            build_tiny(name, tmp)
-            make_readable(tmp)
-            if target.exists():  # an incomplete leftover (e.g. copied by hand): replace it
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+        return publish_folder(target, lambda tmp: build_tiny(name, tmp))   # replaces an incomplete leftover

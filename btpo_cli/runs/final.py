@@ -29,7 +29,6 @@ Older ``final/`` folders hold only ``method`` / ``base_model`` / ``model_class``
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 from btpo_cli import __version__
 from btpo_cli.config import Config, config_from_dict
+from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import DEFAULT_ASPECT, read_pairs
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.templates import TEMPLATE_VERSION
@@ -109,9 +109,16 @@ class Checkpoint:
     """Where the settings came from: ``btpo.json``, ``config.yaml`` (older checkpoints) or ``defaults``."""
 
 
-def model_dir_of(path: str | Path) -> Path:
-    """A run folder (its ``final/``) or a ``final/`` folder itself."""
+def model_dir_of(path: str | Path, which: str = "final") -> Path:
+    """The model a path names: a run folder's ``final/`` (or ``best/`` with ``which="best"``, kept by
+    ``train.eval_every``), or a ``final/`` folder itself."""
     p = Path(path)
+    if which not in ("final", "best"):
+        raise BtpoError(f"--which {which}: expected final or best")
+    if which == "best":
+        if not Run(p).best_dir.exists():
+            raise BtpoError(f"{p}: no best/ model (it is kept when training with train.eval_every > 0)")
+        return Run(p).best_dir
     if (p / META_FILE).exists() or (p / "config.json").exists():
         return p
     if (p / "final").is_dir():
@@ -185,8 +192,8 @@ def check_templates(meta: dict[str, Any], where: str) -> None:
 def write_meta(model_dir: str | Path, meta: dict[str, Any]) -> None:
     """Write ``btpo.json`` and the model card atomically (used after training and by ``btpo eval``)."""
     d = Path(model_dir)
-    _atomic(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    _atomic(d / CARD_FILE, model_card(meta))
+    atomic_json(d / META_FILE, meta)
+    atomic_write(d / CARD_FILE, model_card(meta))
 
 
 def record_eval(model_dir: str | Path, summary: dict[str, Any]) -> None:
@@ -204,10 +211,6 @@ def record_eval(model_dir: str | Path, summary: dict[str, Any]) -> None:
     write_meta(model_dir, meta)
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the model card

@@ -42,6 +42,7 @@ from rich.markup import escape
 from btpo_cli import __version__
 from btpo_cli.config import Config, config_from_dict, dump_yaml
 from btpo_cli.console import console, print_error
+from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.errors import BtpoError, FollowerError
 from btpo_cli.runs.lock import LOCK_FILE, RunLock, describe
 
@@ -56,13 +57,6 @@ checkpoint, no metrics row past step 0) never trained, and a new run may take it
 LOW_DISK_BYTES = 64 << 20
 """Below this much free space a failed write is reported as a full disk (torch's zip writer loses
 the errno: ``RuntimeError: unexpected pos ...``)."""
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (a kill leaves old or new)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def free_bytes(path: Path) -> int | None:
@@ -327,7 +321,7 @@ class Run:
             report = {}
         report[split] = {"data": data, "records": records, "skipped": skips}
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        atomic_json(path, report)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@
 | ``session`` | ``TrainSession``: tokenizer, policy, reference, optimizer, resume, weight export, ``final/`` |
 | ``steps`` | data order, micro-batches, optimizer/schedule, one accumulated step, metrics, timing |
 | ``supervised`` | the supervised loop (bt, bt-prefilled, gram) |
-| ``rollouts`` | the rollout → update loop (btpo, grpo-pair, grpo-point) |
+| ``rollouts`` | the rollout → update loop (btpo, grpo-pair, grpo-point) and the sampling + no-grad scoring their rollouts share |
 | ``sharding`` | DDP / FSDP2 / ZeRO: full weights out shard by shard, sync boundaries |
 | ``tracking`` | TensorBoard / W&B, GPU memory metrics |
 | ``periodic_eval`` | ``train.eval_every``: held-out pairs, ``eval/`` rows, ``best/``, early stopping |

@@ -22,10 +22,10 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.console import console
-from btpo_cli.data.files import probe
+from btpo_cli.data.files import atomic_write, probe
 from btpo_cli.errors import BtpoError, ConfigError
 from btpo_cli.methods import get_method
-from btpo_cli.runs.folder import EVAL_PAIRS_FILE, atomic_write
+from btpo_cli.runs.folder import EVAL_PAIRS_FILE
 from btpo_cli.training.launch import load_split
 
 HELDOUT = "heldout"

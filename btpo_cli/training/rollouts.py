@@ -17,7 +17,10 @@ Per rollout batch (``rollout.batch_size`` units; process ``r`` takes its slice):
    resumed run re-samples exactly the next rollout an uninterrupted one samples, on any engine.
 
 What differs between methods — how a rollout is sampled, which statistics it reports, the loss —
-comes in as callbacks; everything else is here once.
+comes in as callbacks; everything else is here once, and so is the sampling and scoring both
+methods' rollouts start from (:func:`sample_and_score`: the engine samples, the trainer's model
+and the reference score every sequence in no-grad chunks, :func:`score_chunked`) and the
+:class:`Rollout` they hand to the update passes.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config
+from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training.periodic_eval import TrainEval
+from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import (
     BatchPlan,
     StepTimer,
@@ -98,7 +104,7 @@ def check_rollout_sizes(cfg: Config, world: int) -> None:
         raise ConfigError(f"train.batch_size={b} and rollout.batch_size={r} must divide by {world} processes")
 
 
-def run_rollouts(sess: Any, *, engine: Any, plan: RolloutPlan, prefix: str, title: str,
+def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan, prefix: str, title: str,
                  rollout: Callable[[list[int], int, StepTimer], tuple[Any, dict[str, float]]],
                  rollout_metrics: Callable[[dict[str, float]], dict[str, float]],
                  loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
@@ -196,6 +202,75 @@ def unit_sizes(ro: Any, n_units: int) -> Callable[[int], list[int]] | None:
     per = len(seqs) // n_units
     lengths = seqs.mask.sum(-1).tolist()
     return lambda u: lengths[u * per:(u + 1) * per]
+
+
+@dataclass
+class Rollout:
+    """One rollout batch on this process, rows in the method's order (BTPO: b pairs × 2 responses ×
+    K thoughts; GRPO: b units × q queries × G completions)."""
+
+    seqs: SeqBatch                          # (N) rows: prompt + sampled tokens, left-padded, on the CPU
+    old_logp: torch.Tensor                  # (N, Tz) sampled-token log-probs under the rollout weights, right-padded
+    ref_logp: torch.Tensor | None           # (N, Tz) under the reference model (β > 0)
+    old_logp_yes: torch.Tensor | None = None
+    """BTPO: (b, 2, K) log p(Yes) after each thought under the rollout weights."""
+    advantages: torch.Tensor | None = None
+    """GRPO: (N,) group-normalized advantages."""
+
+
+@dataclass
+class Scored:
+    """Samples of a rollout's prompts and the trainer's no-grad scores of them (:func:`sample_and_score`)."""
+
+    samples: list[list[Sample]]             # (prompts, n)
+    seqs: SeqBatch                          # (prompts · n) rows, in that order
+    old_logp: torch.Tensor                  # (N, Tz)
+    old_logp_yes: torch.Tensor              # (N,)
+    ref_logp: torch.Tensor | None
+
+    @property
+    def flat(self) -> list[Sample]:
+        return [s for group in self.samples for s in group]
+
+    def logprob_diff(self) -> dict[str, float]:
+        """:func:`logprob_diff` of the engine's log-probs against the trainer's."""
+        return logprob_diff([s.logprobs for s in self.flat], self.old_logp, self.seqs.n_thought.tolist())
+
+
+@torch.no_grad()
+def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
+                  temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad :func:`~btpo_cli.judging.gpm.score_thoughts` in chunks of ``batch`` rows: thought
+    log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
+    reads only the log-probs)."""
+    n = len(seqs)
+    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
+    yes = torch.zeros(n, dtype=torch.float32)
+    for start in range(0, n, batch):
+        rows = list(range(start, min(n, start + batch)))
+        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature)
+        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
+        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
+    return logp, yes
+
+
+def sample_and_score(model: Any, ref: Any, engine: RolloutEngine, prompts: list[list[int]], cfg: Config,
+                     eot_id: int, timer: StepTimer, seeds: list[int] | None,
+                     to_seq: Callable[[int, Sample], ThoughtSeq], ids: tuple[int, int, int], normalize: bool,
+                     batch: int) -> Scored:
+    """Sample ``rollout.n`` continuations of every prompt with ``engine`` (``rollout.temperature`` /
+    ``top_p`` / ``max_new_tokens``, stopping at ``eot_id``, seeds ``seeds``); ``to_seq(i, sample)``
+    makes the scored sequence of prompt ``i``'s sample; the trainer's ``model`` (and ``ref`` when
+    given) score them in chunks of ``batch`` rows with ``ids = (yes, no, pad)``."""
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [eot_id],
+                            logprobs=True)
+    with timer.phase("generate"):
+        samples = engine.generate(prompts, cfg.rollout.n, params, seeds)                 # (prompts, n)
+    seqs = SeqBatch.from_seqs([to_seq(i, s) for i, group in enumerate(samples) for s in group], ids[2])
+    with timer.phase("score"):
+        old_logp, old_yes = score_chunked(model, seqs, *ids, normalize, cfg.rollout.temperature, batch)
+        ref_logp = score_chunked(ref, seqs, *ids, normalize, cfg.rollout.temperature, batch)[0] if ref else None
+    return Scored(samples, seqs, old_logp, old_yes, ref_logp)
 
 
 def logprob_diff(engine_logps: list[list[float] | None], trainer_logps: torch.Tensor,

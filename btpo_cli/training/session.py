@@ -30,16 +30,30 @@ from typing import Any, Literal
 import torch
 
 from btpo_cli.config import Config
-from btpo_cli.engines import engine_for
+from btpo_cli.engines import RolloutEngine, WeightStream, engine_for
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.models.loading import load_causal_lm, load_policy, load_tokenizer
-from btpo_cli.models.lora import AdapterDisabled, dequantized_state, is_peft, merged_weights, scaling
+from btpo_cli.models.lora import (
+    AdapterDisabled,
+    dequantized_state,
+    dequantized_state_shapes,
+    is_peft,
+    merged_weights,
+    scaling,
+)
 from btpo_cli.runs.final import write_meta
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.accelerator import make_accelerator
 from btpo_cli.training.eval_pairs import split_eval_pairs
 from btpo_cli.training.launch import load_split
-from btpo_cli.training.sharding import base_module, full_state, gathered, strategy_of, unpartitioned_loading
+from btpo_cli.training.sharding import (
+    base_module,
+    full_state,
+    full_state_meta,
+    gathered,
+    strategy_of,
+    unpartitioned_loading,
+)
 from btpo_cli.training.steps import make_optimizer, make_scheduler, resume_step
 from btpo_cli.training.tracking import init_tracking
 
@@ -143,8 +157,10 @@ class TrainSession:
         """The bare module under whatever wrapper ``prepare`` added (a peft model with LoRA)."""
         return base_module(self.acc, self.model)
 
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF checkpoint name, full tensor) for every weight of the policy, one tensor at a time.
+    def full_weights(self) -> WeightStream:
+        """(HF checkpoint name, full tensor) for every weight of the policy, one tensor at a time,
+        with every name and shape announced up front (``WeightStream.shapes``: the same pipeline run
+        on ``meta`` tensors, nothing gathered) so that an engine checks them before the first copy.
 
         What an engine's ``update_weights`` and ``final/`` receive. Under FSDP2 / ZeRO-3 each tensor
         is gathered in turn (every process must consume the whole stream); with LoRA the names
@@ -152,13 +168,18 @@ class TrainSession:
         Without sharding or LoRA these are the policy's own tensors (no copy)."""
         policy = self.policy()
         base = policy.get_base_model() if is_peft(policy) else policy
-        if getattr(base, "is_loaded_in_4bit", False):          # QLoRA: NF4 weights dequantized (single / DDP)
-            stream: Any = dequantized_state(policy)
-        else:
-            stream = full_state(self.acc, self.model)
-        yield from merged_weights(stream, scaling(policy)) if is_peft(policy) else stream
+        qlora = getattr(base, "is_loaded_in_4bit", False)      # QLoRA: NF4 weights dequantized (single / DDP)
 
-    def rollout_engine(self, max_new_tokens: int | None = None) -> Any:
+        def weights(meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
+            if qlora:
+                stream: Any = dequantized_state_shapes(policy) if meta else dequantized_state(policy)
+            else:
+                stream = full_state_meta(self.acc, self.model) if meta else full_state(self.acc, self.model)
+            yield from merged_weights(stream, scaling(policy)) if is_peft(policy) else stream
+
+        return WeightStream({name: t.shape for name, t in weights(meta=True)}, weights(meta=False))
+
+    def rollout_engine(self, max_new_tokens: int | None = None) -> RolloutEngine:
         """This process's rollout engine (``rollout.engine``), holding the policy's current weights.
 
         The ``hf`` engine generates with the trainer's own module (no copy; see
@@ -168,7 +189,7 @@ class TrainSession:
                           module=self.policy(), max_new_tokens=max_new_tokens)
 
     @contextmanager
-    def engine_weights(self, engine: Any) -> Iterator[None]:
+    def engine_weights(self, engine: RolloutEngine) -> Iterator[None]:
         """Within: ``engine`` generates with the policy's current weights.
 
         An engine that shares the trainer's module (``hf``) needs no copy: under FSDP2 / ZeRO-3 its

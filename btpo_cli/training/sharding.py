@@ -124,6 +124,16 @@ def base_module(acc: Any, model: Any) -> Any:
     return acc.unwrap_model(model, keep_torch_compile=False)
 
 
+def full_state_meta(acc: Any, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`full_state`'s names with ``meta`` tensors of the full shapes and dtypes: no gather,
+    no communication, no memory (what a :class:`~btpo_cli.engines.base.WeightStream` announces)."""
+    module = base_module(acc, model)
+    params = dict(module.named_parameters()) if strategy_of(acc) == "zero3" else {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        shape = getattr(params.get(name), "ds_shape", None) or t.shape      # ZeRO-3: the unpartitioned shape
+        yield name, torch.empty(tuple(shape), dtype=t.dtype, device="meta")
+
+
 def full_state(acc: Any, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(state-dict name, full tensor) for every entry of the model's state dict, one at a time.
 

@@ -23,6 +23,7 @@ import torch
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training.periodic_eval import TrainEval
+from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import (
     BatchPlan,
     StepTimer,
@@ -38,7 +39,7 @@ LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, Any]]]
 """``loss(unit indices) → (mean loss over the micro-batch's units, per-unit mean stats incl. "loss")``."""
 
 
-def run_supervised(sess: Any, plan: BatchPlan, *, loss: LossFn,
+def run_supervised(sess: TrainSession, plan: BatchPlan, *, loss: LossFn,
                    metrics: Callable[[dict[str, float], int], dict[str, float]],
                    bar_info: Callable[[dict[str, Any]], str],
                    sizes: Callable[[int], list[int]] | None = None) -> None:

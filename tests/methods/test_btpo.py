@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_btpo
+from tests.conftest import full_and_resumed, run_btpo
 
 SMALL = ["--set", "rollout.batch_size=4", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=1",
          "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=8", "--set", "data.max_length=128",
@@ -47,12 +47,7 @@ def test_train_and_eval(tmp_path: Path, synthetic_data: Path) -> None:
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, synthetic_data: Path) -> None:
     args = ["train", "--method", "btpo", "--data", str(synthetic_data), "--max-steps", "6",
             "--set", "train.save_every=2", *SMALL]
-    full = tmp_path / "full"
-    run_btpo(*args, "--out", str(full))
-    killed = tmp_path / "killed"
-    p = run_btpo(*args, "--out", str(killed), env={"BTPO_FAULT_AT_STEP": "3"}, check=False)
-    assert p.returncode == 17
-    run_btpo("train", "--out", str(killed), "--resume")
+    full, killed = full_and_resumed(args, tmp_path, 3)
 
     def losses(d: Path) -> list[float]:
         return [r["train/loss"] for r in _rows(d) if "train/loss" in r]
