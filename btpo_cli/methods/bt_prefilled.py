@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from btpo_cli.config import Config, ModelConfig
+from btpo_cli.config import Config, ModelConfig, check_positive, register_section
 from btpo_cli.console import console
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
@@ -78,6 +78,19 @@ from btpo_cli.runs.final import read_meta
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.launch import load_split
 from btpo_cli.training.steps import chunks
+
+
+@dataclass
+class PrefilledConfig:
+    """BT with a prefilled thought: the base model writes one greedy thought per response offline."""
+
+    max_thought_tokens: int = 1000
+    batch_size: int = 16
+    """Responses per generation batch when writing the thoughts."""
+
+
+register_section("prefilled", PrefilledConfig,
+                 validate=lambda cfg: check_positive(cfg, ["prefilled.max_thought_tokens", "prefilled.batch_size"]))
 
 # ----------------------------------------------------------------------------- the thought writer
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from btpo_cli.config import Config
+from btpo_cli.config import Config, check_choices, check_fraction, register_section
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
@@ -56,6 +56,43 @@ from btpo_cli.runs.folder import Run
 from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import StepTimer
+
+
+@dataclass
+class BTPOConfig:
+    """BTPO (METHOD.md §5). Defaults marked (ours) were lost from the paper and are our choice.
+
+    The sampling settings (K, temperature, thought budget, rollout batch, update epochs, engine)
+    live in the ``rollout`` section."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    misalignment_weight: bool = True
+    """False sets ω̂ = 1 (the paper's ablation)."""
+    thought_advantage: str = "grpo"
+    """``grpo`` (the paper's implementation) or ``exact`` (the §4 estimator with a 1/K baseline)."""
+    agg: str = "token-mean"
+    """``token-mean`` (GRPO), ``seq-sum``, or ``token-sum-norm`` (Dr. GRPO: token sum / rollout.max_new_tokens)."""
+    beta: float = 0.0
+    """KL (k3) coefficient to the frozen reference model; 0 loads no reference."""
+    yes_no_normalize: bool = False
+    """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
+    score_floor: float = 0.0
+    """(ours) p(Yes) below which a rejected response's thought gets no more score-term push
+    (``losses.score_loss``); 0 is METHOD's unbounded term. docs/experiments.md: the collapse it stops."""
+    schedule: str = "joint"
+    """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
+
+
+def validate_section(cfg: Config) -> None:
+    check_choices(cfg, {"btpo.thought_advantage": ("grpo", "exact"),
+                        "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"), "btpo.schedule": ("joint",)})
+    check_fraction(cfg, "btpo.score_floor")
+
+
+register_section("btpo", BTPOConfig, validate=validate_section, renamed={
+    "k": "n", "temperature": "temperature", "top_p": "top_p", "max_thought_tokens": "max_new_tokens",
+    "rollout_batch_size": "batch_size", "update_epochs": "update_epochs", "rollout_engine": "engine"})
 
 
 @dataclass

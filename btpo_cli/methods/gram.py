@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from btpo_cli.config import Config
+from btpo_cli.config import Config, check_fraction, register_section
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.judging.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
 from btpo_cli.judging.protocol import PairResult, pairwise_result
@@ -64,6 +64,17 @@ from btpo_cli.runs.folder import Run
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import BatchPlan
 from btpo_cli.training.supervised import run_supervised
+
+
+@dataclass
+class GRAMConfig:
+    """GRAM: pairwise A/B label token trained by cross-entropy on both orders."""
+
+    label_smoothing: float = 0.0
+    """0.1 is the optional smoothing of METHOD.md §6."""
+
+
+register_section("gram", GRAMConfig, validate=lambda cfg: check_fraction(cfg, "gram.label_smoothing"))
 
 # ----------------------------------------------------------------------------- encoding
 

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 import torch
 
-from btpo_cli.config import Config
+from btpo_cli.config import Config, check_choices, register_section
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
 from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
@@ -63,6 +63,27 @@ from btpo_cli.runs.folder import Run
 from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import StepTimer
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate.
+
+    Group size, temperature, completion budget, rollout batch and engine live in ``rollout``."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    agg: str = "token-mean"
+    beta: float = 0.0
+
+
+def validate_section(cfg: Config) -> None:
+    check_choices(cfg, {"grpo.agg": ("token-mean", "seq-sum", "token-sum-norm")})
+
+
+register_section("grpo", GRPOConfig, validate=validate_section, renamed={
+    "g": "n", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
+    "rollout_batch_size": "batch_size", "update_epochs": "update_epochs"})
 
 Parse = VerdictParse | ScoreParse
 
