@@ -24,7 +24,7 @@ import contextlib
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -59,6 +59,37 @@ class MethodSpec:
     """``judge(model_dir, cfg, device, meta) → btpo_cli.judging.judge.Judge``: how a trained model scores new data
     (``btpo score``, ``btpo serve``, ``load_judge``); its ``evaluate`` should be this judge's
     ``evaluate_pairs`` so that eval and score cannot disagree. None: the method cannot be used as a judge."""
+    rollouts: bool = False
+    """Whether training samples with the ``rollout`` settings (BTPO, GRPO): ``btpo.json`` then records them."""
+    plan_geometry: Callable[..., Any] | None = None
+    """``plan_geometry(inp: PlanInputs) → Geometry`` (``btpo_cli.plan.estimate``): rows, lengths and LM-head
+    positions of one micro-batch, for ``btpo plan``. None: the method has no memory model."""
+    plan_inputs: Callable[..., dict[str, Any]] | None = None
+    """``plan_inputs(cfg) → {PlanInputs field: value}``: the planner inputs the method's own settings decide
+    (``beta`` of a KL reference, ``gen_tokens`` sampled per row). None: no reference, nothing sampled."""
+    eval_settings: Callable[..., dict[str, Any]] | None = None
+    """``eval_settings(cfg, meta) → {setting: value}``: the method's own settings that change its eval figures,
+    added to the engine and thought budget of a generative judge (``judging.run_eval.eval_settings``).
+    ``meta`` is the checkpoint's ``btpo.json``, or None for an eval summary older than ``eval_settings``
+    (only its ``eval`` section and engine are known): a value None means "not known" and is left out."""
+    check_model: Callable[[str, dict[str, Any]], None] | None = None
+    """``check_model(model, meta)``: raise a ``BtpoError`` when ``btpo eval`` of this model (its ``btpo.json``
+    as ``meta``) cannot work with this method beyond its model class (e.g. no thought writer recorded)."""
+    card: Callable[[dict[str, Any]], Card] | None = None
+    """``card(meta) → Card``: the method's part of ``final/README.md``. None: a generic card."""
+
+
+@dataclass(frozen=True)
+class Card:
+    """A method's part of its model card (``btpo_cli.runs.final.model_card``)."""
+
+    what: str
+    """Completes "This is …": what the model is and how it judges (``{aspect}`` is filled in)."""
+    rows: list[tuple[str, Any]] = field(default_factory=list)
+    """Rows of the Training table after the shared ones (a None value is left out)."""
+    usage: list[str] = field(default_factory=list)
+    """Python lines that judge with plain transformers, after the shared preamble (``tok``, ``prompt``,
+    ``chat(msgs, gen=False)``)."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -30,9 +30,10 @@ from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.judging.protocol import PairResult
 from btpo_cli.judging.templates import PLACEHOLDER_PROMPT, TooLong, encode_response, render
 from btpo_cli.losses import bt_loss
-from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods import Card, MethodSpec, register_method
 from btpo_cli.models.inputs import pad_batch
 from btpo_cli.models.loading import load_reward_model, load_tokenizer
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.session import TrainSession
@@ -165,7 +166,25 @@ def templates(tok: Any) -> dict[str, Any]:
     return {"strings": {}, "rendered": render(tok, PLACEHOLDER_PROMPT + [{"role": "assistant", "content": "{response}"}])}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """Two sequences per pair through the scalar head (the last token only)."""
+    return Geometry("reward", 2, inp.prompt_tokens, 0, False, 0)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    return Card("a Bradley–Terry reward model: the backbone with a one-label scalar head reads the chat-rendered "
+                "(prompt, response) and outputs a reward r(x, y); higher is better.", usage=reward_usage(meta))
+
+
+def reward_usage(meta: dict[str, Any], thought: list[str] | None = None) -> list[str]:
+    """Plain-transformers lines for a scalar-head reward model (``thought``: lines that append one)."""
+    return ["model = AutoModelForSequenceClassification.from_pretrained(\".\").eval()",
+            "msgs = prompt + [{\"role\": \"assistant\", \"content\": \"5\"}]", *(thought or []),
+            "reward = model(**chat(msgs)).logits[0, 0].item()      # higher is better"]
+
+
 METHOD = register_method(MethodSpec(
     name="bt", help="Bradley-Terry reward model: scalar head on (x, y), loss -log sigmoid(r_w - r_l).",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    order=0, judge=RewardJudge))
+    order=0, judge=RewardJudge,
+    plan_geometry=plan_geometry, card=card))

@@ -54,8 +54,9 @@ import torch
 
 from btpo_cli.config import Config, ModelConfig, check_positive, register_section
 from btpo_cli.console import console
-from btpo_cli.data.pairs import PairRecord
+from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
+from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import Item, judge_for_eval
 from btpo_cli.judging.protocol import PairResult
 from btpo_cli.judging.templates import (
@@ -71,7 +72,7 @@ from btpo_cli.judging.templates import (
     prefilled_messages,
     render,
 )
-from btpo_cli.methods import MethodSpec, bt, register_method
+from btpo_cli.methods import Card, MethodSpec, bt, register_method
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.models.loading import load_causal_lm, load_tokenizer
 from btpo_cli.runs.final import read_meta
@@ -387,7 +388,35 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
             "rendered": render(tok, prefilled_messages(PLACEHOLDER_PROMPT, "{response}", aspect, "{thought}"))}
 
 
+def check_model(model: str, meta: dict[str, Any]) -> None:
+    if not meta.get("thought_writer"):
+        raise BtpoError(f"{model}: bt-prefilled needs the model that writes its thoughts (thought_writer in "
+                        "btpo.json); only a bt-prefilled checkpoint has one")
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The thought budget is the writer's (``btpo.json``), not ``eval.max_new_tokens``; unknown for older evals."""
+    if meta is None:
+        return {"thought_budget": None}
+    return {"thought_budget": int(meta.get("max_thought_tokens") or cfg.prefilled.max_thought_tokens)}
+
+
+def card(meta: dict[str, Any]) -> Card:
+    strings = (meta.get("template") or {}).get("strings") or {}
+    ev = strings.get("eval_instruction", "").format(aspect=meta.get("aspect", DEFAULT_ASPECT))
+    thought = [f"# the base model ({meta.get('thought_writer')}) first writes a greedy evaluation "
+               f"(<= {meta.get('max_thought_tokens')} tokens) after:",
+               f"msgs += [{{\"role\": \"user\", \"content\": {ev!r}}}, "
+               "{\"role\": \"assistant\", \"content\": thought}]"]
+    return Card("a Bradley–Terry reward model that reads the response followed by an evaluation written "
+                "by the frozen base model (greedy, one per response); the scalar head outputs the reward.",
+                rows=[("thought writer", meta.get("thought_writer")),
+                      ("thought budget", meta.get("max_thought_tokens"))],
+                usage=bt.reward_usage(meta, thought))
+
+
 METHOD = register_method(MethodSpec(
     name="bt-prefilled", help="BT on the base model's greedy thought, written offline and appended to the dialog.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    config_section="prefilled", generative=True, order=10, judge=PrefilledJudge))
+    config_section="prefilled", generative=True, order=10, judge=PrefilledJudge,
+    plan_geometry=bt.plan_geometry, eval_settings=eval_settings, card=card, check_model=check_model))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from btpo_cli.config import Config, check_choices, check_fraction, register_section
-from btpo_cli.data.pairs import PairRecord
+from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
 from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence
@@ -49,8 +49,9 @@ from btpo_cli.judging.templates import (
     render,
 )
 from btpo_cli.losses import btpo_loss
-from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods import Card, MethodSpec, register_method
 from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
@@ -359,7 +360,48 @@ def _cut(sample: Any, budget: int) -> bool:
     return not sample.finished and len(sample.token_ids) >= budget
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """K thoughts for each of the pair's two responses, each followed by the rating tail."""
+    g = inp.gen_tokens + inp.tail_tokens
+    return Geometry("causal", 2 * inp.n, inp.prompt_tokens + g, g + 1, True, 2)
+
+
+def plan_inputs(cfg: Config) -> dict[str, Any]:
+    return {"beta": cfg.btpo.beta, "gen_tokens": cfg.rollout.max_new_tokens}
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Sampled-thought count and ``yes_no_normalize`` (not recorded by older evals)."""
+    return {"samples": cfg.eval.samples,
+            "yes_no_normalize": None if meta is None else bool(cfg.btpo.yes_no_normalize)}
+
+
+def card(meta: dict[str, Any]) -> Card:
+    ids = meta.get("token_ids") or {}
+    strings = (meta.get("template") or {}).get("strings") or {}
+    aspect = meta.get("aspect", DEFAULT_ASPECT)
+    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens", 1000)
+    ev = strings.get("eval_instruction", "").format(aspect=aspect)
+    q = strings.get("rating_question", "").format(aspect=aspect)
+    return Card(
+        "a generative preference model trained with Bradley–Terry Policy Optimization: after the "
+        "response it is asked to evaluate it, thinks, and is then asked whether the response is "
+        "{aspect}; its score is p(Yes) after the thought.",
+        rows=[("judging thought budget", ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens"))],
+        usage=["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+               f"msgs = prompt + [{{\"role\": \"assistant\", \"content\": \"5\"}}, {{\"role\": \"user\", \"content\": {ev!r}}}]",
+               "enc = chat(msgs, gen=True)",
+               f"out = model.generate(**enc, max_new_tokens={budget}, do_sample=False, "
+               f"eos_token_id={ids.get('end_of_turn')})",
+               "thought = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)",
+               f"msgs += [{{\"role\": \"assistant\", \"content\": thought}}, {{\"role\": \"user\", \"content\": {q!r}}}]",
+               f"p_yes = model(**chat(msgs, gen=True)).logits[0, -1].softmax(-1)[{ids.get('yes')}].item()",
+               "# (btpo keeps the generated thought's token ids instead of re-tokenizing its text)"])
+
+
 METHOD = register_method(MethodSpec(
     name="btpo", help="BTPO (this paper): a thinking judge, latent-thought Bradley-Terry, the consistent estimator.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="btpo", generative=True, order=50, judge=BTPOJudge))
+    config_section="btpo", generative=True, order=50, judge=BTPOJudge,
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs,
+    eval_settings=eval_settings, card=card))

@@ -56,9 +56,10 @@ from btpo_cli.judging.templates import (
     render,
 )
 from btpo_cli.losses import gram_loss
-from btpo_cli.methods import MethodSpec, register_method
+from btpo_cli.methods import Card, MethodSpec, register_method
 from btpo_cli.models.inputs import left_pad, positions
 from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.session import TrainSession
@@ -238,7 +239,24 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
                                                       aspect), add_generation_prompt=True)}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """Both orders of a pair; one LM-head position (the label token)."""
+    return Geometry("causal", 2, inp.prompt_tokens, 1, False, 0)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    ids = meta.get("token_ids") or {}
+    return Card("a pairwise generative judge without a thought: shown both responses as A and B, it answers "
+                "with one label token; btpo asks both orders.", usage=[
+                    "model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+                    "# judge prompt: template.strings.judge_prompt in btpo.json, formatted with the conversation "
+                    "as 'User: ...', response_a, response_b and the aspect",
+                    "logits = model(**chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)).logits[0, -1]",
+                    f"a_wins = logits[{ids.get('A')}] > logits[{ids.get('B')}]   # ask again with A and B swapped"])
+
+
 METHOD = register_method(MethodSpec(
     name="gram", help="GRAM: pairwise A/B label token trained by cross-entropy on both orders (no thought).",
     train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
-    config_section="gram", order=20, judge=GramJudge))
+    config_section="gram", order=20, judge=GramJudge,
+    plan_geometry=plan_geometry, card=card))

@@ -57,6 +57,7 @@ from btpo_cli.judging.judge import Judge
 from btpo_cli.judging.parsers import ParseStats, ScoreParse, VerdictParse
 from btpo_cli.judging.templates import TooLong, encode_judge, end_of_turn_id
 from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
+from btpo_cli.methods import Card
 from btpo_cli.models.loading import load_tokenizer
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
@@ -84,6 +85,24 @@ def validate_section(cfg: Config) -> None:
 register_section("grpo", GRPOConfig, validate=validate_section, renamed={
     "g": "n", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
     "rollout_batch_size": "batch_size", "update_epochs": "update_epochs"})
+
+
+def plan_inputs(cfg: Config) -> dict[str, Any]:
+    """``btpo plan``: the KL reference of ``grpo.beta`` and the sampled rationale budget."""
+    return {"beta": cfg.grpo.beta, "gen_tokens": cfg.rollout.max_new_tokens}
+
+
+def rationale_card(meta: dict[str, Any], what: str, tag: str) -> Card:
+    """The model card of a GRPO judge: it writes a rationale that ends with ``tag``."""
+    ids = meta.get("token_ids") or {}
+    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens")
+    return Card(what, rows=[("judging thought budget", budget)], usage=[
+        "model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+        "# judge prompt: template.strings.judge_prompt in btpo.json (conversation as 'User: ...')",
+        "enc = chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)",
+        f"out = model.generate(**enc, max_new_tokens={1000 if budget is None else budget}, do_sample=False, "
+        f"eos_token_id={ids.get('end_of_turn')})",
+        f"rationale = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)  # ends with {tag}"])
 
 Parse = VerdictParse | ScoreParse
 

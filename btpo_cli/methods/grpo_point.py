@@ -44,9 +44,17 @@ from btpo_cli.judging.templates import (
     pointwise_messages,
     render,
 )
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
+from btpo_cli.methods import Card, MethodSpec, register_method
+from btpo_cli.methods.grpo_common import (
+    Parse,
+    Query,
+    RationaleJudge,
+    evaluate_rationales,
+    plan_inputs,
+    rationale_card,
+)
 from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
 
 
@@ -160,7 +168,18 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
                                add_generation_prompt=True)}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """G rationales for each of the pair's two responses."""
+    return Geometry("causal", 2 * inp.n, inp.prompt_tokens + inp.gen_tokens, inp.gen_tokens + 1, True, 2)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    return rationale_card(meta, "a pointwise generative judge trained with GRPO: it writes a rationale, then a "
+                                "score <score>N</score> with N in 1..10.", "<score>N</score>")
+
+
 METHOD = register_method(MethodSpec(
     name="grpo-point", help="GRPO (point): rationale then <score>N</score>, reward for beating the paired sample.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="grpo", generative=True, order=40, judge=PointJudge))
+    config_section="grpo", generative=True, order=40, judge=PointJudge,
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs, card=card))
