@@ -21,14 +21,17 @@ registry is first read, and its ``register_method`` calls join the table.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from btpo_cli.errors import BtpoError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _BUILTIN = ("bt", "bt_prefilled", "gram", "grpo_pair", "grpo_point", "btpo")
 
@@ -117,6 +120,20 @@ def _load() -> None:
             importlib.import_module(mod)
         except ImportError as e:
             raise BtpoError(f"plugin module '{mod}' (BTPO_PLUGINS / btpo.plugins) could not be imported: {e}") from e
+
+
+def no_grad(fn: F) -> F:
+    """``@torch.no_grad()`` that imports torch when ``fn`` is called, so that a method module imports
+    without it (``btpo --help`` and ``build_config`` stay torch-free)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch  # heavy: imported on use
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def get_method(name: str) -> MethodSpec:

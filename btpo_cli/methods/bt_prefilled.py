@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from btpo_cli.config import Config, ModelConfig, check_positive, register_section
 from btpo_cli.console import console
 from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
@@ -74,11 +72,8 @@ from btpo_cli.judging.templates import (
 )
 from btpo_cli.methods import Card, MethodSpec, bt, register_method
 from btpo_cli.models.aliases import resolve_model
-from btpo_cli.models.loading import load_causal_lm, load_tokenizer
 from btpo_cli.runs.final import read_meta
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.launch import load_split
-from btpo_cli.training.steps import chunks
 
 
 @dataclass
@@ -117,6 +112,8 @@ class ThoughtWriter:
     """The frozen base model writing one greedy thought per response (GPM dialog turns 1–4)."""
 
     def __init__(self, spec: WriterSpec, device: Any):
+        from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
+
         self.spec = spec
         cfg = spec.run_cfg or Config()
         self.tok = load_tokenizer(spec.model.name, padding_side="left")
@@ -185,6 +182,10 @@ def ensure_thoughts(records: list[PairRecord], path: Path | None, spec: WriterSp
     missing pair of each chunk and the rows are gathered, so all processes return the full map.
     The writer model is loaded only when something is missing, and freed afterwards.
     """
+    import torch  # heavy: imported on use
+
+    from btpo_cli.training.steps import chunks  # heavy: imported on use
+
     cache = read_cache(path) if path else {}
     have = {r.id: cache[r.id] for r in records if r.id in cache and cache[r.id].get("digest") == spec.digest(r)}
     missing = [r for r in records if r.id not in have]
@@ -272,6 +273,8 @@ def _spec(cfg: Config, writer: str | None = None, max_thought_tokens: int | None
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
     from accelerate import PartialState  # heavy: imported on use
+
+    from btpo_cli.training.launch import load_split  # heavy: imported on use
 
     state = PartialState()
     spec = _spec(cfg)

@@ -25,15 +25,12 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config, check_choices, check_fraction, register_section
 from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
-from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence
 from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.judging.protocol import PairResult, pointwise_result
 from btpo_cli.judging.templates import (
@@ -48,15 +45,16 @@ from btpo_cli.judging.templates import (
     gpm_messages,
     render,
 )
-from btpo_cli.losses import btpo_loss
-from btpo_cli.methods import Card, MethodSpec, register_method
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card, MethodSpec, no_grad, register_method
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import StepTimer
+
+if TYPE_CHECKING:
+    import torch
+
+    from btpo_cli.judging.gpm import SeqBatch
+    from btpo_cli.training.steps import StepTimer
 
 
 @dataclass
@@ -137,9 +135,13 @@ class Rollout:
     ref_logp: torch.Tensor | None     # (b·2·K, Tz) under the reference model (β > 0)
 
 
-@torch.no_grad()
+@no_grad
 def score_chunked(model: Any, seqs: SeqBatch, judge: GPMTokens, cfg: Config, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad scoring in chunks of ``batch`` rows: thought log-probs (N, Tz) right-padded, log p(Yes) (N,)."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+
     n = len(seqs)
     logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
     yes = torch.zeros(n, dtype=torch.float32)
@@ -155,6 +157,9 @@ def score_chunked(model: Any, seqs: SeqBatch, judge: GPMTokens, cfg: Config, bat
 def do_rollout(model: Any, ref: Any, engine: Any, pairs: list[tuple[int, GPMPrompt, GPMPrompt]], judge: GPMTokens,
                cfg: Config, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
+    from btpo_cli.judging.gpm import SeqBatch, thought_sequence  # heavy: imported on use
+    from btpo_cli.training.rollouts import logprob_diff  # heavy: imported on use
+
     k = cfg.rollout.n
     prompts = [p for _, w, lo in pairs for p in (w, lo)]                          # (2b,)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [judge.eot_id],
@@ -180,6 +185,13 @@ def rollout_seeds(seed: int, r_idx: int, pair_indices: list[int]) -> list[int]:
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
+    from btpo_cli.training.rollouts import (  # heavy: imported on use
+        RolloutPlan,
+        check_rollout_sizes,
+        run_rollouts,
+    )
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     check_rollout_sizes(cfg, sess.world)
     if cfg.btpo.schedule != "joint":
@@ -213,6 +225,11 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
 def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, cfg: Config,
                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.losses import btpo_loss  # heavy: imported on use
+
     k = cfg.rollout.n
     rows = torch.tensor([(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)])   # (m·2·K,)
     sc = score_thoughts(model, ro.seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
@@ -242,6 +259,8 @@ class BTPOJudge(Judge):
     protocol = "pointwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.ids = GPMTokens.from_tokenizer(self.tok)
@@ -257,6 +276,10 @@ class BTPOJudge(Judge):
         return a / (a + b) if a + b > 0 else 0.5
 
     def _score_chunk(self, items: list[Item]) -> list[Score]:
+        import torch  # heavy: imported on use
+
+        from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence  # heavy: imported on use
+
         ids = self.ids
         prompts: list[GPMPrompt | None] = []
         for it in items:

@@ -37,9 +37,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config, check_fraction, register_section
 from btpo_cli.data.pairs import PairRecord
@@ -55,16 +53,13 @@ from btpo_cli.judging.templates import (
     pairwise_messages,
     render,
 )
-from btpo_cli.losses import gram_loss
-from btpo_cli.methods import Card, MethodSpec, register_method
-from btpo_cli.models.inputs import left_pad, positions
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card, MethodSpec, no_grad, register_method
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import BatchPlan
-from btpo_cli.training.supervised import run_supervised
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -118,6 +113,10 @@ def label_logprobs(model: Any, seqs: list[list[int]], labels: Labels, pad_id: in
 
     Left-padded with position ids that skip the padding; only the last position reaches the LM head.
     """
+    import torch  # heavy: imported on use
+
+    from btpo_cli.models.inputs import left_pad, positions  # heavy: imported on use
+
     ids, mask = left_pad(seqs, pad_id, device)                                   # (N, T)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                    logits_to_keep=1).logits[:, -1, :]                            # (N, V)
@@ -137,6 +136,13 @@ def verdict(logp_a: float, logp_b: float) -> str:
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
+    import torch  # heavy: imported on use
+
+    from btpo_cli.losses import gram_loss  # heavy: imported on use
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+    from btpo_cli.training.steps import BatchPlan  # heavy: imported on use
+    from btpo_cli.training.supervised import run_supervised  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     tok = sess.tok
     labels = Labels.from_tokenizer(tok)
@@ -184,6 +190,8 @@ class GramJudge(Judge):
     protocol = "pairwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.labels = Labels.from_tokenizer(self.tok)
@@ -198,7 +206,7 @@ class GramJudge(Judge):
         except TooLong:
             return None
 
-    @torch.no_grad()
+    @no_grad
     def _compare_chunk(self, pairs: list[tuple[Item, Item]]) -> list[Comparison]:
         enc = [self.encode(a, b) for a, b in pairs]
         idx = [i for i, e in enumerate(enc) if e is not None]

@@ -45,25 +45,23 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from btpo_cli.config import Config, check_choices, register_section
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
 from btpo_cli.judging.judge import Judge
 from btpo_cli.judging.parsers import ParseStats, ScoreParse, VerdictParse
 from btpo_cli.judging.templates import TooLong, encode_judge, end_of_turn_id
-from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
-from btpo_cli.methods import Card
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card, no_grad
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import RolloutPlan, check_rollout_sizes, logprob_diff, run_rollouts
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import StepTimer
+
+if TYPE_CHECKING:
+    import torch
+
+    from btpo_cli.judging.gpm import SeqBatch
+    from btpo_cli.training.steps import StepTimer
 
 
 @dataclass
@@ -155,9 +153,13 @@ class Rollout:
     advantages: torch.Tensor            # (b·q·G,)
 
 
-@torch.no_grad()
+@no_grad
 def completion_logps(model: Any, seqs: SeqBatch, pad_id: int, temperature: float, batch: int) -> torch.Tensor:
     """No-grad per-token log-probs of each completion (at the sampling temperature), in chunks: (N, Tz)."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+
     n = len(seqs)
     out = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
     for start in range(0, n, batch):
@@ -170,6 +172,10 @@ def completion_logps(model: Any, seqs: SeqBatch, pad_id: int, temperature: float
 def do_rollout(model: Any, ref: Any, engine: Any, tok: Any, task: GRPOTask, queries: list[Query], cfg: Config,
                eot_id: int, timer: StepTimer, seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample ``G`` completions per query with ``engine``; parse, reward, score with the trainer's ``model``."""
+    from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq  # heavy: imported on use
+    from btpo_cli.losses import group_advantages  # heavy: imported on use
+    from btpo_cli.training.rollouts import logprob_diff  # heavy: imported on use
+
     g, pad_id = cfg.rollout.n, tok.pad_token_id
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, [eot_id],
                             logprobs=True)
@@ -201,6 +207,11 @@ def do_rollout(model: Any, ref: Any, engine: Any, tok: Any, task: GRPOTask, quer
 def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_id: int, cfg: Config,
                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO surrogate on a micro-batch of units: mean over each unit's ``q·G`` completions, mean over units."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.losses import clipped_surrogate, kl_k3  # heavy: imported on use
+
     rows = torch.tensor([u * per_unit + j for u in unit_ids for j in range(per_unit)])   # (m·q·G,)
     sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature)
     width = sc.logp.shape[1]
@@ -226,6 +237,13 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
 
 def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
           templates: Callable[[Any, str], dict[str, Any]] | None = None) -> None:
+    from btpo_cli.training.rollouts import (  # heavy: imported on use
+        RolloutPlan,
+        check_rollout_sizes,
+        run_rollouts,
+    )
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     check_rollout_sizes(cfg, sess.world)
     tok = sess.tok
@@ -273,6 +291,8 @@ class RationaleJudge(Judge):
     stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         if module is None and resolve_engine_name(cfg.rollout.engine) == "hf":   # the hf engine generates with it

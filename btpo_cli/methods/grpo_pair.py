@@ -30,9 +30,7 @@ import random
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
@@ -58,6 +56,9 @@ from btpo_cli.methods.grpo_common import (
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -104,6 +105,8 @@ class PairTask:
         return ParseStats.verdicts()
 
     def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+        import torch  # heavy: imported on use
+
         return torch.tensor([[verdict_reward(p, q.label) for p in group]            # type: ignore[arg-type]
                              for q, group in zip(queries, parses, strict=True)], dtype=torch.float32)
 

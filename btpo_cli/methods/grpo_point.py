@@ -28,9 +28,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
@@ -56,6 +54,9 @@ from btpo_cli.methods.grpo_common import (
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -102,6 +103,8 @@ class PointTask:
         return ParseStats.scores()
 
     def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+        import torch  # heavy: imported on use
+
         rows: list[list[float]] = []
         for i in range(0, len(queries), 2):
             assert queries[i].label == "chosen" and queries[i + 1].label == "rejected"
