@@ -1,8 +1,11 @@
 """The method registry: one place that declares every training method.
 
 Each method module ends with ``register_method(MethodSpec(...))``. The CLI's choices and help
-text, ``config`` validation and ``btpo compare``'s row order are all derived from here, so a
-new method is one file plus its recipes:
+text, ``config`` validation and ``btpo compare``'s row order are all derived from here, and the
+rest of what is particular to a method lives in its module: its config section, checks and 0.1
+key renames (``btpo_cli.config.register_section``), ``btpo plan``'s memory geometry
+(``plan_geometry``, ``plan_inputs``), its model card (``card``) and eval settings
+(``eval_settings``). So a new method is one file plus its recipes:
 
 | method        | module                       | trains and saves                     | protocol |
 |---------------|------------------------------|--------------------------------------|----------|
@@ -16,6 +19,10 @@ new method is one file plus its recipes:
 Methods from elsewhere register the same way: a module named in ``BTPO_PLUGINS``
 (comma-separated) or exposed under the ``btpo.plugins`` entry-point group is imported before the
 registry is first read, and its ``register_method`` calls join the table.
+
+A method module imports without torch (``btpo --help`` and ``build_config`` read the registry):
+torch and the training modules are imported in the functions that use them (:func:`no_grad` for
+``@torch.no_grad()``).
 """
 
 from __future__ import annotations
