@@ -48,9 +48,10 @@ from typing import Any
 
 from rich.table import Table as RichTable
 
+from btpo_cli.config import EvalConfig, config_from_dict, valid_keys
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.protocol import EVAL_VERSION
-from btpo_cli.methods import method_names
+from btpo_cli.methods import get_method, method_names
 from btpo_cli.runs.folder import Run
 
 BASELINE = "bt"
@@ -204,20 +205,26 @@ DIFFER_MARK = " †"
 
 
 def eval_settings_of(s: dict[str, Any]) -> dict[str, Any]:
-    """The eval settings of a summary that make figures comparable (``eval_settings``, written by btpo eval;
-    derived from ``engine`` and ``eval_config`` for older summaries, which did not record ``yes_no_normalize``)."""
+    """The eval settings of a summary that make figures comparable (``eval_settings``, written by btpo eval).
+    An older summary did not record them: they are derived from its ``eval_config`` and ``engine`` by the
+    same ``judging.run_eval.eval_settings`` (``legacy``: what those do not tell, e.g. ``yes_no_normalize``,
+    is left out)."""
     got = s.get("eval_settings")
     if isinstance(got, dict):
         return {k: got[k] for k in SETTING_KEYS if k in got}
-    out: dict[str, Any] = {}
+    from btpo_cli.judging.run_eval import eval_settings  # heavy: imported on use
+
+    method = s.get("method")
+    if method not in method_names():
+        return {}
     conf = s.get("eval_config") if isinstance(s.get("eval_config"), dict) else {}
-    if s.get("engine"):
-        out["engine"] = s["engine"]
-        if s.get("method") != "bt-prefilled" and "max_new_tokens" in conf:
-            out["thought_budget"] = conf["max_new_tokens"]
-    if s.get("method") == "btpo" and "samples" in conf:
-        out["samples"] = conf["samples"]
-    return out
+    known = set(valid_keys(EvalConfig))
+    cfg = config_from_dict({"method": method, "eval": {k: v for k, v in conf.items() if k in known}},
+                           "eval summary")
+    if get_method(str(method)).generative and not s.get("engine"):
+        return {}
+    out = eval_settings(cfg, engine=s.get("engine"), legacy=True)
+    return {k: out[k] for k in SETTING_KEYS if k in out}
 
 
 def _settings_warnings(model: str, block: list[TableRow]) -> list[str]:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from btpo_cli.errors import ConfigError
-from btpo_cli.methods import method_names
+from btpo_cli.methods import get_method, method_names
 
 
 @dataclass
@@ -160,61 +161,6 @@ class RolloutConfig:
 
 
 @dataclass
-class BTPOConfig:
-    """BTPO (METHOD.md §5). Defaults marked (ours) were lost from the paper and are our choice.
-
-    The sampling settings (K, temperature, thought budget, rollout batch, update epochs, engine)
-    live in the ``rollout`` section."""
-
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    misalignment_weight: bool = True
-    """False sets ω̂ = 1 (the paper's ablation)."""
-    thought_advantage: str = "grpo"
-    """``grpo`` (the paper's implementation) or ``exact`` (the §4 estimator with a 1/K baseline)."""
-    agg: str = "token-mean"
-    """``token-mean`` (GRPO), ``seq-sum``, or ``token-sum-norm`` (Dr. GRPO: token sum / rollout.max_new_tokens)."""
-    beta: float = 0.0
-    """KL (k3) coefficient to the frozen reference model; 0 loads no reference."""
-    yes_no_normalize: bool = False
-    """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
-    score_floor: float = 0.0
-    """(ours) p(Yes) below which a rejected response's thought gets no more score-term push
-    (``losses.score_loss``); 0 is METHOD's unbounded term. docs/experiments.md: the collapse it stops."""
-    schedule: str = "joint"
-    """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
-
-
-@dataclass
-class PrefilledConfig:
-    """BT with a prefilled thought: the base model writes one greedy thought per response offline."""
-
-    max_thought_tokens: int = 1000
-    batch_size: int = 16
-    """Responses per generation batch when writing the thoughts."""
-
-
-@dataclass
-class GRAMConfig:
-    """GRAM: pairwise A/B label token trained by cross-entropy on both orders."""
-
-    label_smoothing: float = 0.0
-    """0.1 is the optional smoothing of METHOD.md §6."""
-
-
-@dataclass
-class GRPOConfig:
-    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate.
-
-    Group size, temperature, completion budget, rollout batch and engine live in ``rollout``."""
-
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    agg: str = "token-mean"
-    beta: float = 0.0
-
-
-@dataclass
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 1000
@@ -253,52 +199,84 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    btpo: BTPOConfig = field(default_factory=BTPOConfig)
-    prefilled: PrefilledConfig = field(default_factory=PrefilledConfig)
-    gram: GRAMConfig = field(default_factory=GRAMConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sections: dict[str, Any] = field(default_factory=dict, repr=False)
-    """Sections registered by plugin methods (:func:`register_section`), by name."""
+    """The method sections (:func:`register_section`: ``btpo``, ``prefilled``, ``gram``, ``grpo``, a
+    plugin's), by name; read as attributes (``cfg.btpo.beta``)."""
+
+    def __post_init__(self) -> None:
+        for name, sec in _SECTIONS.items():
+            self.sections.setdefault(name, sec.cls())
 
     def __getattr__(self, name: str) -> Any:      # only reached for names that are not fields
-        if name in _EXTRA_SECTIONS:
-            secs = self.__dict__.setdefault("sections", {})
-            if name not in secs:
-                secs[name] = _EXTRA_SECTIONS[name]()
-            return secs[name]
+        if not name.startswith("__"):
+            if name not in _SECTIONS:
+                _load_methods()                     # a Config made before the registry was read
+            if name in _SECTIONS:
+                secs = self.__dict__.setdefault("sections", {})
+                if name not in secs:
+                    secs[name] = _SECTIONS[name].cls()
+                return secs[name]
         raise AttributeError(f"'Config' has no section or key '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
-        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
-        for name in _EXTRA_SECTIONS:
-            d[name] = dataclasses.asdict(getattr(self, name))
+        """Every section, the method sections after ``rollout`` (registration order)."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "sections":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            if f.name == "rollout":
+                for name in _SECTIONS:
+                    d[name] = dataclasses.asdict(getattr(self, name))
         return d
 
 
-_EXTRA_SECTIONS: dict[str, type] = {}
+@dataclass(frozen=True)
+class Section:
+    """A method's config section: its dataclass, its checks and its keys of version 0.1."""
+
+    cls: type
+    validate: Callable[[Config], None] | None = None
+    """Raises :class:`ConfigError` for a bad value (run on every config, whatever its method)."""
+    renamed: dict[str, str] = field(default_factory=dict)
+    """Keys of version 0.1 that moved to ``rollout`` (old name → ``rollout`` key): ``--set`` and recipes
+    may still use them; a saved config.yaml of an old run loads through them."""
 
 
-def register_section(name: str, cls: type) -> None:
-    """Add a top-level config section (a dataclass) for a method that is not built in."""
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str, cls: type, *, validate: Callable[[Config], None] | None = None,
+                     renamed: dict[str, str] | None = None) -> None:
+    """Add a top-level config section (a dataclass) for a method; its module calls this when imported."""
     if name in {f.name for f in dataclasses.fields(Config)}:
         raise ConfigError(f"config section '{name}' already exists")
     if not dataclasses.is_dataclass(cls):
         raise ConfigError(f"config section '{name}' must be a dataclass, got {cls!r}")
-    _EXTRA_SECTIONS[name] = cls
+    _SECTIONS[name] = Section(cls, validate, dict(renamed or {}))
 
 
-# Keys of version 0.1, before the rollout settings moved to the shared ``rollout`` section.
-# ``--set`` and recipes may still use them; a saved config.yaml of an old run loads through them.
-RENAMED: dict[str, dict[str, str]] = {
-    "btpo": {"k": "n", "temperature": "temperature", "top_p": "top_p", "max_thought_tokens": "max_new_tokens",
-             "rollout_batch_size": "batch_size", "update_epochs": "update_epochs", "rollout_engine": "engine"},
-    "grpo": {"g": "n", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
-             "rollout_batch_size": "batch_size", "update_epochs": "update_epochs"},
-}
-_OWNER = {"btpo": "btpo", "grpo-pair": "grpo", "grpo-point": "grpo"}
+def check_choices(cfg: Config, choices: dict[str, tuple[Any, ...]]) -> None:
+    """A :class:`ConfigError` naming the first dotted key whose value is not among its choices."""
+    for key, allowed in choices.items():
+        v = _get(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_positive(cfg: Config, keys: list[str]) -> None:
+    for key in keys:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+
+
+def check_fraction(cfg: Config, key: str) -> None:
+    """``0 <= value < 1``."""
+    if not 0 <= _get(cfg, key) < 1:
+        raise ConfigError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
 
 
 # ----------------------------------------------------------------------------- building
@@ -319,8 +297,8 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + f.name)
     if cls is Config:
-        for name, sec in _EXTRA_SECTIONS.items():
-            out.extend(valid_keys(sec, prefix + name + "."))
+        for name, sec in _SECTIONS.items():
+            out.extend(valid_keys(sec.cls, prefix + name + "."))
     return out
 
 
@@ -367,16 +345,16 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
     names = {f.name for f in dataclasses.fields(obj)} - {"sections"}
     for k, v in data.items():
         key = prefix + str(k)
-        if isinstance(obj, Config) and k in _EXTRA_SECTIONS:
+        if isinstance(obj, Config) and k in _SECTIONS:
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' is a section; expected a mapping, got {v!r}")
-            _apply(getattr(obj, k), v, key + ".", source)
-            continue
-        if isinstance(obj, Config) and k in RENAMED and isinstance(v, dict):
-            moved = {RENAMED[k][old]: v[old] for old in v if old in RENAMED[k]}
-            v = {key2: val for key2, val in v.items() if key2 not in RENAMED[k]}
+            renamed = _SECTIONS[k].renamed
+            moved = {renamed[old]: v[old] for old in v if old in renamed}
+            v = {key2: val for key2, val in v.items() if key2 not in renamed}
             if moved:
                 _apply(obj.rollout, moved, "rollout.", source)
+            _apply(getattr(obj, k), v, key + ".", source)
+            continue
         if k not in names:
             section = type(obj)
             choices = ", ".join(valid_keys(section, prefix))
@@ -398,8 +376,9 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     ``rollout`` keys win); the other method's old keys are dropped.
     """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    owner = _OWNER.get(str(data.get("method", "")))
-    for section, renames in RENAMED.items():
+    method = str(data.get("method", ""))
+    owner = get_method(method).config_section if method in method_names() else None
+    for section, renames in ((name, s.renamed) for name, s in _SECTIONS.items() if s.renamed):
         sec = data.get(section)
         if not isinstance(sec, dict):
             continue
@@ -519,10 +498,6 @@ _CHOICES: dict[str, Any] = {
     "train.report_to": ("none", "tensorboard", "wandb"),
     "train.precision": ("auto", "bf16", "fp32"),
     "model.dtype": ("auto", "bfloat16", "float32"),
-    "btpo.thought_advantage": ("grpo", "exact"),
-    "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
-    "btpo.schedule": ("joint",),
-    "grpo.agg": ("token-mean", "seq-sum", "token-sum-norm"),
     "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
 
@@ -556,7 +531,7 @@ def validate(cfg: Config) -> None:
     positive = ["train.batch_size", "train.micro_batch_size", "data.max_length", "rollout.n",
                 "rollout.max_new_tokens", "rollout.batch_size", "rollout.update_epochs", "eval.batch_size",
                 "rollout.prompts_per_batch", "rollout.max_num_seqs", "rollout.tensor_parallel_size",
-                "prefilled.max_thought_tokens", "prefilled.batch_size", "hardware.gpus", "hardware.nodes"]
+                "hardware.gpus", "hardware.nodes"]
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
@@ -572,8 +547,6 @@ def validate(cfg: Config) -> None:
                           "evaluate on training pairs kept out of training")
     if cfg.train.eval_every and cfg.data.valid_split == "heldout" and not cfg.train.eval_limit:
         raise ConfigError("train.eval_limit: data.valid_split=heldout needs the number of pairs to hold out (> 0)")
-    if not 0 <= cfg.btpo.score_floor < 1:
-        raise ConfigError(f"btpo.score_floor: must be in [0, 1), got {cfg.btpo.score_floor}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be positive, got {cfg.train.max_steps}")
     if cfg.hardware.gpu_memory_gb is not None and cfg.hardware.gpu_memory_gb <= 0:
@@ -582,8 +555,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    if not 0 <= cfg.gram.label_smoothing < 1:
-        raise ConfigError(f"gram.label_smoothing: must be in [0, 1), got {cfg.gram.label_smoothing}")
     if cfg.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature: must be positive, got {cfg.rollout.temperature}")
     if not 0 < cfg.rollout.top_p <= 1:
@@ -591,6 +562,9 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.rollout.gpu_memory_utilization < 1:
         raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1), got "
                           f"{cfg.rollout.gpu_memory_utilization}")
+    for sec in _SECTIONS.values():
+        if sec.validate is not None:
+            sec.validate(cfg)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,7 +8,6 @@ from dataclasses import replace
 import typer
 
 from btpo_cli.console import console, out
-from btpo_cli.models.thinker import ThinkerSpec, ensure_thinker, reference_check
 
 HELP = "Pre-train tiny-thinker, a tiny base GPM that can think a little (CPU, minutes; cached)."
 EPILOG = """[bold]Examples[/]
@@ -26,6 +25,8 @@ def base_model(
     seed: int = typer.Option(0, "--seed", help="Seed of the data mix and the initial weights."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
 ) -> None:
+    from btpo_cli.models.thinker import ThinkerSpec, ensure_thinker, reference_check  # heavy: imported on use
+
     spec = ThinkerSpec(seed=seed)
     if steps:
         spec = replace(spec, steps=steps)

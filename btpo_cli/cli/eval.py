@@ -11,7 +11,6 @@ import typer
 from rich.table import Table
 
 from btpo_cli.console import console
-from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run
 
 HELP = ("Evaluate a trained run (--checkpoint), or any model as it is (--model, --method): order-swapped / "
         "pointwise accuracy, clipped at 50%.")
@@ -62,6 +61,8 @@ def evaluate(
                                       "vllm (default: the run's rollout.engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
 ) -> None:
+    from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run  # heavy: imported on use
+
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give either --checkpoint RUN or --model NAME (with --method and --data)")
     if model is not None and which != "final":

@@ -15,7 +15,6 @@ from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
 from btpo_cli.progress import check_log_every
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.launch import launch
 from btpo_cli.training.tracking import check_tracker
 
 
@@ -65,6 +64,8 @@ def train(
     log_every: str | None = typer.Option(None, "--log-every", help="When stderr is not a terminal (a log file): "
                                          "a progress line every N steps ('50') or T seconds ('30s'; default)."),
 ) -> None:
+    from btpo_cli.training.launch import launch  # heavy: imported on use
+
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
 

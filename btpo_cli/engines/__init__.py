@@ -19,8 +19,6 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from btpo_cli.engines.base import (
     RolloutEngine,
     Sample,
@@ -154,6 +152,8 @@ def engine_for(cfg: Any, model_path: str, pad_token_id: int, device: Any, module
 
 def default_engine() -> str:
     """``vllm`` on a GPU machine where vLLM imports, else ``hf`` (what ``rollout.engine: auto`` means)."""
+    import torch  # heavy: imported on use
+
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "hf"

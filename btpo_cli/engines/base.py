@@ -38,9 +38,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 
 @dataclass
@@ -159,4 +161,6 @@ def resolve_seeds(n_prompts: int, params: SamplingParams, seeds: Sequence[int] |
         return [int(s) for s in seeds]
     if params.seed is not None:
         return [request_seed(params.seed, i) for i in range(n_prompts)]
+    import torch  # heavy: imported on use
+
     return [int(x) for x in torch.randint(0, 2**62, (n_prompts,)).tolist()]

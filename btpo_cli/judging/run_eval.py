@@ -85,9 +85,8 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
     if spec.judge is None:
         raise BtpoError(f"method '{method}' registers no judge (MethodSpec.judge): it cannot evaluate a model")
     check_model_class(model, model_dir, spec.model_class)
-    if method == "bt-prefilled" and not meta.get("thought_writer"):
-        raise BtpoError(f"{model}: bt-prefilled needs the model that writes its thoughts (thought_writer in "
-                        "btpo.json); only a bt-prefilled checkpoint has one")
+    if spec.check_model is not None:
+        spec.check_model(model, meta)
     base = None
     if "settings" in meta:          # a btpo checkpoint: the settings it was trained and is judged with
 
@@ -128,20 +127,21 @@ def _slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.") or "model"
 
 
-def eval_settings(cfg: Config, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings that change a judge's figures beyond its weights, for the methods that read them
-    (``btpo compare`` warns when rows differ in them): engine and thought/rationale budget of
-    generative judges, BTPO's sampled-thought count and ``yes_no_normalize``."""
+def eval_settings(cfg: Config, meta: dict[str, Any] | None = None, *, engine: str | None = None,
+                  legacy: bool = False) -> dict[str, Any]:
+    """The settings that change a judge's figures beyond its weights (``btpo compare`` warns when rows
+    differ in them): the engine and thought/rationale budget of a generative judge, then the method's own
+    (``MethodSpec.eval_settings``: BTPO's sampled-thought count and ``yes_no_normalize``, bt-prefilled's
+    writer budget). ``engine``: the resolved engine, when known; ``legacy``: derive them for an eval summary
+    older than ``eval_settings`` (only ``cfg.eval`` and the engine are known; the rest is left out)."""
     impl = get_method(cfg.method)
     out: dict[str, Any] = {}
     if impl.generative:
-        out["engine"] = resolve_engine_name(cfg.rollout.engine)
-        out["thought_budget"] = int((meta or {}).get("max_thought_tokens") or cfg.prefilled.max_thought_tokens) \
-            if cfg.method == "bt-prefilled" else cfg.eval.max_new_tokens
-    if cfg.method == "btpo":
-        out["samples"] = cfg.eval.samples
-        out["yes_no_normalize"] = bool(cfg.btpo.yes_no_normalize)
-    return out
+        out["engine"] = engine or resolve_engine_name(cfg.rollout.engine)
+        out["thought_budget"] = cfg.eval.max_new_tokens
+    if impl.eval_settings is not None:
+        out.update(impl.eval_settings(cfg, None if legacy else (meta or {})))
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, limit: int | None,

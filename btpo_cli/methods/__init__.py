@@ -1,8 +1,11 @@
 """The method registry: one place that declares every training method.
 
 Each method module ends with ``register_method(MethodSpec(...))``. The CLI's choices and help
-text, ``config`` validation and ``btpo compare``'s row order are all derived from here, so a
-new method is one file plus its recipes:
+text, ``config`` validation and ``btpo compare``'s row order are all derived from here, and the
+rest of what is particular to a method lives in its module: its config section, checks and 0.1
+key renames (``btpo_cli.config.register_section``), ``btpo plan``'s memory geometry
+(``plan_geometry``, ``plan_inputs``), its model card (``card``) and eval settings
+(``eval_settings``). So a new method is one file plus its recipes:
 
 | method        | module                       | trains and saves                     | protocol |
 |---------------|------------------------------|--------------------------------------|----------|
@@ -16,19 +19,26 @@ new method is one file plus its recipes:
 Methods from elsewhere register the same way: a module named in ``BTPO_PLUGINS``
 (comma-separated) or exposed under the ``btpo.plugins`` entry-point group is imported before the
 registry is first read, and its ``register_method`` calls join the table.
+
+A method module imports without torch (``btpo --help`` and ``build_config`` read the registry):
+torch and the training modules are imported in the functions that use them (:func:`no_grad` for
+``@torch.no_grad()``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from btpo_cli.errors import BtpoError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _BUILTIN = ("bt", "bt_prefilled", "gram", "grpo_pair", "grpo_point", "btpo")
 
@@ -59,6 +69,37 @@ class MethodSpec:
     """``judge(model_dir, cfg, device, meta) → btpo_cli.judging.judge.Judge``: how a trained model scores new data
     (``btpo score``, ``btpo serve``, ``load_judge``); its ``evaluate`` should be this judge's
     ``evaluate_pairs`` so that eval and score cannot disagree. None: the method cannot be used as a judge."""
+    rollouts: bool = False
+    """Whether training samples with the ``rollout`` settings (BTPO, GRPO): ``btpo.json`` then records them."""
+    plan_geometry: Callable[..., Any] | None = None
+    """``plan_geometry(inp: PlanInputs) → Geometry`` (``btpo_cli.plan.estimate``): rows, lengths and LM-head
+    positions of one micro-batch, for ``btpo plan``. None: the method has no memory model."""
+    plan_inputs: Callable[..., dict[str, Any]] | None = None
+    """``plan_inputs(cfg) → {PlanInputs field: value}``: the planner inputs the method's own settings decide
+    (``beta`` of a KL reference, ``gen_tokens`` sampled per row). None: no reference, nothing sampled."""
+    eval_settings: Callable[..., dict[str, Any]] | None = None
+    """``eval_settings(cfg, meta) → {setting: value}``: the method's own settings that change its eval figures,
+    added to the engine and thought budget of a generative judge (``judging.run_eval.eval_settings``).
+    ``meta`` is the checkpoint's ``btpo.json``, or None for an eval summary older than ``eval_settings``
+    (only its ``eval`` section and engine are known): a value None means "not known" and is left out."""
+    check_model: Callable[[str, dict[str, Any]], None] | None = None
+    """``check_model(model, meta)``: raise a ``BtpoError`` when ``btpo eval`` of this model (its ``btpo.json``
+    as ``meta``) cannot work with this method beyond its model class (e.g. no thought writer recorded)."""
+    card: Callable[[dict[str, Any]], Card] | None = None
+    """``card(meta) → Card``: the method's part of ``final/README.md``. None: a generic card."""
+
+
+@dataclass(frozen=True)
+class Card:
+    """A method's part of its model card (``btpo_cli.runs.final.model_card``)."""
+
+    what: str
+    """Completes "This is …": what the model is and how it judges (``{aspect}`` is filled in)."""
+    rows: list[tuple[str, Any]] = field(default_factory=list)
+    """Rows of the Training table after the shared ones (a None value is left out)."""
+    usage: list[str] = field(default_factory=list)
+    """Python lines that judge with plain transformers, after the shared preamble (``tok``, ``prompt``,
+    ``chat(msgs, gen=False)``)."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -86,6 +127,20 @@ def _load() -> None:
             importlib.import_module(mod)
         except ImportError as e:
             raise BtpoError(f"plugin module '{mod}' (BTPO_PLUGINS / btpo.plugins) could not be imported: {e}") from e
+
+
+def no_grad(fn: F) -> F:
+    """``@torch.no_grad()`` that imports torch when ``fn`` is called, so that a method module imports
+    without it (``btpo --help`` and ``build_config`` stay torch-free)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch  # heavy: imported on use
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def get_method(name: str) -> MethodSpec:

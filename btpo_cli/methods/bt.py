@@ -20,24 +20,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.judging.protocol import PairResult
 from btpo_cli.judging.templates import PLACEHOLDER_PROMPT, TooLong, encode_response, render
-from btpo_cli.losses import bt_loss
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models.inputs import pad_batch
-from btpo_cli.models.loading import load_reward_model, load_tokenizer
+from btpo_cli.methods import Card, MethodSpec, no_grad, register_method
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import BatchPlan
-from btpo_cli.training.supervised import run_supervised
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -76,6 +72,8 @@ Encoder = Callable[[Any, list[PairRecord]], tuple[list[EncodedPair], dict[str, i
 
 def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torch.Tensor:
     """Scalar rewards for N sequences: (N,)."""
+    from btpo_cli.models.inputs import pad_batch  # heavy: imported on use
+
     ids, mask = pad_batch(seqs, pad_id, device)
     return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
@@ -84,6 +82,13 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
           meta: dict[str, Any] | None = None, templates_of: Callable[[Any], dict[str, Any]] | None = None) -> None:
     """The BT run. ``encode`` builds the sequences (default: :func:`encode_pairs`); ``meta`` joins
     btpo.json; ``templates_of(tokenizer)`` describes the input in it (default: :func:`templates`)."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.losses import bt_loss  # heavy: imported on use
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+    from btpo_cli.training.steps import BatchPlan  # heavy: imported on use
+    from btpo_cli.training.supervised import run_supervised  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume)
     tok = sess.tok
     records = sess.load_split()
@@ -124,6 +129,8 @@ class RewardJudge(Judge):
     protocol = "pointwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_reward_model, load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir)
         self.model = module if module is not None else load_reward_model(
@@ -139,7 +146,7 @@ class RewardJudge(Judge):
                 out.append((None, None))
         return out
 
-    @torch.no_grad()
+    @no_grad
     def _score_chunk(self, items: list[Item]) -> list[Score]:
         enc = self.encode(items)
         idx = [i for i, (ids, _) in enumerate(enc) if ids is not None]
@@ -165,7 +172,25 @@ def templates(tok: Any) -> dict[str, Any]:
     return {"strings": {}, "rendered": render(tok, PLACEHOLDER_PROMPT + [{"role": "assistant", "content": "{response}"}])}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """Two sequences per pair through the scalar head (the last token only)."""
+    return Geometry("reward", 2, inp.prompt_tokens, 0, False, 0)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    return Card("a Bradley–Terry reward model: the backbone with a one-label scalar head reads the chat-rendered "
+                "(prompt, response) and outputs a reward r(x, y); higher is better.", usage=reward_usage(meta))
+
+
+def reward_usage(meta: dict[str, Any], thought: list[str] | None = None) -> list[str]:
+    """Plain-transformers lines for a scalar-head reward model (``thought``: lines that append one)."""
+    return ["model = AutoModelForSequenceClassification.from_pretrained(\".\").eval()",
+            "msgs = prompt + [{\"role\": \"assistant\", \"content\": \"5\"}]", *(thought or []),
+            "reward = model(**chat(msgs)).logits[0, 0].item()      # higher is better"]
+
+
 METHOD = register_method(MethodSpec(
     name="bt", help="Bradley-Terry reward model: scalar head on (x, y), loss -log sigmoid(r_w - r_l).",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    order=0, judge=RewardJudge))
+    order=0, judge=RewardJudge,
+    plan_geometry=plan_geometry, card=card))

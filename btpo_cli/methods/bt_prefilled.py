@@ -50,12 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from btpo_cli.config import Config, ModelConfig
+from btpo_cli.config import Config, ModelConfig, check_positive, register_section
 from btpo_cli.console import console
-from btpo_cli.data.pairs import PairRecord
+from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
+from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import Item, judge_for_eval
 from btpo_cli.judging.protocol import PairResult
 from btpo_cli.judging.templates import (
@@ -71,13 +70,23 @@ from btpo_cli.judging.templates import (
     prefilled_messages,
     render,
 )
-from btpo_cli.methods import MethodSpec, bt, register_method
+from btpo_cli.methods import Card, MethodSpec, bt, register_method
 from btpo_cli.models.aliases import resolve_model
-from btpo_cli.models.loading import load_causal_lm, load_tokenizer
 from btpo_cli.runs.final import read_meta
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.launch import load_split
-from btpo_cli.training.steps import chunks
+
+
+@dataclass
+class PrefilledConfig:
+    """BT with a prefilled thought: the base model writes one greedy thought per response offline."""
+
+    max_thought_tokens: int = 1000
+    batch_size: int = 16
+    """Responses per generation batch when writing the thoughts."""
+
+
+register_section("prefilled", PrefilledConfig,
+                 validate=lambda cfg: check_positive(cfg, ["prefilled.max_thought_tokens", "prefilled.batch_size"]))
 
 # ----------------------------------------------------------------------------- the thought writer
 
@@ -103,6 +112,8 @@ class ThoughtWriter:
     """The frozen base model writing one greedy thought per response (GPM dialog turns 1–4)."""
 
     def __init__(self, spec: WriterSpec, device: Any):
+        from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
+
         self.spec = spec
         cfg = spec.run_cfg or Config()
         self.tok = load_tokenizer(spec.model.name, padding_side="left")
@@ -171,6 +182,10 @@ def ensure_thoughts(records: list[PairRecord], path: Path | None, spec: WriterSp
     missing pair of each chunk and the rows are gathered, so all processes return the full map.
     The writer model is loaded only when something is missing, and freed afterwards.
     """
+    import torch  # heavy: imported on use
+
+    from btpo_cli.training.steps import chunks  # heavy: imported on use
+
     cache = read_cache(path) if path else {}
     have = {r.id: cache[r.id] for r in records if r.id in cache and cache[r.id].get("digest") == spec.digest(r)}
     missing = [r for r in records if r.id not in have]
@@ -258,6 +273,8 @@ def _spec(cfg: Config, writer: str | None = None, max_thought_tokens: int | None
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
     from accelerate import PartialState  # heavy: imported on use
+
+    from btpo_cli.training.launch import load_split  # heavy: imported on use
 
     state = PartialState()
     spec = _spec(cfg)
@@ -374,7 +391,35 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
             "rendered": render(tok, prefilled_messages(PLACEHOLDER_PROMPT, "{response}", aspect, "{thought}"))}
 
 
+def check_model(model: str, meta: dict[str, Any]) -> None:
+    if not meta.get("thought_writer"):
+        raise BtpoError(f"{model}: bt-prefilled needs the model that writes its thoughts (thought_writer in "
+                        "btpo.json); only a bt-prefilled checkpoint has one")
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The thought budget is the writer's (``btpo.json``), not ``eval.max_new_tokens``; unknown for older evals."""
+    if meta is None:
+        return {"thought_budget": None}
+    return {"thought_budget": int(meta.get("max_thought_tokens") or cfg.prefilled.max_thought_tokens)}
+
+
+def card(meta: dict[str, Any]) -> Card:
+    strings = (meta.get("template") or {}).get("strings") or {}
+    ev = strings.get("eval_instruction", "").format(aspect=meta.get("aspect", DEFAULT_ASPECT))
+    thought = [f"# the base model ({meta.get('thought_writer')}) first writes a greedy evaluation "
+               f"(<= {meta.get('max_thought_tokens')} tokens) after:",
+               f"msgs += [{{\"role\": \"user\", \"content\": {ev!r}}}, "
+               "{\"role\": \"assistant\", \"content\": thought}]"]
+    return Card("a Bradley–Terry reward model that reads the response followed by an evaluation written "
+                "by the frozen base model (greedy, one per response); the scalar head outputs the reward.",
+                rows=[("thought writer", meta.get("thought_writer")),
+                      ("thought budget", meta.get("max_thought_tokens"))],
+                usage=bt.reward_usage(meta, thought))
+
+
 METHOD = register_method(MethodSpec(
     name="bt-prefilled", help="BT on the base model's greedy thought, written offline and appended to the dialog.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    config_section="prefilled", generative=True, order=10, judge=PrefilledJudge))
+    config_section="prefilled", generative=True, order=10, judge=PrefilledJudge,
+    plan_geometry=bt.plan_geometry, eval_settings=eval_settings, card=card, check_model=check_model))

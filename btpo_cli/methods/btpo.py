@@ -24,15 +24,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from btpo_cli.config import Config
-from btpo_cli.data.pairs import PairRecord
-from btpo_cli.engines import RolloutEngine, SamplingParams, engine_for, request_seed
+from btpo_cli.config import Config, check_choices, check_fraction, register_section
+from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
+from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
-from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence
 from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
 from btpo_cli.judging.protocol import JsonlWriter, PairResult, pointwise_result
 from btpo_cli.judging.templates import (
@@ -47,21 +44,54 @@ from btpo_cli.judging.templates import (
     gpm_messages,
     render,
 )
-from btpo_cli.losses import btpo_loss
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card, MethodSpec, register_method
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import (
-    Rollout,
-    RolloutPlan,
-    check_rollout_sizes,
-    run_rollouts,
-    sample_and_score,
-    score_chunked,
-)
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import StepTimer
+
+if TYPE_CHECKING:
+    import torch
+
+    from btpo_cli.engines import RolloutEngine
+    from btpo_cli.training.rollouts import Rollout
+    from btpo_cli.training.steps import StepTimer
+
+
+@dataclass
+class BTPOConfig:
+    """BTPO (METHOD.md §5). Defaults marked (ours) were lost from the paper and are our choice.
+
+    The sampling settings (K, temperature, thought budget, rollout batch, update epochs, engine)
+    live in the ``rollout`` section."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    misalignment_weight: bool = True
+    """False sets ω̂ = 1 (the paper's ablation)."""
+    thought_advantage: str = "grpo"
+    """``grpo`` (the paper's implementation) or ``exact`` (the §4 estimator with a 1/K baseline)."""
+    agg: str = "token-mean"
+    """``token-mean`` (GRPO), ``seq-sum``, or ``token-sum-norm`` (Dr. GRPO: token sum / rollout.max_new_tokens)."""
+    beta: float = 0.0
+    """KL (k3) coefficient to the frozen reference model; 0 loads no reference."""
+    yes_no_normalize: bool = False
+    """p(Yes) = e^{l_yes}/(e^{l_yes}+e^{l_no}) instead of the full-vocabulary softmax."""
+    score_floor: float = 0.0
+    """(ours) p(Yes) below which a rejected response's thought gets no more score-term push
+    (``losses.score_loss``); 0 is METHOD's unbounded term. docs/experiments.md: the collapse it stops."""
+    schedule: str = "joint"
+    """``joint`` (L_score + L_thought together). The earlier paper version's alternating schedule is not implemented."""
+
+
+def validate_section(cfg: Config) -> None:
+    check_choices(cfg, {"btpo.thought_advantage": ("grpo", "exact"),
+                        "btpo.agg": ("token-mean", "seq-sum", "token-sum-norm"), "btpo.schedule": ("joint",)})
+    check_fraction(cfg, "btpo.score_floor")
+
+
+register_section("btpo", BTPOConfig, validate=validate_section, renamed={
+    "k": "n", "temperature": "temperature", "top_p": "top_p", "max_thought_tokens": "max_new_tokens",
+    "rollout_batch_size": "batch_size", "update_epochs": "update_epochs", "rollout_engine": "engine"})
 
 
 @dataclass
@@ -99,6 +129,9 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, pairs: list[tuple[in
                judge: GPMTokens, cfg: Config, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
+    from btpo_cli.judging.gpm import thought_sequence  # heavy: imported on use
+    from btpo_cli.training.rollouts import Rollout, sample_and_score  # heavy: imported on use
+
     k = cfg.rollout.n
     prompts = [p for _, w, lo in pairs for p in (w, lo)]                          # (2b,)
     sc = sample_and_score(model, ref, engine, [p.prefix for p in prompts], cfg, judge.eot_id, timer, seeds,
@@ -118,6 +151,13 @@ def rollout_seeds(seed: int, r_idx: int, pair_indices: list[int]) -> list[int]:
 
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
+    from btpo_cli.training.rollouts import (  # heavy: imported on use
+        RolloutPlan,
+        check_rollout_sizes,
+        run_rollouts,
+    )
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     check_rollout_sizes(cfg, sess.world)
     if cfg.btpo.schedule != "joint":
@@ -151,6 +191,11 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
 def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, cfg: Config,
                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.losses import btpo_loss  # heavy: imported on use
+
     k = cfg.rollout.n
     rows = torch.tensor([(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)])   # (m·2·K,)
     sc = score_thoughts(model, ro.seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
@@ -185,6 +230,8 @@ class BTPOJudge(Judge):
     protocol = "pointwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.ids = GPMTokens.from_tokenizer(self.tok)
@@ -200,6 +247,11 @@ class BTPOJudge(Judge):
         return a / (a + b) if a + b > 0 else 0.5
 
     def _score_chunk(self, items: list[Item]) -> list[Score]:
+        import torch  # heavy: imported on use
+
+        from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence  # heavy: imported on use
+        from btpo_cli.training.rollouts import score_chunked  # heavy: imported on use
+
         ids = self.ids
         prompts: list[GPMPrompt | None] = []
         for it in items:
@@ -298,7 +350,48 @@ def _cut(sample: Any, budget: int) -> bool:
     return not sample.finished and len(sample.token_ids) >= budget
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """K thoughts for each of the pair's two responses, each followed by the rating tail."""
+    g = inp.gen_tokens + inp.tail_tokens
+    return Geometry("causal", 2 * inp.n, inp.prompt_tokens + g, g + 1, True, 2)
+
+
+def plan_inputs(cfg: Config) -> dict[str, Any]:
+    return {"beta": cfg.btpo.beta, "gen_tokens": cfg.rollout.max_new_tokens}
+
+
+def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Sampled-thought count and ``yes_no_normalize`` (not recorded by older evals)."""
+    return {"samples": cfg.eval.samples,
+            "yes_no_normalize": None if meta is None else bool(cfg.btpo.yes_no_normalize)}
+
+
+def card(meta: dict[str, Any]) -> Card:
+    ids = meta.get("token_ids") or {}
+    strings = (meta.get("template") or {}).get("strings") or {}
+    aspect = meta.get("aspect", DEFAULT_ASPECT)
+    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens", 1000)
+    ev = strings.get("eval_instruction", "").format(aspect=aspect)
+    q = strings.get("rating_question", "").format(aspect=aspect)
+    return Card(
+        "a generative preference model trained with Bradley–Terry Policy Optimization: after the "
+        "response it is asked to evaluate it, thinks, and is then asked whether the response is "
+        "{aspect}; its score is p(Yes) after the thought.",
+        rows=[("judging thought budget", ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens"))],
+        usage=["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+               f"msgs = prompt + [{{\"role\": \"assistant\", \"content\": \"5\"}}, {{\"role\": \"user\", \"content\": {ev!r}}}]",
+               "enc = chat(msgs, gen=True)",
+               f"out = model.generate(**enc, max_new_tokens={budget}, do_sample=False, "
+               f"eos_token_id={ids.get('end_of_turn')})",
+               "thought = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)",
+               f"msgs += [{{\"role\": \"assistant\", \"content\": thought}}, {{\"role\": \"user\", \"content\": {q!r}}}]",
+               f"p_yes = model(**chat(msgs, gen=True)).logits[0, -1].softmax(-1)[{ids.get('yes')}].item()",
+               "# (btpo keeps the generated thought's token ids instead of re-tokenizing its text)"])
+
+
 METHOD = register_method(MethodSpec(
     name="btpo", help="BTPO (this paper): a thinking judge, latent-thought Bradley-Terry, the consistent estimator.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="btpo", generative=True, order=50, judge=BTPOJudge))
+    config_section="btpo", generative=True, order=50, judge=BTPOJudge,
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs,
+    eval_settings=eval_settings, card=card))

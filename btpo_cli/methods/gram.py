@@ -37,11 +37,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from btpo_cli.config import Config
+from btpo_cli.config import Config, check_fraction, register_section
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.judging.judge import TOO_LONG, Comparison, Item, Judge, judge_for_eval, pairwise_comparison
 from btpo_cli.judging.protocol import PairResult, pairwise_result
@@ -55,15 +53,24 @@ from btpo_cli.judging.templates import (
     pairwise_messages,
     render,
 )
-from btpo_cli.losses import gram_loss
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.models.inputs import left_pad, positions
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card, MethodSpec, no_grad, register_method
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import BatchPlan
-from btpo_cli.training.supervised import run_supervised
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class GRAMConfig:
+    """GRAM: pairwise A/B label token trained by cross-entropy on both orders."""
+
+    label_smoothing: float = 0.0
+    """0.1 is the optional smoothing of METHOD.md §6."""
+
+
+register_section("gram", GRAMConfig, validate=lambda cfg: check_fraction(cfg, "gram.label_smoothing"))
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -106,6 +113,10 @@ def label_logprobs(model: Any, seqs: list[list[int]], labels: Labels, pad_id: in
 
     Left-padded with position ids that skip the padding; only the last position reaches the LM head.
     """
+    import torch  # heavy: imported on use
+
+    from btpo_cli.models.inputs import left_pad, positions  # heavy: imported on use
+
     ids, mask = left_pad(seqs, pad_id, device)                                   # (N, T)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                    logits_to_keep=1).logits[:, -1, :]                            # (N, V)
@@ -125,6 +136,13 @@ def verdict(logp_a: float, logp_b: float) -> str:
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: Config, run: Run, resume: bool) -> None:
+    import torch  # heavy: imported on use
+
+    from btpo_cli.losses import gram_loss  # heavy: imported on use
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+    from btpo_cli.training.steps import BatchPlan  # heavy: imported on use
+    from btpo_cli.training.supervised import run_supervised  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     tok = sess.tok
     labels = Labels.from_tokenizer(tok)
@@ -172,6 +190,8 @@ class GramJudge(Judge):
     protocol = "pairwise"
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.labels = Labels.from_tokenizer(self.tok)
@@ -186,7 +206,7 @@ class GramJudge(Judge):
         except TooLong:
             return None
 
-    @torch.no_grad()
+    @no_grad
     def _compare_chunk(self, pairs: list[tuple[Item, Item]]) -> list[Comparison]:
         enc = [self.encode(a, b) for a, b in pairs]
         idx = [i for i, e in enumerate(enc) if e is not None]
@@ -227,7 +247,24 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
                                                       aspect), add_generation_prompt=True)}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """Both orders of a pair; one LM-head position (the label token)."""
+    return Geometry("causal", 2, inp.prompt_tokens, 1, False, 0)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    ids = meta.get("token_ids") or {}
+    return Card("a pairwise generative judge without a thought: shown both responses as A and B, it answers "
+                "with one label token; btpo asks both orders.", usage=[
+                    "model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+                    "# judge prompt: template.strings.judge_prompt in btpo.json, formatted with the conversation "
+                    "as 'User: ...', response_a, response_b and the aspect",
+                    "logits = model(**chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)).logits[0, -1]",
+                    f"a_wins = logits[{ids.get('A')}] > logits[{ids.get('B')}]   # ask again with A and B swapped"])
+
+
 METHOD = register_method(MethodSpec(
     name="gram", help="GRAM: pairwise A/B label token trained by cross-entropy on both orders (no thought).",
     train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
-    config_section="gram", order=20, judge=GramJudge))
+    config_section="gram", order=20, judge=GramJudge,
+    plan_geometry=plan_geometry, card=card))

@@ -44,38 +44,64 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from btpo_cli.config import Config
+from btpo_cli.config import Config, check_choices, register_section
 from btpo_cli.data.pairs import PairRecord
-from btpo_cli.engines import (
-    RolloutEngine,
-    Sample,
-    SamplingParams,
-    engine_for,
-    request_seed,
-    resolve_engine_name,
-)
-from btpo_cli.judging.gpm import ThoughtSeq, score_thoughts
+from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
 from btpo_cli.judging.judge import Judge
 from btpo_cli.judging.parsers import ParseStats, ScoreParse, VerdictParse
 from btpo_cli.judging.protocol import JsonlWriter
 from btpo_cli.judging.templates import TooLong, encode_judge, end_of_turn_id
-from btpo_cli.losses import clipped_surrogate, group_advantages, kl_k3
-from btpo_cli.models.loading import load_tokenizer
+from btpo_cli.methods import Card
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
-from btpo_cli.training.rollouts import (
-    Rollout,
-    RolloutPlan,
-    check_rollout_sizes,
-    run_rollouts,
-    sample_and_score,
-)
-from btpo_cli.training.session import TrainSession
-from btpo_cli.training.steps import StepTimer
+
+if TYPE_CHECKING:
+    import torch
+
+    from btpo_cli.engines import RolloutEngine
+    from btpo_cli.training.rollouts import Rollout
+    from btpo_cli.training.steps import StepTimer
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO baselines (pair: verdict [[A]]/[[B]]; point: <score>N</score>). Shares BTPO's clipped surrogate.
+
+    Group size, temperature, completion budget, rollout batch and engine live in ``rollout``."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    agg: str = "token-mean"
+    beta: float = 0.0
+
+
+def validate_section(cfg: Config) -> None:
+    check_choices(cfg, {"grpo.agg": ("token-mean", "seq-sum", "token-sum-norm")})
+
+
+register_section("grpo", GRPOConfig, validate=validate_section, renamed={
+    "g": "n", "temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
+    "rollout_batch_size": "batch_size", "update_epochs": "update_epochs"})
+
+
+def plan_inputs(cfg: Config) -> dict[str, Any]:
+    """``btpo plan``: the KL reference of ``grpo.beta`` and the sampled rationale budget."""
+    return {"beta": cfg.grpo.beta, "gen_tokens": cfg.rollout.max_new_tokens}
+
+
+def rationale_card(meta: dict[str, Any], what: str, tag: str) -> Card:
+    """The model card of a GRPO judge: it writes a rationale that ends with ``tag``."""
+    ids = meta.get("token_ids") or {}
+    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens")
+    return Card(what, rows=[("judging thought budget", budget)], usage=[
+        "model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
+        "# judge prompt: template.strings.judge_prompt in btpo.json (conversation as 'User: ...')",
+        "enc = chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)",
+        f"out = model.generate(**enc, max_new_tokens={1000 if budget is None else budget}, do_sample=False, "
+        f"eos_token_id={ids.get('end_of_turn')})",
+        f"rationale = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)  # ends with {tag}"])
 
 Parse = VerdictParse | ScoreParse
 
@@ -122,6 +148,10 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPO
                cfg: Config, eot_id: int, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample ``G`` completions per query with ``engine``; parse, reward, score with the trainer's ``model``."""
+    from btpo_cli.judging.gpm import ThoughtSeq  # heavy: imported on use
+    from btpo_cli.losses import group_advantages  # heavy: imported on use
+    from btpo_cli.training.rollouts import Rollout, sample_and_score  # heavy: imported on use
+
     g, pad_id = cfg.rollout.n, tok.pad_token_id
     sc = sample_and_score(model, ref, engine, [q.ids for q in queries], cfg, eot_id, timer, seeds,
                           lambda i, s: ThoughtSeq(queries[i].ids + s.token_ids, len(s.token_ids), 0),
@@ -147,6 +177,11 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPO
 def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_id: int, cfg: Config,
                device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO surrogate on a micro-batch of units: mean over each unit's ``q·G`` completions, mean over units."""
+    import torch  # heavy: imported on use
+
+    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.losses import clipped_surrogate, kl_k3  # heavy: imported on use
+
     rows = torch.tensor([u * per_unit + j for u in unit_ids for j in range(per_unit)])   # (m·q·G,)
     sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature)
     width = sc.logp.shape[1]
@@ -173,6 +208,13 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
 
 def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
           templates: Callable[[Any, str], dict[str, Any]] | None = None) -> None:
+    from btpo_cli.training.rollouts import (  # heavy: imported on use
+        RolloutPlan,
+        check_rollout_sizes,
+        run_rollouts,
+    )
+    from btpo_cli.training.session import TrainSession  # heavy: imported on use
+
     sess = TrainSession.begin(cfg, run, resume, padding_side="left")
     check_rollout_sizes(cfg, sess.world)
     tok = sess.tok
@@ -220,6 +262,8 @@ class RationaleJudge(Judge):
     stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
+        from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         if module is None and resolve_engine_name(cfg.rollout.engine) == "hf":   # the hf engine generates with it

@@ -30,9 +30,7 @@ import random
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
@@ -46,10 +44,21 @@ from btpo_cli.judging.templates import (
     pairwise_messages,
     render,
 )
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
+from btpo_cli.methods import Card, MethodSpec, register_method
+from btpo_cli.methods.grpo_common import (
+    Parse,
+    Query,
+    RationaleJudge,
+    evaluate_rationales,
+    plan_inputs,
+    rationale_card,
+)
 from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -96,6 +105,8 @@ class PairTask:
         return ParseStats.verdicts()
 
     def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+        import torch  # heavy: imported on use
+
         return torch.tensor([[verdict_reward(p, q.label) for p in group]            # type: ignore[arg-type]
                              for q, group in zip(queries, parses, strict=True)], dtype=torch.float32)
 
@@ -165,7 +176,18 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
                                                       "{response_b}", aspect), add_generation_prompt=True)}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """G rationales for the pair's one prompt (one order per rollout)."""
+    return Geometry("causal", inp.n, inp.prompt_tokens + inp.gen_tokens, inp.gen_tokens + 1, True, 1)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    return rationale_card(meta, "a pairwise generative judge trained with GRPO: it writes a rationale, then the "
+                                "verdict [[A]] or [[B]]; btpo asks both orders.", "[[A]] or [[B]]")
+
+
 METHOD = register_method(MethodSpec(
     name="grpo-pair", help="GRPO (pair): rationale then [[A]]/[[B]], reward 1 for the preferred verdict.",
     train=train, evaluate=evaluate, protocol="pairwise", model_class="AutoModelForCausalLM",
-    config_section="grpo", generative=True, order=30, judge=PairJudge))
+    config_section="grpo", generative=True, order=30, judge=PairJudge,
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs, card=card))

@@ -28,9 +28,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import PairRecord
@@ -44,10 +42,21 @@ from btpo_cli.judging.templates import (
     pointwise_messages,
     render,
 )
-from btpo_cli.methods import MethodSpec, register_method
-from btpo_cli.methods.grpo_common import Parse, Query, RationaleJudge, evaluate_rationales
+from btpo_cli.methods import Card, MethodSpec, register_method
+from btpo_cli.methods.grpo_common import (
+    Parse,
+    Query,
+    RationaleJudge,
+    evaluate_rationales,
+    plan_inputs,
+    rationale_card,
+)
 from btpo_cli.methods.grpo_common import train as grpo_train
+from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -94,6 +103,8 @@ class PointTask:
         return ParseStats.scores()
 
     def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+        import torch  # heavy: imported on use
+
         rows: list[list[float]] = []
         for i in range(0, len(queries), 2):
             assert queries[i].label == "chosen" and queries[i + 1].label == "rejected"
@@ -160,7 +171,18 @@ def templates(tok: Any, aspect: str) -> dict[str, Any]:
                                add_generation_prompt=True)}
 
 
+def plan_geometry(inp: PlanInputs) -> Geometry:
+    """G rationales for each of the pair's two responses."""
+    return Geometry("causal", 2 * inp.n, inp.prompt_tokens + inp.gen_tokens, inp.gen_tokens + 1, True, 2)
+
+
+def card(meta: dict[str, Any]) -> Card:
+    return rationale_card(meta, "a pointwise generative judge trained with GRPO: it writes a rationale, then a "
+                                "score <score>N</score> with N in 1..10.", "<score>N</score>")
+
+
 METHOD = register_method(MethodSpec(
     name="grpo-point", help="GRPO (point): rationale then <score>N</score>, reward for beating the paired sample.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
-    config_section="grpo", generative=True, order=40, judge=PointJudge))
+    config_section="grpo", generative=True, order=40, judge=PointJudge,
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs, card=card))

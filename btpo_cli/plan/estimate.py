@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.methods import get_method, method_specs
 from btpo_cli.plan.shapes import LINEARS, Head, ModelShape, model_shape
 
 GiB = float(2**30)
@@ -159,20 +160,13 @@ class Estimate:
 # ----------------------------------------------------------------------------- method geometry
 
 def geometry(inp: PlanInputs) -> Geometry:
-    """Rows, lengths and LM-head positions of a micro-batch, per method (see each method's module)."""
-    m, p, g, n = inp.method, inp.prompt_tokens, inp.gen_tokens, inp.n
-    if m in ("bt", "bt-prefilled"):
-        return Geometry("reward", 2, p, 0, False, 0)
-    if m == "gram":
-        return Geometry("causal", 2, p, 1, False, 0)
-    if m == "btpo":
-        return Geometry("causal", 2 * n, p + g + inp.tail_tokens, g + inp.tail_tokens + 1, True, 2)
-    if m == "grpo-pair":
-        return Geometry("causal", n, p + g, g + 1, True, 1)
-    if m == "grpo-point":
-        return Geometry("causal", 2 * n, p + g, g + 1, True, 2)
-    raise BtpoError(f"btpo plan: no memory model for method '{m}' (known: bt, bt-prefilled, gram, btpo, "
-                    f"grpo-pair, grpo-point)")
+    """Rows, lengths and LM-head positions of a micro-batch: the method's ``MethodSpec.plan_geometry``."""
+    spec = get_method(inp.method)
+    if spec.plan_geometry is None:
+        known = ", ".join(s.name for s in method_specs() if s.plan_geometry is not None)
+        raise BtpoError(f"btpo plan: no memory model for method '{inp.method}' (known: {known})")
+    geo: Geometry = spec.plan_geometry(inp)
+    return geo
 
 
 # ----------------------------------------------------------------------------- activations
@@ -472,7 +466,8 @@ def inputs_from_config(cfg: Any, *, gpus: int | None = None, nodes: int | None =
     world = gpus * nodes
     per_proc = max(1, cfg.train.batch_size // world)
     method = cfg.method
-    beta = cfg.btpo.beta if method == "btpo" else cfg.grpo.beta if method.startswith("grpo") else 0.0
+    spec = get_method(method)
+    own = spec.plan_inputs(cfg) if spec.plan_inputs else {}
     lora = getattr(cfg.model, "lora", None)
     lora_kw: dict[str, Any] = {}
     if lora is not None and getattr(lora, "r", 0) and getattr(lora, "enabled", True):
@@ -487,9 +482,9 @@ def inputs_from_config(cfg: Any, *, gpus: int | None = None, nodes: int | None =
         gpus=gpus, nodes=nodes, gpu_memory_gb=gpu_memory_gb,
         micro_batch=min(cfg.train.micro_batch_size, per_proc), per_process_batch=per_proc,
         prompt_tokens=cfg.data.max_length,
-        gen_tokens=cfg.rollout.max_new_tokens if method in ("btpo", "grpo-pair", "grpo-point") else 0,
+        gen_tokens=own.get("gen_tokens", 0),
         n=cfg.rollout.n, rollout_batch=cfg.rollout.batch_size,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, beta=beta,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, beta=own.get("beta", 0.0),
         temperature=cfg.rollout.temperature, engine=cfg.rollout.engine,
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, engine_sleep=cfg.rollout.sleep,

@@ -42,7 +42,7 @@ from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import DEFAULT_ASPECT, read_pairs
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.templates import TEMPLATE_VERSION
-from btpo_cli.methods import get_method
+from btpo_cli.methods import Card, get_method, method_specs
 from btpo_cli.runs.folder import Run
 
 META_FORMAT = "btpo-checkpoint/1"
@@ -78,7 +78,7 @@ def describe(cfg: Config, records: Sequence[Any], *, templates: dict[str, Any], 
         "train_pairs": len(records), "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "scheduler": cfg.optim.scheduler,
         "seed": cfg.train.seed, "tag": cfg.tag}
-    if spec.generative and cfg.method != "bt-prefilled":
+    if spec.rollouts:
         training["rollout"] = {"n": cfg.rollout.n, "max_new_tokens": cfg.rollout.max_new_tokens,
                                "temperature": cfg.rollout.temperature, "batch_size": cfg.rollout.batch_size}
     return {
@@ -215,27 +215,10 @@ def record_eval(model_dir: str | Path, summary: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- the model card
 
-_WHAT = {
-    "bt": "a Bradley–Terry reward model: the backbone with a one-label scalar head reads the chat-rendered "
-          "(prompt, response) and outputs a reward r(x, y); higher is better.",
-    "bt-prefilled": "a Bradley–Terry reward model that reads the response followed by an evaluation written "
-                    "by the frozen base model (greedy, one per response); the scalar head outputs the reward.",
-    "gram": "a pairwise generative judge without a thought: shown both responses as A and B, it answers "
-            "with one label token; btpo asks both orders.",
-    "grpo-pair": "a pairwise generative judge trained with GRPO: it writes a rationale, then the verdict "
-                 "[[A]] or [[B]]; btpo asks both orders.",
-    "grpo-point": "a pointwise generative judge trained with GRPO: it writes a rationale, then a score "
-                  "<score>N</score> with N in 1..10.",
-    "btpo": "a generative preference model trained with Bradley–Terry Policy Optimization: after the "
-            "response it is asked to evaluate it, thinks, and is then asked whether the response is "
-            "{aspect}; its score is p(Yes) after the thought.",
-}
-
-
 def model_card(meta: dict[str, Any]) -> str:
     """``final/README.md``: what the model is, how it was trained, its eval table and how to use it."""
     m = meta.get("method", "?")
-    s = meta.get("settings") or {}
+    card = _method_card(meta)
     tr = meta.get("training") or {}
     run = tr.get("run") or "btpo judge"
     aspect = meta.get("aspect", DEFAULT_ASPECT)
@@ -244,7 +227,7 @@ def model_card(meta: dict[str, Any]) -> str:
     if "/" in str(base) and not str(base).startswith((".", "/")):
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {run}: a `{m}` judge", "",
-              f"This is {_WHAT.get(m, 'a judge trained with btpo.').format(aspect=aspect)}", "",
+              f"This is {card.what.format(aspect=aspect)}", "",
               f"- protocol: **{meta.get('protocol', '?')}**; model class `{meta.get('model_class', '?')}`; "
               f"base model `{base}`",
               f"- aspect: **{aspect}**" + (f" (training aspects: {_fmt_aspects(meta['aspects'])})"
@@ -264,10 +247,7 @@ def model_card(meta: dict[str, Any]) -> str:
     if ro:
         rows += [("samples per response (K / G)", ro.get("n")), ("training thought budget", ro.get("max_new_tokens")),
                  ("sampling temperature", ro.get("temperature"))]
-    if m == "bt-prefilled":
-        rows += [("thought writer", meta.get("thought_writer")), ("thought budget", meta.get("max_thought_tokens"))]
-    elif meta.get("protocol") and m not in ("bt", "gram"):
-        rows.append(("judging thought budget", (s.get("eval") or {}).get("max_new_tokens")))
+    rows += card.rows
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
     lines += ["", "## Evaluation", ""]
     ev = meta.get("eval") or {}
@@ -289,7 +269,7 @@ def model_card(meta: dict[str, Any]) -> str:
     else:
         lines.append("judge.score([\"What is 2 + 3?\"], [\"5\"])        # one Score per response")
     lines += ["judge.best_of_n(\"What is 2 + 3?\", [\"6\", \"5\", \"4\"])", "```", "",
-              "## Use it with plain transformers", "", _plain_usage(meta), "",
+              "## Use it with plain transformers", "", _plain_usage(card.usage), "",
               "Every setting the judge uses (thought budget, sampling, token ids, template strings) is in "
               "`btpo.json`.", ""]
     return "\n".join(lines)
@@ -303,51 +283,21 @@ def _pct(x: Any) -> str:
     return f"{100 * x:.1f}" if isinstance(x, (int, float)) else "–"
 
 
-def _plain_usage(meta: dict[str, Any]) -> str:
+def _method_card(meta: dict[str, Any]) -> Card:
+    """The card of the method that trained ``meta``'s model (``MethodSpec.card``); a generic one otherwise."""
     m = meta.get("method")
-    ids = meta.get("token_ids") or {}
-    strings = (meta.get("template") or {}).get("strings") or {}
-    aspect = meta.get("aspect", DEFAULT_ASPECT)
-    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens", 1000)
+    spec = next((sp for sp in method_specs() if sp.name == m), None)
+    if spec is not None and spec.card is not None:
+        return spec.card(meta)
+    cls = meta.get("model_class") or "AutoModelForCausalLM"
+    return Card("a judge trained with btpo.", usage=[f"model = {cls}.from_pretrained(\".\").eval()",
+                                                    "# how it judges: its method's code; every setting is in btpo.json"])
+
+
+def _plain_usage(body: list[str]) -> str:
     head = ["```python", "from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, "
             "AutoTokenizer", "", "tok = AutoTokenizer.from_pretrained(\".\")",
             "prompt = [{\"role\": \"user\", \"content\": \"What is 2 + 3?\"}]",
             "chat = lambda msgs, gen=False: tok(tok.apply_chat_template(msgs, tokenize=False, "
             "add_generation_prompt=gen), add_special_tokens=False, return_tensors=\"pt\")"]
-    if m in ("bt", "bt-prefilled"):
-        body = ["model = AutoModelForSequenceClassification.from_pretrained(\".\").eval()",
-                "msgs = prompt + [{\"role\": \"assistant\", \"content\": \"5\"}]"]
-        if m == "bt-prefilled":
-            ev = strings.get("eval_instruction", "").format(aspect=aspect)
-            body += [f"# the base model ({meta.get('thought_writer')}) first writes a greedy evaluation "
-                     f"(<= {meta.get('max_thought_tokens')} tokens) after:",
-                     f"msgs += [{{\"role\": \"user\", \"content\": {ev!r}}}, "
-                     "{\"role\": \"assistant\", \"content\": thought}]"]
-        body += ["reward = model(**chat(msgs)).logits[0, 0].item()      # higher is better"]
-    elif m == "btpo":
-        ev = strings.get("eval_instruction", "").format(aspect=aspect)
-        q = strings.get("rating_question", "").format(aspect=aspect)
-        body = ["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
-                f"msgs = prompt + [{{\"role\": \"assistant\", \"content\": \"5\"}}, {{\"role\": \"user\", \"content\": {ev!r}}}]",
-                "enc = chat(msgs, gen=True)",
-                f"out = model.generate(**enc, max_new_tokens={budget}, do_sample=False, "
-                f"eos_token_id={ids.get('end_of_turn')})",
-                "thought = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)",
-                f"msgs += [{{\"role\": \"assistant\", \"content\": thought}}, {{\"role\": \"user\", \"content\": {q!r}}}]",
-                f"p_yes = model(**chat(msgs, gen=True)).logits[0, -1].softmax(-1)[{ids.get('yes')}].item()",
-                "# (btpo keeps the generated thought's token ids instead of re-tokenizing its text)"]
-    elif m == "gram":
-        body = ["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
-                "# judge prompt: template.strings.judge_prompt in btpo.json, formatted with the conversation "
-                "as 'User: ...', response_a, response_b and the aspect",
-                "logits = model(**chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)).logits[0, -1]",
-                f"a_wins = logits[{ids.get('A')}] > logits[{ids.get('B')}]   # ask again with A and B swapped"]
-    else:
-        tag = "[[A]] or [[B]]" if m == "grpo-pair" else "<score>N</score>"
-        body = ["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
-                "# judge prompt: template.strings.judge_prompt in btpo.json (conversation as 'User: ...')",
-                "enc = chat([{\"role\": \"user\", \"content\": judge_prompt}], gen=True)",
-                f"out = model.generate(**enc, max_new_tokens={budget}, do_sample=False, "
-                f"eos_token_id={ids.get('end_of_turn')})",
-                f"rationale = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)  # ends with {tag}"]
     return "\n".join(head + body + ["```"])
