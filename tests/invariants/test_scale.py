@@ -162,14 +162,14 @@ def test_deepspeed_steps_once_per_global_batch(tmp_path: Path, synthetic_data: P
 
 def test_token_budget_micro_batches_give_the_per_pair_gradient() -> None:
     """``train.micro_batch_tokens`` groups pairs of different lengths into padded forwards; through
-    ``trainer.accumulate`` the gradient equals one pair per forward (``micro_batch_size: 1``)."""
+    ``steps.accumulate`` the gradient equals one pair per forward (``micro_batch_size: 1``)."""
     from accelerate import Accelerator
 
-    from btpo_cli import trainer
     from btpo_cli.config import build_config
     from btpo_cli.losses import bt_loss
     from btpo_cli.methods.bt import rewards
     from btpo_cli.models.loading import load_reward_model, load_tokenizer
+    from btpo_cli.training import steps
 
     per_pair = build_config(overrides=["method=bt", "train.micro_batch_size=1"])
     budget = build_config(overrides=["method=bt", "train.micro_batch_tokens=160"])
@@ -192,12 +192,12 @@ def test_token_budget_micro_batches_give_the_per_pair_gradient() -> None:
 
     def grads(micro: list[list[int]]) -> tuple[torch.Tensor, float]:
         model.zero_grad(set_to_none=True)
-        sums = trainer.accumulate(acc, model, micro, len(ids), loss_fn)
+        sums = steps.accumulate(acc, model, micro, len(ids), loss_fn)
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]), sums["loss"]
 
     sizes = lambda i: [len(pairs[i][0]), len(pairs[i][1])]   # noqa: E731
-    one = trainer.micro_batches(ids, per_pair, sizes)
-    by_tokens = trainer.micro_batches(ids, budget, sizes)
+    one = steps.micro_batches(ids, per_pair, sizes)
+    by_tokens = steps.micro_batches(ids, budget, sizes)
     assert one == [[i] for i in ids]
     assert 1 < len(by_tokens) < len(ids) and sum(by_tokens, []) == ids
     assert any(len(m) > 1 for m in by_tokens)
