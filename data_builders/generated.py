@@ -37,10 +37,12 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -131,7 +133,7 @@ class GenOptions:
         ``cache_dir/http-<role>.jsonl`` (``None``: not cached)."""
         cache = None if cache_dir is None else ReplyCache(cache_dir / f"http-{role}.jsonl")
         return OpenAIClient(url, model, role=role, timeout=self.timeout, retries=self.retries,
-                            backoff=self.backoff, cache=cache)
+                            backoff=self.backoff, cache=cache, concurrency=self.batch_size)
 
     def sampler(self, given: Sampler | None = None, cache_dir: Path | None = None) -> Sampler:
         """``given`` (a test's fake, another generator), else the generator behind ``generator_url``
@@ -428,13 +430,15 @@ class ReplyCache:
         self.path = path
         self._cache = JsonlCache(path, "request", "format", {"v": 1})
         self.replies = {k: row["reply"] for k, row in self._cache.load().items() if "reply" in row}
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
         return self.replies.get(key)
 
     def put(self, key: str, reply: Any) -> None:
-        self._cache.append([{"request": key, "reply": reply}])
-        self.replies[key] = reply
+        with self._lock:  # requests run in threads (OpenAIClient.map)
+            self._cache.append([{"request": key, "reply": reply}])
+            self.replies[key] = reply
 
 
 def _is_down(e: BaseException) -> bool:
@@ -449,17 +453,27 @@ class OpenAIClient:
     backoff (``backoff`` × 1, 2, 4, … seconds, at most 30 s each) on an HTTP error, a timeout or an
     unparseable reply; every error names the URL. An API key is taken from ``BTPO_<ROLE>_API_KEY``
     (``BTPO_JUDGE_API_KEY``, ``BTPO_GENERATOR_API_KEY``) or ``OPENAI_API_KEY`` when set. Parsed
-    replies go to ``cache`` (a :class:`ReplyCache`) and are read back from it before asking."""
+    replies go to ``cache`` (a :class:`ReplyCache`) and are read back from it before asking. :meth:`map`
+    sends up to ``concurrency`` requests at once (the builders pass their ``--batch-size``)."""
 
     MAX_BACKOFF = 30.0
 
     def __init__(self, url: str, model: str, *, role: str = "judge", timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 1.0, cache: ReplyCache | None = None,
+                 backoff: float = 1.0, cache: ReplyCache | None = None, concurrency: int = 1,
                  sleep: Callable[[float], None] = time.sleep):
         self.base, self.model, self.role = url.rstrip("/"), model, role
         self.timeout, self.retries, self.backoff, self.cache, self.sleep = timeout, retries, backoff, cache, sleep
+        self.concurrency = max(1, concurrency)
         self.calls = 0      # HTTP requests sent (retries included)
         self.cached = 0     # replies read from the cache
+        self._count = threading.Lock()
+
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        """``[fn(x) for x in items]``, up to ``concurrency`` at a time, in order."""
+        if self.concurrency == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -475,13 +489,15 @@ class OpenAIClient:
         payload = json.dumps({"model": self.model, **body}, sort_keys=True, ensure_ascii=False)
         key = hashlib.sha256(f"{url}\n{payload}".encode()).hexdigest()
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self.cached += 1
+            with self._count:
+                self.cached += 1
             return hit
         why = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 self.sleep(min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF))
-            self.calls += 1
+            with self._count:
+                self.calls += 1
             req = urllib.request.Request(url, data=payload.encode(), headers=self._headers(), method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -541,26 +557,23 @@ class URLSampler:
     def sample(self, prompts: list[Any], n: int, *, temperature: float, top_p: float, max_new_tokens: int,
                seed: int | None, chat: bool) -> list[list[tuple[str, bool]] | Failed]:
         self.calls += 1
-        out: list[list[tuple[str, bool]] | Failed] = []
-        for i, prompt in enumerate(prompts):
+
+        def one(ip: tuple[int, Any]) -> list[tuple[str, bool]] | Failed:
+            i, prompt = ip
             body: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_new_tokens}
             if seed is not None:
                 body["seed"] = batch_seed(seed, i) % 2**31
-            if chat:
-                body["messages"] = prompt
-            else:
-                body["prompt"] = prompt
+            body["messages" if chat else "prompt"] = prompt
             try:
                 got = self.client.post("/chat/completions" if chat else "/completions", body,
                                        _chat_texts if chat else _completion_texts)
             except EndpointError as e:
-                out.append(Failed(str(e)))
-                continue
+                return Failed(str(e))
             if len(got) != n:
-                out.append(Failed(f"generator endpoint {self.client.base}: {len(got)} of {n} samples came back"))
-                continue
-            out.append([(t, bool(f)) for t, f in got])
-        return out
+                return Failed(f"generator endpoint {self.client.base}: {len(got)} of {n} samples came back")
+            return [(t, bool(f)) for t, f in got]
+
+        return self.client.map(one, list(enumerate(prompts)))
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -594,13 +607,13 @@ class URLJudge:
                                 lambda d: str(d["choices"][0]["message"]["content"] or ""))
 
     def judge(self, prompts: list[Messages]) -> list[str | Failed]:
-        out: list[str | Failed] = []
-        for p in prompts:
+        def one(p: Messages) -> str | Failed:
             try:
-                out.append(self.ask(p))
+                return self.ask(p)
             except EndpointError as e:
-                out.append(Failed(str(e)))
-        return out
+                return Failed(str(e))
+
+        return self.client.map(one, prompts)
 
 
 class LocalJudge:
