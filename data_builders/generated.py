@@ -8,8 +8,14 @@ rest lives here, once:
 
 * **the generator**, a :class:`Sampler`: texts (or chat messages) in, ``n`` sampled
   ``(text, finished)`` out per prompt. :class:`HFSampler` is a local model behind a rollout engine
-  of :mod:`btpo_cli.engines` (``--engine``); the tests pass fakes. Another generator (an
-  OpenAI-compatible server) is one more class with that ``sample`` method.
+  of :mod:`btpo_cli.engines` (``--engine``); :class:`URLSampler` an OpenAI-compatible server
+  (``--generator-url``); the tests pass fakes.
+* **the HTTP client**, :class:`OpenAIClient`, once for :class:`URLSampler` and :class:`URLJudge`:
+  timeout, retries with exponential backoff, errors naming the URL, a :class:`ReplyCache` of answered
+  requests (a re-run asks only what is missing), concurrent requests per batch. A request that still
+  fails comes back as :class:`Failed`; the stages leave that item uncached and the builders count it
+  in the manifest's ``failed`` (:func:`failure_summary`); an unreachable server is
+  :class:`EndpointDown`, one line.
 * **the judge**, a :class:`Judge`: chat prompts in, one reply text out per prompt.
   :class:`URLJudge` posts to an OpenAI-compatible endpoint; :class:`LocalJudge` asks a
   :class:`Sampler` greedily; :func:`make_judge` picks one from the command-line settings.

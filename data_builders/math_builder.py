@@ -3,10 +3,14 @@
 Stages (METHOD.md §8), each resumable:
 
 1. **questions**: MetaMathQA (train), GSM8K ``main`` test and MATH-500 (test), read by
-   :mod:`data_builders.math_questions`. Questions are numbered in that order; ``shard=(i, n)``
-   keeps only those whose number is ``i`` modulo ``n``.
+   :mod:`data_builders.math_questions`; when ``sources`` names any input, only those named are read
+   (:func:`chosen_sources`: ``--source gsm8k=FILE`` alone builds test pairs only; the manifest's
+   ``splits_without_source`` says which split got no input). Questions are numbered in that order;
+   ``shard=(i, n)`` keeps only those whose number is ``i`` modulo ``n``.
 2. **sample**: ``n_samples`` solutions per question from the generator (default
-   ``meta-math/MetaMath-Llemma-7B``) through the rollout engine (`--engine`). The prompt is
+   ``meta-math/MetaMath-Llemma-7B``) through the rollout engine (`--engine`), or through an
+   OpenAI-compatible server's ``/completions`` (``generator_url``; a question whose request fails
+   after its retries is counted in ``failed`` and sampled again by a re-run). The prompt is
    :func:`~data_builders.math_questions.alpaca_prompt` tokenized with ``add_special_tokens=True``
    (no chat template); generation stops on the tokenizer's eos (and the model's generation-config
    eos ids). Questions are cut into fixed batches of ``batch_size``; after each batch one line
