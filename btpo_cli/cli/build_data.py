@@ -173,7 +173,8 @@ def _generated(name: str, build: Callable[..., dict], unit: str, folder: Path, s
     manifest is returned."""
     with _progress(unit) as bars:
         sources = _sources(source, name)
-        engine = flags["engine"] if flags["generator_url"] else _engine(flags["engine"])
+        local_model = not flags["generator_url"] or ("judge_url" in kw and not kw["judge_url"])
+        engine = _engine(flags["engine"]) if local_model else flags["engine"]   # no engine behind URLs
         m = build(sources=sources, **kw, **{**flags, "engine": engine}, progress=bars)
     if flags["dry_run"]:
         _finish(m, folder, True)
