@@ -467,6 +467,8 @@ class OpenAIClient:
     def __init__(self, url: str, model: str, *, role: str = "judge", timeout: float = 120.0, retries: int = 3,
                  backoff: float = 1.0, cache: ReplyCache | None = None, concurrency: int = 1,
                  sleep: Callable[[float], None] = time.sleep):
+        if not str(url).startswith(("http://", "https://")) or len(str(url)) <= len("https://"):
+            raise BtpoError(f"--{role}-url {url!r}: expected an http(s) base URL, e.g. http://127.0.0.1:8000/v1")
         self.base, self.model, self.role = url.rstrip("/"), model, role
         self.timeout, self.retries, self.backoff, self.cache, self.sleep = timeout, retries, backoff, cache, sleep
         self.concurrency = max(1, concurrency)

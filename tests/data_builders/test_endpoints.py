@@ -207,6 +207,9 @@ def test_every_request_failing_is_one_line_error(tmp_path: Path, stub: tuple[Stu
     p = run_btpo("build-data", "if", "--out", str(tmp_path / "o"), "--source", f"advancedif={src}", "--generator",
                  "g", "--generator-url", "http://127.0.0.1:9/v1", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "http://127.0.0.1:9/v1/chat/completions" in p.stderr
+    p = run_btpo("build-data", "if", "--out", str(tmp_path / "o"), "--source", f"advancedif={src}", "--generator",
+                 "g", "--generator-url", "localhost:8000", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--generator-url 'localhost:8000'" in p.stderr
 
 
 # ----------------------------------------------------------------------------- build-data math
