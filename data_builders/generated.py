@@ -8,8 +8,14 @@ rest lives here, once:
 
 * **the generator**, a :class:`Sampler`: texts (or chat messages) in, ``n`` sampled
   ``(text, finished)`` out per prompt. :class:`HFSampler` is a local model behind a rollout engine
-  of :mod:`btpo_cli.engines` (``--engine``); the tests pass fakes. Another generator (an
-  OpenAI-compatible server) is one more class with that ``sample`` method.
+  of :mod:`btpo_cli.engines` (``--engine``); :class:`URLSampler` an OpenAI-compatible server
+  (``--generator-url``); the tests pass fakes.
+* **the HTTP client**, :class:`OpenAIClient`, once for :class:`URLSampler` and :class:`URLJudge`:
+  timeout, retries with exponential backoff, errors naming the URL, a :class:`ReplyCache` of answered
+  requests (a re-run asks only what is missing), concurrent requests per batch. A request that still
+  fails comes back as :class:`Failed`; the stages leave that item uncached and the builders count it
+  in the manifest's ``failed`` (:func:`failure_summary`); an unreachable server is
+  :class:`EndpointDown`, one line.
 * **the judge**, a :class:`Judge`: chat prompts in, one reply text out per prompt.
   :class:`URLJudge` posts to an OpenAI-compatible endpoint; :class:`LocalJudge` asks a
   :class:`Sampler` greedily; :func:`make_judge` picks one from the command-line settings.
@@ -36,9 +42,13 @@ import json
 import math
 import os
 import random
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -96,6 +106,10 @@ class GenOptions:
     dry_run: bool = False
     device: str | None = None
     engine: str = "auto"
+    generator_url: str | None = None
+    retries: int = 3
+    timeout: float = 120.0
+    backoff: float = 1.0
 
     @classmethod
     def with_defaults(cls, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> GenOptions:
@@ -112,15 +126,35 @@ class GenOptions:
             raise BtpoError("--test-fraction must be in [0, 1)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
+        if self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            raise BtpoError("--retries and --backoff must be >= 0 and --timeout > 0")
 
     def settings(self, cls: type[S] = GenSettings) -> S:  # type: ignore[assignment]
         """The generator settings (cached with every line; the manifest's ``generator``)."""
         return cls(self.generator, self.n_samples, float(self.temperature), float(self.top_p),
                    self.max_new_tokens, self.seed)
 
-    def sampler(self, given: Sampler | None = None) -> Sampler:
-        """``given`` (a test's fake, another generator), else the local generator model."""
-        return given or HFSampler(self.generator, self.device, self.batch_size, self.engine)
+    def client(self, url: str, model: str, role: str, cache_dir: Path | None) -> OpenAIClient:
+        """An :class:`OpenAIClient` for ``url`` with these retry settings; its replies are cached in
+        ``cache_dir/http-<role>.jsonl`` (``None``: not cached)."""
+        cache = None if cache_dir is None else ReplyCache(cache_dir / f"http-{role}.jsonl")
+        return OpenAIClient(url, model, role=role, timeout=self.timeout, retries=self.retries,
+                            backoff=self.backoff, cache=cache, concurrency=self.batch_size)
+
+    def sampler(self, given: Sampler | None = None, cache_dir: Path | None = None) -> Sampler:
+        """``given`` (a test's fake, another generator), else the generator behind ``generator_url``
+        (:class:`URLSampler`), else the local generator model."""
+        if given is not None:
+            return given
+        if self.generator_url:
+            return URLSampler(self.client(self.generator_url, self.generator, "generator", cache_dir))
+        return HFSampler(self.generator, self.device, self.batch_size, self.engine)
+
+    def describe_generator(self) -> dict[str, Any]:
+        """The manifest's ``generator_endpoint``: where the generator ran."""
+        if self.generator_url:
+            return {"url": self.generator_url, "retries": self.retries, "timeout": self.timeout}
+        return {"engine": self.engine, "device": self.device}
 
 
 def require_items(items: Sequence[Any], builder: str, what: str, skips: SkipLog) -> None:
@@ -189,12 +223,15 @@ def load_cache_file(
 
 def run_cached_stage(items: Sequence[Any], key: Callable[[Any], str], cache: JsonlCache, done: dict[str, Any],
                      batch_size: int, make_rows: Callable[[list[Any], int], list[dict[str, Any]]], label: str,
-                     progress: Progress | None, stats: dict[str, int]) -> int:
+                     progress: Progress | None, stats: dict[str, int],
+                     failed: dict[str, str] | None = None) -> int:
     """Run one resumable stage: batch by batch, the items whose ``key`` is not in ``done`` go through
     ``make_rows(todo, batch_index)``; the rows are appended to ``cache`` (fsync) and to ``done``.
 
-    Counts ``stats["batches"]``; returns how many items were computed now. A killed stage resumes
-    where its cache ends (the batch index, hence each batch's seed, does not depend on what is cached)."""
+    A row with an ``"error"`` field (a request that failed after its retries) is neither cached nor
+    done: it goes into ``failed`` (``{key: reason}``), and a re-run computes it again. Counts
+    ``stats["batches"]``; returns how many items were computed now. A killed stage resumes where its
+    cache ends (the batch index, hence each batch's seed, does not depend on what is cached)."""
     n_done = sum(1 for it in items if key(it) in done)
     made = 0
     if progress is not None:
@@ -204,8 +241,12 @@ def run_cached_stage(items: Sequence[Any], key: Callable[[Any], str], cache: Jso
         if not todo:
             continue
         rows = make_rows(todo, b // batch_size)
-        cache.append(rows)
-        done.update({str(r[cache.key]): r for r in rows})
+        good = [r for r in rows if "error" not in r]
+        if failed is not None:
+            failed.update({str(r[cache.key]): str(r["error"]) for r in rows if "error" in r})
+        if good:
+            cache.append(good)
+        done.update({str(r[cache.key]): r for r in good})
         stats["batches"] = stats.get("batches", 0) + 1
         n_done += len(todo)
         made += len(todo)
@@ -226,12 +267,13 @@ def maybe_fault(batches_done: int) -> None:
 
 
 class Sampler(Protocol):
-    """What the builders need from a generator: texts in, ``n`` sampled texts out per prompt."""
+    """What the builders need from a generator: texts in, ``n`` sampled texts out per prompt (or a
+    :class:`Failed` for a prompt whose request failed after its retries)."""
 
     calls: int
 
     def sample(self, prompts: list[Any], n: int, *, temperature: float, top_p: float, max_new_tokens: int,
-               seed: int | None, chat: bool) -> list[list[tuple[str, bool]]]: ...
+               seed: int | None, chat: bool) -> list[list[tuple[str, bool]] | Failed]: ...
 
 
 def sample_stage(
@@ -249,19 +291,22 @@ def sample_stage(
     label: str,
     progress: Progress | None,
     stats: dict[str, int],
+    failed: dict[str, str] | None = None,
 ) -> int:
     """Sample ``settings.n_samples`` responses for every item not in ``done``; one cached line per item,
-    ``{cache.key: key(item), "samples": [...], "finished": [...]}``. Returns how many were sampled now."""
+    ``{cache.key: key(item), "samples": [...], "finished": [...]}``; an item whose request failed
+    (:class:`Failed`) goes into ``failed`` instead. Returns how many were sampled now."""
 
     def rows(todo: list[T], batch: int) -> list[dict[str, Any]]:
         groups = sampler.sample([prompt_of(it) for it in todo], settings.n_samples,
                                 temperature=settings.temperature, top_p=settings.top_p,
                                 max_new_tokens=settings.max_new_tokens,
                                 seed=batch_seed(settings.seed, tag, batch), chat=chat)
-        return [{cache.key: key(it), "samples": [t for t, _ in g], "finished": [f for _, f in g]}
+        return [{cache.key: key(it), "error": g.reason} if isinstance(g, Failed) else
+                {cache.key: key(it), "samples": [t for t, _ in g], "finished": [f for _, f in g]}
                 for it, g in zip(todo, groups, strict=True)]
 
-    return run_cached_stage(items, key, cache, done, batch_size, rows, label, progress, stats)
+    return run_cached_stage(items, key, cache, done, batch_size, rows, label, progress, stats, failed)
 
 
 def default_device() -> str:
@@ -363,42 +408,220 @@ class HFSampler:
         ]
 
 
+# ----------------------------------------------------------------------------- OpenAI-compatible endpoints
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A prompt whose request failed after every retry (``reason``: one line naming the URL); the stage
+    leaves it uncached and counts it, and a re-run asks for it again."""
+
+    reason: str
+
+
+class EndpointError(BtpoError):
+    """A request that failed after every retry (an HTTP error, a timeout, a reply that is not what an
+    OpenAI-compatible server sends): the one prompt is skipped and counted."""
+
+
+class EndpointDown(BtpoError):
+    """The server cannot be reached at all (connection refused, unknown host): the build stops."""
+
+
+class ReplyCache:
+    """The parsed replies of one endpoint, keyed by a hash of the request body (append-only JSONL,
+    ``fsync`` per reply): a re-run asks the server only what it has not answered yet."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cache = JsonlCache(path, "request", "format", {"v": 1})
+        self.replies = {k: row["reply"] for k, row in self._cache.load().items() if "reply" in row}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any:
+        return self.replies.get(key)
+
+    def put(self, key: str, reply: Any) -> None:
+        with self._lock:  # requests run in threads (OpenAIClient.map)
+            self._cache.append([{"request": key, "reply": reply}])
+            self.replies[key] = reply
+
+
+def _is_down(e: BaseException) -> bool:
+    reason = getattr(e, "reason", None)
+    return isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) and isinstance(
+        reason, (ConnectionRefusedError, socket.gaierror, FileNotFoundError))
+
+
+class OpenAIClient:
+    """POSTs to one OpenAI-compatible server (``url`` = its ``/v1`` base), shared by :class:`URLJudge`
+    and :class:`URLSampler`: a ``timeout`` per request, up to ``retries`` retries with exponential
+    backoff (``backoff`` × 1, 2, 4, … seconds, at most 30 s each) on an HTTP error, a timeout or an
+    unparseable reply; every error names the URL. An API key is taken from ``BTPO_<ROLE>_API_KEY``
+    (``BTPO_JUDGE_API_KEY``, ``BTPO_GENERATOR_API_KEY``) or ``OPENAI_API_KEY`` when set. Parsed
+    replies go to ``cache`` (a :class:`ReplyCache`) and are read back from it before asking. :meth:`map`
+    sends up to ``concurrency`` requests at once (the builders pass their ``--batch-size``)."""
+
+    MAX_BACKOFF = 30.0
+
+    def __init__(self, url: str, model: str, *, role: str = "judge", timeout: float = 120.0, retries: int = 3,
+                 backoff: float = 1.0, cache: ReplyCache | None = None, concurrency: int = 1,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not str(url).startswith(("http://", "https://")) or len(str(url)) <= len("https://"):
+            raise BtpoError(f"--{role}-url {url!r}: expected an http(s) base URL, e.g. http://127.0.0.1:8000/v1")
+        self.base, self.model, self.role = url.rstrip("/"), model, role
+        self.timeout, self.retries, self.backoff, self.cache, self.sleep = timeout, retries, backoff, cache, sleep
+        self.concurrency = max(1, concurrency)
+        self.calls = 0      # HTTP requests sent (retries included)
+        self.cached = 0     # replies read from the cache
+        self._count = threading.Lock()
+
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        """``[fn(x) for x in items]``, up to ``concurrency`` at a time, in order."""
+        if self.concurrency == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(f"BTPO_{self.role.upper()}_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def post(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """``parse(reply JSON)`` of ``POST {url}{path}``; raises :class:`EndpointError` (or
+        :class:`EndpointDown`) naming the URL once every try failed."""
+        url = self.base + path
+        payload = json.dumps({"model": self.model, **body}, sort_keys=True, ensure_ascii=False)
+        key = hashlib.sha256(f"{url}\n{payload}".encode()).hexdigest()
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            with self._count:
+                self.cached += 1
+            return hit
+        why = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF))
+            with self._count:
+                self.calls += 1
+            req = urllib.request.Request(url, data=payload.encode(), headers=self._headers(), method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as e:
+                why = f"HTTP {e.code} {e.reason}"
+                if e.code in (400, 401, 403, 404, 422):  # the request itself is wrong: retrying cannot help
+                    detail = e.read()[:200].decode("utf-8", "replace")
+                    raise EndpointDown(f"{self.role} endpoint {url}: {why}: {detail}") from e
+                continue
+            except TimeoutError as e:
+                why = f"no reply within {self.timeout:g}s ({type(e).__name__})"
+                continue
+            except (urllib.error.URLError, OSError) as e:
+                if _is_down(e):
+                    raise EndpointDown(f"{self.role} endpoint {url} failed: {type(e).__name__}: "
+                                       f"{str(e)[:200]} (is the server running?)") from e
+                why = f"{type(e).__name__}: {str(e)[:200]}"
+                if isinstance(getattr(e, "reason", None), TimeoutError):
+                    why = f"no reply within {self.timeout:g}s (timeout)"
+                continue
+            try:
+                out = parse(json.loads(raw.decode("utf-8")))
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                why = f"unparseable reply ({type(e).__name__}: {str(e)[:80]})"
+                continue
+            if self.cache is not None:
+                self.cache.put(key, out)
+            return out
+        raise EndpointError(f"{self.role} endpoint {url}: {why} after {self.retries + 1} tries")
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.base, "model": self.model, "retries": self.retries, "timeout": self.timeout}
+
+
+def _chat_texts(data: Any) -> list[tuple[str, bool]]:
+    return [(str(c["message"]["content"] or "").strip(), c.get("finish_reason") == "stop")
+            for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
+
+
+def _completion_texts(data: Any) -> list[tuple[str, bool]]:
+    return [(str(c["text"] or "").strip(), c.get("finish_reason") == "stop")
+            for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
+
+
+class URLSampler:
+    """A generator behind an OpenAI-compatible server (``--generator-url``): ``chat=True`` prompts
+    (message lists) go to ``/chat/completions`` (the server applies the model's chat template),
+    plain-text prompts to ``/completions``; ``n`` samples per request with the temperature, top_p,
+    max_tokens and a per-prompt seed derived from the batch's. One request per prompt, retried and
+    cached by :class:`OpenAIClient`; a prompt whose request failed comes back as :class:`Failed`."""
+
+    def __init__(self, client: OpenAIClient):
+        self.client = client
+        self.calls = 0
+
+    def sample(self, prompts: list[Any], n: int, *, temperature: float, top_p: float, max_new_tokens: int,
+               seed: int | None, chat: bool) -> list[list[tuple[str, bool]] | Failed]:
+        self.calls += 1
+
+        def one(ip: tuple[int, Any]) -> list[tuple[str, bool]] | Failed:
+            i, prompt = ip
+            body: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_new_tokens}
+            if seed is not None:
+                body["seed"] = batch_seed(seed, i) % 2**31
+            body["messages" if chat else "prompt"] = prompt
+            try:
+                got = self.client.post("/chat/completions" if chat else "/completions", body,
+                                       _chat_texts if chat else _completion_texts)
+            except EndpointError as e:
+                return Failed(str(e))
+            if len(got) != n:
+                return Failed(f"generator endpoint {self.client.base}: {len(got)} of {n} samples came back")
+            return [(t, bool(f)) for t, f in got]
+
+        return self.client.map(one, list(enumerate(prompts)))
+
+
 # ----------------------------------------------------------------------------- the judge
 
 
 class Judge(Protocol):
-    """What a judging builder needs from a judge: chat prompts in, one reply text out per prompt."""
+    """What a judging builder needs from a judge: chat prompts in, one reply text out per prompt (or a
+    :class:`Failed` for a prompt whose request failed after its retries)."""
 
-    def judge(self, prompts: list[Messages]) -> list[str]: ...
+    def judge(self, prompts: list[Messages]) -> list[str | Failed]: ...
 
 
 class URLJudge:
-    """An OpenAI-compatible chat-completions endpoint as a judge (greedy, a few tokens)."""
+    """An OpenAI-compatible chat-completions endpoint as a judge (greedy, a few tokens), through an
+    :class:`OpenAIClient` (retries, backoff, timeout, reply cache). :meth:`ask` raises on a failed
+    request; :meth:`judge` returns a :class:`Failed` for it instead."""
 
-    def __init__(self, url: str, model: str, timeout: float = 120.0):
-        self.url = url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout = model, timeout
-        self.calls = 0
+    def __init__(self, url: str, model: str, timeout: float = 120.0, *, retries: int = 3, backoff: float = 1.0,
+                 client: OpenAIClient | None = None):
+        self.client = client or OpenAIClient(url, model, role="judge", timeout=timeout, retries=retries,
+                                             backoff=backoff)
+        self.url = self.client.base + "/chat/completions"
+        self.model = model
+
+    @property
+    def calls(self) -> int:
+        return self.client.calls
 
     def ask(self, messages: Messages) -> str:
-        self.calls += 1
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 8}
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get("BTPO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = json.loads(resp.read().decode("utf-8"))
-            return str(data["choices"][0]["message"]["content"] or "")
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise BtpoError(f"judge endpoint {self.url} failed: {type(e).__name__}: {str(e)[:200]}") from e
+        return self.client.post("/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 8},
+                                lambda d: str(d["choices"][0]["message"]["content"] or ""))
 
-    def judge(self, prompts: list[Messages]) -> list[str]:
-        return [self.ask(p) for p in prompts]
+    def judge(self, prompts: list[Messages]) -> list[str | Failed]:
+        def one(p: Messages) -> str | Failed:
+            try:
+                return self.ask(p)
+            except EndpointError as e:
+                return Failed(str(e))
+
+        return self.client.map(one, prompts)
 
 
 class LocalJudge:
@@ -407,24 +630,43 @@ class LocalJudge:
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
 
-    def judge(self, prompts: list[Messages]) -> list[str]:
+    def judge(self, prompts: list[Messages]) -> list[str | Failed]:
         groups = self.sampler.sample(
             prompts, 1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=None, chat=True
         )
-        return [g[0][0] for g in groups]
+        return [g if isinstance(g, Failed) else g[0][0] for g in groups]
 
 
-def make_judge(judge: str, judge_url: str | None, options: GenOptions, sampler: Sampler) -> Judge:
-    """``judge`` behind ``judge_url`` when given, else the local model ``judge`` run like the generator
-    (``options``): the generator's own ``sampler`` when it is the same local model, so it loads once."""
+def make_judge(judge: str, judge_url: str | None, options: GenOptions, sampler: Sampler,
+               cache_dir: Path | None = None) -> Judge:
+    """``judge`` behind ``judge_url`` when given (with ``options``' retries and timeout, replies cached
+    in ``cache_dir``), else the local model ``judge`` run like the generator (``options``): the
+    generator's own ``sampler`` when it is the same local model, so it loads once."""
     if judge_url:
-        return URLJudge(judge_url, judge)
+        return URLJudge(judge_url, judge, client=options.client(judge_url, judge, "judge", cache_dir))
     if judge == options.generator and isinstance(sampler, HFSampler):
         return LocalJudge(sampler)
     return LocalJudge(HFSampler(judge, options.device, options.batch_size, options.engine))
 
 
 # ----------------------------------------------------------------------------- pairs and output
+
+
+def failure_summary(failed: Mapping[str, str], what: str) -> dict[str, Any]:
+    """The manifest's ``failed``: how many ``what`` (prompts, questions) were left out because a request
+    failed after its retries, by reason (the URL and the last error), with a few of their ids."""
+    reasons: dict[str, int] = {}
+    for r in failed.values():
+        reasons[r] = reasons.get(r, 0) + 1
+    return {"total": len(failed), "what": what, "reasons": reasons, "examples": sorted(failed)[:5],
+            "note": "not cached: a re-run asks only for these" if failed else ""}
+
+
+def require_some(items: Sequence[Any], failed: Mapping[str, str], stage: str) -> None:
+    """A one-line error when every item of ``stage`` failed (nothing to build from)."""
+    if items and len(failed) >= len(items):
+        first = next(iter(failed.values()))
+        raise BtpoError(f"{stage}: every request failed ({len(failed)}), e.g. {first}")
 
 
 def pick_pair(

@@ -46,6 +46,7 @@ from btpo_cli.data.pairs import PairRecord, SkipLog
 from btpo_cli.errors import BtpoError
 from data_builders.advancedif import IFPrompt, read_advancedif
 from data_builders.generated import (
+    Failed,
     GenOptions,
     JsonlCache,
     Judge,
@@ -54,10 +55,12 @@ from data_builders.generated import (
     Sampler,
     URLJudge,
     base_manifest,
+    failure_summary,
     finish,
     make_judge,
     pick_pair,
     require_items,
+    require_some,
     run_cached_stage,
     sample_stage,
     split_by_fraction,
@@ -103,18 +106,27 @@ def _judge_stage(
     batch_size: int,
     progress: Progress | None,
     stats: dict[str, int],
+    failed: dict[str, str],
 ) -> dict[str, dict[str, Any]]:
-    """Every (response, rubric) of every prompt through ``judge``; one cached line of verdicts per prompt."""
+    """Every (response, rubric) of every prompt through ``judge``; one cached line of verdicts per prompt
+    (a prompt with a failed request goes into ``failed`` instead; its answered requests stay cached by
+    the judge's client)."""
     done = cache.load()
 
     def rows(todo: list[IFPrompt], batch: int) -> list[dict[str, Any]]:
         asks = [judge_messages(p.messages, r, rub) for p in todo for r in responses[p.id]["samples"]
                 for rub in p.rubrics]
         replies = iter(judge.judge(asks))
-        return [{"id": p.id, "verdicts": [[parse_verdict(next(replies)) for _ in p.rubrics]
-                                          for _ in responses[p.id]["samples"]]} for p in todo]
+        out = []
+        for p in todo:
+            got = [[next(replies) for _ in p.rubrics] for _ in responses[p.id]["samples"]]
+            err = next((r.reason for rs in got for r in rs if isinstance(r, Failed)), None)
+            out.append({"id": p.id, "error": err} if err is not None else
+                       {"id": p.id, "verdicts": [[parse_verdict(r) for r in rs] for rs in got]})
+        return out
 
-    run_cached_stage(prompts, lambda p: p.id, cache, done, batch_size, rows, "judge rubrics", progress, stats)
+    todo = [p for p in prompts if p.id in responses]
+    run_cached_stage(todo, lambda p: p.id, cache, done, batch_size, rows, "judge rubrics", progress, stats, failed)
     return done
 
 
@@ -173,10 +185,13 @@ def build_if(
     require_items(prompts, "if", "prompts", skips)
     s = o.settings()
     judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
+    endpoints = {"generator_endpoint": o.describe_generator()}
+    if judge_url:
+        endpoints["judge_endpoint"] = {"url": judge_url, "model": judge, "retries": o.retries, "timeout": o.timeout}
     base = base_manifest(
         "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
         sources={"advancedif": spec.describe()}, settings=s, judge={**judge_desc, "question": JUDGE_QUESTION},
-        requested={"train": o.n_train, "test": o.n_test, "test_fraction": test_fraction},
+        requested={"train": o.n_train, "test": o.n_test, "test_fraction": test_fraction}, **endpoints,
     )
     if o.dry_run:
         return {
@@ -193,26 +208,32 @@ def build_if(
         raise BtpoError("build_if: an output folder is required unless dry_run is set")
     cache_dir = out / ".cache"
     stats = {"batches": 0}
-    sampler = o.sampler(sampler)
+    sampler = o.sampler(sampler, cache_dir)
     rcache = JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s))
     responses = rcache.load()
     stats["cached_prompts"] = sum(1 for p in prompts if p.id in responses)
+    sample_failed: dict[str, str] = {}
     sample_stage(
         prompts, lambda p: p.id, lambda p: p.messages, chat=True, tag="if", sampler=sampler, settings=s,
         cache=rcache, done=responses, batch_size=o.batch_size, label="sample responses", progress=progress,
-        stats=stats,
+        stats=stats, failed=sample_failed,
     )
+    require_some(prompts, sample_failed, "if: sampling")
     if judge_impl is None:
-        judge_impl = make_judge(judge, judge_url, o, sampler)
+        judge_impl = make_judge(judge, judge_url, o, sampler, cache_dir)
     # the judgments depend on the responses: key them by the generator settings too
     jcache = JsonlCache(
         cache_dir / "if-judgments.jsonl", "id", "settings", {"generator": asdict(s), **judge_desc}
     )
-    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, progress, stats)
+    judge_failed: dict[str, str] = {}
+    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, progress, stats, judge_failed)
+    require_some([p for p in prompts if p.id in responses], judge_failed, "if: judging")
     judging = {"judgments": 0, "satisfied": 0, "not_satisfied": 0, "unparsable": 0}
     pools: list[PairRecord] = []
     ties = 0
     for p in prompts:
+        if p.id not in verdicts:  # its sampling or judging failed: counted in "failed", asked again on a re-run
+            continue
         for vs in verdicts[p.id]["verdicts"]:
             for v in vs:
                 judging["judgments"] += 1
@@ -228,6 +249,7 @@ def build_if(
         "prompts": len(prompts),
         "pairs": len(pools),
         "ties": ties,
+        "failed": failure_summary({**sample_failed, **judge_failed}, "prompts"),
         "judging": judging,
         "skipped": skips.as_dict(),
     }

@@ -3,10 +3,14 @@
 Stages (METHOD.md §8), each resumable:
 
 1. **questions**: MetaMathQA (train), GSM8K ``main`` test and MATH-500 (test), read by
-   :mod:`data_builders.math_questions`. Questions are numbered in that order; ``shard=(i, n)``
-   keeps only those whose number is ``i`` modulo ``n``.
+   :mod:`data_builders.math_questions`; when ``sources`` names any input, only those named are read
+   (:func:`chosen_sources`: ``--source gsm8k=FILE`` alone builds test pairs only; the manifest's
+   ``splits_without_source`` says which split got no input). Questions are numbered in that order;
+   ``shard=(i, n)`` keeps only those whose number is ``i`` modulo ``n``.
 2. **sample**: ``n_samples`` solutions per question from the generator (default
-   ``meta-math/MetaMath-Llemma-7B``) through the rollout engine (`--engine`). The prompt is
+   ``meta-math/MetaMath-Llemma-7B``) through the rollout engine (`--engine`), or through an
+   OpenAI-compatible server's ``/completions`` (``generator_url``; a question whose request fails
+   after its retries is counted in ``failed`` and sampled again by a re-run). The prompt is
    :func:`~data_builders.math_questions.alpaca_prompt` tokenized with ``add_special_tokens=True``
    (no chat template); generation stops on the tokenizer's eos (and the model's generation-config
    eos ids). Questions are cut into fixed batches of ``batch_size``; after each batch one line
@@ -50,10 +54,12 @@ from data_builders.generated import (
     Progress,
     Sampler,
     base_manifest,
+    failure_summary,
     finish,
     load_cache_file,
     pick_pair,
     require_items,
+    require_some,
     sample_stage,
 )
 from data_builders.grading import HAS_MATH_VERIFY, answers_match, extract_answer
@@ -105,13 +111,21 @@ def load_samples(cache_dir: Path, settings: GenSettings, pattern: str = "math-sa
     return out
 
 
+def chosen_sources(sources: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The inputs a build reads: every one (their Hub defaults) when ``sources`` names none, else only
+    those it names, so ``--source gsm8k=DIR`` alone builds GSM8K test pairs without MetaMathQA."""
+    names = (*TRAIN_SOURCES, *TEST_SOURCES)
+    return names if not sources else tuple(n for n in names if n in sources)
+
+
 def read_math_questions(
     sources: Mapping[str, str] | None, skips: SkipLog, limit: int | None
 ) -> tuple[list[MathQuestion], dict[str, str]]:
+    """The questions of :func:`chosen_sources` and ``{name: where it was read}``."""
     specs = resolve_sources("math", sources)
     questions: list[MathQuestion] = []
     used: dict[str, str] = {}
-    for name in (*TRAIN_SOURCES, *TEST_SOURCES):
+    for name in chosen_sources(sources):
         spec = specs[name]
         used[name] = spec.describe()
         questions.extend(read_questions(name, spec, skips=skips, limit=limit))
@@ -126,15 +140,17 @@ def generate_samples(
     batch_size: int,
     progress: Progress | None = None,
     also_done: Mapping[str, Any] | None = None,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, int]:
-    """Sample every question not in the cache (nor in ``also_done``), batch by batch; return statistics."""
+    """Sample every question not in the cache (nor in ``also_done``), batch by batch; return statistics
+    (a question whose request failed goes into ``failed``)."""
     done = {**(also_done or {}), **cache.load()}
     stats = {"questions": len(questions), "cached": sum(1 for q in questions if q.qid in done), "generated": 0,
              "batches": 0}
     stats["generated"] = sample_stage(
         questions, lambda q: q.qid, lambda q: alpaca_prompt(q.question), chat=False, tag="math",
         sampler=sampler, settings=settings, cache=cache, done=done, batch_size=batch_size,
-        label="sample solutions", progress=progress, stats=stats,
+        label="sample solutions", progress=progress, stats=stats, failed=failed,
     )
     return stats
 
@@ -210,7 +226,11 @@ def build_math(
     base = base_manifest(
         "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
         grader="math-verify" if HAS_MATH_VERIFY else "builtin", requested={"train": o.n_train, "test": o.n_test},
+        generator_endpoint=o.describe_generator(),
     )
+    base["splits_without_source"] = {
+        split: list(names) for split, names in (("train", TRAIN_SOURCES), ("test", TEST_SOURCES))
+        if not any(n in used for n in names)}
     cache_dir = out / ".cache" if out is not None else None
     if o.dry_run:
         cached = load_samples(cache_dir, settings) if cache_dir is not None else {}
@@ -235,7 +255,10 @@ def build_math(
     cache = JsonlCache(cache_path(cache_dir, shard_t), "qid", "generator", asdict(settings))
     # questions sampled by shard runs count as done
     others = load_samples(cache_dir, settings, "math-samples.shard-*.jsonl") if shard_t is None else {}
-    gen_stats = generate_samples(mine, cache, o.sampler(sampler), settings, o.batch_size, progress, others)
+    failed: dict[str, str] = {}
+    gen_stats = generate_samples(mine, cache, o.sampler(sampler, cache_dir), settings, o.batch_size, progress,
+                                 others, failed)
+    require_some(mine, failed, "math: sampling")
     if shard_t is not None:
         return {
             **base,
@@ -243,11 +266,12 @@ def build_math(
             "shard": list(shard_t),
             "generation": gen_stats,
             "cache": str(cache.path),
+            "failed": failure_summary(failed, "questions"),
             "counts": {"questions": len(mine)},
             "skipped": skips.as_dict(),
         }
     samples = load_samples(cache_dir, settings)
-    missing = [q.qid for q in questions if q.qid not in samples]
+    missing = [q.qid for q in questions if q.qid not in samples and q.qid not in failed]
     if missing:  # cannot happen after the sampling stage above, unless the cache was edited meanwhile
         raise BtpoError(
             f"math: {len(missing)} question(s) have no cached samples (e.g. {missing[0]}); re-run"
@@ -258,9 +282,12 @@ def build_math(
     for i, q in enumerate(questions):
         name = q.source.split("/")[0]
         c = per_source.setdefault(
-            name, {"questions": 0, "pairs": 0, "all_correct": 0, "all_incorrect": 0, "selected": 0}
+            name, {"questions": 0, "pairs": 0, "all_correct": 0, "all_incorrect": 0, "failed": 0, "selected": 0}
         )
         c["questions"] += 1
+        if q.qid in failed:  # its request failed: counted, asked again on a re-run
+            c["failed"] += 1
+            continue
         before = grading["correct"]
         rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading)
         if rec is None:
@@ -283,6 +310,7 @@ def build_math(
         **base,
         "questions": per_source,
         "no_pair": no_pair,
+        "failed": failure_summary(failed, "questions"),
         "grading": {
             "samples": graded,
             **grading,

@@ -152,6 +152,11 @@ def _report_generation(m: dict) -> None:
     g = m.get("generation_run") or m.get("generation")
     if g:
         console.print(f"sampling: {', '.join(f'{k}={v}' for k, v in g.items())}", highlight=False)
+    f = m.get("failed") or {}
+    if f.get("total"):
+        why = "; ".join(f"{r} ({n})" for r, n in list(f["reasons"].items())[:3])
+        console.print(f"[yellow]warning[/]: {f['total']} {f['what']} left out, their requests failed: {escape(why)}; "
+                      "re-run the same command to ask only for those", highlight=False)
 
 
 def _engine(name: str) -> str:
@@ -168,7 +173,9 @@ def _generated(name: str, build: Callable[..., dict], unit: str, folder: Path, s
     manifest is returned."""
     with _progress(unit) as bars:
         sources = _sources(source, name)
-        m = build(sources=sources, **kw, **{**flags, "engine": _engine(flags["engine"])}, progress=bars)
+        local_model = not flags["generator_url"] or ("judge_url" in kw and not kw["judge_url"])
+        engine = _engine(flags["engine"]) if local_model else flags["engine"]   # no engine behind URLs
+        m = build(sources=sources, **kw, **{**flags, "engine": engine}, progress=bars)
     if flags["dry_run"]:
         _finish(m, folder, True)
         return None
@@ -199,6 +206,12 @@ _GENERATION_FLAGS: dict[str, tuple[type, dict[str, Any], dict[str, tuple[Any, st
     "device": (str, {}, {"": (None, "cpu, cuda, cuda:1 (default: cuda if present).")}),
     "engine": (str, {}, {"": ("auto", "Rollout engine for sampling: auto (vllm on a GPU where it imports, else hf), "
                                       "hf, vllm.")}),
+    "generator_url": (str, {}, {"": (None, "Sample through an OpenAI-compatible server instead of a local model, "
+                                           "e.g. http://host:8000/v1 (--generator is the served model name).")}),
+    "retries": (int, {"min": 0}, {"": (3, "Retries per request to --generator-url/--judge-url (exponential "
+                                          "backoff); a request still failing is skipped and counted.")}),
+    "timeout": (float, {"min": 0.001}, {"": (120.0, "Seconds to wait for one reply from a server.")}),
+    "backoff": (float, {"min": 0.0}, {"": (1.0, "First retry delay in seconds (then doubled, at most 30).")}),
     "strict": (bool, {}, {"": (False, "Fail on the first unusable row.")}),
     "dry_run": (bool, {}, {"": (False, "Print the manifest and examples; write nothing.")}),
 }
@@ -233,8 +246,8 @@ def _generation_command(command: str, epilog: str, layout: tuple[str, ...]) -> C
 @_generation_command("math", "[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
                              "  btpo build-data math --out data/math              # then assemble",
                      ("out_dir", "source", "generator", "n_samples", "temperature", "top_p", "max_new_tokens",
-                      "batch_size", "n_train", "n_test", "shard", "seed", "limit", "device", "engine", "strict",
-                      "dry_run"))
+                      "batch_size", "n_train", "n_test", "shard", "seed", "limit", "device", "engine",
+                      "generator_url", "retries", "timeout", "backoff", "strict", "dry_run"))
 def math(
     out_dir: Path = typer.Option(Path("data/math"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Names: metamathqa, gsm8k, math500."),
@@ -257,8 +270,14 @@ def math(
     console.print(f"graded {g['samples']} solutions: correct {g['correct']}, incorrect {g['incorrect']}, "
                   f"no answer {g['no_answer']}; {m['no_pair']} question(s) without a pair", highlight=False)
     if not sum(m["counts"].values()):
-        console.print("[yellow]warning[/]: no pairs (every question's solutions were all correct or all wrong)",
+        per = m["questions"].values()
+        console.print(f"[yellow]warning[/]: no pairs: of {sum(c['questions'] for c in per)} question(s), "
+                      f"{sum(c['all_correct'] for c in per)} had all solutions correct, "
+                      f"{sum(c['all_incorrect'] for c in per)} all wrong, {sum(c['failed'] for c in per)} failed",
                       highlight=False)
+    for split, names in (m.get("splits_without_source") or {}).items():
+        console.print(f"note: no {split} pairs: no {'/'.join(names)} source read (--source names only "
+                      f"{', '.join(m['sources']) or 'none'})", highlight=False)
     _done(m, out_dir)
 
 
@@ -266,7 +285,7 @@ def math(
                            "--generator qwen2.5-7b --judge qwen2.5-7b",
                      ("out_dir", "source", "generator", "judge", "judge_url", "n_samples", "temperature", "top_p",
                       "max_new_tokens", "batch_size", "n_train", "n_test", "test_fraction", "seed", "limit", "device",
-                      "engine", "strict", "dry_run"))
+                      "engine", "generator_url", "retries", "timeout", "backoff", "strict", "dry_run"))
 def if_(
     out_dir: Path = typer.Option(Path("data/if"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Name: advancedif."),
