@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from btpo_cli.data.files import looks_like_hub_id, probe
-from btpo_cli.data.pairs import RecordSkip, SkipLog, iter_file, to_messages
+from btpo_cli.data.pairs import RecordSkip, SkipLog, _iter_hub, iter_file, to_messages
 from btpo_cli.errors import BtpoError, DataError
+from btpo_cli.judging.judge import Item
 
 Messages = list[dict[str, str]]
 
@@ -105,8 +106,6 @@ def _iter_source(source: str, bench: Benchmark, skips: SkipLog) -> Iterator[tupl
     path = Path(source).expanduser()
     if probe(path) is None:
         if source.startswith(("hub:", "hf:")) or looks_like_hub_id(source):
-            from btpo_cli.data.pairs import _iter_hub  # noqa: PLC2701 - the shared Hub reader
-
             yield from _iter_hub(source.split(":", 1)[-1] if source.startswith(("hub:", "hf:")) else source,
                                  bench.hub_split)
             return
@@ -208,8 +207,6 @@ def record_id(raw: dict[str, Any], key: str, num: int) -> str:
 def judge_items(judge: Any, bench: Benchmark, items: Sequence[BenchItem],
                 progress: Callable[[int], None] | None = None) -> list[Outcome]:
     """One :class:`Outcome` per item, batched through the judge's ``score_items`` / ``compare_items``."""
-    from btpo_cli.judging.judge import Item  # heavy: imported on use (the judge module pulls the registry)
-
     def mk(it: BenchItem, k: int, resp: str) -> Item:
         return Item(it.prompt, resp, judge.aspect, ("bench", judge.seed, bench.name, it.id, k))
 
