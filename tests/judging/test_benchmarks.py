@@ -243,9 +243,22 @@ def test_eval_benchmark_pairwise_judge_as_is_has_position_bias(tmp_path: Path) -
     pb = s["position_bias"]
     assert pb["pairs"] == 5            # 3 pairwise items + one BoN item with 2 losers
     assert 0 <= pb["first_slot_wins"] <= 1 and 0 <= pb["order_disagreement"] <= 1
+    cell = json.loads(run_btpo("compare", str(out), "--format", "json").stdout)["rows"][0]["cells"]["rmb"]
+    assert cell["first_slot_wins"] == pytest.approx(round(pb["first_slot_wins"], 4))
+    assert cell["order_disagreement"] == pytest.approx(round(pb["order_disagreement"], 4))
 
 
 def test_eval_benchmark_unknown_name_is_one_line() -> None:
     p = run_btpo("eval", "--model", "tiny-qwen2", "--method", "bt", "--benchmark", "nope", "--data", "x",
                  check=False)
     assert p.returncode != 0 and "unknown benchmark 'nope'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_every_protocol_eval_reports_position_bias() -> None:
+    from btpo_cli.judging.protocol import pairwise_result, pointwise_result, summarize, with_unjudged
+
+    res = [pairwise_result("a", "A", "B"), pairwise_result("b", "A", "A"), pairwise_result("c", "B", None)]
+    res = with_unjudged(res, [type("R", (), {"id": i}) for i in "abcd"], {0, 1, 2}, "pairwise")
+    pb = summarize(res)["position_bias"]
+    assert pb == {"pairs": 3, "both_orders": 2, "order_disagreement": 0.5, "first_slot_wins": 3 / 5}
+    assert summarize([pointwise_result("a", 1.0, 0.0)])["position_bias"] is None

@@ -26,11 +26,11 @@ from btpo_cli.judging.benchmarks.base import (
     benchmark_names,
     get_benchmark,
     judge_items,
-    order_bias,
     position_bias,
     read_benchmark,
     register_benchmark,
 )
+from btpo_cli.judging.protocol import order_bias
 
 __all__ = ["BenchItem", "Benchmark", "Outcome", "benchmark_names", "get_benchmark", "judge_items", "order_bias",
            "position_bias", "read_benchmark", "register_benchmark"]

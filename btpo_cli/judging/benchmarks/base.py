@@ -12,6 +12,7 @@ from btpo_cli.data.files import looks_like_hub_id, probe
 from btpo_cli.data.pairs import RecordSkip, SkipLog, _iter_hub, iter_file, to_messages
 from btpo_cli.errors import BtpoError, DataError
 from btpo_cli.judging.judge import Item
+from btpo_cli.judging.protocol import order_bias
 
 Messages = list[dict[str, str]]
 
@@ -248,21 +249,6 @@ def position_bias(outcomes: Sequence[Outcome]) -> dict[str, Any] | None:
     """Pairwise judgements only: how often the two orders disagree, and how often the first slot wins."""
     pairs = [v for o in outcomes for v in o.orders.values()]
     return order_bias(pairs)
-
-
-def order_bias(pairs: Sequence[tuple[str | None, str | None]]) -> dict[str, Any] | None:
-    """``pairs``: (verdict with chosen as A, verdict with chosen as B) per judged pair. ``order_disagreement``:
-    the fraction of pairs with a verdict in both orders whose verdicts do not name the same response
-    (a tie in one order and not the other counts as a disagreement); ``first_slot_wins``: the fraction of
-    A/B verdicts that chose A (0.5 = no position bias)."""
-    both = [(a, b) for a, b in pairs if a is not None and b is not None]
-    letters = [v for p in pairs for v in p if v in ("A", "B")]
-    if not pairs:
-        return None
-    agree = sum(1 for a, b in both if (a, b) in (("A", "B"), ("B", "A"), ("tie", "tie")))
-    return {"pairs": len(pairs), "both_orders": len(both),
-            "order_disagreement": (len(both) - agree) / len(both) if both else None,
-            "first_slot_wins": letters.count("A") / len(letters) if letters else None}
 
 
 def accuracy_table(groups: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
