@@ -5,7 +5,8 @@ The JSON is an eval summary ``btpo compare`` reads like any other: ``dataset`` i
 ``accuracy`` / ``raw_accuracy`` its official aggregate (never clipped), so each benchmark is one column.
 Beside it: ``benchmark`` (the official ``scores`` — sections, subsets, the hard/normal/easy split — and
 the per-subset table), ``n`` (every item read and not skipped), ``data_skips`` (the rest, by reason),
-``format_error_rate`` and ``position_bias`` (pairwise judges). One process (no ``accelerate launch``
+``format_error_rate`` (per response judged, or per pair for pairwise judges) and ``position_bias``
+(pairwise judges). One process (no ``accelerate launch``
 sharding for benchmarks).
 """
 
@@ -52,7 +53,7 @@ def run_benchmark(cfg: Config, root: Path, model_dir: str, name: str, source: st
     for o in outcomes:
         for e in o.errors:
             errors[e] = errors.get(e, 0) + 1
-    judgements = sum(len(o.orders) * 2 if o.orders else len(o.scores or []) for o in outcomes)
+    judgements = sum(len(o.orders) if o.orders else len(o.scores or []) for o in outcomes)   # responses or pairs
     value = agg["aggregate"]
     summary = {
         "eval_version": EVAL_VERSION, "run": root.name, "method": cfg.method, "tag": cfg.tag,
