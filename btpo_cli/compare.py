@@ -97,6 +97,10 @@ class Cell:
     n_pairs: int | None = None  # test pairs (None if the runs differ)
     tie_rate: float | None = None
     format_error_rate: float | None = None
+    order_disagreement: float | None = None
+    """Pairwise judges: how often the two orders disagree (mean over runs; ``position_bias`` in the eval JSON)."""
+    first_slot_wins: float | None = None
+    """Pairwise judges: the fraction of verdicts that chose the first slot (0.5 = no position bias)."""
     best: bool = False
     delta_bt: float | None = None
 
@@ -396,7 +400,15 @@ def _cell(entries: list[tuple[str, dict[str, Any]]]) -> Cell:
                 runs=[r for r, _ in entries], values=vals, raw_values=raws,
                 n_pairs=ns.pop() if len(ns) == 1 else None,
                 tie_rate=_mean_opt([s.get("tie_rate") for _, s in entries]),
-                format_error_rate=_mean_opt([s.get("format_error_rate") for _, s in entries]))
+                format_error_rate=_mean_opt([s.get("format_error_rate") for _, s in entries]),
+                order_disagreement=_mean_opt([_bias(s, "order_disagreement") for _, s in entries]),
+                first_slot_wins=_mean_opt([_bias(s, "first_slot_wins") for _, s in entries]))
+
+
+def _bias(s: dict[str, Any], key: str) -> float | None:
+    pb = s.get("position_bias")
+    v = pb.get(key) if isinstance(pb, dict) else None
+    return float(v) if _is_num(v) else None
 
 
 def _mark_best(cells: list[Cell], show: str) -> None:
@@ -546,6 +558,7 @@ def _cell_json(cell: Cell, show: str) -> dict[str, Any]:
             "clipped": cell.clipped, "n_runs": cell.k, "runs": cell.runs, "values": [_r(v) for v in cell.values],
             "raw_values": [_r(v) for v in cell.raw_values], "n_pairs": cell.n_pairs,
             "tie_rate": _r(cell.tie_rate, 4), "format_error_rate": _r(cell.format_error_rate, 4),
+            "order_disagreement": _r(cell.order_disagreement, 4), "first_slot_wins": _r(cell.first_slot_wins, 4),
             "best": cell.best, "delta_bt": _r(cell.delta_bt)}
 
 
@@ -565,7 +578,8 @@ def to_json(t: Table | Collected) -> str:
 
 
 def csv_columns(datasets: list[str]) -> list[str]:
-    per_ds = ("", "_raw", "_n", "_std", "_runs", "_clipped", "_best", "_delta_bt")
+    per_ds = ("", "_raw", "_n", "_std", "_runs", "_clipped", "_best", "_delta_bt", "_order_disagreement",
+              "_first_slot_wins")
     return (["model", "method", "run"] + [f"{ds}{s}" for ds in datasets for s in per_ds]
             + ["avg", "avg_raw", "avg_best", "avg_delta_bt", "settings_differ"])
 
@@ -586,7 +600,9 @@ def to_csv(t: Table | Collected) -> str:
                 continue
             rec.update({ds: _r(c.shown(t.show)), f"{ds}_raw": _r(c.raw), f"{ds}_n": c.n_pairs,
                         f"{ds}_std": _r(c.shown_std(t.show)), f"{ds}_runs": c.k, f"{ds}_clipped": int(c.clipped),
-                        f"{ds}_best": int(c.best), f"{ds}_delta_bt": _r(c.delta_bt)})
+                        f"{ds}_best": int(c.best), f"{ds}_delta_bt": _r(c.delta_bt),
+                        f"{ds}_order_disagreement": _r(c.order_disagreement, 4),
+                        f"{ds}_first_slot_wins": _r(c.first_slot_wins, 4)})
         if r.avg is not None:
             rec.update({"avg": _r(r.avg.shown(t.show)), "avg_raw": _r(r.avg.raw), "avg_best": int(r.avg.best),
                         "avg_delta_bt": _r(r.avg.delta_bt)})

@@ -24,6 +24,10 @@ EPILOG = """[bold]Examples[/]
 
   btpo eval --model smollm2-135m --method btpo --data data/hh --out runs/btpo-base
 
+  btpo eval --checkpoint runs/bt --benchmark judgebench --data JudgeBench/data
+
+  btpo eval --model smollm2-135m --method btpo --benchmark rewardbench     # the Hub's allenai/reward-bench
+
 Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl and prints their paths on
 stdout, one per line (--json: the summary instead); the table goes to stderr.
 
@@ -31,6 +35,10 @@ stdout, one per line (--json: the summary instead); the table goes to stderr.
 reward model as BT, a folder trained elsewhere) by the same protocol and judge code: the eval JSON
 ("as_is": true) goes to a run folder of its own (--out, default runs/<method>-<tag>-<model>) that
 `btpo compare` shows as the "<method> (base)" row (--tag to name it otherwise).
+
+--benchmark NAME judges one of the field's benchmarks (rewardbench, rewardbench2, rmbench, judgebench,
+rmb) from its published file or folder (--data; default: its Hub id where it has one) and writes
+RUN/eval/<NAME>.json with the official aggregate (a `btpo compare` column); see docs/benchmarks.md.
 """
 
 
@@ -59,6 +67,8 @@ def evaluate(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Judge this benchmark instead of a split: "
+                                         "rewardbench, rewardbench2, rmbench, judgebench, rmb (--data: its files)."),
     as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
 ) -> None:
     from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run  # heavy: imported on use
@@ -73,13 +83,48 @@ def evaluate(
         if as_model:
             raise typer.BadParameter(f"{', '.join(as_model)}: only with --model (a run keeps its own settings)")
         s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine,
-                         which)
+                         which, benchmark)
         folder = checkpoint
     else:
         folder, s = evaluate_model(model, method, data, out, split, batch_size, limit, eval_samples, max_new_tokens,
-                                   device, engine, str(recipe) if recipe else None, overrides, tag)
+                                   device, engine, str(recipe) if recipe else None, overrides, tag, benchmark)
     if int(os.environ.get("RANK", "0")) != 0:     # under accelerate launch: the main process reports
         return
+    if benchmark:
+        _print_benchmark(s)
+    else:
+        _print_protocol(s)
+    if as_json:
+        sys.stdout.write(json.dumps(s, indent=2, ensure_ascii=False) + "\n")
+    else:
+        for path in eval_paths(folder, s):
+            sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+
+
+def _pct(x: object) -> str:
+    return f"{100 * x:.1f}" if isinstance(x, (int, float)) else "–"
+
+
+def _print_benchmark(s: dict) -> None:
+    b = s["benchmark"]
+    t = Table(title=f"{s['run']} on {b['title']} ({s['n']} items): {_pct(b['aggregate'])}")
+    t.add_column("score")
+    t.add_column("value", justify="right")
+    for k, v in b.get("scores", {}).items():
+        t.add_row(k, _pct(v))
+    pb = s.get("position_bias") or {}
+    if pb:
+        t.add_row("orders disagree", _pct(pb.get("order_disagreement")))
+        t.add_row("first slot wins", _pct(pb.get("first_slot_wins")))
+    t.add_row("format errors", _pct(s.get("format_error_rate")))
+    console.print(t)
+    skipped = s.get("data_skips", {}).get("total", 0)
+    if skipped:
+        console.print(f"[yellow]{skipped} record(s) skipped[/] (data_skips in the eval JSON)", highlight=False)
+
+
+def _print_protocol(s: dict) -> None:
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")
     for col in ("method", "model", "n", "accuracy", "raw", "ties", "format errors"):
         t.add_column(col, justify="right" if col not in ("method", "model") else "left")
@@ -91,9 +136,3 @@ def evaluate(
     if skipped:
         console.print(f"[yellow]{skipped} record(s) of {s['dataset']}/{s['split']} skipped[/] (data_skips in the "
                       "eval JSON)", highlight=False)
-    if as_json:
-        sys.stdout.write(json.dumps(s, indent=2, ensure_ascii=False) + "\n")
-    else:
-        for path in eval_paths(folder, s):
-            sys.stdout.write(f"{path}\n")
-    sys.stdout.flush()

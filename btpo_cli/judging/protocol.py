@@ -6,7 +6,8 @@
 - Pairwise methods (GRAM, GRPO-pair) are asked twice, chosen as A and chosen as B; each order
   earns 1 / 0.5 (tie) / 0 (wrong or format failure) and the pair's credit is the mean.
 - Accuracy below 50% is clipped to 50%; the raw figure, the tie rate and the format-error rate
-  are reported beside it.
+  are reported beside it, and for a pairwise judge its position bias (how often the two orders
+  disagree, how often the first slot wins).
 
 The eval JSON carries ``eval_version``; ``btpo compare`` only puts results of one version side by side.
 """
@@ -80,13 +81,16 @@ def with_unjudged(results: list[PairResult], records: Sequence[Any], judged: set
 
 
 def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
-    """Accuracy (clipped at 0.5), raw accuracy, tie and format-error rates (per judgement)."""
+    """Accuracy (clipped at 0.5), raw accuracy, tie and format-error rates (per judgement), and the
+    position bias of a pairwise judge (:func:`order_bias`)."""
     n = len(results)
     if n == 0:
         return {"n": 0, "accuracy": None, "raw_accuracy": None, "clipped": False,
-                "tie_rate": None, "format_error_rate": None}
+                "tie_rate": None, "format_error_rate": None, "position_bias": None}
     raw = sum(r.credit for r in results) / n
     judgements = sum(r.judgements for r in results)
+    orders = [(r.detail["chosen_as_a"], r.detail["chosen_as_b"]) for r in results
+              if "chosen_as_a" in r.detail and r.detail.get("reason") != "too_long"]
     return {
         "n": n,
         "accuracy": max(raw, 0.5),
@@ -94,7 +98,23 @@ def summarize(results: Sequence[PairResult]) -> dict[str, Any]:
         "clipped": raw < 0.5,
         "tie_rate": sum(r.ties for r in results) / judgements,
         "format_error_rate": sum(r.format_errors for r in results) / (2 * n),  # 2 scores or 2 orders per pair
+        "position_bias": order_bias(orders),    # pairwise judges; None for pointwise ones (no order)
     }
+
+
+def order_bias(pairs: Sequence[tuple[str | None, str | None]]) -> dict[str, Any] | None:
+    """``pairs``: (verdict with chosen as A, verdict with chosen as B) per judged pair. ``order_disagreement``:
+    the fraction of pairs with a verdict in both orders whose verdicts do not name the same response
+    (a tie in one order and not the other counts as a disagreement); ``first_slot_wins``: the fraction of
+    A/B verdicts that chose A (0.5 = no position bias)."""
+    both = [(a, b) for a, b in pairs if a is not None and b is not None]
+    letters = [v for p in pairs for v in p if v in ("A", "B")]
+    if not pairs:
+        return None
+    agree = sum(1 for a, b in both if (a, b) in (("A", "B"), ("B", "A"), ("tie", "tie")))
+    return {"pairs": len(pairs), "both_orders": len(both),
+            "order_disagreement": (len(both) - agree) / len(both) if both else None,
+            "first_slot_wins": letters.count("A") / len(letters) if letters else None}
 
 
 def thought_stats(results: Sequence[PairResult]) -> dict[str, Any] | None:

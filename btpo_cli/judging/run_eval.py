@@ -20,8 +20,10 @@ from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import dataset_name, read_split
 from btpo_cli.engines import engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
+from btpo_cli.judging.benchmarks import get_benchmark
 from btpo_cli.judging.judge import override_eval
 from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result, summarize, thought_stats
+from btpo_cli.judging.run_benchmark import run_benchmark
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.runs.final import model_dir_of, read_checkpoint, read_meta, record_eval
@@ -42,22 +44,35 @@ def _override_eval(cfg: Config, data: str | None, batch_size: int | None, sample
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
                  batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
                  max_new_tokens: int | None = None, device: str | None = None,
-                 engine: str | None = None, which: str = "final") -> dict[str, Any]:
+                 engine: str | None = None, which: str = "final", benchmark: str | None = None) -> dict[str, Any]:
     """Run the method's evaluator and the shared protocol on a run's model; write and return the eval summary.
 
     ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
-    ``train.eval_every``; results in ``RUN/eval/best/``)."""
+    ``train.eval_every``; results in ``RUN/eval/best/``). ``benchmark``: judge that benchmark (``data``:
+    its published file or folder, default its Hub id) instead of a split."""
     run = Run(run_dir)
     cfg: Config = run.load_config()
-    _override_eval(cfg, data, batch_size, samples, max_new_tokens, engine)
-    return run_protocol(cfg, run.root, str(model_dir_of(run.root, which)), split, limit, device, which=which)
+    _override_eval(cfg, benchmark_source(benchmark, data) if benchmark else data, batch_size, samples,
+                   max_new_tokens, engine)
+    return run_protocol(cfg, run.root, str(model_dir_of(run.root, which)), split, limit, device, which=which,
+                        benchmark=benchmark)
+
+
+def benchmark_source(benchmark: str, data: str | None) -> str:
+    """Where a benchmark is read from: ``--data``, else its Hub id."""
+    bench = get_benchmark(benchmark)
+    if data:
+        return data
+    if bench.hub_id is None:
+        raise BtpoError(f"--data is required with --benchmark {benchmark} (its published files: a file or folder)")
+    return bench.hub_id
 
 
 def evaluate_model(model: str, method: str | None, data: str | None, out: str | Path | None = None,
                    split: str | None = None, batch_size: int | None = None, limit: int | None = None,
                    samples: int | None = None, max_new_tokens: int | None = None, device: str | None = None,
                    engine: str | None = None, recipe: str | None = None, overrides: list[str] | None = None,
-                   tag: str = "base") -> tuple[Path, dict[str, Any]]:
+                   tag: str = "base", benchmark: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate a model as it is — an alias, a Hub id or a folder (an untrained base, an off-the-shelf
     reward model, a checkpoint trained elsewhere) — as ``method``'s judge, by the same protocol and judge
     code as :func:`evaluate_run`.
@@ -67,6 +82,8 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
     ``eval/<dataset>.json`` marked ``"as_is": true``, so that ``btpo compare`` shows it as the
     method's ``<method> (<tag>)`` row beside the trained runs of the same backbone. Nothing is copied:
     the folder holds no ``final/``; ``checkpoint`` in the JSON names the model that was judged."""
+    if benchmark:
+        data = benchmark_source(benchmark, data)
     if not data:
         raise BtpoError("--data is required with --model (the pairs to judge)")
     model_dir = resolve_model(model)
@@ -101,7 +118,7 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
     cfg.out = str(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "config.yaml", dump_yaml(cfg))
-    return root, run_protocol(cfg, root, model_dir, split, limit, device, as_is=True)
+    return root, run_protocol(cfg, root, model_dir, split, limit, device, as_is=True, benchmark=benchmark)
 
 
 def check_model_class(model: str, model_dir: str, model_class: str) -> None:
@@ -145,12 +162,19 @@ def eval_settings(cfg: Config, meta: dict[str, Any] | None = None, *, engine: st
 
 
 def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, limit: int | None,
-                 device: str | None, as_is: bool = False, which: str = "final") -> dict[str, Any]:
+                 device: str | None, as_is: bool = False, which: str = "final",
+                 benchmark: str | None = None) -> dict[str, Any]:
     """METHOD §7 with ``cfg.method``'s judge on ``model_dir``: write ``root/eval/<dataset>.json`` (+ the
-    predictions and the method's artifacts) and return the summary."""
+    predictions and the method's artifacts) and return the summary. ``benchmark``: judge that benchmark
+    (read from ``cfg.data.path``) instead (:mod:`btpo_cli.judging.run_benchmark`)."""
     impl = get_method(cfg.method)
     if impl.generative:
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
+    if benchmark:
+        meta = read_meta(model_dir) if Path(model_dir).is_dir() else {}
+        return run_benchmark(cfg, root, model_dir, benchmark, cfg.data.path, limit,
+                             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                             eval_dir(root, which), as_is, which, eval_settings(cfg, meta))
     split = split or cfg.data.eval_split
     records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
                                 limit=limit if limit is not None else cfg.eval.limit)

@@ -6,7 +6,15 @@ Endpoints (JSON in, JSON out; ``docs/judge.md`` has examples)::
                       → {"scores": [...], "errors": [...], "best": i, "thoughts"?: [...]}   (pointwise judges)
     POST /v1/compare  {"prompt": P, "a": str, "b": str, "aspect"?, "thoughts"?}
                       → {"prob_a": p, "verdict": "a" | "b" | "tie" | null, ...}
+    POST /v1/rewards  {"items": [{"prompt": P, "response": str, "aspect"?}, ...]}
+                      → {"rewards": [...], "errors": [...]}                 (batch; verl's reward loop)
+    POST /get_reward  {"query": [str, ...], "prompts"?: [str, ...], "labels"?: [...]}
+                      → {"rewards": [...], "scores": [...], "extra_logs": {"btpo_error": [...]}}  (OpenRLHF)
     GET  /health      → {"status": "ok", "method", "protocol", "stats": {...}}
+
+Rewards: a pointwise judge's score; a pairwise judge's mean win probability among the responses of the
+same prompt in the request (a prompt with one response gets ``on_error``, 0.0). ``/get_reward`` splits
+each rendered query into conversation and response (:mod:`btpo_cli.serving.rewards`).
 
 ``P`` is a string (one user turn) or a list of ``{"role", "content"}`` messages ending with a user turn.
 
@@ -43,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from btpo_cli import __version__
 from btpo_cli.judging.judge import Judge, to_prompt
+from btpo_cli.serving.rewards import split_query
 
 log = logging.getLogger("btpo.serve")
 
@@ -103,6 +112,29 @@ class CompareRequest(BaseModel):
     b: Text
     aspect: Text | None = None
     thoughts: bool = False
+
+
+class RewardItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: Text | list[Message]
+    response: Text
+    aspect: Text | None = None
+
+
+class RewardsRequest(BaseModel):
+    """A batch of (prompt, response) pairs to reward (verl's reward loop, any batch client)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    items: list[RewardItem]
+
+
+class OpenRLHFRequest(BaseModel):
+    """OpenRLHF's remote reward request (``openrlhf/utils/remote_rm_utils.py``); other keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    query: list[Text]
+    prompts: list[Text] | None = None
+    labels: list[Any] | None = None
 
 
 class ApiError(Exception):
@@ -344,6 +376,83 @@ def create_app(judge: Judge, limits: Limits | None = None, token: str | None = N
         if req.thoughts:
             out["thoughts"] = ranked.thoughts
         return out
+
+    async def rewards(items: list[Any]) -> tuple[list[float], list[str | None]]:
+        """Rewards of prepared items (None: could not be made) → (rewards, errors)."""
+        live = [i for i, it in enumerate(items) if it is not None]
+        rewards, errors = [0.0] * len(items), ["unsplittable" if it is None else None for it in items]
+        if len(live) > limits.max_queue:
+            raise ApiError(413, "too_many_items", f"{len(live)} items, over the limit of {limits.max_queue}")
+        if judge.protocol == "pointwise":
+            got = await batcher.submit("score", [items[i] for i in live]) if live else []
+            for i, s in zip(live, got, strict=True):
+                rewards[i] = 0.0 if s.score is None else float(s.score)
+                errors[i] = s.error
+            return rewards, errors
+        groups: dict[str, list[int]] = {}
+        for i in live:
+            groups.setdefault(json.dumps([items[i].prompt, items[i].aspect], ensure_ascii=False), []).append(i)
+        for idx in groups.values():
+            if len(idx) < 2:
+                errors[idx[0]] = "alone"
+                continue
+            pairs = [(items[a], items[b]) for x, a in enumerate(idx) for b in idx[x + 1:]]
+            comps = await batcher.submit("compare", pairs)
+            wins = dict.fromkeys(idx, 0.0)
+            for (a, b), c in zip([(a, b) for x, a in enumerate(idx) for b in idx[x + 1:]], comps, strict=True):
+                p = 0.5 if c.prob_a is None else c.prob_a
+                wins[a] += p
+                wins[b] += 1 - p
+            for i in idx:
+                rewards[i] = wins[i] / (len(idx) - 1)
+        return rewards, errors
+
+    @app.post("/v1/rewards", openapi_extra=_schema(RewardsRequest))
+    async def rewards_batch(request: Request) -> dict[str, Any]:
+        await authorize(request)
+        obj = await read_json(request)
+        if not isinstance(obj, dict):
+            raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
+        try:
+            req = RewardsRequest.model_validate(obj)
+        except ValidationError as e:
+            raise ApiError(422, "invalid_request", _validation_message(e)) from None
+        items = []
+        for k, it in enumerate(req.items):
+            try:
+                items.append(judge.item([m.model_dump() for m in it.prompt] if isinstance(it.prompt, list)
+                                        else it.prompt, it.response, it.aspect))
+            except ValueError as e:
+                raise ApiError(422, "invalid_request", f"items.{k}.{e}") from None
+        got, errors = await rewards(items)
+        return {"rewards": got, "errors": errors}
+
+    @app.post("/get_reward", openapi_extra=_schema(OpenRLHFRequest))
+    async def get_reward(request: Request) -> dict[str, Any]:
+        await authorize(request)
+        obj = await read_json(request)
+        if not isinstance(obj, dict):
+            raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
+        try:
+            req = OpenRLHFRequest.model_validate(obj)
+        except ValidationError as e:
+            raise ApiError(422, "invalid_request", _validation_message(e)) from None
+        if req.prompts is not None and len(req.prompts) != len(req.query):
+            raise ApiError(422, "invalid_request", f"prompts: {len(req.prompts)} for {len(req.query)} queries")
+        items: list[Any] = []
+        for k, q in enumerate(req.query):
+            got = split_query(q, req.prompts[k] if req.prompts else None)
+            if isinstance(got, str):
+                batcher.stats["unsplittable"] = batcher.stats.get("unsplittable", 0) + 1
+                items.append(None)
+                continue
+            try:
+                items.append(judge.item(got[0], got[1]))
+            except ValueError:
+                items.append(None)
+        got_rewards, errors = await rewards(items)
+        return {"rewards": got_rewards, "scores": got_rewards,
+                "extra_logs": {"btpo_error": [float(e is not None) for e in errors]}, "errors": errors}
 
     @app.post("/v1/compare", openapi_extra=_schema(CompareRequest))
     async def compare(request: Request) -> dict[str, Any]:
