@@ -42,15 +42,7 @@ from btpo_cli.judging.templates import (
     pointwise_messages,
     render,
 )
-from btpo_cli.methods import Card, MethodSpec, register_method
-from btpo_cli.methods.grpo_common import (
-    Parse,
-    Query,
-    RationaleJudge,
-    evaluate_rationales,
-    plan_inputs,
-    rationale_card,
-)
+from btpo_cli.methods import Card, MethodSpec, grpo_common, register_method
 from btpo_cli.methods.grpo_common import train as grpo_train
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.folder import Run
@@ -92,17 +84,17 @@ class PointTask:
             lambda r, p: pointwise_messages(p, r.rejected_text, r.aspect)), max_length)
         return [PointUnit(k, array("i", w), array("i", lo)) for k, (w, lo) in enc], stats
 
-    def queries(self, units: list[PointUnit], rollout: int, seed: int) -> list[Query]:
-        return [Query(ids.tolist(), label) for u in units
+    def queries(self, units: list[PointUnit], rollout: int, seed: int) -> list[grpo_common.Query]:
+        return [grpo_common.Query(ids.tolist(), label) for u in units
                 for ids, label in ((u.chosen, "chosen"), (u.rejected, "rejected"))]
 
-    def parse(self, text: str, finished: bool) -> Parse:
+    def parse(self, text: str, finished: bool) -> grpo_common.Parse:
         return parse_score(text, finished=finished)
 
     def new_stats(self) -> ParseStats:
         return ParseStats.scores()
 
-    def rewards(self, queries: list[Query], parses: list[list[Parse]]) -> torch.Tensor:
+    def rewards(self, queries: list[grpo_common.Query], parses: list[list[grpo_common.Parse]]) -> torch.Tensor:
         import torch  # heavy: imported on use
 
         rows: list[list[float]] = []
@@ -130,7 +122,7 @@ def judge_point(rec_id: str, w: tuple[str, bool], lo: tuple[str, bool]) -> tuple
                     "rationale_rejected": t_l, "score_rejected": p_l.score, "error_rejected": p_l.error}
 
 
-class PointJudge(RationaleJudge):
+class PointJudge(grpo_common.RationaleJudge):
     """GRPO (point)'s judge: a greedy rationale per response, then its ``<score>N</score>`` (1..10);
     an unparsable answer has no score and its parser error; ``compare`` gives 1 / ½ / 0."""
 
@@ -160,7 +152,7 @@ def _gens(judged: tuple[Score, Score]) -> tuple[tuple[str, bool], tuple[str, boo
 def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any, progress: Any = None,
              artifacts: Path | None = None) -> list[PairResult]:
     """Greedy score per response → ``pointwise_result(score_w, score_l)`` (METHOD.md §7)."""
-    return evaluate_rationales(judge_for_eval(PointJudge, cfg, model_dir, device), records, progress, artifacts,
+    return grpo_common.evaluate_rationales(judge_for_eval(PointJudge, cfg, model_dir, device), records, progress, artifacts,
                                lambda rec_id, judged: judge_point(rec_id, *_gens(judged))[1])
 
 
@@ -177,7 +169,7 @@ def plan_geometry(inp: PlanInputs) -> Geometry:
 
 
 def card(meta: dict[str, Any]) -> Card:
-    return rationale_card(meta, "a pointwise generative judge trained with GRPO: it writes a rationale, then a "
+    return grpo_common.rationale_card(meta, "a pointwise generative judge trained with GRPO: it writes a rationale, then a "
                                 "score <score>N</score> with N in 1..10.", "<score>N</score>")
 
 
@@ -185,4 +177,4 @@ METHOD = register_method(MethodSpec(
     name="grpo-point", help="GRPO (point): rationale then <score>N</score>, reward for beating the paired sample.",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
     config_section="grpo", generative=True, order=40, judge=PointJudge,
-    rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs, card=card))
+    rollouts=True, plan_geometry=plan_geometry, plan_inputs=grpo_common.plan_inputs, card=card))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from btpo_cli.serving.rewards import split_query
 from tests.conftest import ONE_THREAD, REPO
-from tests.serving.test_serve import _call, _post
+from tests.serving.test_serve import _call, _post, stop_server
 
 HEADERS = {"Content-Type": "application/json"}
 
@@ -74,8 +73,4 @@ def test_openrlhf_get_reward_and_batch_rewards_on_btpo_serve(trained_judge, tmp_
         assert status == 422 and bad["error"]["type"] == "invalid_request"
         assert _call(port, "GET", "/health")[1]["stats"]["unsplittable"] == 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)

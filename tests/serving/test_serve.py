@@ -43,6 +43,16 @@ def _call(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def _post(port: int, path: str, obj: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     return _call(port, "POST", path, json.dumps(obj).encode(), AUTH if headers is None else headers)
 
@@ -155,12 +165,7 @@ def test_serve_batches_concurrent_requests_and_refuses_malformed_ones(trained_ju
         assert status == 200 and body["scores"] == pytest.approx(answers[1][1]["scores"], abs=1e-5)
         assert _call(port, "GET", "/health")[1]["status"] == "ok"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_server(proc)
     log_text = log_path.read_text()
     assert proc.returncode in (0, -signal.SIGTERM), log_text[-2000:]    # uvicorn re-raises the signal it stopped on
     assert "Traceback" not in log_text and "Application shutdown complete" in log_text

@@ -13,17 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from btpo_cli.data.pairs import RecordSkip
-from btpo_cli.judging.benchmarks.base import (
-    BenchItem,
-    Benchmark,
-    Outcome,
-    accuracy_table,
-    prompt_of,
-    record_id,
-    register_benchmark,
-    text,
-    wilson,
-)
+from btpo_cli.judging.benchmarks import base
 
 CATEGORIES = {"mmlu-pro": "knowledge", "livebench-reasoning": "reasoning", "livebench-math": "math",
               "livecodebench": "coding"}
@@ -33,33 +23,33 @@ def category(source: str) -> str:
     return next((c for p, c in CATEGORIES.items() if source.startswith(p)), "other")
 
 
-def parse(raw: dict[str, Any], num: int) -> BenchItem:
-    a, b = text(raw, "response_A"), text(raw, "response_B")
+def parse(raw: dict[str, Any], num: int) -> base.BenchItem:
+    a, b = base.text(raw, "response_A"), base.text(raw, "response_B")
     label = raw.get("label")
     if label not in ("A>B", "B>A"):
         raise RecordSkip("label", f"expected 'A>B' or 'B>A', got {label!r}")
     chosen, rejected = (a, b) if label == "A>B" else (b, a)
-    source = text(raw, "source")
-    return BenchItem(record_id(raw, "pair_id", num), prompt_of(text(raw, "question"), "question"),
+    source = base.text(raw, "source")
+    return base.BenchItem(base.record_id(raw, "pair_id", num), base.prompt_of(base.text(raw, "question"), "question"),
                      [chosen], [rejected], category(source), {"source": source, "label": label})
 
 
-def example_result(o: Outcome) -> int:
+def example_result(o: base.Outcome) -> int:
     """1 when the two orders' decisions sum in favour of the labelled winner."""
     return int(o.win(0, 0, 1) == 1.0)
 
 
-def aggregate(items: list[BenchItem], outcomes: list[Outcome]) -> dict[str, Any]:
+def aggregate(items: list[base.BenchItem], outcomes: list[base.Outcome]) -> dict[str, Any]:
     groups: dict[str, list[float]] = {}
     res = [example_result(o) for o in outcomes]
     for it, r in zip(items, res, strict=True):
         groups.setdefault(it.subset, []).append(r)
     acc = sum(res) / len(res) if res else None
-    return {"aggregate": acc, "scores": {k: v["accuracy"] for k, v in accuracy_table(groups).items()},
-            "subsets": accuracy_table(groups), "interval_95": wilson(sum(res), len(res))}
+    return {"aggregate": acc, "scores": {k: v["accuracy"] for k, v in base.accuracy_table(groups).items()},
+            "subsets": base.accuracy_table(groups), "interval_95": base.wilson(sum(res), len(res))}
 
 
-register_benchmark(Benchmark(
+base.register_benchmark(base.Benchmark(
     "judgebench", "JudgeBench", ("pair_id", "source", "question", "response_A", "response_B", "label"),
     parse, aggregate, file_glob="dataset=judgebench*.jsonl",
     how="accuracy with both orders judged (an order-inconsistent verdict is a tie), per source category"))
