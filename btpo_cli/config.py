@@ -104,6 +104,14 @@ class TrainConfig:
     micro_batch_tokens: int | None = None
     """Size micro-batches by tokens instead: units join a forward while rows × longest row ≤ this
     budget (a unit over the budget goes alone). Gradients equal those of ``micro_batch_size``."""
+    shared_prefix: str = "off"
+    """``off``, ``on`` or ``auto``: score a prompt's K thoughts (BTPO; a GRPO query's G completions)
+    with ONE forward of the shared prompt and the K continuations against its KV cache — the
+    update's forward/backward, old and reference log-probs, ``eval --samples K``. Same loss and
+    gradients within float rounding (tests/judging/test_shared_prefix.py), not bitwise, so off by
+    default. ``auto`` falls back to the plain path where it does not apply (gradient checkpointing,
+    sliding-window or non-attention layers); ``on`` raises there. With ``micro_batch_tokens`` the
+    shared prompt counts once."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -497,6 +505,7 @@ _CHOICES: dict[str, Any] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "train.report_to": ("none", "tensorboard", "wandb"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.shared_prefix": ("off", "on", "auto"),
     "model.dtype": ("auto", "bfloat16", "float32"),
     "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
