@@ -521,6 +521,9 @@ def _get(cfg: Config, key: str) -> Any:
 def validate(cfg: Config) -> None:
     from btpo_cli.engines import available_engines  # heavy: imported on use
 
+    # YAML 1.1 reads a bare on/off as a boolean (and a str field then holds 'True' / 'False')
+    cfg.train.shared_prefix = {True: "on", False: "off", "True": "on", "False": "off"}.get(
+        cfg.train.shared_prefix, cfg.train.shared_prefix)
     choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
     for key, choices in choices_now.items():
         v = _get(cfg, key)

@@ -202,6 +202,20 @@ def shared_prefix_blocker(model: Any) -> str | None:
     return None
 
 
+def prefix_groups(seqs: SeqBatch) -> list[int]:
+    """Group index of every row: consecutive rows with the same prefix (the tokens before thought +
+    tail) share one."""
+    ids, lens = seqs.ids, seqs.mask.sum(-1).tolist()
+    t = ids.shape[1]
+    plen = [ln - int(a) - int(b) for ln, a, b in zip(lens, seqs.n_thought, seqs.n_tail, strict=True)]
+    group: list[int] = []
+    for i in range(len(lens)):
+        b, h = t - lens[i], i - 1
+        same = i > 0 and plen[i] == plen[h] and torch.equal(ids[i, b:b + plen[i]], ids[h, t - lens[h]:t - lens[h] + plen[h]])
+        group.append(group[-1] if same else (group[-1] + 1 if group else 0))
+    return group
+
+
 def _shared_logits(model: Any, seqs: SeqBatch, device: Any) -> tuple[torch.Tensor, torch.Tensor, int] | str:
     """Shared-prefix forward: ``(logits (N, 1+C, V), continuation ids (N, C), C)``, or why not (the
     plain path then runs).
@@ -222,16 +236,8 @@ def _shared_logits(model: Any, seqs: SeqBatch, device: Any) -> tuple[torch.Tenso
     plen = lens - clen
     if n == 0 or int(clen.min()) == 0 or int(plen.min()) == 0:
         return NOTHING_SHARED
-    heads: list[int] = []
-    group: list[int] = []
-    for i in range(n):
-        p, b = int(plen[i]), t - int(lens[i])
-        h = heads[-1] if heads else None
-        if h is not None and p == int(plen[h]) and torch.equal(ids[i, b:b + p], ids[h, t - int(lens[h]):t - int(lens[h]) + p]):
-            group.append(len(heads) - 1)
-        else:
-            heads.append(i)
-            group.append(len(heads) - 1)
+    group = prefix_groups(seqs)
+    heads = [group.index(g) for g in range(group[-1] + 1)]
     if len(heads) == n:
         return NOTHING_SHARED
     pmax, c = int(plen[heads].max()), int(clen.max())

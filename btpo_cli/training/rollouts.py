@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, prefix_groups, score_thoughts, shared_prefix_blocker
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training.periodic_eval import TrainEval
@@ -151,6 +152,7 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
             roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
         # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
         model.train()
+        shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
         g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
         for epoch in range(plan.update_epochs):
             # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
@@ -161,7 +163,7 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
                     break
                 step += 1
                 t0 = time.perf_counter()
-                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local)))
+                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local), shared))
                 lr = sess.sched.get_last_lr()[0]
                 with timer.phase("update"):
                     sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
@@ -193,14 +195,23 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
     bar.close()
 
 
-def unit_sizes(ro: Any, n_units: int) -> Callable[[int], list[int]] | None:
+def unit_sizes(ro: Any, n_units: int, shared_prefix: str = "off") -> Callable[[int], list[int]] | None:
     """Token lengths of a local unit's rows, for token-sized micro-batches: a rollout's ``seqs``
-    (a :class:`~btpo_cli.judging.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit."""
+    (a :class:`~btpo_cli.judging.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit.
+
+    With ``shared_prefix`` on, a row of a group of ``g`` rows sharing a prefix of ``p`` tokens counts
+    its continuation plus ``ceil(p / g)``: the prompt is forwarded once per group, so rows × longest
+    stays close to the shared forward's tokens."""
     seqs = getattr(ro, "seqs", None)
     if seqs is None or n_units == 0:
         return None
     per = len(seqs) // n_units
     lengths = seqs.mask.sum(-1).tolist()
+    if shared_prefix != "off":
+        group = prefix_groups(seqs)
+        size = Counter(group)
+        clen = (seqs.n_thought + seqs.n_tail).tolist()
+        lengths = [c + -(-(ln - c) // size[g]) for ln, c, g in zip(lengths, clen, group, strict=True)]
     return lambda u: lengths[u * per:(u + 1) * per]
 
 
