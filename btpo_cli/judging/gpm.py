@@ -98,22 +98,44 @@ class Scores:
     """(N,) p(Yes) + p(No) under the full-vocabulary softmax (detached): how well the judge keeps the format."""
 
 
-SHARED_PREFIX_CHOICES = ("off", "on", "auto")
 NOTHING_SHARED = "no two consecutive rows share a prefix, or a row has no continuation"
 
 
+@dataclass(frozen=True)
+class ScorePath:
+    """How :func:`score_thoughts` runs the forward (``train.shared_prefix``, ``train.chunked_logprobs``);
+    the default is the plain path, bitwise what it always was."""
+
+    shared_prefix: str = "off"
+    chunked_logprobs: bool = False
+
+    @classmethod
+    def of(cls, train: Any) -> ScorePath:
+        """From a ``train`` config section."""
+        return cls(train.shared_prefix, train.chunked_logprobs == "on")
+
+
+PLAIN = ScorePath()
+
+
 def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, no_id: int, pad_id: int,
-                   yes_no_normalize: bool = False, temperature: float = 1.0, shared_prefix: str = "off") -> Scores:
+                   yes_no_normalize: bool = False, temperature: float = 1.0, path: ScorePath = PLAIN) -> Scores:
     """One forward over N sequences → thought log-probs and log p(Yes). Grad flows if enabled.
 
     Sequences are left-padded so that their tails align at the end; only the last
     ``max(n_thought + n_tail) + 1`` positions go through the LM head (``logits_to_keep``).
 
-    ``shared_prefix`` (``train.shared_prefix``): ``off`` is the plain path above; ``on`` / ``auto``
+    ``path.shared_prefix`` (``train.shared_prefix``): ``off`` is the plain path above; ``on`` / ``auto``
     forward each run of consecutive rows that share a prefix (a response's prompt for its K thoughts,
     a GRPO query for its G completions) once and the continuations (thought + tail) against its KV
-    cache (:func:`_shared_logits`); same values within float rounding, not bitwise. Where it does not
+    cache (:func:`_shared_forward`); same values within float rounding, not bitwise. Where it does not
     apply (:func:`shared_prefix_blocker`) ``auto`` takes the plain path and ``on`` raises.
+
+    ``path.chunked_logprobs`` (``train.chunked_logprobs``): the LM head runs on the last position only
+    (p(Yes)); the thought log-probs come from the final hidden states through
+    :func:`~btpo_cli.judging.lm_head.token_logprobs` (chunks of positions, logits recomputed in the
+    backward), so no (tokens × vocab) logits are held. Models whose head is not a plain ``h Wᵀ`` raise
+    (:func:`~btpo_cli.judging.lm_head.head_weight`).
     """
     if not isinstance(seqs, SeqBatch):
         seqs = SeqBatch.from_seqs(seqs, pad_id)
@@ -122,21 +144,30 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     tz = max(1, seqs.max_thought)
     ar = torch.arange(tz, device=device)
     zmask = ar[None, :] < n_th[:, None]                                          # (N, Tz)
+    weight = None
+    if path.chunked_logprobs:
+        from btpo_cli.judging.lm_head import head_weight  # small module, kept apart from the plain path
+
+        got_w = head_weight(model)
+        if isinstance(got_w, str):
+            raise BtpoError(f"train.chunked_logprobs=on: {got_w}; use 'off'")
+        weight = got_w
+    hidden = weight is not None
     shared = None
-    if shared_prefix != "off":
+    if path.shared_prefix != "off":
         reason = shared_prefix_blocker(model)
-        got = _shared_logits(model, seqs, device) if reason is None else reason
+        got = _shared_forward(model, seqs, device, hidden) if reason is None else reason
         if isinstance(got, str):
-            if shared_prefix == "on" and got != NOTHING_SHARED:
+            if path.shared_prefix == "on" and got != NOTHING_SHARED:
                 raise BtpoError(f"train.shared_prefix=on: {got}; use 'auto' or 'off'")
         else:
             shared = got
     if shared is not None:
-        logits, tok, c = shared                                                  # (N, 1+C, V), (N, C)
+        feats, last, tok, c = shared                                             # (N, 1+C, V|H), (N, V), (N, C)
         start = c - n_tl - n_th                                                  # (N,) first thought column in tok
         tok_col = (start[:, None] + ar[None, :]).clamp(min=0, max=c - 1)         # (N, Tz)
         # the first thought token is predicted by the prefix's last position (column 0); token at
-        # continuation column j by the continuation's position j-1 (logits column j)
+        # continuation column j by the continuation's position j-1 (column j)
         rel = torch.where(ar[None, :] == 0, torch.zeros_like(tok_col), tok_col)
         tok = tok.gather(1, tok_col)                                             # (N, Tz)
     else:
@@ -144,13 +175,21 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
         t = ids.shape[1]
         keep = min(int((seqs.n_thought + seqs.n_tail).max()) + 1, t)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                    logits_to_keep=keep)
-        logits = out.logits                                                      # (N, keep, V)
+                    logits_to_keep=1 if hidden else keep, output_hidden_states=hidden)
+        feats = out.hidden_states[-1][:, t - keep:] if hidden else out.logits   # (N, keep, H|V)
+        last = out.logits[:, -1, :]                                              # (N, V)
         start_abs = t - n_tl - n_th                                              # (N,) first thought token
         tok_abs = (start_abs[:, None] + ar[None, :]).clamp(max=t - 1)            # (N, Tz)
-        rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)              # logits predicting the token
+        rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)              # column predicting the token
         tok = ids.gather(1, tok_abs)                                             # (N, Tz)
-    return _read_scores(logits, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
+    if weight is not None:
+        from btpo_cli.judging.lm_head import token_logprobs  # small module, kept apart from the plain path
+
+        h = feats[torch.arange(len(seqs), device=device)[:, None], rel][zmask]  # (M, H) thought positions only
+        logp = torch.zeros(zmask.shape, dtype=torch.float32, device=device)
+        logp = logp.masked_scatter(zmask, token_logprobs(h, weight, tok[zmask], temperature))
+        return _answer(logp, zmask, _upcast(last), yes_id, no_id, yes_no_normalize)
+    return _read_scores(feats, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
 
 
 def _read_scores(logits: torch.Tensor, rel: torch.Tensor, tok: torch.Tensor, zmask: torch.Tensor, yes_id: int,
@@ -163,7 +202,12 @@ def _read_scores(logits: torch.Tensor, rel: torch.Tensor, tok: torch.Tensor, zma
         sel = sel / temperature
     logp = sel.gather(-1, tok[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
     logp = torch.where(zmask, logp, torch.zeros_like(logp))
-    last = _upcast(logits[:, -1, :])                                             # (N, V)
+    return _answer(logp, zmask, _upcast(logits[:, -1, :]), yes_id, no_id, yes_no_normalize)
+
+
+def _answer(logp: torch.Tensor, zmask: torch.Tensor, last: torch.Tensor, yes_id: int, no_id: int,
+            yes_no_normalize: bool) -> Scores:
+    """:class:`Scores` from thought log-probs and the last position's (upcast) logits ``last`` (N, V)."""
     lse = torch.logsumexp(last, dim=-1)                                          # (N,)
     if yes_no_normalize:
         logp_yes = torch.nn.functional.logsigmoid(last[:, yes_id] - last[:, no_id])
@@ -216,9 +260,11 @@ def prefix_groups(seqs: SeqBatch) -> list[int]:
     return group
 
 
-def _shared_logits(model: Any, seqs: SeqBatch, device: Any) -> tuple[torch.Tensor, torch.Tensor, int] | str:
-    """Shared-prefix forward: ``(logits (N, 1+C, V), continuation ids (N, C), C)``, or why not (the
-    plain path then runs).
+def _shared_forward(model: Any, seqs: SeqBatch, device: Any,
+                    hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | str:
+    """Shared-prefix forward: ``(logits (N, 1+C, V) — or final hidden states (N, 1+C, H) when
+    ``hidden`` —, last-position logits (N, V), continuation ids (N, C), C)``, or why not (the plain
+    path then runs).
 
     Consecutive rows whose prefix (``ids`` before thought + tail) is the same form a group. The G
     group prefixes go through the model once (left-padded, ``use_cache=True``, logits of the last
@@ -256,15 +302,19 @@ def _shared_logits(model: Any, seqs: SeqBatch, device: Any) -> tuple[torch.Tenso
     pids, pmask, cids, cmask = pids.to(device), pmask.to(device), cids.to(device), cmask.to(device)
     idx = torch.tensor(group, device=device)
     pre = model(input_ids=pids, attention_mask=pmask, position_ids=positions(pmask), use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=1, output_hidden_states=hidden)
     cache = pre.cache if hasattr(pre, "cache") else getattr(pre, "past_key_values", None)
     if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
         return "the model's KV cache is not made of plain DynamicLayers"
     cache.batch_select_indices(idx)
     cpos = (plen.to(device)[:, None] + (cmask.cumsum(-1) - 1)).clamp(min=0)      # (N, C)
     out = model(input_ids=cids, attention_mask=torch.cat([pmask[idx], cmask], 1), position_ids=cpos,
-                cache=cache, use_cache=True)
-    return torch.cat([pre.logits[idx], out.logits], 1), cids, c
+                cache=cache, use_cache=True, logits_to_keep=1 if hidden else 0, output_hidden_states=hidden)
+    if hidden:
+        feats = torch.cat([pre.hidden_states[-1][:, -1:][idx], out.hidden_states[-1]], 1)
+    else:
+        feats = torch.cat([pre.logits[idx], out.logits], 1)
+    return feats, out.logits[:, -1, :], cids, c
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -155,8 +155,7 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPO
     g, pad_id = cfg.rollout.n, tok.pad_token_id
     sc = sample_and_score(model, ref, engine, [q.ids for q in queries], cfg, eot_id, timer, seeds,
                           lambda i, s: ThoughtSeq(queries[i].ids + s.token_ids, len(s.token_ids), 0),
-                          (pad_id, pad_id, pad_id), False, cfg.train.micro_batch_size * task.queries_per_unit * g,
-                          cfg.train.shared_prefix)
+                          (pad_id, pad_id, pad_id), False, cfg.train.micro_batch_size * task.queries_per_unit * g)
     samples = sc.samples                                                            # (b·q, G)
     parses = [[task.parse(decode(tok, s), s.finished) for s in group] for group in samples]
     rewards = task.rewards(queries, parses)                                         # (b·q, G)
@@ -180,12 +179,12 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
     """GRPO surrogate on a micro-batch of units: mean over each unit's ``q·G`` completions, mean over units."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.judging.gpm import ScorePath, score_thoughts  # heavy: imported on use
     from btpo_cli.losses import clipped_surrogate, kl_k3  # heavy: imported on use
 
     rows = torch.tensor([u * per_unit + j for u in unit_ids for j in range(per_unit)])   # (m·q·G,)
     sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature,
-                        cfg.train.shared_prefix)
+                        ScorePath.of(cfg.train))
     width = sc.logp.shape[1]
     old = ro.old_logp[rows, :width].to(device)                                         # (m·q·G, T)
     assert ro.advantages is not None, "a GRPO rollout carries advantages"

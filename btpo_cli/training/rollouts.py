@@ -38,7 +38,15 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, prefix_groups, score_thoughts, shared_prefix_blocker
+from btpo_cli.judging.gpm import (
+    PLAIN,
+    ScorePath,
+    SeqBatch,
+    ThoughtSeq,
+    prefix_groups,
+    score_thoughts,
+    shared_prefix_blocker,
+)
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training.periodic_eval import TrainEval
@@ -250,17 +258,17 @@ class Scored:
 
 @torch.no_grad()
 def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
-                  temperature: float, batch: int, shared_prefix: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float, batch: int, path: ScorePath = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad :func:`~btpo_cli.judging.gpm.score_thoughts` in chunks of ``batch`` rows: thought
     log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
-    reads only the log-probs). ``shared_prefix``: ``train.shared_prefix`` (keep ``batch`` a multiple
-    of the group size so that no group is split)."""
+    reads only the log-probs). ``path``: :class:`~btpo_cli.judging.gpm.ScorePath` (with a shared
+    prefix keep ``batch`` a multiple of the group size so that no group is split)."""
     n = len(seqs)
     logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
     yes = torch.zeros(n, dtype=torch.float32)
     for start in range(0, n, batch):
         rows = list(range(start, min(n, start + batch)))
-        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, shared_prefix)
+        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, path)
         logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
         yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
     return logp, yes
@@ -269,7 +277,7 @@ def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: i
 def sample_and_score(model: Any, ref: Any, engine: RolloutEngine, prompts: list[list[int]], cfg: Config,
                      eot_id: int, timer: StepTimer, seeds: list[int] | None,
                      to_seq: Callable[[int, Sample], ThoughtSeq], ids: tuple[int, int, int], normalize: bool,
-                     batch: int, shared_prefix: str = "off") -> Scored:
+                     batch: int) -> Scored:
     """Sample ``rollout.n`` continuations of every prompt with ``engine`` (``rollout.temperature`` /
     ``top_p`` / ``max_new_tokens``, stopping at ``eot_id``, seeds ``seeds``); ``to_seq(i, sample)``
     makes the scored sequence of prompt ``i``'s sample; the trainer's ``model`` (and ``ref`` when
@@ -280,9 +288,9 @@ def sample_and_score(model: Any, ref: Any, engine: RolloutEngine, prompts: list[
         samples = engine.generate(prompts, cfg.rollout.n, params, seeds)                 # (prompts, n)
     seqs = SeqBatch.from_seqs([to_seq(i, s) for i, group in enumerate(samples) for s in group], ids[2])
     with timer.phase("score"):
-        old_logp, old_yes = score_chunked(model, seqs, *ids, normalize, cfg.rollout.temperature, batch, shared_prefix)
-        ref_logp = score_chunked(ref, seqs, *ids, normalize, cfg.rollout.temperature, batch,
-                                 shared_prefix)[0] if ref else None
+        path = ScorePath.of(cfg.train)
+        old_logp, old_yes = score_chunked(model, seqs, *ids, normalize, cfg.rollout.temperature, batch, path)
+        ref_logp = score_chunked(ref, seqs, *ids, normalize, cfg.rollout.temperature, batch, path)[0] if ref else None
     return Scored(samples, seqs, old_logp, old_yes, ref_logp)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from btpo_cli.config import build_config
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts
 from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.methods import grpo_common
 from btpo_cli.models.loading import load_causal_lm
@@ -124,8 +124,8 @@ def test_no_grad_scores_and_chunks_match() -> None:
     cfg = _cfg("tiny-qwen2", "btpo", 3, "off")
     model = _model(cfg).eval()
     seqs = SeqBatch.from_seqs(_groups(model, 4, 3, seed=7), 0)
-    a = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, "off")
-    b = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, "on")
+    a = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("off"))
+    b = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("on"))
     assert all(float((x - y).abs().max()) <= TOL for x, y in zip(a, b, strict=True))
 
 
@@ -133,16 +133,16 @@ def test_nothing_shared_falls_back_and_on_raises_where_it_cannot_apply() -> None
     cfg = _cfg("tiny-qwen2", "btpo", 1, "off")
     model = _model(cfg).eval()
     seqs = SeqBatch.from_seqs(_groups(model, 3, 1, seed=1), 0)   # K = 1: no two rows share a prefix
-    a = score_thoughts(model, seqs, 11, 12, 0, shared_prefix="off")
-    b = score_thoughts(model, seqs, 11, 12, 0, shared_prefix="on")
+    a = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("off"))
+    b = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("on"))
     assert torch.equal(a.logp, b.logp) and torch.equal(a.logp_yes, b.logp_yes)
     model.train()
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     seqs = SeqBatch.from_seqs(_groups(model, 2, 2, seed=1), 0)
     with pytest.raises(BtpoError, match="gradient checkpointing"):
-        score_thoughts(model, seqs, 11, 12, 0, shared_prefix="on")
-    auto = score_thoughts(model, seqs, 11, 12, 0, shared_prefix="auto")     # plain path, bitwise
-    off = score_thoughts(model, seqs, 11, 12, 0, shared_prefix="off")
+        score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("on"))
+    auto = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("auto"))     # plain path, bitwise
+    off = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("off"))
     assert torch.equal(auto.logp, off.logp)
 
 
