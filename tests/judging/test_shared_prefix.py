@@ -170,3 +170,39 @@ def test_token_sizes_count_the_shared_prefix_once() -> None:
     assert plain == [plen[i // 4] + clen[i] for i in range(8)]
     assert shared == [-(-plen[i // 4] // 4) + clen[i] for i in range(8)]
     del cfg
+
+
+# ----------------------------------------------------------------------------- chunked log-probs
+
+def test_token_logprobs_equals_log_softmax_in_value_and_grad() -> None:
+    from btpo_cli.judging.lm_head import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    tok = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g)
+    for temp in (1.0, 0.7):
+        ref = torch.log_softmax(h @ w.T / temp, -1).gather(-1, tok[:, None]).squeeze(-1)
+        gh, gw = torch.autograd.grad((ref * up).sum(), (h, w))
+        got = token_logprobs(h, w, tok, temp, rows=8)                  # 5 chunks, the last one short
+        ch, cw = torch.autograd.grad((got * up).sum(), (h, w))
+        assert float((got - ref).abs().max()) <= TOL
+        assert float((ch - gh).abs().max()) <= TOL and float((cw - gw).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("name,shared,lora", [("tiny-qwen2", "off", False), ("tiny-qwen2", "on", False),
+                                              ("tiny-llama", "off", True), ("tiny-llama", "on", False)])
+def test_btpo_micro_loss_chunked_equals_plain(name: str, shared: str, lora: bool) -> None:
+    """chunked_logprobs (alone and with shared_prefix) against the plain path; tiny-qwen2 ties
+    its LM head to the embeddings, tiny-llama does not."""
+    cfg = _cfg(name, "btpo", 3, "off", lora=lora, beta=0.05)
+    model = _model(cfg)
+    ro, judge = _btpo_rollout(model, cfg, pairs=2, seed=4)
+
+    def run(mode: str) -> torch.Tensor:
+        cfg.train.shared_prefix, cfg.train.chunked_logprobs = (shared, "on") if mode == "on" else ("off", "off")
+        return btpo_method.micro_loss(model, ro, [0, 1], judge, cfg, "cpu")[0]
+
+    dl, dg = _compare(run, model)
+    assert dl <= TOL and dg <= TOL, (dl, dg)
