@@ -79,7 +79,7 @@ def flop_ratio(model: Any, args: argparse.Namespace) -> float:
     c = model.config
     h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    p, cont, k, rows = args.prompt, args.thought + args.tail, args.k, 2 * args.pairs * args.k
+    p, cont, rows = args.prompt, args.thought + args.tail, 2 * args.pairs * args.k
 
     def attn(start: int, n: int) -> float:          # Σ context over n tokens starting at position start
         return n * start + n * (n + 1) / 2
