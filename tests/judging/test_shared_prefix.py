@@ -40,14 +40,15 @@ def _model(cfg, seed: int = 0):
 
 
 def _groups(model, n_groups: int, k: int, seed: int, tail: int = 4) -> list[ThoughtSeq]:
-    """n_groups prefixes of different lengths, k thoughts each (some stop early, one is empty)."""
+    """n_groups prefixes of different lengths, k thoughts each (some stop early; with a tail one is
+    empty)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size if hasattr(model, "config") else 100
     out = []
     for i in range(n_groups):
         prefix = torch.randint(5, vocab, (6 + 5 * i,), generator=g).tolist()
         for j in range(k):
-            n_th = [7, 2, 5, 0, 3][(i + j) % 5]
+            n_th = [7, 2, 5, 0 if tail else 1, 3][(i + j) % 5]
             th = torch.randint(5, vocab, (n_th,), generator=g).tolist()
             tl = torch.randint(5, vocab, (tail,), generator=g).tolist()
             out.append(ThoughtSeq(prefix + th + tl, n_th, tail))
@@ -58,14 +59,29 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def _compare(run, model) -> tuple[float, float]:
-    """Run ``run(shared)`` → loss for off and on; max |Δloss|, max |Δgrad| over all parameters."""
-    res = {}
-    for shared in ("off", "on"):
-        model.zero_grad(set_to_none=True)
-        loss = run(shared)
-        loss.backward()
-        res[shared] = (loss.detach(), _grads(model))
+def _compare(run, model, shared_used: bool = True) -> tuple[float, float]:
+    """Run ``run(shared)`` → loss for off and on; max |Δloss|, max |Δgrad| over all parameters.
+    ``shared_used``: the "on" run must really take the shared-prefix path (not fall back)."""
+    import btpo_cli.judging.gpm as gpm
+
+    res, taken = {}, []
+    real = gpm._shared_forward
+
+    def spy(*a, **kw):
+        got = real(*a, **kw)
+        taken.append(not isinstance(got, str))
+        return got
+
+    gpm._shared_forward = spy
+    try:
+        for shared in ("off", "on"):
+            model.zero_grad(set_to_none=True)
+            loss = run(shared)
+            loss.backward()
+            res[shared] = (loss.detach(), _grads(model))
+    finally:
+        gpm._shared_forward = real
+    assert not shared_used or (taken and all(taken)), taken
     (l0, g0), (l1, g1) = res["off"], res["on"]
     assert g0.keys() == g1.keys() and g0
     return float((l0 - l1).abs()), max(float((g0[n] - g1[n]).abs().max()) for n in g0)
@@ -204,5 +220,5 @@ def test_btpo_micro_loss_chunked_equals_plain(name: str, shared: str, lora: bool
         cfg.train.shared_prefix, cfg.train.chunked_logprobs = (shared, "on") if mode == "on" else ("off", "off")
         return btpo_method.micro_loss(model, ro, [0, 1], judge, cfg, "cpu")[0]
 
-    dl, dg = _compare(run, model)
+    dl, dg = _compare(run, model, shared_used=shared == "on")
     assert dl <= TOL and dg <= TOL, (dl, dg)
