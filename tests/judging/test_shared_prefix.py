@@ -222,3 +222,33 @@ def test_btpo_micro_loss_chunked_equals_plain(name: str, shared: str, lora: bool
 
     dl, dg = _compare(run, model, shared_used=shared == "on")
     assert dl <= TOL and dg <= TOL, (dl, dg)
+
+
+def test_btpo_eval_samples_shared_equals_plain() -> None:
+    """``btpo eval/score --samples K`` scores its K sampled thoughts per response with the shared path."""
+    import btpo_cli.judging.gpm as gpm
+    from btpo_cli.judging.judge import Item
+    from btpo_cli.methods.btpo import BTPOJudge
+    from btpo_cli.models.aliases import resolve_model
+
+    real, taken = gpm._shared_forward, []
+
+    def spy(*a, **kw):
+        got = real(*a, **kw)
+        taken.append(not isinstance(got, str))
+        return got
+
+    scores = {}
+    gpm._shared_forward = spy
+    try:
+        for sp in ("off", "on"):
+            cfg = build_config(flags={"method": "btpo"}, overrides=["eval.samples=3", "eval.max_new_tokens=6",
+                                                                   f"train.shared_prefix={sp}", "eval.batch_size=2"])
+            judge = BTPOJudge(resolve_model("tiny-qwen2"), cfg, torch.device("cpu"), {})
+            items = [Item([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1), "correct", (0, i, 0))
+                     for i in range(3)]
+            scores[sp] = [s.score for s in judge._score_chunk(items)]
+    finally:
+        gpm._shared_forward = real
+    assert taken and all(taken)
+    assert max(abs(a - b) for a, b in zip(scores["off"], scores["on"], strict=True)) <= 1e-6
