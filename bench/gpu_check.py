@@ -18,6 +18,9 @@ compares engines where both are installed.
   len² per sequence) / time / peak bf16 FLOP/s (``--peak-tflops``, H200 dense: 989).
 - weight sync: ``HFEngine.update_weights`` of an engine holding its own copy (as under
   FSDP/ZeRO-3 or with a separate rollout copy), from the trainer's parameters, on the device.
+- scoring: one BTPO update phase (2·pairs·K rows, prompt 512, thoughts 128, K = 4) per scoring
+  path — plain, ``train.shared_prefix``, ``train.chunked_logprobs``, both — time and allocator
+  peak, as ratios to plain (:func:`scoring_paths`; issue 23).
 - ``--scale``: (1) ``bench/plan_memory.py --device cuda`` — ``btpo plan``'s estimate against
   ``torch.cuda.max_memory_allocated`` of real ``bt`` and ``btpo`` runs of random-init Qwen2.5-0.5B
   (4 layers) and SmolLM2-135M shapes (docs/plan.md § Validation); (2) real training steps under
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "gbps": weight_bytes / statistics.median(ts) / 1e9,
                               "copies": copy.stats()["weight_sync_copies"]}
         copy.close()
+    out["scoring"] = scoring_paths(model, device, a)
     if a.scale:
         out["scale"] = scale_checks(device, a.smoke)
     print(json.dumps(out, indent=2))
@@ -154,6 +158,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def scoring_paths(model: Any, device: torch.device, a: argparse.Namespace) -> dict[str, Any]:
+    """One BTPO update phase (forward + backward of ``score_thoughts`` over 2·pairs·K rows) per
+    scoring path — plain, ``train.shared_prefix``, ``train.chunked_logprobs``, both — interleaved:
+    median seconds and the allocator's peak above the model (cuda; None on cpu) and their ratios to
+    plain (bench/bench_shared_prefix.py is the CPU version)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_shared_prefix as bsp
+
+    shape = argparse.Namespace(prompt=32 if a.smoke else 512, thought=8 if a.smoke else 128, tail=24, k=4,
+                               pairs=1 if a.smoke else 2)
+    seqs = bsp.build_seqs(model.config.vocab_size, shape)
+    model.train()
+    times: dict[str, list[float]] = {v: [] for v in bsp.VARIANTS}
+    peak: dict[str, float | None] = {}
+    for v in bsp.VARIANTS:                                                   # warm-up + peak memory
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            bsp.update_phase(model, seqs, v)
+        peak[v] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    for _ in range(a.repeats):
+        for v in bsp.VARIANTS:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                times[v].append(timed(lambda v=v: bsp.update_phase(model, seqs, v), device)[0])
+    model.zero_grad(set_to_none=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    return {"rows": len(seqs), **vars(shape), "median_s": med,
+            "time_ratio": {v: med[v] / med["plain"] for v in med}, "peak_mib": peak,
+            "peak_ratio": {v: (peak[v] / peak["plain"]) if peak[v] and peak["plain"] else None for v in peak}}
 
 
 def _losses(run: Path) -> list[float]:

@@ -104,6 +104,20 @@ class TrainConfig:
     micro_batch_tokens: int | None = None
     """Size micro-batches by tokens instead: units join a forward while rows × longest row ≤ this
     budget (a unit over the budget goes alone). Gradients equal those of ``micro_batch_size``."""
+    shared_prefix: str = "off"
+    """``off``, ``on`` or ``auto``: score a prompt's K thoughts (BTPO; a GRPO query's G completions)
+    with ONE forward of the shared prompt and the K continuations against its KV cache — the
+    update's forward/backward, old and reference log-probs, ``eval --samples K``. Same loss and
+    gradients within float rounding (tests/judging/test_shared_prefix.py), not bitwise, so off by
+    default. ``auto`` falls back to the plain path where it does not apply (gradient checkpointing,
+    sliding-window or non-attention layers); ``on`` raises there. With ``micro_batch_tokens`` the
+    shared prompt counts once."""
+    chunked_logprobs: str = "off"
+    """``off`` or ``on``: thought log-probs from the final hidden states, the LM head applied to chunks
+    of positions and recomputed in the backward (btpo_cli/judging/lm_head.py), so the update never
+    holds a (tokens × vocab) logits tensor nor its float32 upcast. Equal within float rounding, not
+    bitwise, so off by default; models whose head is not a plain ``h Wᵀ`` (bias, soft-capping, logit
+    scale, a sharded head under FSDP2 / ZeRO-3) raise."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -497,6 +511,8 @@ _CHOICES: dict[str, Any] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "train.report_to": ("none", "tensorboard", "wandb"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.shared_prefix": ("off", "on", "auto"),
+    "train.chunked_logprobs": ("off", "on"),
     "model.dtype": ("auto", "bfloat16", "float32"),
     "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
@@ -512,6 +528,10 @@ def _get(cfg: Config, key: str) -> Any:
 def validate(cfg: Config) -> None:
     from btpo_cli.engines import available_engines  # heavy: imported on use
 
+    # YAML 1.1 reads a bare on/off as a boolean (and a str field then holds 'True' / 'False')
+    yaml_bool = {True: "on", False: "off", "True": "on", "False": "off"}
+    cfg.train.shared_prefix = yaml_bool.get(cfg.train.shared_prefix, cfg.train.shared_prefix)
+    cfg.train.chunked_logprobs = yaml_bool.get(cfg.train.chunked_logprobs, cfg.train.chunked_logprobs)
     choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
     for key, choices in choices_now.items():
         v = _get(cfg, key)

@@ -193,13 +193,13 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, c
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.judging.gpm import ScorePath, score_thoughts  # heavy: imported on use
     from btpo_cli.losses import btpo_loss  # heavy: imported on use
 
     k = cfg.rollout.n
     rows = torch.tensor([(i * 2 + r) * k + j for i in pair_ids for r in range(2) for j in range(k)])   # (m·2·K,)
     sc = score_thoughts(model, ro.seqs.select(rows), judge.yes_id, judge.no_id, judge.pad_id,
-                        cfg.btpo.yes_no_normalize, cfg.rollout.temperature)
+                        cfg.btpo.yes_no_normalize, cfg.rollout.temperature, ScorePath.of(cfg.train))
     width = sc.logp.shape[1]
     old = ro.old_logp[rows, :width].to(device)                                            # (m·2·K, Tz)
     ref = ro.ref_logp[rows, :width].to(device) if ro.ref_logp is not None else None
@@ -249,7 +249,12 @@ class BTPOJudge(Judge):
     def _score_chunk(self, items: list[Item]) -> list[Score]:
         import torch  # heavy: imported on use
 
-        from btpo_cli.judging.gpm import SeqBatch, score_thoughts, thought_sequence  # heavy: imported on use
+        from btpo_cli.judging.gpm import (  # heavy: imported on use
+            ScorePath,
+            SeqBatch,
+            score_thoughts,
+            thought_sequence,
+        )
         from btpo_cli.training.rollouts import score_chunked  # heavy: imported on use
 
         ids = self.ids
@@ -281,8 +286,11 @@ class BTPOJudge(Judge):
                                        [request_seed(*items[i].key) for i in idx])
             sseqs = SeqBatch.from_seqs([thought_sequence(p, s, ids.eot_id) for p, g in zip(todo, smp, strict=True)
                                         for s in g], ids.pad_id)
+            path = ScorePath.of(self.cfg.train)
+            # with a shared prefix, chunks hold whole groups of K (a split group still scores right)
+            batch = self.cfg.eval.batch_size * 2 * (k if path.shared_prefix != "off" else 1)
             _, syes = score_chunked(self.model, sseqs, ids.yes_id, ids.no_id, ids.pad_id, self.cfg.btpo.yes_no_normalize,
-                                    self.cfg.rollout.temperature, self.cfg.eval.batch_size * 2)
+                                    self.cfg.rollout.temperature, batch, path)
             sampled = syes.exp().view(-1, k).tolist()
             sampled_text = [[self.tok.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in smp]
         for j, i in enumerate(idx):

@@ -179,11 +179,12 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
     """GRPO surrogate on a micro-batch of units: mean over each unit's ``q·G`` completions, mean over units."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.judging.gpm import score_thoughts  # heavy: imported on use
+    from btpo_cli.judging.gpm import ScorePath, score_thoughts  # heavy: imported on use
     from btpo_cli.losses import clipped_surrogate, kl_k3  # heavy: imported on use
 
     rows = torch.tensor([u * per_unit + j for u in unit_ids for j in range(per_unit)])   # (m·q·G,)
-    sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature)
+    sc = score_thoughts(model, ro.seqs.select(rows), pad_id, pad_id, pad_id, False, cfg.rollout.temperature,
+                        ScorePath.of(cfg.train))
     width = sc.logp.shape[1]
     old = ro.old_logp[rows, :width].to(device)                                         # (m·q·G, T)
     assert ro.advantages is not None, "a GRPO rollout carries advantages"

@@ -99,6 +99,12 @@ class PlanInputs:
     gradient_checkpointing: bool = False
     beta: float = 0.0
     temperature: float = 1.0
+    shared_prefix: bool = False
+    """``train.shared_prefix`` on/auto: a rollout method's prompt is forwarded once per group of
+    ``n`` rows (not under gradient checkpointing, where the shared path falls back)."""
+    chunked_logprobs: bool = False
+    """``train.chunked_logprobs: on``: the thought log-probs come from hidden states through
+    chunks of :data:`CHUNK_BYTES` of fp32 logits; only the last position's logits are held."""
     engine: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (cpu: hf; cuda: the larger of the two)."""
     prompts_per_batch: int = 16
@@ -206,15 +212,49 @@ def layer_bytes_per_token(inp: PlanInputs) -> float:
     return float(total)
 
 
+CHUNK_BYTES = 1 << 28
+"""fp32 logits of one chunk of positions under ``train.chunked_logprobs`` (as
+``btpo_cli/judging/lm_head.py``; repeated here to keep the planner torch-free)."""
+
+
 def head_bytes(inp: PlanInputs, rows: int, keep: int) -> float:
     """Peak of the loss head: logits over ``keep`` positions, their fp32 gather, log-sum-exp workspace.
 
-    ``rows × keep × V × (e_logits + 4 + 8 [+ 4 when T ≠ 1])``; 0 for a scalar head (docs/plan.md)."""
+    ``rows × keep × V × (e_logits + 4 + 8 [+ 4 when T ≠ 1])``; 0 for a scalar head (docs/plan.md).
+    With ``chunked_logprobs``: ``rows × V × (…)`` for the last position (p(Yes)) plus one chunk of
+    ``min(rows · (keep − 1), max(16, CHUNK_BYTES / 4V))`` positions × ``V × 12`` (fp32 logits,
+    their exp, the logits' gradient in the recomputing backward)."""
     if keep <= 0:
         return 0.0
     e_logits = 4 if inp.precision == "fp32" else 2
     per = e_logits + 4 + 8 + (4 if inp.temperature != 1.0 else 0)
-    return float(rows) * keep * inp.shape.vocab * per
+    v = inp.shape.vocab
+    if inp.chunked_logprobs:
+        chunk = min(rows * (keep - 1), max(16, CHUNK_BYTES // (4 * v)))
+        return float(rows) * v * per + float(chunk) * v * 12
+    return float(rows) * keep * v * per
+
+
+def shared_tokens(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[int, int, int] | None:
+    """(groups, prompt tokens, continuation tokens) of a micro-batch when ``shared_prefix`` applies."""
+    if not (inp.shared_prefix and geo.rollout and not checkpointing and geo.prompts_per_pair < geo.rows_per_pair):
+        return None
+    p = inp.prompt_tokens
+    return inp.micro_batch * geo.prompts_per_pair, p, geo.seq_len - p
+
+
+def _tokens_and_masks(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[int, float, float]:
+    """Tokens through the layers, the bool mask entries, and the expanded prefix K/V bytes (all layers)."""
+    rows = inp.micro_batch * geo.rows_per_pair
+    sh = shared_tokens(inp, geo, checkpointing)
+    if sh is None:
+        return rows * geo.seq_len, float(rows * geo.seq_len ** 2 if rows > 1 else 0), 0.0
+    groups, p, c = sh
+    e, _, _ = _dtypes(inp)
+    # the prefix forward's (G, 1, P, P) mask and the continuations' (R, 1, C, P + C); each row's copy
+    # of its prefix's keys and values (batch_select_indices), saved by SDPA in every layer
+    return (groups * p + rows * c, float(groups * p * p + rows * c * (p + c)),
+            float(inp.shape.layers * 2 * rows * p * inp.shape.kv_dim * e))
 
 
 def activations(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> dict[str, float]:
@@ -222,18 +262,17 @@ def activations(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> dict[str
     s = inp.shape
     e, r, cast = _dtypes(inp)
     rows = inp.micro_batch * geo.rows_per_pair
-    t = rows * geo.seq_len
+    t, mask_once, kv_rows = _tokens_and_masks(inp, geo, checkpointing)   # mask: bool (N, 1, T, T)
     per_layer = layer_bytes_per_token(inp) * t
     head = head_bytes(inp, rows, geo.keep)
     kept = rows * (geo.keep if geo.keep else geo.seq_len)
     final = (4 * s.hidden + r * s.hidden) * t + (2 * s.hidden * kept if cast else 0)
-    mask_once = rows * geo.seq_len ** 2 if rows > 1 else 0      # bool (N, 1, T, T)
-    mask_layer = e * rows * geo.seq_len ** 2 if rows > 1 else 0  # its float copy, saved by SDPA per layer
+    mask_layer = e * mask_once                                   # its float copy, saved by SDPA per layer
     if checkpointing:
         body = s.layers * r * s.hidden * t
         peak = body + final + max(head, per_layer + mask_layer) + mask_once
     else:
-        body = s.layers * (per_layer + mask_layer)
+        body = s.layers * (per_layer + mask_layer) + kv_rows
         peak = body + final + head + mask_once
     return {"body": float(body), "per_layer": float(per_layer), "head": float(head), "final": float(final),
             "masks": float(mask_once + (mask_layer if checkpointing else s.layers * mask_layer)),
@@ -347,10 +386,9 @@ def hf_engine(inp: PlanInputs, geo: Geometry, strategy: str) -> dict[str, float]
 def scoring_transient(inp: PlanInputs, geo: Geometry) -> float:
     """No-grad scoring of a micro-batch's rows: one layer's MLP intermediates + the loss head's logits."""
     rows = inp.micro_batch * geo.rows_per_pair
-    t = rows * geo.seq_len
+    t, mask_once, kv_rows = _tokens_and_masks(inp, geo, False)
     e, _, _ = _dtypes(inp)
-    mask = rows * geo.seq_len ** 2 * (1 + e) if rows > 1 else 0
-    return float(t * 3 * e * inp.shape.intermediate + head_bytes(inp, rows, geo.keep) + mask)
+    return float(t * 3 * e * inp.shape.intermediate + head_bytes(inp, rows, geo.keep) + mask_once * (1 + e) + kv_rows)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -486,6 +524,8 @@ def inputs_from_config(cfg: Any, *, gpus: int | None = None, nodes: int | None =
         n=cfg.rollout.n, rollout_batch=cfg.rollout.batch_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing, beta=own.get("beta", 0.0),
         temperature=cfg.rollout.temperature, engine=cfg.rollout.engine,
+        shared_prefix=getattr(cfg.train, "shared_prefix", "off") != "off",
+        chunked_logprobs=getattr(cfg.train, "chunked_logprobs", "off") == "on",
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, engine_sleep=cfg.rollout.sleep,
         ref_dtype_bytes=4.0 if cfg.model.dtype == "float32" else None, **lora_kw)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,7 +38,15 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judging.gpm import (
+    PLAIN,
+    ScorePath,
+    SeqBatch,
+    ThoughtSeq,
+    prefix_groups,
+    score_thoughts,
+    shared_prefix_blocker,
+)
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training.periodic_eval import TrainEval
@@ -151,6 +160,7 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
             roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
         # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
         model.train()
+        shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
         g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
         for epoch in range(plan.update_epochs):
             # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
@@ -161,7 +171,7 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
                     break
                 step += 1
                 t0 = time.perf_counter()
-                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local)))
+                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local), shared))
                 lr = sess.sched.get_last_lr()[0]
                 with timer.phase("update"):
                     sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
@@ -193,14 +203,23 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
     bar.close()
 
 
-def unit_sizes(ro: Any, n_units: int) -> Callable[[int], list[int]] | None:
+def unit_sizes(ro: Any, n_units: int, shared_prefix: str = "off") -> Callable[[int], list[int]] | None:
     """Token lengths of a local unit's rows, for token-sized micro-batches: a rollout's ``seqs``
-    (a :class:`~btpo_cli.judging.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit."""
+    (a :class:`~btpo_cli.judging.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit.
+
+    With ``shared_prefix`` on, a row of a group of ``g`` rows sharing a prefix of ``p`` tokens counts
+    its continuation plus ``ceil(p / g)``: the prompt is forwarded once per group, so rows × longest
+    stays close to the shared forward's tokens."""
     seqs = getattr(ro, "seqs", None)
     if seqs is None or n_units == 0:
         return None
     per = len(seqs) // n_units
     lengths = seqs.mask.sum(-1).tolist()
+    if shared_prefix != "off":
+        group = prefix_groups(seqs)
+        size = Counter(group)
+        clen = (seqs.n_thought + seqs.n_tail).tolist()
+        lengths = [c + -(-(ln - c) // size[g]) for ln, c, g in zip(lengths, clen, group, strict=True)]
     return lambda u: lengths[u * per:(u + 1) * per]
 
 
@@ -239,16 +258,17 @@ class Scored:
 
 @torch.no_grad()
 def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
-                  temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float, batch: int, path: ScorePath = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad :func:`~btpo_cli.judging.gpm.score_thoughts` in chunks of ``batch`` rows: thought
     log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
-    reads only the log-probs)."""
+    reads only the log-probs). ``path``: :class:`~btpo_cli.judging.gpm.ScorePath` (with a shared
+    prefix keep ``batch`` a multiple of the group size so that no group is split)."""
     n = len(seqs)
     logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
     yes = torch.zeros(n, dtype=torch.float32)
     for start in range(0, n, batch):
         rows = list(range(start, min(n, start + batch)))
-        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature)
+        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, path)
         logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
         yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
     return logp, yes
@@ -268,8 +288,9 @@ def sample_and_score(model: Any, ref: Any, engine: RolloutEngine, prompts: list[
         samples = engine.generate(prompts, cfg.rollout.n, params, seeds)                 # (prompts, n)
     seqs = SeqBatch.from_seqs([to_seq(i, s) for i, group in enumerate(samples) for s in group], ids[2])
     with timer.phase("score"):
-        old_logp, old_yes = score_chunked(model, seqs, *ids, normalize, cfg.rollout.temperature, batch)
-        ref_logp = score_chunked(ref, seqs, *ids, normalize, cfg.rollout.temperature, batch)[0] if ref else None
+        path = ScorePath.of(cfg.train)
+        old_logp, old_yes = score_chunked(model, seqs, *ids, normalize, cfg.rollout.temperature, batch, path)
+        ref_logp = score_chunked(ref, seqs, *ids, normalize, cfg.rollout.temperature, batch, path)[0] if ref else None
     return Scored(samples, seqs, old_logp, old_yes, ref_logp)
 
 

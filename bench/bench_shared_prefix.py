@@ -1,0 +1,164 @@
+"""Shared-prefix and chunked-logprob scoring against the plain path: one BTPO update phase.
+
+One update phase = forward + backward of :func:`~btpo_cli.judging.gpm.score_thoughts` over the
+``2 · pairs · K`` sequences of a rollout (prompt ``--prompt`` tokens, thoughts ``--thought``,
+tail ``--tail``), loss = Σ thought log-probs + Σ log p(Yes). Random-init weights of a shipped
+shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``torch.set_num_threads``
+(default 1).
+
+- time: the variants run in the same process, interleaved, ``--repeats`` times each (after one
+  untimed warm-up of the first); the median and its ratio to ``plain``.
+- memory: one subprocess per variant (``--one``) builds the model, resets the peak RSS
+  (``/proc/self/clear_refs`` ← 5), runs one update phase and reports ``VmHWM − VmRSS before``
+  (tracemalloc does not see torch's CPU allocations).
+- FLOP ratio: forward FLOPs of the shared path over the plain one (linear layers 2·params per
+  token, attention 4·layers·hidden·context per token, the LM head 2·hidden·vocab per kept position —
+  the same positions in both paths), what the time ratio would be if time followed FLOPs.
+
+    python bench/bench_shared_prefix.py --shape smollm2-135m --repeats 2
+    python bench/bench_shared_prefix.py --shape qwen2.5-0.5b --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts  # noqa: E402
+from btpo_cli.plan.shapes import known_shapes  # noqa: E402
+
+VARIANTS = {"plain": ScorePath(), "shared": ScorePath("on"), "chunked": ScorePath("off", True),
+            "shared+chunked": ScorePath("on", True)}
+
+
+def build_model(shape: str, layers: int | None) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = {k: v for k, v in json.loads(known_shapes()[shape].read_text()).items()
+            if not k.startswith("_") and k != "architectures"}
+    if layers:
+        conf["num_hidden_layers"] = layers
+        conf.pop("layer_types", None)
+    conf["attn_implementation"] = "sdpa"
+    cfg = AutoConfig.for_model(**conf)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.train()
+    return model
+
+
+def build_seqs(vocab: int, args: argparse.Namespace) -> SeqBatch:
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for _ in range(2 * args.pairs):
+        prefix = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
+        tail = torch.randint(10, vocab, (args.tail,), generator=g).tolist()
+        for _ in range(args.k):
+            th = torch.randint(10, vocab, (args.thought,), generator=g).tolist()
+            seqs.append(ThoughtSeq(prefix + th + tail, args.thought, args.tail))
+    return SeqBatch.from_seqs(seqs, 0)
+
+
+def update_phase(model: Any, seqs: SeqBatch, variant: str) -> None:
+    model.zero_grad(set_to_none=True)
+    sc = score_thoughts(model, seqs, 5, 6, 0, False, 1.0, VARIANTS[variant])
+    (sc.logp.sum() + sc.logp_yes.sum()).backward()
+
+
+def flop_ratio(model: Any, args: argparse.Namespace) -> float:
+    c = model.config
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    p, cont, rows = args.prompt, args.thought + args.tail, 2 * args.pairs * args.k
+
+    def attn(start: int, n: int) -> float:          # Σ context over n tokens starting at position start
+        return n * start + n * (n + 1) / 2
+
+    head = 2 * h * vocab * rows * (cont + 1)
+    plain = rows * (2 * body * (p + cont) + 4 * layers * h * attn(0, p + cont)) + head
+    groups = 2 * args.pairs
+    shared = groups * (2 * body * p + 4 * layers * h * attn(0, p)) \
+        + rows * (2 * body * cont + 4 * layers * h * attn(p, cont)) + head
+    return shared / plain
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def one(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = build_model(args.shape, args.layers)
+    seqs = build_seqs(model.config.vocab_size, args)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss_kib("VmRSS")
+    update_phase(model, seqs, args.one)
+    print(json.dumps({"variant": args.one, "peak_mib": (rss_kib("VmHWM") - before) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--thought", type=int, default=128)
+    ap.add_argument("--tail", type=int, default=24)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    model = build_model(args.shape, args.layers)
+    seqs = build_seqs(model.config.vocab_size, args)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    update_phase(model, seqs, variants[0])             # warm-up (untimed)
+    for _ in range(args.repeats):
+        for v in variants:
+            t0 = time.perf_counter()
+            update_phase(model, seqs, v)
+            times[v].append(time.perf_counter() - t0)
+            print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    peak: dict[str, float] = {}
+    if not args.no_memory:
+        for v in variants:
+            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, "--prompt", str(args.prompt),
+                   "--thought", str(args.thought), "--tail", str(args.tail), "--k", str(args.k), "--pairs",
+                   str(args.pairs), "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            peak[v] = json.loads(out)["peak_mib"]
+    res = {"shape": args.shape, "layers": model.config.num_hidden_layers, "prompt": args.prompt,
+           "thought": args.thought, "tail": args.tail, "k": args.k, "pairs": args.pairs, "repeats": args.repeats,
+           "threads": args.threads, "rows": len(seqs), "flop_ratio_shared": round(flop_ratio(model, args), 3),
+           "median_s": {v: round(t, 3) for v, t in med.items()},
+           "time_ratio": {v: round(med[v] / med["plain"], 3) for v in variants} if "plain" in med else {},
+           "peak_mib": {v: round(m, 1) for v, m in peak.items()},
+           "peak_ratio": {v: round(peak[v] / peak["plain"], 3) for v in peak} if "plain" in peak else {}}
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

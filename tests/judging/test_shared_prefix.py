@@ -1,0 +1,254 @@
+"""train.shared_prefix: one prefix forward + K continuations against its KV cache gives the plain
+path's loss and every parameter's gradient (fp32, within 1e-5), for BTPO's and GRPO's micro loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from btpo_cli.config import build_config
+from btpo_cli.errors import BtpoError, ConfigError
+from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.methods import btpo as btpo_method
+from btpo_cli.methods import grpo_common
+from btpo_cli.models.loading import load_causal_lm
+from btpo_cli.training.rollouts import Rollout, score_chunked, unit_sizes
+
+TOL = 1e-5
+
+
+def _cfg(name: str, method: str, k: int, shared: str, lora: bool = False, beta: float = 0.0):
+    sets = [f"model.name={name}", f"rollout.n={k}", f"train.shared_prefix={shared}", "rollout.temperature=0.8"]
+    if lora:
+        sets += ["model.lora.r=4", "model.lora.dropout=0.0"]
+    if method == "btpo":
+        sets += [f"btpo.beta={beta}"]
+    else:
+        sets += [f"grpo.beta={beta}"]
+    return build_config(flags={"method": method}, overrides=sets)
+
+
+def _model(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = load_causal_lm(cfg.model)
+    with torch.no_grad():                      # LoRA's B starts at 0: give the adapter a real gradient path
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def _groups(model, n_groups: int, k: int, seed: int, tail: int = 4) -> list[ThoughtSeq]:
+    """n_groups prefixes of different lengths, k thoughts each (some stop early; with a tail one is
+    empty)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 100
+    out = []
+    for i in range(n_groups):
+        prefix = torch.randint(5, vocab, (6 + 5 * i,), generator=g).tolist()
+        for j in range(k):
+            n_th = [7, 2, 5, 0 if tail else 1, 3][(i + j) % 5]
+            th = torch.randint(5, vocab, (n_th,), generator=g).tolist()
+            tl = torch.randint(5, vocab, (tail,), generator=g).tolist()
+            out.append(ThoughtSeq(prefix + th + tl, n_th, tail))
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _compare(run, model, shared_used: bool = True) -> tuple[float, float]:
+    """Run ``run(shared)`` → loss for off and on; max |Δloss|, max |Δgrad| over all parameters.
+    ``shared_used``: the "on" run must really take the shared-prefix path (not fall back)."""
+    import btpo_cli.judging.gpm as gpm
+
+    res, taken = {}, []
+    real = gpm._shared_forward
+
+    def spy(*a, **kw):
+        got = real(*a, **kw)
+        taken.append(not isinstance(got, str))
+        return got
+
+    gpm._shared_forward = spy
+    try:
+        for shared in ("off", "on"):
+            model.zero_grad(set_to_none=True)
+            loss = run(shared)
+            loss.backward()
+            res[shared] = (loss.detach(), _grads(model))
+    finally:
+        gpm._shared_forward = real
+    assert not shared_used or (taken and all(taken)), taken
+    (l0, g0), (l1, g1) = res["off"], res["on"]
+    assert g0.keys() == g1.keys() and g0
+    return float((l0 - l1).abs()), max(float((g0[n] - g1[n]).abs().max()) for n in g0)
+
+
+def _btpo_rollout(model, cfg, pairs: int, seed: int) -> tuple[Rollout, btpo_method.GPMTokens]:
+    k = cfg.rollout.n
+    seqs = SeqBatch.from_seqs(_groups(model, 2 * pairs, k, seed), 0)
+    judge = btpo_method.GPMTokens(None, 11, 12, 13, 0)
+    with torch.no_grad():
+        old, yes = score_chunked(model, seqs, 11, 12, 0, False, cfg.rollout.temperature, len(seqs))
+    g = torch.Generator().manual_seed(seed + 1)
+    old = old + 0.3 * torch.randn(old.shape, generator=g)           # ratios away from 1: some clip
+    ref = old + 0.1 * torch.randn(old.shape, generator=g)
+    return Rollout(seqs, old, ref, old_logp_yes=(yes + 0.2 * torch.randn(yes.shape, generator=g)).view(pairs, 2, k)), judge
+
+
+@pytest.mark.parametrize("name,k,lora", [("tiny-qwen2", 2, False), ("tiny-qwen2", 4, True),
+                                         ("tiny-llama", 3, False), ("tiny-llama", 2, True)])
+def test_btpo_micro_loss_shared_equals_plain(name: str, k: int, lora: bool) -> None:
+    cfg = _cfg(name, "btpo", k, "off", lora=lora, beta=0.05)
+    model = _model(cfg)
+    ro, judge = _btpo_rollout(model, cfg, pairs=2, seed=3)
+
+    def run(shared: str) -> torch.Tensor:
+        cfg.train.shared_prefix = shared
+        return btpo_method.micro_loss(model, ro, [1, 0], judge, cfg, "cpu")[0]
+
+    dl, dg = _compare(run, model)
+    assert dl <= TOL and dg <= TOL, (dl, dg)
+
+
+@pytest.mark.parametrize("name,g,lora", [("tiny-qwen2", 3, False), ("tiny-llama", 4, True)])
+def test_grpo_micro_loss_shared_equals_plain(name: str, g: int, lora: bool) -> None:
+    cfg = _cfg(name, "grpo-pair", g, "off", lora=lora, beta=0.05)
+    model = _model(cfg)
+    units, per_unit = 2, 2 * g                   # 2 queries per unit, G completions each
+    seqs = SeqBatch.from_seqs(_groups(model, units * 2, g, seed=5, tail=0), 0)
+    with torch.no_grad():
+        old, _ = score_chunked(model, seqs, 0, 0, 0, False, cfg.rollout.temperature, len(seqs))
+    gen = torch.Generator().manual_seed(9)
+    old = old + 0.3 * torch.randn(old.shape, generator=gen)
+    ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
+                 advantages=torch.randn(len(seqs), generator=gen))
+
+    def run(shared: str) -> torch.Tensor:
+        cfg.train.shared_prefix = shared
+        return grpo_common.micro_loss(model, ro, [0, 1], per_unit, 0, cfg, "cpu")[0]
+
+    dl, dg = _compare(run, model)
+    assert dl <= TOL and dg <= TOL, (dl, dg)
+
+
+def test_no_grad_scores_and_chunks_match() -> None:
+    """Old / reference log-probs (score_chunked, chunks that split a group) equal the plain ones."""
+    cfg = _cfg("tiny-qwen2", "btpo", 3, "off")
+    model = _model(cfg).eval()
+    seqs = SeqBatch.from_seqs(_groups(model, 4, 3, seed=7), 0)
+    a = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("off"))
+    b = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("on"))
+    assert all(float((x - y).abs().max()) <= TOL for x, y in zip(a, b, strict=True))
+
+
+def test_nothing_shared_falls_back_and_on_raises_where_it_cannot_apply() -> None:
+    cfg = _cfg("tiny-qwen2", "btpo", 1, "off")
+    model = _model(cfg).eval()
+    seqs = SeqBatch.from_seqs(_groups(model, 3, 1, seed=1), 0)   # K = 1: no two rows share a prefix
+    a = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("off"))
+    b = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("on"))
+    assert torch.equal(a.logp, b.logp) and torch.equal(a.logp_yes, b.logp_yes)
+    model.train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    seqs = SeqBatch.from_seqs(_groups(model, 2, 2, seed=1), 0)
+    with pytest.raises(BtpoError, match="gradient checkpointing"):
+        score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("on"))
+    auto = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("auto"))     # plain path, bitwise
+    off = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath("off"))
+    assert torch.equal(auto.logp, off.logp)
+
+
+def test_config_choices() -> None:
+    assert build_config().train.shared_prefix == "off"
+    with pytest.raises(ConfigError, match="train.shared_prefix"):
+        build_config(overrides=["train.shared_prefix=always"])
+
+
+def test_token_sizes_count_the_shared_prefix_once() -> None:
+    cfg = _cfg("tiny-qwen2", "btpo", 4, "off")
+    seqs = SeqBatch.from_seqs(_groups(None, 2, 4, seed=2), 0)     # 1 unit = 2 responses × K=4 rows
+
+    class Ro:
+        pass
+
+    ro = Ro()
+    ro.seqs = seqs
+    plain = unit_sizes(ro, 1)(0)
+    shared = unit_sizes(ro, 1, shared_prefix="on")(0)
+    assert len(plain) == len(shared) == 8
+    # rows × longest: plain pays the prompt K times, shared about once per group
+    plen = [6, 11]
+    clen = [int(x) for x in (seqs.n_thought + seqs.n_tail)]
+    assert plain == [plen[i // 4] + clen[i] for i in range(8)]
+    assert shared == [-(-plen[i // 4] // 4) + clen[i] for i in range(8)]
+    del cfg
+
+
+# ----------------------------------------------------------------------------- chunked log-probs
+
+def test_token_logprobs_equals_log_softmax_in_value_and_grad() -> None:
+    from btpo_cli.judging.lm_head import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    tok = torch.randint(0, 50, (37,), generator=g)
+    up = torch.randn(37, generator=g)
+    for temp in (1.0, 0.7):
+        ref = torch.log_softmax(h @ w.T / temp, -1).gather(-1, tok[:, None]).squeeze(-1)
+        gh, gw = torch.autograd.grad((ref * up).sum(), (h, w))
+        got = token_logprobs(h, w, tok, temp, rows=8)                  # 5 chunks, the last one short
+        ch, cw = torch.autograd.grad((got * up).sum(), (h, w))
+        assert float((got - ref).abs().max()) <= TOL
+        assert float((ch - gh).abs().max()) <= TOL and float((cw - gw).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("name,shared,lora", [("tiny-qwen2", "off", False), ("tiny-qwen2", "on", False),
+                                              ("tiny-llama", "off", True), ("tiny-llama", "on", False)])
+def test_btpo_micro_loss_chunked_equals_plain(name: str, shared: str, lora: bool) -> None:
+    """chunked_logprobs (alone and with shared_prefix) against the plain path; tiny-qwen2 ties
+    its LM head to the embeddings, tiny-llama does not."""
+    cfg = _cfg(name, "btpo", 3, "off", lora=lora, beta=0.05)
+    model = _model(cfg)
+    ro, judge = _btpo_rollout(model, cfg, pairs=2, seed=4)
+
+    def run(mode: str) -> torch.Tensor:
+        cfg.train.shared_prefix, cfg.train.chunked_logprobs = (shared, "on") if mode == "on" else ("off", "off")
+        return btpo_method.micro_loss(model, ro, [0, 1], judge, cfg, "cpu")[0]
+
+    dl, dg = _compare(run, model, shared_used=shared == "on")
+    assert dl <= TOL and dg <= TOL, (dl, dg)
+
+
+def test_btpo_eval_samples_shared_equals_plain() -> None:
+    """``btpo eval/score --samples K`` scores its K sampled thoughts per response with the shared path."""
+    import btpo_cli.judging.gpm as gpm
+    from btpo_cli.judging.judge import Item
+    from btpo_cli.methods.btpo import BTPOJudge
+    from btpo_cli.models.aliases import resolve_model
+
+    real, taken = gpm._shared_forward, []
+
+    def spy(*a, **kw):
+        got = real(*a, **kw)
+        taken.append(not isinstance(got, str))
+        return got
+
+    scores = {}
+    gpm._shared_forward = spy
+    try:
+        for sp in ("off", "on"):
+            cfg = build_config(flags={"method": "btpo"}, overrides=["eval.samples=3", "eval.max_new_tokens=6",
+                                                                   f"train.shared_prefix={sp}", "eval.batch_size=2"])
+            judge = BTPOJudge(resolve_model("tiny-qwen2"), cfg, torch.device("cpu"), {})
+            items = [Item([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1), "correct", (0, i, 0))
+                     for i in range(3)]
+            scores[sp] = [s.score for s in judge._score_chunk(items)]
+    finally:
+        gpm._shared_forward = real
+    assert taken and all(taken)
+    assert max(abs(a - b) for a, b in zip(scores["off"], scores["on"], strict=True)) <= 1e-6
