@@ -113,13 +113,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--thought", type=int, default=128)
-    ap.add_argument("--tail", type=int, default=24)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--pairs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    sizes = {"prompt": 512, "thought": 128, "tail": 24, "k": 4, "pairs": 1, "repeats": 2, "threads": 1}
+    for name, default in sizes.items():          # the paper's shape, one pair, one thread
+        ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
