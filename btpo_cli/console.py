@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,11 +57,48 @@ def print_error(text: str) -> None:
     console.print(f"[red]error:[/] {escape(' '.join(text.splitlines()))}", highlight=False, soft_wrap=True)
 
 
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",            # transformers' load reports, deprecation notes
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "ACCELERATE_LOG_LEVEL": "ERROR",              # accelerate's "[RANK 0] Removed shared tensor ..." on tied saves
+    "VLLM_LOGGING_LEVEL": "ERROR",                # vLLM's INFO/WARNING chatter (RotaryEmbedding weights, ...)
+    "VLLM_CONFIGURE_LOGGING": "1",
+    "DS_LOG_LEVEL": "error",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",               # c10d / NCCL / NUMA notices from torch's C++ side
+    "NCCL_DEBUG": "WARN",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+}
+"""Set (where the user has not) by :func:`quiet_third_party`; inherited by every process the CLI
+spawns (``accelerate launch`` ranks, vLLM workers), so one place quiets them all."""
+
+QUIET_LOGGERS = ("transformers", "accelerate", "vllm", "torch.distributed", "torch._dynamo", "torch._inductor",
+                 "DeepSpeed", "deepspeed", "peft", "datasets", "huggingface_hub", "urllib3", "filelock")
+
+
+def quiet_third_party() -> None:
+    """Hide third-party warnings and logs that are not actionable (vLLM, transformers, accelerate,
+    torch.distributed, DeepSpeed; Python ``FutureWarning`` / ``DeprecationWarning`` / ``UserWarning``
+    from them) unless ``--verbose`` / ``BTPO_VERBOSE=1``. Torch-free: only environment variables,
+    ``warnings`` filters and ``logging`` levels, set before the libraries are imported. btpo's own
+    warnings (``btpo_cli.*``) stay visible."""
+    if verbose():
+        return
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("default", category=UserWarning, module=r"btpo_cli(\..*)?$")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quiet_transformers() -> None:
     """Keep transformers' load reports and per-file progress bars out of our progress display."""
     import transformers  # heavy: only callers that are about to load a model pay for it
 
-    transformers.logging.set_verbosity_error()
+    quiet_third_party()
+    if not verbose():
+        transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 

@@ -38,7 +38,8 @@ Optional on every line: "aspect", "id" (copied to the output).
 
 def score(
     input_path: str = typer.Argument("-", metavar="INPUT", help="JSONL file, or - for stdin."),
-    judge_path: Path = typer.Option(..., "--judge", "-j", help="Run folder or its final/ (a trained judge)."),
+    judge_path: Path = typer.Option(..., "--judge", "--checkpoint", "-j", "-c",
+                                     help="Run folder or its final/ (a trained judge); --checkpoint is the same flag, as in `btpo eval`."),
     thoughts: bool = typer.Option(False, "--thoughts", help="Include the thoughts / rationales the judge wrote."),
     detail: bool = typer.Option(False, "--detail", help="Include per-response details (thought length, Yes+No mass, …)."),
     aspect: str | None = typer.Option(None, "--aspect", help="Aspect for lines without one (default: the judge's)."),
