@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def test_compare_in_a_pipe(tmp_path: Path) -> None:
 def test_eval_formats_in_a_pipe(trained_judge, synthetic_data: Path) -> None:
     run = trained_judge("bt")
     base = ["eval", "--checkpoint", str(run), "--limit", "4"]
-    js = json.loads(run_btpo(*base, "--format", "json", env=PIPE).stdout)
+    p = run_btpo(*base, "--format", "json", env={**PIPE, "BTPO_LOG_EVERY": "1"})
+    js = json.loads(p.stdout)
+    assert re.search(r"^\[btpo\] eval bt on synthetic/test: pair 4/4 \(100%\)", p.stderr, re.M), p.stderr
     assert json.loads(run_btpo(*base, "--json", env=PIPE).stdout)["accuracy"] == js["accuracy"]   # the alias
     (row,) = tsv(run_btpo(*base, "--format", "tsv", env=PIPE).stdout)
     assert row["method"] == "bt" and float(row["accuracy"]) == js["accuracy"] and int(row["n"]) == js["n"]
