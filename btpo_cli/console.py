@@ -85,6 +85,8 @@ def quiet_third_party() -> None:
         return
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    if not sys.stderr.isatty():        # third-party tqdm bars in a log: one line per refresh, no use
+        os.environ.setdefault("TQDM_DISABLE", "1")
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("default", category=UserWarning, module=r"btpo_cli(\..*)?$")
