@@ -39,7 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from btpo_cli.console import quiet_third_party  # noqa: E402
 from btpo_cli.engines import EngineSpec, SamplingParams, build_engine, request_seed  # noqa: E402
+
+quiet_third_party()     # as the CLI: vLLM's warnings (its chat-template warmup traceback) unless BTPO_VERBOSE=1
 
 
 def qwen05_config(layers: int) -> Any:

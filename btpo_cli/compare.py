@@ -343,9 +343,9 @@ def format_skips(rows: list[dict[str, Any]], fmt: str) -> Any:
     if fmt == "json":
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     cells = skips_rows(rows)
-    if fmt == "csv":
+    if fmt in ("csv", "tsv"):
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        w = csv.writer(buf, lineterminator="\n", delimiter="\t" if fmt == "tsv" else ",")
         w.writerow(SKIP_COLUMNS)
         w.writerows(cells)
         return buf.getvalue()
@@ -584,12 +584,12 @@ def csv_columns(datasets: list[str]) -> list[str]:
             + ["avg", "avg_raw", "avg_best", "avg_delta_bt", "settings_differ"])
 
 
-def to_csv(t: Table | Collected) -> str:
+def to_csv(t: Table | Collected, delimiter: str = ",") -> str:
     """One line per (model, method); ``<ds>`` is the shown figure (mean over runs), ``<ds>_n`` test pairs,
-    ``<ds>_runs`` runs aggregated, ``run`` the run folder names joined by ``;``."""
+    ``<ds>_runs`` runs aggregated, ``run`` the run folder names joined by ``;`` (``delimiter="\\t"``: TSV)."""
     t = _as_table(t)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=csv_columns(t.datasets), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=csv_columns(t.datasets), lineterminator="\n", delimiter=delimiter)
     w.writeheader()
     for r in t.rows:
         rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": ";".join(x.name for x in r.runs),

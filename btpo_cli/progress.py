@@ -5,6 +5,7 @@ Torch-free, so that the CLI can check the flag before anything heavy is imported
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,24 +38,38 @@ class ProgressEvery:
         raise ValueError(f"--log-every {text!r}: expected a number of steps (50) or of seconds (30s)")
 
 
-EVERY = ProgressEvery()
-"""Set by :func:`btpo_cli.training.launch.launch` from ``--log-every``."""
+def _env_every() -> ProgressEvery:
+    try:
+        return ProgressEvery.parse(os.environ.get("BTPO_LOG_EVERY"))
+    except ValueError:
+        return ProgressEvery()
 
 
-class TrainProgress:
-    """Progress of a training loop on the main process; silent elsewhere.
+EVERY = _env_every()
+"""How often plain progress lines are written: ``BTPO_LOG_EVERY`` (``50`` or ``30s``; default 30 s), set by
+:func:`btpo_cli.training.launch.launch` from ``--log-every`` (and exported, so that every phase of the run and
+the processes it spawns keep the cadence)."""
 
-    On a terminal: a rich bar with loss and ETA. Otherwise (a log file, nohup, Slurm, ``| tee``):
-    one plain line every :data:`btpo_cli.progress.EVERY` steps or seconds, plus the first and the last step —
+
+class PhaseProgress:
+    """Progress of one long phase (training, pre-training the tiny thinker, converting a base model,
+    sampling / judging a dataset, eval, score) on the main process; silent elsewhere.
+
+    On a terminal: a rich bar with ETA and an info column. Otherwise (a log file, nohup, Slurm, ``| tee``):
+    one plain line every :data:`btpo_cli.progress.EVERY` units or seconds, plus the first and the last —
     ``[btpo] bt run: step 40/200 (20%) loss 0.6931 acc 0.50 | 1.25 steps/s | elapsed 0:00:32 | eta 0:02:08``
-    — written and flushed at once (rich holds a non-terminal bar back until it stops)."""
+    — written and flushed at once (rich holds a non-terminal bar back until it stops). ``total=None``:
+    a count with no percentage or ETA (``btpo score`` on stdin)."""
 
-    def __init__(self, total: int, start: int, description: str, enabled: bool):
-        self.enabled, self.total, self.start, self.description = enabled, total, start, description
+    def __init__(self, total: int | None, description: str, *, start: int = 0, unit: str = "step",
+                 enabled: bool = True):
+        self.enabled, self.total, self.start, self.description, self.unit = enabled, total, start, description, unit
         self.plain = not console.is_terminal
         self.t0 = self.last_t = time.perf_counter()
-        self.last_step = start
+        self.last_step = self.done = start
         self.printed = start
+        self.first = True
+        self.last_info = ""
         if not enabled or self.plain:
             return
         from rich.progress import (  # rich's progress module is imported only for a terminal
@@ -73,38 +88,62 @@ class TrainProgress:
         self.progress.start()
         register_live(self.progress)
 
+    def __enter__(self) -> PhaseProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def line(self, step: int, info: str) -> str:
         elapsed = time.perf_counter() - self.t0
         rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        pct = 100 * step / max(1, self.total)
-        return (f"[btpo] {self.description}: step {step}/{self.total} ({pct:.0f}%) {info} | {rate:.3g} steps/s | "
-                f"elapsed {hms(elapsed)} | eta {'?' if math.isnan(eta) else hms(eta)}")
+        if self.total is None:
+            where, eta = f"{self.unit} {step}", ""
+        else:
+            left = (self.total - step) / rate if rate > 0 else float("nan")
+            where = f"{self.unit} {step}/{self.total} ({100 * step / max(1, self.total):.0f}%)"
+            eta = f" | eta {'?' if math.isnan(left) else hms(left)}"
+        return (f"[btpo] {self.description}: {where}{' ' + info if info else ''} | {rate:.3g} {self.unit}s/s | "
+                f"elapsed {hms(elapsed)}{eta}")
 
-    def update(self, step: int, info: str) -> None:
+    def update(self, step: int, info: str = "", total: int | None = None) -> None:
         if not self.enabled:
             return
-        self.last_step, self.last_info = step, info
+        if total is not None:
+            self.total = total
+        self.last_step = self.done = step
+        self.last_info = info
         if not self.plain:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=step, info=info, total=self.total)
             return
         now = time.perf_counter()
         every = EVERY
         due = (step - self.printed >= every.steps) if every.steps else (now - self.last_t >= every.seconds)
-        if due or self.printed == self.start or step >= self.total:
+        if due or self.first or (self.total is not None and step >= self.total and step > self.printed):
             sys.stderr.write(self.line(step, info) + "\n")
             sys.stderr.flush()
-            self.printed, self.last_t = step, now
+            self.printed, self.last_t, self.first = step, now, False
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.update(self.done + n, info)
 
     def close(self) -> None:
         if not self.enabled:
             return
+        self.enabled = False
         if not self.plain:
             self.progress.stop()
             unregister_live(self.progress)
         elif self.last_step > self.printed:
-            sys.stderr.write(self.line(self.last_step, getattr(self, "last_info", "")) + "\n")
+            sys.stderr.write(self.line(self.last_step, self.last_info) + "\n")
             sys.stderr.flush()
+
+
+class TrainProgress(PhaseProgress):
+    """A training loop's :class:`PhaseProgress` (optimizer steps from ``start`` to ``total``)."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        super().__init__(total, description, start=start, unit="step", enabled=enabled)
 
 
 def hms(seconds: float) -> str:

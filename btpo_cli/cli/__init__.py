@@ -1,7 +1,7 @@
 """The ``btpo`` command: one thin module per subcommand, each calling into the library.
 
-Exit codes: 0 success; 1 runtime error (one line naming the file / record / field, no traceback
-unless ``--debug``); 2 bad usage; 130 interrupted.
+Exit codes (:data:`EPILOG`, docs/cli.md): 0 success; 1 runtime error (one line naming the file / record /
+field, no traceback unless ``--debug``); 2 bad usage; 130 interrupted; ``btpo status`` adds 3, 4, 5.
 """
 
 from __future__ import annotations
@@ -17,10 +17,18 @@ import typer
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
-from btpo_cli.console import console, print_error, stop_live
+from btpo_cli.cli import status as status_cmd
+from btpo_cli.console import console, print_error, quiet_third_party, stop_live
 from btpo_cli.errors import BtpoError, FollowerError, UsageError
 
+EPILOG = ("[bold]Exit codes[/]: 0 done · 1 a named error (one line, no traceback unless --debug) · 2 bad usage · "
+          "130 interrupted (Ctrl-C) · btpo status: 3 stopped, 4 running, 5 broken.\n\n"
+          "[bold]Output[/]: results on stdout, progress and notes on stderr; every table takes "
+          "--format table|json|tsv and is written whole when stdout is not a terminal. "
+          "Third-party warnings are hidden unless --verbose (or BTPO_VERBOSE=1).")
+
 app = typer.Typer(
+    epilog=EPILOG,
     name="btpo",
     help="Train generative preference models (LLM judges that think before they score) with "
          "Bradley-Terry Policy Optimization and its baselines.\n\n"
@@ -43,9 +51,14 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show third-party warnings and logs (vLLM, "
+                                 "transformers, torch, ...); also BTPO_VERBOSE=1."),
 ) -> None:
     if debug:
         os.environ["BTPO_DEBUG"] = "1"
+    if verbose:
+        os.environ["BTPO_VERBOSE"] = "1"
+    quiet_third_party()
 
 
 app.add_typer(build_data.app, name="build-data")
@@ -57,6 +70,7 @@ app.command("compare", help=compare.HELP, epilog=compare.EPILOG)(compare.compare
 app.command("plan", help=plan.HELP, epilog=plan.EPILOG)(plan.plan)
 app.add_typer(recipes.app, name="recipes")
 app.command("models", help=models.HELP)(models.models)
+app.command("status", help=status_cmd.HELP, epilog=status_cmd.EPILOG)(status_cmd.status)
 app.command("demo", help=demo.HELP, epilog=demo.EPILOG)(demo.demo)
 app.command("base-model", help=base_model.HELP, epilog=base_model.EPILOG)(base_model.base_model)
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.text import Text
 
 from btpo_cli.console import console, out
 from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from btpo_cli.progress import PhaseProgress
 from data_builders.hh import HH_SUBSETS, build_hh
 from data_builders.importer import import_pairs
 from data_builders.sources import BUILDER_SOURCES, parse_source_args
@@ -63,36 +63,31 @@ def _finish(manifest: dict, folder: Path, dry_run: bool) -> None:
 
 
 class _Bars:
-    """A progress callback: ``progress(label, done[, total])`` → one rich bar per label, with rate and ETA."""
+    """A progress callback: ``progress(label, done[, total])`` → one :class:`PhaseProgress` per label (a bar
+    on a terminal, ``[btpo] <label>: row 40/200 …`` lines in a log); the previous label's ends when a new one starts."""
 
-    def __init__(self, bar) -> None:
-        self.bar, self.tasks = bar, {}
+    def __init__(self, unit: str) -> None:
+        self.unit, self.phases = unit.rstrip("s") or "row", {}
 
     def __call__(self, label: str, done: int, total: int | None = None) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.bar.add_task(label, total=total)
-        self.bar.update(self.tasks[label], completed=done, total=total)
+        if label not in self.phases or not self.phases[label].enabled:
+            for p in self.phases.values():      # one live display at a time: the stages run one after another
+                p.close()
+            self.phases[label] = PhaseProgress(total, label, unit=self.unit)
+        self.phases[label].update(done, total=total)
+
+    def close(self) -> None:
+        for p in self.phases.values():
+            p.close()
 
 
 @contextmanager
 def _progress(unit: str = "rows") -> Iterator[_Bars]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )  # heavy: imported on use
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else "")
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
-        yield _Bars(bar)
+    bars = _Bars(unit)
+    try:
+        yield bars
+    finally:
+        bars.close()
 
 
 def _sources(items: list[str] | None, builder: str) -> dict[str, str]:

@@ -19,8 +19,10 @@ from btpo_cli.compare import (
     to_rich,
 )
 from btpo_cli.compare import plot as make_plot
-from btpo_cli.console import console, out
+from btpo_cli.console import FORMATS, check_format, console, out, write_text
 from btpo_cli.errors import BtpoError
+
+COMPARE_FORMATS = (*FORMATS, "markdown", "csv")
 
 HELP = """Compare evaluated runs: rows = backbone × method, columns = datasets + avg.
 
@@ -52,14 +54,13 @@ EPILOG = """[bold]Examples[/]
 
 def compare(
     runs: list[Path] = typer.Argument(..., help="Run folders (each with eval/*.json), or folders of run folders."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | json."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv | markdown | csv."),
     show: str = typer.Option("clipped", "--show", help="clipped (default, raw in brackets when clipped) | raw | "
                              "skips (the skipped-record reports instead of accuracies)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
                                      "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
 ) -> None:
-    if fmt not in ("table", "markdown", "csv", "json"):
-        raise typer.BadParameter(f"--format {fmt!r}: expected table, markdown, csv or json")
+    check_format(fmt, COMPARE_FORMATS)
     if show not in ("clipped", "raw", "skips"):
         raise typer.BadParameter(f"--show {show!r}: expected clipped, raw or skips")
     if show == "skips":
@@ -71,12 +72,12 @@ def compare(
                         + (f"; not evaluated: {', '.join(c.missing_eval)}" if c.missing_eval else "")
                         + (f"; skipped: {'; '.join(c.skipped)}" if c.skipped else ""))
     t = build_table(c, show)
-    if fmt == "csv":
-        out.print(to_csv(t), end="", markup=False, highlight=False, soft_wrap=True)
+    if fmt in ("csv", "tsv"):
+        write_text(to_csv(t, delimiter="\t" if fmt == "tsv" else ","))
     elif fmt == "markdown":
-        out.print(to_markdown(t), end="", markup=False, highlight=False, soft_wrap=True)
+        write_text(to_markdown(t))
     elif fmt == "json":
-        out.print(to_json(t), end="", markup=False, highlight=False, soft_wrap=True)
+        write_text(to_json(t))
     else:
         out.print(to_rich(t))
         for line in legend(t)[1:]:
@@ -96,7 +97,7 @@ def _show_skips(runs: list[Path], fmt: str) -> None:
     rows, problems = collect_skips(runs)
     shown = format_skips(rows, fmt)
     if isinstance(shown, str):
-        out.print(shown, end="", markup=False, highlight=False, soft_wrap=True)
+        write_text(shown)
     else:
         out.print(shown)
     for m in problems:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from btpo_cli.console import console
+from btpo_cli.console import check_format, console, to_tsv, write_json, write_text
+
+TSV_COLUMNS = ("run", "method", "model", "dataset", "split", "n", "accuracy", "raw_accuracy", "tie_rate",
+               "format_error_rate")
+"""``--format tsv``: the summary's scalar keys (fractions, not percent; docs/cli.md)."""
 
 HELP = ("Evaluate a trained run (--checkpoint), or any model as it is (--model, --method): order-swapped / "
         "pointwise accuracy, clipped at 50%.")
@@ -29,7 +31,7 @@ EPILOG = """[bold]Examples[/]
   btpo eval --model smollm2-135m --method btpo --benchmark rewardbench     # the Hub's allenai/reward-bench
 
 Writes runs/<run>/eval/<dataset>.json and <dataset>.predictions.jsonl and prints their paths on
-stdout, one per line (--json: the summary instead); the table goes to stderr.
+stdout, one per line (--format json: the summary instead, --format tsv: one row); the table goes to stderr.
 
 --model evaluates a model as it is (an untrained base as a BTPO/GRPO/GRAM judge, an off-the-shelf
 reward model as BT, a folder trained elsewhere) by the same protocol and judge code: the eval JSON
@@ -69,10 +71,15 @@ def evaluate(
                                       "vllm (default: the run's rollout.engine)."),
     benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Judge this benchmark instead of a split: "
                                          "rewardbench, rewardbench2, rmbench, judgebench, rmb (--data: its files)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the eval summary as JSON on stdout (not the paths)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table (the table on stderr, the eval JSON paths on "
+                            "stdout) | json (the summary on stdout) | tsv (one header line + one row on stdout)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json (kept for scripts)."),
 ) -> None:
     from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run  # heavy: imported on use
 
+    check_format(fmt)
+    if as_json:
+        fmt = "json"
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give either --checkpoint RUN or --model NAME (with --method and --data)")
     if model is not None and which != "final":
@@ -94,12 +101,12 @@ def evaluate(
         _print_benchmark(s)
     else:
         _print_protocol(s)
-    if as_json:
-        sys.stdout.write(json.dumps(s, indent=2, ensure_ascii=False) + "\n")
+    if fmt == "json":
+        write_json(s)
+    elif fmt == "tsv":
+        write_text(to_tsv(TSV_COLUMNS, [[s.get(k) for k in TSV_COLUMNS]]))
     else:
-        for path in eval_paths(folder, s):
-            sys.stdout.write(f"{path}\n")
-    sys.stdout.flush()
+        write_text("".join(f"{path}\n" for path in eval_paths(folder, s)))
 
 
 def _pct(x: object) -> str:

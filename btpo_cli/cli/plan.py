@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from btpo_cli.config import build_config
-from btpo_cli.console import out
+from btpo_cli.console import check_format, out, to_tsv, write_text
 from btpo_cli.errors import BtpoError
 from btpo_cli.plan.estimate import PRECISIONS, STRATEGIES, GiB, geometry, inputs_from_config, plan_all
 
@@ -54,10 +54,9 @@ def plan(
     load_in_4bit: bool | None = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help="QLoRA: 4-bit base."),
     tail_tokens: int | None = typer.Option(None, "--tail-tokens", min=0, help="BTPO's GPM tail after the thought "
                                            "(default 40)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | json."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv (component × strategy, GiB)."),
 ) -> None:
-    if fmt not in ("table", "json"):
-        raise BtpoError(f"--format: {fmt!r} is not one of table, json")
+    check_format(fmt)
     if device not in ("cuda", "cpu"):
         raise BtpoError(f"--device: {device!r} is not one of cuda, cpu")
     if precision is not None and precision not in PRECISIONS:
@@ -93,6 +92,9 @@ def plan(
     ests = plan_all(inp, chosen)
     if fmt == "json":
         out.print_json(json.dumps(plan_json(inp, ests, hw.strategy)))
+        return
+    if fmt == "tsv":
+        write_text(plan_tsv(inp, ests))
         return
     out.print(plan_table(inp, ests, hw.strategy))
     for line in plan_notes(inp, ests):
@@ -138,6 +140,25 @@ def plan_table(inp: Any, ests: list[Any], recipe_strategy: str | None = None) ->
     colors = {"fits": "green", "tight": "yellow", "no": "red", "?": "dim"}
     t.add_row("fits", *(f"[{colors[v]}]{v}[/]" for v in (e.verdict(inp.gpu_memory_gb) for e in ests)))
     return t
+
+
+def plan_tsv(inp: Any, ests: list[Any]) -> str:
+    """``--format tsv``: one line per component and phase total (GiB), one column per strategy, then the verdict."""
+    rows: list[list[Any]] = []
+    for row in ROWS:
+        vals = [e.update.get(row, 0.0) for e in ests]
+        if any(vals):
+            rows.append([row, *(round(v / GiB, 3) for v in vals)])
+    rows.append(["update phase", *(round(e.update_total / GiB, 3) for e in ests)])
+    if any(e.rollout for e in ests):
+        for row in ROLLOUT_ROWS:
+            vals = [e.rollout.get(row, 0.0) for e in ests]
+            if any(vals):
+                rows.append([row, *(round(v / GiB, 3) for v in vals)])
+        rows.append(["rollout phase", *(round(e.rollout_total / GiB, 3) for e in ests)])
+    rows.append(["peak", *(round(e.peak / GiB, 3) for e in ests)])
+    rows.append(["fits", *(e.verdict(inp.gpu_memory_gb) for e in ests)])
+    return to_tsv(["component", *(e.strategy for e in ests)], rows)
 
 
 def plan_notes(inp: Any, ests: list[Any]) -> list[str]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from btpo_cli.config import dump_yaml, find, recipes_dir, shipped
-from btpo_cli.console import console, out
+from btpo_cli.console import check_format, console, out, print_records
 from btpo_cli.errors import BtpoError
 from btpo_cli.recipes import check_fit, description, validate_recipe
 
@@ -17,17 +16,18 @@ app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo 
 
 
 @app.command("list", help="List shipped recipes.")
-def list_recipes(method: str | None = typer.Option(None, "--method", help="Only this method's recipes.")) -> None:
-    t = Table(title=f"recipes in {recipes_dir()}")
-    t.add_column("name")
-    t.add_column("description")
+def list_recipes(method: str | None = typer.Option(None, "--method", help="Only this method's recipes."),
+                 fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv.")) -> None:
+    check_format(fmt)
     root = recipes_dir()
+    records = []
     for p in shipped():
         name = str(p.relative_to(root).with_suffix(""))
         if method and not name.startswith(method + "/"):
             continue
-        t.add_row(name, description(p))
-    out.print(t)
+        records.append({"name": name, "description": description(p), "path": str(p)})
+    print_records(fmt, (("name", "name"), ("description", "description"), ("path", "path")), records,
+                  title=f"recipes in {root}")
 
 
 @app.command("show", help="Print a recipe resolved into the full config (every key).")

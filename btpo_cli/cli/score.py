@@ -12,6 +12,7 @@ from btpo_cli.console import console
 from btpo_cli.data.pairs import open_text
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import load_judge
+from btpo_cli.progress import PhaseProgress
 from btpo_cli.serving.scoring import score_lines
 
 HELP = "Score responses with a trained judge: JSONL in, JSONL out (scores, thoughts, best of N, pair accuracy)."
@@ -38,7 +39,8 @@ Optional on every line: "aspect", "id" (copied to the output).
 
 def score(
     input_path: str = typer.Argument("-", metavar="INPUT", help="JSONL file, or - for stdin."),
-    judge_path: Path = typer.Option(..., "--judge", "-j", help="Run folder or its final/ (a trained judge)."),
+    judge_path: Path = typer.Option(..., "--judge", "--checkpoint", "-j", "-c",
+                                     help="Run folder or its final/ (a trained judge); --checkpoint is the same flag, as in `btpo eval`."),
     thoughts: bool = typer.Option(False, "--thoughts", help="Include the thoughts / rationales the judge wrote."),
     detail: bool = typer.Option(False, "--detail", help="Include per-response details (thought length, Yes+No mass, …)."),
     aspect: str | None = typer.Option(None, "--aspect", help="Aspect for lines without one (default: the judge's)."),
@@ -66,21 +68,11 @@ def score(
         if not quiet and skipped_shown <= 20:
             console.print(f"[yellow]skipped[/] {msg}", highlight=False, markup=True, soft_wrap=True)
 
-    from rich.progress import (  # heavy: imported on use
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     stream = sys.stdin if input_path == "-" else open_text(Path(input_path))
     try:
-        with Progress(SpinnerColumn(), TextColumn(f"[bold]score[/] {source} with {judge.method}"),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=quiet) as bar:
-            task = bar.add_task("score", total=None)
+        with PhaseProgress(None, f"score {source} with {judge.method}", unit="line", enabled=not quiet) as bar:
             summary = score_lines(judge, stream, source, sys.stdout, thoughts=thoughts, detail=detail, strict=strict,
-                                  limit=limit, warn=warn, progress=lambda n: bar.advance(task, n))
+                                  limit=limit, warn=warn, progress=bar.advance)
     except BrokenPipeError:                 # `btpo score … | head`: the reader left; not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

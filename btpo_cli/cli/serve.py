@@ -30,7 +30,8 @@ request needs `Authorization: Bearer <token>`.
 
 
 def serve(
-    judge_path: Path = typer.Option(..., "--judge", "-j", help="Run folder or its final/ (a trained judge)."),
+    judge_path: Path = typer.Option(..., "--judge", "--checkpoint", "-j", "-c",
+                                     help="Run folder or its final/ (a trained judge); --checkpoint is the same flag, as in `btpo eval`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free port; see --port-file)."),
     port_file: Path | None = typer.Option(None, "--port-file", help="Write the bound port here once listening."),

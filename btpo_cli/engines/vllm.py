@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from btpo_cli.console import verbose
 from btpo_cli.engines.base import Sample, SamplingParams, WeightStream, resolve_seeds, sample_seed
 from btpo_cli.errors import BtpoError
 
@@ -231,7 +232,7 @@ class VLLMEngine:
                 enable_prefix_caching=spec.enable_prefix_caching,
                 enable_sleep_mode=bool(spec.enable_sleep_mode and on_gpu),
                 enforce_eager=not on_gpu, logprobs_mode="processed_logprobs",
-                generation_config="vllm", **kwargs)
+                generation_config="vllm", use_tqdm_on_load=verbose(), **kwargs)
         # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op; undo it
         torch.set_num_threads = set_threads
         if torch.get_num_threads() != n_threads:

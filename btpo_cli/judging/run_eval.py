@@ -26,6 +26,7 @@ from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result
 from btpo_cli.judging.run_benchmark import run_benchmark
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.models.aliases import resolve_model
+from btpo_cli.progress import PhaseProgress
 from btpo_cli.runs.final import model_dir_of, read_checkpoint, read_meta, record_eval
 from btpo_cli.runs.folder import Run
 from btpo_cli.training.accelerator import use_cpu
@@ -190,19 +191,10 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
     mine = records[shards.lo:shards.hi]
     artifacts = shards.artifact_dir(out_dir) / name
 
-    from rich.progress import (  # heavy: imported on use
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not shards.is_main) as bar:
-        task = bar.add_task(f"{root.name} on {name}/{split}", total=len(records))
+    with PhaseProgress(len(records), f"eval {root.name} on {name}/{split}", unit="pair",
+                       enabled=shards.is_main) as bar:
         results: list[PairResult] = impl.evaluate(cfg, model_dir, mine, dev,
-                                                  progress=lambda k: bar.advance(task, k * shards.world),
+                                                  progress=lambda k: bar.advance(k * shards.world),
                                                   artifacts=artifacts) if mine else []
     results = shards.gather(results, records, out_dir)
     summary = {

@@ -39,6 +39,7 @@ from typing import Any
 from btpo_cli.console import console, quiet_transformers
 from btpo_cli.data.pairs import sha256_file
 from btpo_cli.errors import BtpoError
+from btpo_cli.progress import PhaseProgress
 
 ALIAS = "smollm2-135m"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -147,13 +148,20 @@ def _require_gguf() -> None:
 
 
 def convert(src: GGUFSource, out_dir: Path) -> dict[str, Any]:
-    """Dequantize the GGUF into a plain float32 transformers folder ``out_dir``; return the provenance."""
+    """Dequantize the GGUF into a plain float32 transformers folder ``out_dir``; return the provenance
+    (a bar on a terminal, ``[btpo] converting …: stage i/3`` lines in a log)."""
+    quiet_transformers()
+    folder, name = str(src.path.parent), src.path.name
+    with PhaseProgress(3, f"converting {ALIAS} from {src.path.name}", unit="stage") as bar:
+        bar.update(0, "reading the GGUF")
+        return _convert(src, out_dir, folder, name, bar)
+
+
+def _convert(src: GGUFSource, out_dir: Path, folder: str, name: str, bar: PhaseProgress) -> dict[str, Any]:
     import torch  # heavy: imported on use
     import transformers  # heavy: imported on use
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # heavy: imported on use
 
-    quiet_transformers()
-    folder, name = str(src.path.parent), src.path.name
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -162,6 +170,7 @@ def convert(src: GGUFSource, out_dir: Path) -> dict[str, Any]:
         raise BtpoError(f"{ALIAS}: could not read {src.path}: {first}") from e
     # Rebuild from a config without the GGUF quantization config, so that the saved folder is a
     # plain checkpoint (a model loaded with gguf_file= carries quantization_config=gguf).
+    bar.update(1, "dequantized; rebuilding a float32 model")
     config = copy.deepcopy(quantized.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -180,6 +189,7 @@ def convert(src: GGUFSource, out_dir: Path) -> dict[str, Any]:
                                                pad_token_id=tok.pad_token_id)
     tok.model_max_length = int(config.max_position_embeddings)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bar.update(2, "saving")
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     if "quantization_config" in json.loads((out_dir / "config.json").read_text(encoding="utf-8")):
@@ -200,6 +210,7 @@ def convert(src: GGUFSource, out_dir: Path) -> dict[str, Any]:
                  "norms F32), dequantized; not bit-identical to the Hub weights."),
     }
     (out_dir / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    bar.update(3, "done")
     return info
 
 

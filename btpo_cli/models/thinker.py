@@ -62,7 +62,6 @@ from typing import Any
 
 import torch
 
-from btpo_cli.console import console
 from btpo_cli.data.pairs import sha256_file
 from btpo_cli.data.synthetic import (
     ASPECT,
@@ -77,6 +76,7 @@ from btpo_cli.data.synthetic import (
 )
 from btpo_cli.judging.templates import answer_token_id, encode_gpm, encode_text, end_of_turn_id
 from btpo_cli.models.inputs import with_pad_token
+from btpo_cli.progress import PhaseProgress
 
 VERSION = 6
 """v6: 3 heads of 32 (v5: 4 of 24), own weight init, single-thread deterministic build, hashes in the metadata."""
@@ -355,16 +355,6 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
 
 
 def _build_with_progress(out: Path, spec: ThinkerSpec) -> None:
-    from rich.progress import (  # heavy: imported on use
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("[bold]pre-training tiny-thinker"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console) as bar:
-        task = bar.add_task("", total=spec.steps, info="")
-        build_thinker(out, spec, lambda s, n, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
+    """Pre-train with a bar on a terminal, ``[btpo] pre-training tiny-thinker: step …`` lines in a log."""
+    with PhaseProgress(spec.steps, "pre-training tiny-thinker") as bar:
+        build_thinker(out, spec, lambda s, n, loss: bar.update(s, f"loss {loss:.3f}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every
     On the way out — finished, failed or interrupted — the trackers are ended and the lock
     released. Prints the run folder on stdout when done."""
     from accelerate import PartialState  # heavy: imported on use
-    progress_settings.EVERY = progress_settings.ProgressEvery.parse(log_every)
+    if log_every is not None:        # exported: eval and the spawned processes keep the cadence
+        progress_settings.EVERY = progress_settings.ProgressEvery.parse(log_every)
+        os.environ["BTPO_LOG_EVERY"] = str(log_every)
     cfg.name = cfg.name or Path(cfg.out).name
     impl = get_method(cfg.method)
     check_tracker(cfg.train.report_to)
