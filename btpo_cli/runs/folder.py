@@ -129,23 +129,10 @@ class Run:
     def __init__(self, root: str | Path, is_main: bool = True):
         self.root = Path(root)
         self.is_main = is_main
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def final_dir(self) -> Path:
-        return self.root / "final"
-
-    @property
-    def best_dir(self) -> Path:
-        """The model of the best evaluation during training (``train.eval_every``)."""
-        return self.root / "best"
+        self.metrics_path = self.root / "metrics.jsonl"
+        self.ckpt_root = self.root / "checkpoints"
+        self.final_dir = self.root / "final"
+        self.best_dir = self.root / "best"          # the model of the best eval during training (train.eval_every)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

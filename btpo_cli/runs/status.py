@@ -37,13 +37,17 @@ class RunStatus:
 
     run: str
     state: str
+    """``finished``, ``stopped``, ``running`` or ``broken`` (the exit code follows it)."""
     reason: str
+    """One line: why the run is in that state."""
     method: str | None = None
     model: str | None = None
     step: int | None = None
+    """The last complete checkpoint's optimizer step (a stopped run resumes from it)."""
     checkpoint: str | None = None
     final: str | None = None
     holder: dict[str, Any] | None = None
+    """Who holds ``RUN/.lock`` (pid, host, since) while the run is running."""
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
