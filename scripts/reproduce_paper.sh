@@ -119,7 +119,7 @@ for ds in $DATASETS; do
     if [ "$QUICK" = 1 ]; then
       # shellcheck disable=SC2046
       fresh=(train --recipe "$m/tiny-qwen2-synthetic" --data "$OUT/data/$ds" --out "$run" --max-steps 2
-             --set optim.lr=1e-3 --set optim.warmup_ratio=0 $(quick_args "$m"))
+             --set optim.lr=1e-3 --set optim.warmup_ratio=0 --set train.save_every=1 $(quick_args "$m"))
     else
       fresh=(train --recipe "recipes/$m/$BACKBONE-$ds.yaml" --data "$OUT/data/$ds" --out "$run")
     fi
@@ -145,7 +145,7 @@ for ds in $DATASETS; do
         fi ;;
       new) step "train-$m-$ds" "${LAUNCH[@]}" "${fresh[@]}" ;;
     esac
-    if [ "$DRY" = 0 ] && [ -f "$run/eval/$ds.json" ]; then skip "eval-$m-$ds"; continue; fi
+    if [ "$DRY" = 0 ] && compgen -G "$run/eval/*.json" >/dev/null; then skip "eval-$m-$ds"; continue; fi
     if [ "$QUICK" = 1 ]; then
       step "eval-$m-$ds" "${LAUNCH[@]}" eval --checkpoint "$run" --limit 8 --max-new-tokens 8
     else
