@@ -118,10 +118,10 @@ for ds in $DATASETS; do
     run="$OUT/runs/$m-$TAG-$ds"
     if [ "$QUICK" = 1 ]; then
       # shellcheck disable=SC2046
-      fresh=(train --recipe "$m/tiny-qwen2-synthetic" --data "$OUT/data/$ds" --out "$run" --max-steps 2
+      fresh=(train --method "$m" --recipe "$m/tiny-qwen2-synthetic" --data "$OUT/data/$ds" --out "$run" --max-steps 2
              --set optim.lr=1e-3 --set optim.warmup_ratio=0 --set train.save_every=1 $(quick_args "$m"))
     else
-      fresh=(train --recipe "recipes/$m/$BACKBONE-$ds.yaml" --data "$OUT/data/$ds" --out "$run")
+      fresh=(train --method "$m" --recipe "recipes/$m/$BACKBONE-$ds.yaml" --data "$OUT/data/$ds" --out "$run")
     fi
     state=new
     if [ "$DRY" = 0 ] && [ -e "$run" ]; then

@@ -32,7 +32,7 @@ def test_dry_run_lists_every_step_in_order(tmp_path: Path) -> None:
     for ds in ("hh", "if", "math"):
         assert any(f"build-data {ds} --out" in ln for ln in lines), ds
         for m in METHODS:
-            assert any(f"--recipe recipes/{m}/qwen2.5-7b-{ds}.yaml" in ln for ln in lines), (m, ds)
+            assert any(f"--method {m} --recipe recipes/{m}/qwen2.5-7b-{ds}.yaml" in ln for ln in lines), (m, ds)
     assert "compare" in lines[-1]
     first_train = next(i for i, ln in enumerate(lines) if " train " in ln)
     assert all("build-data" in ln for ln in lines[:first_train]) and first_train == 3
