@@ -488,4 +488,18 @@ def run_server(judge: Judge, sock: socket.socket, limits: Limits, token: str | N
 
     config = uvicorn.Config(create_app(judge, limits, token), log_config=None, access_log=access_log,
                             lifespan="on", timeout_graceful_shutdown=5)
+    _server_log("uvicorn.error")          # start-up and shutdown lines: what an operator watches for
+    if access_log:
+        _server_log("uvicorn.access")
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _server_log(name: str) -> None:
+    """uvicorn's own lines on stderr at INFO, whatever the third-party quieting did to the root logger."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler()          # stderr
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
