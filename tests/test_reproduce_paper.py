@@ -38,7 +38,7 @@ def test_dry_run_lists_every_step_in_order(tmp_path: Path) -> None:
     assert all("build-data" in ln for ln in lines[:first_train]) and first_train == 3
     assert sum(" eval --checkpoint " in ln for ln in lines) == 18
     gpus = reproduce("--dry-run", "--backbone", "llama3.1-8b", "--gpus", "8", "--methods", "btpo", "--datasets", "hh")
-    assert "accelerate launch --num_processes 8 -m btpo_cli train --recipe recipes/btpo/llama3.1-8b-hh.yaml" in gpus.stdout
+    assert "accelerate launch --num_processes 8 -m btpo_cli train --method btpo --recipe recipes/btpo/llama3.1-8b-hh.yaml" in gpus.stdout
     assert reproduce("--dry-run", "--backbone", "gpt-2").returncode == 2
 
 
