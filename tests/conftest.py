@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from btpo_cli.console import QUIET_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -71,10 +73,17 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 process, and a CLI child that inherits them believes it is one rank of a launched world (env://)."""
 
 
+LOG_ENV = (*QUIET_ENV, "TQDM_DISABLE", "VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL")
+"""Logging variables that btpo sets in its own process (``quiet_third_party``, the vLLM engine): in-process
+tests set them in this process, and a CLI child must see them as the user's environment had them."""
+USER_LOG_ENV = {k: os.environ[k] for k in LOG_ENV if k in os.environ}
+
+
 def run_btpo(*args: str, env: dict[str, str] | None = None, check: bool = True,
              cwd: Path | None = None, timeout: float | None = 600) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter, as a user would (``timeout=None``: CI's own limit applies)."""
-    e = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    e = {k: v for k, v in os.environ.items() if k not in DIST_ENV and k not in LOG_ENV}
+    e.update(USER_LOG_ENV)
     e["COLUMNS"] = "200"
     e.update(env or {})
     if not e["COLUMNS"]:       # env={"COLUMNS": ""}: no width given, as in a plain pipe
