@@ -294,12 +294,12 @@ def iter_raw_records(source: str | Path, split: str | None, skips: SkipLog) -> I
     """
     text = str(source)
     if text.startswith(("hub:", "hf:")):
-        yield from _iter_hub(text.split(":", 1)[1], split or "train")
+        yield from iter_hub(text.split(":", 1)[1], split or "train")
         return
     path = Path(text).expanduser()
     if probe(path) is None:
         if looks_like_hub_id(text):
-            yield from _iter_hub(text, split or "train")
+            yield from iter_hub(text, split or "train")
             return
         raise BtpoError(f"{source}: no such file or folder")
     if path.is_dir():
@@ -318,7 +318,7 @@ def iter_raw_records(source: str | Path, split: str | None, skips: SkipLog) -> I
     for num, obj in iter_file(path, skips):
         yield str(path), num, obj
 
-def _iter_hub(repo_id: str, split: str) -> Iterator[tuple[str, int, Any]]:
+def iter_hub(repo_id: str, split: str) -> Iterator[tuple[str, int, Any]]:
     import datasets  # heavy: imported on use
 
     try:

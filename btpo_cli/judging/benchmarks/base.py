@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from btpo_cli.data.files import looks_like_hub_id, probe
-from btpo_cli.data.pairs import RecordSkip, SkipLog, _iter_hub, iter_file, to_messages
+from btpo_cli.data.pairs import RecordSkip, SkipLog, iter_file, iter_hub, to_messages
 from btpo_cli.errors import BtpoError, DataError
 from btpo_cli.judging.judge import Item
 from btpo_cli.judging.protocol import order_bias
@@ -107,7 +107,7 @@ def _iter_source(source: str, bench: Benchmark, skips: SkipLog) -> Iterator[tupl
     path = Path(source).expanduser()
     if probe(path) is None:
         if source.startswith(("hub:", "hf:")) or looks_like_hub_id(source):
-            yield from _iter_hub(source.split(":", 1)[-1] if source.startswith(("hub:", "hf:")) else source,
+            yield from iter_hub(source.split(":", 1)[-1] if source.startswith(("hub:", "hf:")) else source,
                                  bench.hub_split)
             return
         raise BtpoError(f"{source}: no such file or folder")
