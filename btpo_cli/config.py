@@ -117,7 +117,7 @@ class TrainConfig:
     of positions and recomputed in the backward (btpo_cli/judging/lm_head.py), so the update never
     holds a (tokens × vocab) logits tensor nor its float32 upcast. Equal within float rounding, not
     bitwise, so off by default; models whose head is not a plain ``h Wᵀ`` (bias, soft-capping, logit
-    scale, a sharded head under FSDP2 / ZeRO-3) raise."""
+    scale) and ZeRO-3 (a partitioned head) raise; FSDP2 works."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2

@@ -144,15 +144,9 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     tz = max(1, seqs.max_thought)
     ar = torch.arange(tz, device=device)
     zmask = ar[None, :] < n_th[:, None]                                          # (N, Tz)
-    weight = None
-    if path.chunked_logprobs:
-        from btpo_cli.judging.lm_head import head_weight  # small module, kept apart from the plain path
-
-        got_w = head_weight(model)
-        if isinstance(got_w, str):
-            raise BtpoError(f"train.chunked_logprobs=on: {got_w}; use 'off'")
-        weight = got_w
-    hidden = weight is not None
+    hidden = path.chunked_logprobs
+    if hidden:
+        _head_weight(model, before_forward=True)                                 # fail before the forward
     shared = None
     if path.shared_prefix != "off":
         reason = shared_prefix_blocker(model)
@@ -182,14 +176,27 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
         tok_abs = (start_abs[:, None] + ar[None, :]).clamp(max=t - 1)            # (N, Tz)
         rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)              # column predicting the token
         tok = ids.gather(1, tok_abs)                                             # (N, Tz)
-    if weight is not None:
+    if hidden:
         from btpo_cli.judging.lm_head import token_logprobs  # small module, kept apart from the plain path
+
+        weight = _head_weight(model, before_forward=False)                       # FSDP2: unsharded by now
 
         h = feats[torch.arange(len(seqs), device=device)[:, None], rel][zmask]  # (M, H) thought positions only
         logp = torch.zeros(zmask.shape, dtype=torch.float32, device=device)
         logp = logp.masked_scatter(zmask, token_logprobs(h, weight, tok[zmask], temperature))
         return _answer(logp, zmask, _upcast(last), yes_id, no_id, yes_no_normalize)
     return _read_scores(feats, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
+
+
+def _head_weight(model: Any, before_forward: bool) -> torch.Tensor | None:
+    """The LM head weight for ``train.chunked_logprobs`` (:func:`~btpo_cli.judging.lm_head.head_weight`),
+    or a one-line error. Before the forward a sharded weight is fine (FSDP2 gathers it then)."""
+    from btpo_cli.judging.lm_head import SHARD, head_weight  # small module, kept apart from the plain path
+
+    got = head_weight(_unwrap(model))
+    if isinstance(got, str) and not (before_forward and got == SHARD):
+        raise BtpoError(f"train.chunked_logprobs=on: {got}; use 'off'")
+    return got if isinstance(got, torch.Tensor) else None
 
 
 def _read_scores(logits: torch.Tensor, rel: torch.Tensor, tok: torch.Tensor, zmask: torch.Tensor, yes_id: int,

@@ -4,7 +4,8 @@
 positions: the forward keeps only the hidden states and each position's log-sum-exp; the backward
 recomputes each chunk's logits and turns them into the gradients of ``h`` and ``W`` (the idea of
 Liger's fused linear cross-entropy). So neither an (M, V) logits tensor nor its float32 upcast is
-ever alive at once: peak extra memory is one chunk, ``rows × V`` floats.
+ever alive at once: peak extra memory is one chunk, ``rows × V`` floats, where a chunk's logits are
+about the size of the M hidden states themselves (:func:`chunk_rows`).
 
 Matmuls run in the autocast dtype when autocast is on (as the model's own LM head would), the
 softmax in float32.
@@ -17,11 +18,15 @@ from typing import Any
 import torch
 
 CHUNK_BYTES = 1 << 28
-"""Float32 logits one chunk may hold (256 MiB)."""
+"""Float32 logits one chunk may hold at most (256 MiB)."""
 
 
-def chunk_rows(vocab: int) -> int:
-    return max(16, CHUNK_BYTES // (4 * vocab))
+def chunk_rows(m: int, vocab: int, hidden: int) -> int:
+    """Positions per chunk for M positions: ``⌈M / ⌈V/H⌉⌉`` (Liger's rule: one chunk's logits about
+    as large as the (M, H) hidden states), at least 16 (matmuls not too thin), at most
+    :data:`CHUNK_BYTES` of float32 logits. ``btpo_cli/plan/estimate.py`` repeats this rule."""
+    per = -(-m // -(-vocab // hidden))
+    return max(1, min(max(16, per), CHUNK_BYTES // (4 * vocab)))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -56,7 +61,9 @@ class _TokenLogprobs(torch.autograd.Function):
         t, rows, cd = ctx.temperature, ctx.rows, ctx.cd
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.zeros_like(h) if need_h else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        # the weight's gradient accumulates in the weight's dtype, in place (addmm_: no (V, H) temporary
+        # per chunk) when the matmuls run in that dtype; under autocast with fp32 weights, in fp32
+        gw = torch.zeros_like(w, dtype=w.dtype if w.dtype == cd else torch.float32) if need_w else None
         wc = w.to(cd)
         grad = grad.float()
         for s in range(0, h.shape[0], rows):
@@ -71,7 +78,9 @@ class _TokenLogprobs(torch.autograd.Function):
                 d = d / t
             if gh is not None:
                 gh[s:s + rows] = (d.to(cd) @ wc).to(h.dtype)
-            if gw is not None:
+            if gw is not None and gw.dtype == cd:
+                gw.addmm_(d.to(cd).T, hc)
+            elif gw is not None:
                 gw += (d.to(cd).T @ hc).float()
         return gh, (gw.to(w.dtype) if gw is not None else None), None, None, None
 
@@ -82,23 +91,33 @@ def token_logprobs(h: torch.Tensor, weight: torch.Tensor, tok: torch.Tensor, tem
     ``log_softmax(h Wᵀ / T)[tok]``; differentiable in ``h`` and ``weight``."""
     if h.shape[0] == 0:
         return (h.sum(-1) * 0).float()
-    return _TokenLogprobs.apply(h, weight, tok, float(temperature), rows or chunk_rows(weight.shape[0]))
+    return _TokenLogprobs.apply(h, weight, tok, float(temperature), rows or chunk_rows(h.shape[0], *weight.shape))
 
 
 def head_weight(model: Any) -> torch.Tensor | str:
     """The LM head's weight when the logits are exactly ``h Wᵀ`` (no bias, no soft-capping or
-    logit scaling), else why not."""
+    logit scaling), else why not.
+
+    Under FSDP2 the head sits in the root unit, whose parameters stay unsharded from its forward to
+    its backward (the root is not resharded after forward): asked after the model's forward, the
+    weight is the full parameter and its gradient is reduce-scattered with the rest. Asked before (or
+    under ZeRO-3, which frees it after the forward) it is a shard, and this says so."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         return "the model has no plain output embedding"
     if getattr(head, "bias", None) is not None:
         return "the LM head has a bias"
-    w = head.weight
-    if type(w) is not torch.nn.Parameter and type(w) is not torch.Tensor or hasattr(w, "ds_id"):
-        return "the LM head weight is sharded (FSDP2 / ZeRO-3)"
     cfg = getattr(model, "config", None)
     text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(text, attr, None) not in (None, 1, 1.0):
             return f"{getattr(text, 'model_type', 'the model')} scales its logits ({attr})"
+    w = head.weight
+    if hasattr(w, "ds_id"):
+        return "the LM head weight is partitioned by ZeRO-3"
+    if type(w) is not torch.nn.Parameter and type(w) is not torch.Tensor:
+        return SHARD
     return w
+
+
+SHARD = "the LM head weight is an FSDP2 shard outside the model's forward"

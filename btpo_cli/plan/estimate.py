@@ -104,7 +104,7 @@ class PlanInputs:
     ``n`` rows (not under gradient checkpointing, where the shared path falls back)."""
     chunked_logprobs: bool = False
     """``train.chunked_logprobs: on``: the thought log-probs come from hidden states through
-    chunks of :data:`CHUNK_BYTES` of fp32 logits; only the last position's logits are held."""
+    chunks (:func:`logprob_chunk`); only the last position's logits are held."""
     engine: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (cpu: hf; cuda: the larger of the two)."""
     prompts_per_batch: int = 16
@@ -213,25 +213,34 @@ def layer_bytes_per_token(inp: PlanInputs) -> float:
 
 
 CHUNK_BYTES = 1 << 28
-"""fp32 logits of one chunk of positions under ``train.chunked_logprobs`` (as
-``btpo_cli/judging/lm_head.py``; repeated here to keep the planner torch-free)."""
+"""At most this many bytes of fp32 logits in one chunk of positions under ``train.chunked_logprobs``."""
 
 
-def head_bytes(inp: PlanInputs, rows: int, keep: int) -> float:
+def logprob_chunk(m: int, vocab: int, hidden: int) -> int:
+    """Positions per chunk of ``train.chunked_logprobs`` for M positions: ``lm_head.chunk_rows``'s rule,
+    repeated here to keep the planner torch-free (a test holds the two equal)."""
+    per = -(-m // -(-vocab // hidden))
+    return min(m, max(1, min(max(16, per), CHUNK_BYTES // (4 * vocab))))
+
+
+def head_bytes(inp: PlanInputs, rows: int, keep: int, backward: bool = True) -> float:
     """Peak of the loss head: logits over ``keep`` positions, their fp32 gather, log-sum-exp workspace.
 
     ``rows × keep × V × (e_logits + 4 + 8 [+ 4 when T ≠ 1])``; 0 for a scalar head (docs/plan.md).
     With ``chunked_logprobs``: ``rows × V × (…)`` for the last position (p(Yes)) plus one chunk of
-    ``min(rows · (keep − 1), max(16, CHUNK_BYTES / 4V))`` positions × ``V × 12`` (fp32 logits,
-    their exp, the logits' gradient in the recomputing backward)."""
+    :func:`logprob_chunk` ``(rows · (keep − 1), V, H)`` positions × ``V × 12`` (fp32 logits, their exp,
+    the logits' gradient in the recomputing backward) and, in a ``backward``, the ``V × H`` buffer
+    (the weight's dtype: fp32 but under ``bf16``) that backward accumulates the head weight's gradient in, alive beside the gradient the
+    model's own head gives it (p(Yes)'s position) while the activations still are."""
     if keep <= 0:
         return 0.0
     e_logits = 4 if inp.precision == "fp32" else 2
     per = e_logits + 4 + 8 + (4 if inp.temperature != 1.0 else 0)
     v = inp.shape.vocab
     if inp.chunked_logprobs:
-        chunk = min(rows * (keep - 1), max(16, CHUNK_BYTES // (4 * v)))
-        return float(rows) * v * per + float(chunk) * v * 12
+        chunk = logprob_chunk(rows * (keep - 1), v, inp.shape.hidden)
+        grad_w = (2.0 if inp.precision == "bf16" else 4.0) * v * inp.shape.hidden if backward else 0.0
+        return float(rows) * v * per + float(chunk) * v * 12 + grad_w
     return float(rows) * keep * v * per
 
 
@@ -252,9 +261,14 @@ def _tokens_and_masks(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tu
     groups, p, c = sh
     e, _, _ = _dtypes(inp)
     # the prefix forward's (G, 1, P, P) mask and the continuations' (R, 1, C, P + C); each row's copy
-    # of its prefix's keys and values (batch_select_indices), saved by SDPA in every layer
-    return (groups * p + rows * c, float(groups * p * p + rows * c * (p + c)),
-            float(inp.shape.layers * 2 * rows * p * inp.shape.kv_dim * e))
+    # of its prefix's keys and values, repeated to the query heads (SDPA with a mask gets GQA's K/V
+    # repeated) and saved by SDPA in every layer; with GQA also the cache itself (R rows of P + C
+    # un-repeated keys and values per layer), alive until the continuations' forward returns
+    s = inp.shape
+    kv = float(s.layers * 2 * rows * p * s.q_dim * e)
+    if s.q_dim != s.kv_dim:
+        kv += s.layers * 2 * rows * (p + c) * s.kv_dim * e
+    return groups * p + rows * c, float(groups * p * p + rows * c * (p + c)), kv
 
 
 def activations(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> dict[str, float]:
@@ -388,7 +402,8 @@ def scoring_transient(inp: PlanInputs, geo: Geometry) -> float:
     rows = inp.micro_batch * geo.rows_per_pair
     t, mask_once, kv_rows = _tokens_and_masks(inp, geo, False)
     e, _, _ = _dtypes(inp)
-    return float(t * 3 * e * inp.shape.intermediate + head_bytes(inp, rows, geo.keep) + mask_once * (1 + e) + kv_rows)
+    return float(t * 3 * e * inp.shape.intermediate + head_bytes(inp, rows, geo.keep, backward=False) + mask_once * (1 + e)
+                 + kv_rows)
 
 
 # ----------------------------------------------------------------------------- the estimate

@@ -97,6 +97,19 @@ def test_fsdp2_btpo_two_processes_equal_one(tmp_path: Path, synthetic_data: Path
 
 
 @pytest.mark.slow
+def test_fsdp2_btpo_shared_prefix_chunked_two_processes_equal_one(tmp_path: Path, synthetic_data: Path) -> None:
+    """train.shared_prefix=on + train.chunked_logprobs=on under FSDP2: the LM head weight is read after
+    the root unit's forward (unsharded then) and its gradient reduce-scattered like the others."""
+    common = ["train", "--method", "btpo", "--data", str(synthetic_data), "--max-steps", "2", *BTPO_SMALL,
+              "--set", "train.shared_prefix=on", "--set", "train.chunked_logprobs=on"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_btpo(*common, "--out", str(one))
+    launch(*common, "--out", str(two))
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    assert_same_run(one, two, 2, ("btpo/kl", "btpo/thought_len", "train/grad_norm"))
+
+
+@pytest.mark.slow
 def test_two_process_eval_equals_one(tmp_path: Path, synthetic_data: Path) -> None:
     """`accelerate launch … -m btpo_cli eval` writes the same JSON and predictions as one process,
     for a pointwise (bt) and a pairwise (gram) method."""

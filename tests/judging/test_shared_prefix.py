@@ -190,6 +190,18 @@ def test_token_sizes_count_the_shared_prefix_once() -> None:
 
 # ----------------------------------------------------------------------------- chunked log-probs
 
+def test_planner_repeats_the_chunk_rule() -> None:
+    """``btpo plan`` models the chunks ``lm_head`` really takes (the rule is repeated to keep the planner
+    torch-free); a chunk's logits stay about the size of the hidden states, never over the cap."""
+    from btpo_cli.judging.lm_head import CHUNK_BYTES, chunk_rows
+    from btpo_cli.plan.estimate import logprob_chunk
+
+    for m, v, h in [(1, 64, 32), (1216, 49152, 576), (10752, 152064, 3584), (10**6, 151936, 896), (40, 100, 200)]:
+        assert logprob_chunk(m, v, h) == min(m, chunk_rows(m, v, h))
+        assert chunk_rows(m, v, h) * 4 * v <= max(CHUNK_BYTES, 16 * 4 * v)
+    assert chunk_rows(1216, 49152, 576) == 16            # SmolLM2, one pair at the paper's shape: 76 chunks
+
+
 def test_token_logprobs_equals_log_softmax_in_value_and_grad() -> None:
     from btpo_cli.judging.lm_head import token_logprobs
 
