@@ -86,6 +86,12 @@ class GenSettings:
 S = TypeVar("S", bound=GenSettings)
 
 
+JUDGE_TIMEOUT = 120.0
+"""Seconds a judge's reply (a few tokens) may take; the base of a generator's default timeout."""
+SLOWEST_SERVER = 20.0
+"""Generated tokens per second below which a generator server's default timeout expires."""
+
+
 @dataclass(frozen=True)
 class GenOptions:
     """The options every generated build takes besides its own (the flags ``build-data math`` and
@@ -108,7 +114,8 @@ class GenOptions:
     engine: str = "auto"
     generator_url: str | None = None
     retries: int = 3
-    timeout: float = 120.0
+    timeout: float | None = None
+    """Seconds per server reply; ``None``: :meth:`timeout_for` picks one per role."""
     backoff: float = 1.0
 
     @classmethod
@@ -126,7 +133,7 @@ class GenOptions:
             raise BtpoError("--test-fraction must be in [0, 1)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise BtpoError("--batch-size and --max-new-tokens must be >= 1")
-        if self.retries < 0 or self.timeout <= 0 or self.backoff < 0:
+        if self.retries < 0 or (self.timeout is not None and self.timeout <= 0) or self.backoff < 0:
             raise BtpoError("--retries and --backoff must be >= 0 and --timeout > 0")
 
     def settings(self, cls: type[S] = GenSettings) -> S:  # type: ignore[assignment]
@@ -134,11 +141,22 @@ class GenOptions:
         return cls(self.generator, self.n_samples, float(self.temperature), float(self.top_p),
                    self.max_new_tokens, self.seed)
 
+    def timeout_for(self, role: str) -> float:
+        """``--timeout``, else :data:`JUDGE_TIMEOUT` for a judge and, for a generator, that plus the
+        tokens one batch asks for (``batch_size`` concurrent requests × ``n`` × ``max_new_tokens``) at
+        :data:`SLOWEST_SERVER` tokens/s: a slow but working server (a CPU one) is not timed out and
+        sent the same request again while it is still generating the first."""
+        if self.timeout is not None:
+            return self.timeout
+        if role != "generator":
+            return JUDGE_TIMEOUT
+        return JUDGE_TIMEOUT + self.batch_size * self.n_samples * self.max_new_tokens / SLOWEST_SERVER
+
     def client(self, url: str, model: str, role: str, cache_dir: Path | None) -> OpenAIClient:
         """An :class:`OpenAIClient` for ``url`` with these retry settings; its replies are cached in
         ``cache_dir/http-<role>.jsonl`` (``None``: not cached)."""
         cache = None if cache_dir is None else ReplyCache(cache_dir / f"http-{role}.jsonl")
-        return OpenAIClient(url, model, role=role, timeout=self.timeout, retries=self.retries,
+        return OpenAIClient(url, model, role=role, timeout=self.timeout_for(role), retries=self.retries,
                             backoff=self.backoff, cache=cache, concurrency=self.batch_size)
 
     def sampler(self, given: Sampler | None = None, cache_dir: Path | None = None) -> Sampler:
@@ -153,7 +171,7 @@ class GenOptions:
     def describe_generator(self) -> dict[str, Any]:
         """The manifest's ``generator_endpoint``: where the generator ran."""
         if self.generator_url:
-            return {"url": self.generator_url, "retries": self.retries, "timeout": self.timeout}
+            return {"url": self.generator_url, "retries": self.retries, "timeout": self.timeout_for("generator")}
         return {"engine": self.engine, "device": self.device}
 
 

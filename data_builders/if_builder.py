@@ -187,7 +187,8 @@ def build_if(
     judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
     endpoints = {"generator_endpoint": o.describe_generator()}
     if judge_url:
-        endpoints["judge_endpoint"] = {"url": judge_url, "model": judge, "retries": o.retries, "timeout": o.timeout}
+        endpoints["judge_endpoint"] = {"url": judge_url, "model": judge, "retries": o.retries,
+                                      "timeout": o.timeout_for("judge")}
     base = base_manifest(
         "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
         sources={"advancedif": spec.describe()}, settings=s, judge={**judge_desc, "question": JUDGE_QUESTION},

@@ -205,7 +205,9 @@ _GENERATION_FLAGS: dict[str, tuple[type, dict[str, Any], dict[str, tuple[Any, st
                                            "e.g. http://host:8000/v1 (--generator is the served model name).")}),
     "retries": (int, {"min": 0}, {"": (3, "Retries per request to --generator-url/--judge-url (exponential "
                                           "backoff); a request still failing is skipped and counted.")}),
-    "timeout": (float, {"min": 0.001}, {"": (120.0, "Seconds to wait for one reply from a server.")}),
+    "timeout": (float, {"min": 0.001}, {"": (None, "Seconds to wait for one reply from a server (default: 120 for "
+                                                   "the judge; for the generator 120 + batch-size × n-samples × "
+                                                   "max-new-tokens / 20, a server at 20 tokens/s).")}),
     "backoff": (float, {"min": 0.0}, {"": (1.0, "First retry delay in seconds (then doubled, at most 30).")}),
     "strict": (bool, {}, {"": (False, "Fail on the first unusable row.")}),
     "dry_run": (bool, {}, {"": (False, "Print the manifest and examples; write nothing.")}),

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from btpo_cli.errors import BtpoError
-from data_builders.generated import EndpointDown, EndpointError, OpenAIClient, ReplyCache
+from data_builders.generated import EndpointDown, EndpointError, GenOptions, OpenAIClient, ReplyCache
 from tests.conftest import run_btpo
 
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test.jsonl"
@@ -233,3 +233,16 @@ def test_math_gsm8k_only_through_url(tmp_path: Path, stub: tuple[Stub, str]) -> 
     assert rec["source"] == "gsm8k" and rec["meta"]["chosen_answer"] == rec["meta"]["gold"]
     with pytest.raises(BtpoError, match="--retries"):
         build_math(out, {"gsm8k": str(GSM8K)}, generator="g", generator_url=url, retries=-1)
+
+
+def test_default_timeout_grows_with_what_a_batch_asks_for() -> None:
+    """The generator's default timeout covers a batch at 20 tokens/s (a CPU server is not timed out and
+    asked again mid-generation); the judge keeps 120 s; an explicit --timeout wins for both."""
+    o = GenOptions(generator="g", n_samples=16, max_new_tokens=256, batch_size=8, n_train=0, n_test=0,
+                   generator_url="http://127.0.0.1:1/v1")
+    assert o.timeout_for("judge") == 120.0
+    assert o.timeout_for("generator") == 120.0 + 8 * 16 * 256 / 20
+    assert o.describe_generator()["timeout"] == o.timeout_for("generator")
+    assert o.client("http://127.0.0.1:1/v1", "g", "generator", None).timeout == o.timeout_for("generator")
+    fixed = GenOptions.with_defaults({**o.__dict__}, {"timeout": 5.0})
+    assert fixed.timeout_for("generator") == fixed.timeout_for("judge") == 5.0
