@@ -10,7 +10,13 @@ shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``t
   untimed warm-up of the first); the median and its ratio to ``plain``.
 - memory: one subprocess per variant (``--one``) builds the model, resets the peak RSS
   (``/proc/self/clear_refs`` ← 5), runs one update phase and reports ``VmHWM − VmRSS before``
-  (tracemalloc does not see torch's CPU allocations).
+  (tracemalloc does not see torch's CPU allocations). At the peak (the start of the backward) the
+  one gradient already allocated is the LM head weight's (``head_grad_mib``, fp32 ``V × H``, the same
+  in every variant); ``act_ratio`` is the peak ratio without it, ``plan_over_measured`` the planner's
+  activation peak plus that gradient over the measured peak.
+- planned: ``btpo plan``'s activation peak of the same micro-batch (``plan/estimate.activations``:
+  fp32, no checkpointing, ``train.shared_prefix`` / ``train.chunked_logprobs`` as the variant) and
+  its loss-head (logits) term, beside the measured peak.
 - FLOP ratio: forward FLOPs of the shared path over the plain one (linear layers 2·params per
   token, attention 4·layers·hidden·context per token, the LM head 2·hidden·vocab per kept position —
   the same positions in both paths), what the time ratio would be if time followed FLOPs.
@@ -22,6 +28,8 @@ shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``t
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import statistics
 import subprocess
@@ -35,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts  # noqa: E402
-from btpo_cli.plan.shapes import known_shapes  # noqa: E402
+from btpo_cli.plan.estimate import GiB, PlanInputs, activations, geometry  # noqa: E402
+from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
 
 VARIANTS = {"plain": ScorePath(), "shared": ScorePath("on"), "chunked": ScorePath("off", True),
             "shared+chunked": ScorePath("on", True)}
@@ -60,7 +69,7 @@ def build_model(shape: str, layers: int | None) -> Any:
 def build_seqs(vocab: int, args: argparse.Namespace) -> SeqBatch:
     g = torch.Generator().manual_seed(1)
     seqs = []
-    for _ in range(2 * args.pairs):
+    for _ in range(args.responses * args.pairs):
         prefix = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
         tail = torch.randint(10, vocab, (args.tail,), generator=g).tolist()
         for _ in range(args.k):
@@ -79,17 +88,34 @@ def flop_ratio(model: Any, args: argparse.Namespace) -> float:
     c = model.config
     h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    p, cont, rows = args.prompt, args.thought + args.tail, 2 * args.pairs * args.k
+    p, cont, rows = args.prompt, args.thought + args.tail, args.responses * args.pairs * args.k
 
     def attn(start: int, n: int) -> float:          # Σ context over n tokens starting at position start
         return n * start + n * (n + 1) / 2
 
     head = 2 * h * vocab * rows * (cont + 1)
     plain = rows * (2 * body * (p + cont) + 4 * layers * h * attn(0, p + cont)) + head
-    groups = 2 * args.pairs
+    groups = args.responses * args.pairs
     shared = groups * (2 * body * p + 4 * layers * h * attn(0, p)) \
         + rows * (2 * body * cont + 4 * layers * h * attn(p, cont)) + head
     return shared / plain
+
+
+def planned_mib(model: Any, args: argparse.Namespace, variant: str) -> dict[str, float]:
+    """The planner's activation peak and loss-head term (MiB) for this micro-batch and variant."""
+    path = VARIANTS[variant]
+    inp = PlanInputs(method="btpo", shape=from_config(args.shape, model.config.to_dict()), device="cpu",
+                     precision="fp32", micro_batch=args.pairs, prompt_tokens=args.prompt, gen_tokens=args.thought,
+                     tail_tokens=args.tail, n=args.k, shared_prefix=path.shared_prefix != "off",
+                     chunked_logprobs=path.chunked_logprobs)
+    act = activations(inp, geometry(inp), False)
+    scale = args.responses / 2 * 1024 / GiB          # every term is linear in the rows; BTPO's pair has 2
+    return {"peak": act["peak"] * scale, "head": act["head"] * scale}
+
+
+def head_grad_mib(model: Any) -> float:
+    """The fp32 gradient of the LM head weight (tied to the embedding in these shapes)."""
+    return model.get_output_embeddings().weight.numel() * 4 / 2**20
 
 
 def rss_kib(field: str) -> int:
@@ -116,6 +142,8 @@ def main() -> None:
     sizes = {"prompt": 512, "thought": 128, "tail": 24, "k": 4, "pairs": 1, "repeats": 2, "threads": 1}
     for name, default in sizes.items():          # the paper's shape, one pair, one thread
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--responses", type=int, default=2,
+                    help="responses per pair (1 halves the rows and the memory: same ratios, one group each)")
     ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -128,29 +156,41 @@ def main() -> None:
     model = build_model(args.shape, args.layers)
     seqs = build_seqs(model.config.vocab_size, args)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    update_phase(model, seqs, variants[0])             # warm-up (untimed)
+    if args.repeats:
+        update_phase(model, seqs, variants[0])         # warm-up (untimed); --repeats 0: memory only
     for _ in range(args.repeats):
         for v in variants:
             t0 = time.perf_counter()
             update_phase(model, seqs, v)
             times[v].append(time.perf_counter() - t0)
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
-    med = {v: statistics.median(t) for v, t in times.items()}
+    med = {v: statistics.median(t) for v, t in times.items() if t}
+    planned = {v: planned_mib(model, args, v) for v in variants}
+    grads, layers, flops = head_grad_mib(model), model.config.num_hidden_layers, flop_ratio(model, args)
+    del model                                          # give the timing run's memory back before the
+    gc.collect()                                       # memory subprocesses run beside this process
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     peak: dict[str, float] = {}
     if not args.no_memory:
         for v in variants:
             cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, "--prompt", str(args.prompt),
                    "--thought", str(args.thought), "--tail", str(args.tail), "--k", str(args.k), "--pairs",
-                   str(args.pairs), "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+                   str(args.pairs), "--responses", str(args.responses), "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             peak[v] = json.loads(out)["peak_mib"]
-    res = {"shape": args.shape, "layers": model.config.num_hidden_layers, "prompt": args.prompt,
+    res = {"shape": args.shape, "layers": layers, "prompt": args.prompt,
            "thought": args.thought, "tail": args.tail, "k": args.k, "pairs": args.pairs, "repeats": args.repeats,
-           "threads": args.threads, "rows": len(seqs), "flop_ratio_shared": round(flop_ratio(model, args), 3),
+           "threads": args.threads, "rows": len(seqs), "flop_ratio_shared": round(flops, 3),
            "median_s": {v: round(t, 3) for v, t in med.items()},
            "time_ratio": {v: round(med[v] / med["plain"], 3) for v in variants} if "plain" in med else {},
            "peak_mib": {v: round(m, 1) for v, m in peak.items()},
-           "peak_ratio": {v: round(peak[v] / peak["plain"], 3) for v in peak} if "plain" in peak else {}}
+           "peak_ratio": {v: round(peak[v] / peak["plain"], 3) for v in peak} if "plain" in peak else {},
+           "head_grad_mib": round(grads, 1),
+           "act_ratio": {v: round((peak[v] - grads) / (peak["plain"] - grads), 3)
+                         for v in peak} if "plain" in peak else {},
+           "planned_mib": {v: {k: round(x, 1) for k, x in planned[v].items()} for v in variants},
+           "plan_over_measured": {v: round((planned[v]["peak"] + grads) / peak[v], 3) for v in peak}}
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

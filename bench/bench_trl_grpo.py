@@ -6,14 +6,14 @@ TRL is NOT a project dependency; install it into a separate folder (as bench/par
     pip install --no-deps --target /tmp/trl_site trl==1.16.0
     python bench/bench_trl_grpo.py --trl-site /tmp/trl_site --json out.json
 
-What is held equal: the model (tiny-qwen2, fp32, CPU), the number of sequences sampled per step
+What is held equal: the model (``--model``: tiny-qwen2 by default, ``smollm2-135m`` for a 135M one; fp32, CPU), the number of sequences sampled per step
 (``pairs`` pairs × 2 responses × K thoughts for btpo = the same number of TRL prompts × K
 generations), the thought budget (``--thought-tokens``; the random tiny model almost never ends a
 thought early, and the tokens actually generated are reported per side), one optimizer step per
 rollout (btpo: ``rollout_batch_size == train.batch_size``; TRL: ``steps_per_generation=1``), the
 ``hf`` generation path on both sides by default (TRL's ``model.generate``, btpo's rollout engine;
-``--engine vllm`` gives btpo's side the vLLM engine, run then with .venv-vllm's python, TRL keeping
-``model.generate``).
+``--engines hf,vllm`` adds a btpo run on the vLLM engine in the same invocation, run with
+``--vllm-python`` (.venv-vllm's python), TRL keeping ``model.generate``).
 What differs by design: btpo's step also scores every thought's verdict (p(Yes) of the response) and
 its prompts are GPM dialogs (TRL gets the same conversation + evaluation request as a chat
 prompt, lengths reported). Each side runs in its own fresh process; step 1 (warm-up) is dropped and
@@ -37,20 +37,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def btpo_side(a: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
-    out = work / "btpo_run"
-    cmd = [sys.executable, "-m", "btpo_cli", "train", "--method", "btpo", "--model", a.model, "--data", str(data),
+def btpo_side(a: argparse.Namespace, data: Path, work: Path, engine: str) -> dict[str, Any]:
+    out = work / f"btpo_run_{engine}"
+    python = a.vllm_python if engine == "vllm" else sys.executable
+    cmd = [python, "-m", "btpo_cli", "train", "--method", "btpo", "--model", a.model, "--data", str(data),
            "--out", str(out), "--max-steps", str(a.steps), "--overwrite",
            "--set", f"btpo.rollout_batch_size={a.pairs}", "--set", f"train.batch_size={a.pairs}",
            "--set", f"train.micro_batch_size={a.pairs}", "--set", f"btpo.k={a.k}",
            "--set", f"btpo.max_thought_tokens={a.thought_tokens}", "--set", "train.save_every=0",
-           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0", "--engine", a.engine]
+           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0", "--engine", engine] + [x for kv in a.set for x in ("--set", kv)]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
     if p.returncode:
-        raise SystemExit(f"btpo failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        raise SystemExit(f"btpo ({engine}) failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "perf/step_s" in r]
     # perf/step_s is the update alone; the rollout (generate + score) is perf/rollout_s, logged on the
@@ -96,9 +97,9 @@ print("RESULT " + json.dumps({"step_s": times, "completion_lens": lens, "trl": t
 
 
 def trl_side(a: argparse.Namespace, prompts: list[Any], work: Path) -> dict[str, Any]:
-    from btpo_cli.models.tiny import ensure_tiny
+    from btpo_cli.models.aliases import resolve_model
 
-    cfg = {"model": str(ensure_tiny(a.model)), "prompts": prompts, "k": a.k, "thought_tokens": a.thought_tokens,
+    cfg = {"model": resolve_model(a.model), "prompts": prompts, "k": a.k, "thought_tokens": a.thought_tokens,
            "steps": a.steps, "out": str(work / "trl_out")}
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-c", TRL_SCRIPT, a.trl_site, json.dumps(cfg)], capture_output=True,
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--thought-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--engine", default="hf", help="btpo's rollout engine (vllm: run with .venv-vllm's python)")
+    ap.add_argument("--engines", "--engine", default="hf", help="btpo's rollout engines, comma-separated (hf, vllm)")
+    ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm/bin/python"),
+                    help="the python that runs btpo's vllm side")
+    ap.add_argument("--set", action="append", default=[], help="extra btpo config override (repeatable)")
     ap.add_argument("--json", dest="json_out", default=None)
     a = ap.parse_args(argv)
     if not (Path(a.trl_site) / "trl").is_dir():
@@ -132,18 +136,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ask = {"role": "user", "content": "Evaluate your previous response for helpful and harmless. "
                                           "Think it through step by step."}
         prompts = [r["prompt"] + [side[0], ask] for r in recs[:a.pairs * a.steps] for side in (r["chosen"], r["rejected"])]
-        ours = btpo_side(a, data, work)
+        ours = {e: btpo_side(a, data, work, e) for e in a.engines.split(",")}
         theirs = trl_side(a, prompts, work)
-    b = statistics.median(ours["step_s"][1:] or ours["step_s"])
     t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
     tl = theirs["completion_lens"]
-    gen = statistics.median(x for x in ours["generate_s"][1:] if x is not None)
-    res = {"engine": a.engine, "pairs": a.pairs, "k": a.k, "thought_tokens": a.thought_tokens, "steps": a.steps,
-           "sequences_per_step": 2 * a.pairs * a.k, "btpo": ours, "trl": theirs,
-           "btpo_step_s": b, "btpo_generate_s": gen, "btpo_update_s": statistics.median(ours["update_s"][1:]),
-           "trl_step_s": t, "trl_over_btpo": t / b,
-           "btpo_mean_thought_len": statistics.mean(x for x in ours["thought_len"] if x is not None),
-           "trl_mean_completion_len": statistics.mean(tl) if tl else None}
+    res: dict[str, Any] = {"model": a.model, "pairs": a.pairs, "k": a.k, "thought_tokens": a.thought_tokens,
+                           "steps": a.steps, "sequences_per_step": 2 * a.pairs * a.k, "set": a.set,
+                           "btpo": ours, "trl": theirs, "trl_step_s": t,
+                           "trl_mean_completion_len": statistics.mean(tl) if tl else None}
+    for e, side in ours.items():
+        b = statistics.median(side["step_s"][1:] or side["step_s"])
+        res[e] = {"btpo_step_s": b, "btpo_update_s": statistics.median(side["update_s"][1:] or side["update_s"]),
+                  "btpo_generate_s": statistics.median(x for x in (side["generate_s"][1:] or side["generate_s"])
+                                                       if x is not None),
+                  "trl_over_btpo": t / b,
+                  "btpo_mean_thought_len": statistics.mean(x for x in side["thought_len"] if x is not None)}
     print(json.dumps({k: v for k, v in res.items() if k not in ("btpo", "trl")}, indent=2))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")

@@ -169,7 +169,7 @@ def scoring_paths(model: Any, device: torch.device, a: argparse.Namespace) -> di
     import bench_shared_prefix as bsp
 
     shape = argparse.Namespace(prompt=32 if a.smoke else 512, thought=8 if a.smoke else 128, tail=24, k=4,
-                               pairs=1 if a.smoke else 2)
+                               pairs=1 if a.smoke else 2, responses=2)
     seqs = bsp.build_seqs(model.config.vocab_size, shape)
     model.train()
     times: dict[str, list[float]] = {v: [] for v in bsp.VARIANTS}
