@@ -113,8 +113,9 @@ def extract_last_number(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a solution: the last explicit marker, else the last number."""
+def extract_answer(text: str | None, marked_only: bool = False) -> str | None:
+    """The final answer of a solution: the last explicit marker (``The answer is:``, ``####``,
+    ``\\boxed{}``), else the last number — or, with ``marked_only``, ``None``."""
     if not text:
         return None
     candidates: list[tuple[int, str]] = []
@@ -127,7 +128,7 @@ def extract_answer(text: str | None) -> str | None:
         candidates.append(boxed)
     if candidates:
         return max(candidates, key=lambda c: c[0])[1]
-    return extract_last_number(text)
+    return None if marked_only else extract_last_number(text)
 
 
 # ----------------------------------------------------------------------------- normalization

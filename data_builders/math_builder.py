@@ -156,16 +156,17 @@ def generate_samples(
 
 
 def grade_and_pair(
-    q: MathQuestion, samples: Sequence[str], seed: int, counts: dict[str, int]
+    q: MathQuestion, samples: Sequence[str], seed: int, counts: dict[str, int], marked_only: bool = False
 ) -> PairRecord | None:
-    """Grade ``samples`` against ``q.gold_answer`` (updating ``counts``); one pair or ``None``."""
+    """Grade ``samples`` against ``q.gold_answer`` (updating ``counts``); one pair or ``None``.
+    ``marked_only``: a solution without an answer marker has no answer (not its last number)."""
     correct: list[tuple[str, str | None]] = []
     wrong: list[tuple[str, str | None]] = []
     for text in samples:
         if not text.strip():
             counts["empty"] += 1
             continue
-        pred = extract_answer(text)
+        pred = extract_answer(text, marked_only)
         if pred is None:
             counts["no_answer"] += 1
             wrong.append((text, None))
@@ -205,9 +206,13 @@ def build_math(
     shard: str | tuple[int, int] | None = None,
     progress: Progress | None = None,
     sampler: Sampler | None = None,
+    marked_only: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Build the Math preference set (module docstring) and return its manifest.
+
+    ``marked_only`` (``--marked-only``): grade only answers a solution marks (``The answer is:``,
+    ``####``, ``\\boxed{}``); an unmarked one counts as no answer instead of its last number.
 
     Keyword ``options``: the fields of :class:`~data_builders.generated.GenOptions`, unset ones from
     :data:`MATH_DEFAULTS`. With ``shard`` only the sampling stage runs (for that shard) and a summary
@@ -225,7 +230,8 @@ def build_math(
     mine = [q for i, q in enumerate(questions) if shard_t is None or i % shard_t[1] == shard_t[0]]
     base = base_manifest(
         "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
-        grader="math-verify" if HAS_MATH_VERIFY else "builtin", requested={"train": o.n_train, "test": o.n_test},
+        grader="math-verify" if HAS_MATH_VERIFY else "builtin",
+        answers="marked only" if marked_only else "marked, else the last number", requested={"train": o.n_train, "test": o.n_test},
         generator_endpoint=o.describe_generator(),
     )
     base["splits_without_source"] = {
@@ -289,7 +295,7 @@ def build_math(
             c["failed"] += 1
             continue
         before = grading["correct"]
-        rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading)
+        rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading, marked_only)
         if rec is None:
             c["all_correct" if grading["correct"] > before else "all_incorrect"] += 1
         else:

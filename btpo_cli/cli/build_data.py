@@ -243,19 +243,23 @@ def _generation_command(command: str, epilog: str, layout: tuple[str, ...]) -> C
 @_generation_command("math", "[bold]Example[/]\n\n  btpo build-data math --out data/math --shard 0/4   # on 4 machines\n"
                              "  btpo build-data math --out data/math              # then assemble",
                      ("out_dir", "source", "generator", "n_samples", "temperature", "top_p", "max_new_tokens",
-                      "batch_size", "n_train", "n_test", "shard", "seed", "limit", "device", "engine",
+                      "batch_size", "n_train", "n_test", "shard", "marked_only", "seed", "limit", "device", "engine",
                       "generator_url", "retries", "timeout", "backoff", "strict", "dry_run"))
 def math(
     out_dir: Path = typer.Option(Path("data/math"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Names: metamathqa, gsm8k, math500."),
     shard: str = typer.Option(None, "--shard", help="I/N: only sample questions with index mod N == I (no assembly)."),
+    marked_only: bool = typer.Option(False, "--marked-only", help="Grade only answers a solution marks ('The answer "
+                                     "is:', '####', \\boxed{}); unmarked ones count as no answer, not their last "
+                                     "number (a small generator's last number is often right by accident)."),
     *,
     flags: dict[str, Any],
 ) -> None:
     """Sample solutions, grade the final answers, pair a correct with an incorrect one (resumable)."""
     from data_builders.math_builder import build_math  # optional extra: imported on use
 
-    m = _generated("math", build_math, "questions", out_dir, source, flags, out=out_dir, shard=shard)
+    m = _generated("math", build_math, "questions", out_dir, source, flags, out=out_dir, shard=shard,
+                   marked_only=marked_only)
     if m is None:
         return
     if m.get("stage") == "sample":

@@ -264,6 +264,33 @@ def test_math_builder_pairs_and_resume_with_fake_engine(fixtures: Path, tmp_path
 
 
 @pytest.mark.slow
+class UnmarkedSampler:
+    """Solutions that never mark their answer: even samples end on the gold number, odd ones on another."""
+
+    def sample(self, prompts, n, *, temperature, top_p, max_new_tokens, seed, chat):
+        out = []
+        for p in prompts:
+            first = int(re.findall(r"\d+", p.split("### Instruction:")[-1])[0])
+            gold = first // 2 if "Compute" in p else 2 * first
+            out.append([(f"Some steps, then {gold if j % 2 == 0 else gold + 100}.", True) for j in range(n)])
+        return out
+
+
+def test_math_marked_only_grades_unmarked_solutions_as_no_answer(fixtures: Path, tmp_path: Path) -> None:
+    """By default an unmarked solution's last number is its answer (pairs); with marked_only it has none."""
+    from data_builders.math_builder import build_math
+
+    sources = {"gsm8k": str(fixtures / "gsm8k_test.jsonl")}
+    kw = {"generator": "fake", "n_samples": 4, "batch_size": 2, "n_train": 0, "n_test": 0, "seed": 0}
+    m = build_math(tmp_path / "last", sources, sampler=UnmarkedSampler(), **kw)
+    assert m["grading"]["correct"] == m["grading"]["incorrect"] > 0 and m["counts"]["test"] > 0
+    assert m["answers"] == "marked, else the last number"
+    m = build_math(tmp_path / "marked", sources, sampler=UnmarkedSampler(), marked_only=True, **kw)
+    assert m["grading"]["correct"] == m["grading"]["incorrect"] == 0
+    assert m["grading"]["no_answer"] == m["grading"]["samples"] > 0 and m["counts"]["test"] == 0
+    assert m["answers"] == "marked only"
+
+
 def test_if_cli_tiny(fixtures: Path, tmp_path: Path) -> None:
     args = [
         "build-data",

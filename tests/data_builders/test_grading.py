@@ -264,3 +264,10 @@ def test_limit(tmp_path: Path) -> None:
     p = tmp_path / "q.jsonl"
     p.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(9)))
     assert len(list(read_gsm8k(spec_from_value("gsm8k", str(p)), limit=4))) == 4
+
+
+def test_extract_answer_marked_only() -> None:
+    assert extract_answer("3 + 4 = 7, so 12") == "12"
+    assert extract_answer("3 + 4 = 7, so 12", marked_only=True) is None
+    assert extract_answer("so 12. The answer is: 7", marked_only=True) == "7"
+    assert extract_answer("x \\boxed{5} and 9", marked_only=True) == "5"
