@@ -135,15 +135,18 @@ def one(args: argparse.Namespace) -> None:
     print(json.dumps({"variant": args.one, "peak_mib": (rss_kib("VmHWM") - before) / 1024}))
 
 
+SIZES = {"prompt": 512, "thought": 128, "tail": 24, "k": 4, "pairs": 1, "responses": 2, "repeats": 2, "threads": 1}
+"""The integer flags (``--prompt`` …); all but ``repeats`` are handed on to the memory subprocesses."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
-    sizes = {"prompt": 512, "thought": 128, "tail": 24, "k": 4, "pairs": 1, "repeats": 2, "threads": 1}
-    for name, default in sizes.items():          # the paper's shape, one pair, one thread
-        ap.add_argument(f"--{name}", type=int, default=default)
-    ap.add_argument("--responses", type=int, default=2,
-                    help="responses per pair (1 halves the rows and the memory: same ratios, one group each)")
+    for name, default in SIZES.items():          # the paper's shape, one pair, one thread
+        ap.add_argument(f"--{name}", type=int, default=default,
+                        help="responses per pair (1 halves the rows and the memory: same ratios)"
+                        if name == "responses" else None)
     ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -166,7 +169,7 @@ def main() -> None:
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
     med = {v: statistics.median(t) for v, t in times.items() if t}
     planned = {v: planned_mib(model, args, v) for v in variants}
-    grads, layers, flops = head_grad_mib(model), model.config.num_hidden_layers, flop_ratio(model, args)
+    head_grad, layers, flops = head_grad_mib(model), model.config.num_hidden_layers, flop_ratio(model, args)
     del model                                          # give the timing run's memory back before the
     gc.collect()                                       # memory subprocesses run beside this process
     if sys.platform == "linux":
@@ -174,9 +177,9 @@ def main() -> None:
     peak: dict[str, float] = {}
     if not args.no_memory:
         for v in variants:
-            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, "--prompt", str(args.prompt),
-                   "--thought", str(args.thought), "--tail", str(args.tail), "--k", str(args.k), "--pairs",
-                   str(args.pairs), "--responses", str(args.responses), "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+            sizes = [x for name in SIZES if name != "repeats" for x in (f"--{name}", str(getattr(args, name)))]
+            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, *sizes] \
+                + (["--layers", str(args.layers)] if args.layers else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             peak[v] = json.loads(out)["peak_mib"]
     res = {"shape": args.shape, "layers": layers, "prompt": args.prompt,
@@ -186,11 +189,11 @@ def main() -> None:
            "time_ratio": {v: round(med[v] / med["plain"], 3) for v in variants} if "plain" in med else {},
            "peak_mib": {v: round(m, 1) for v, m in peak.items()},
            "peak_ratio": {v: round(peak[v] / peak["plain"], 3) for v in peak} if "plain" in peak else {},
-           "head_grad_mib": round(grads, 1),
-           "act_ratio": {v: round((peak[v] - grads) / (peak["plain"] - grads), 3)
+           "head_grad_mib": round(head_grad, 1),
+           "act_ratio": {v: round((peak[v] - head_grad) / (peak["plain"] - head_grad), 3)
                          for v in peak} if "plain" in peak else {},
            "planned_mib": {v: {k: round(x, 1) for k, x in planned[v].items()} for v in variants},
-           "plan_over_measured": {v: round((planned[v]["peak"] + grads) / peak[v], 3) for v in peak}}
+           "plan_over_measured": {v: round((planned[v]["peak"] + head_grad) / peak[v], 3) for v in peak}}
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -6,8 +6,8 @@ TRL is NOT a project dependency; install it into a separate folder (as bench/par
     pip install --no-deps --target /tmp/trl_site trl==1.16.0
     python bench/bench_trl_grpo.py --trl-site /tmp/trl_site --json out.json
 
-What is held equal: the model (``--model``: tiny-qwen2 by default, ``smollm2-135m`` for a 135M one; fp32, CPU), the number of sequences sampled per step
-(``pairs`` pairs × 2 responses × K thoughts for btpo = the same number of TRL prompts × K
+What is held equal: the model (``--model``: tiny-qwen2 by default, ``smollm2-135m`` for a 135M one;
+fp32, CPU), the number of sequences sampled per step (``pairs`` pairs × 2 responses × K thoughts for btpo = the same number of TRL prompts × K
 generations), the thought budget (``--thought-tokens``; the random tiny model almost never ends a
 thought early, and the tokens actually generated are reported per side), one optimizer step per
 rollout (btpo: ``rollout_batch_size == train.batch_size``; TRL: ``steps_per_generation=1``), the
@@ -45,7 +45,8 @@ def btpo_side(a: argparse.Namespace, data: Path, work: Path, engine: str) -> dic
            "--set", f"btpo.rollout_batch_size={a.pairs}", "--set", f"train.batch_size={a.pairs}",
            "--set", f"train.micro_batch_size={a.pairs}", "--set", f"btpo.k={a.k}",
            "--set", f"btpo.max_thought_tokens={a.thought_tokens}", "--set", "train.save_every=0",
-           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0", "--engine", engine] + [x for kv in a.set for x in ("--set", kv)]
+           "--set", "train.log_every=1", "--set", "optim.warmup_ratio=0", "--engine", engine,
+           *[x for kv in a.set for x in ("--set", kv)]]
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -110,6 +111,11 @@ def trl_side(a: argparse.Namespace, prompts: list[Any], work: Path) -> dict[str,
     return json.loads(line[len("RESULT "):])
 
 
+def after_warmup(xs: list[float]) -> float:
+    """The median without the first (warm-up) step, unless there is only one."""
+    return statistics.median(xs[1:] or xs)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trl-site", default="/tmp/trl_site")
@@ -138,15 +144,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = [r["prompt"] + [side[0], ask] for r in recs[:a.pairs * a.steps] for side in (r["chosen"], r["rejected"])]
         ours = {e: btpo_side(a, data, work, e) for e in a.engines.split(",")}
         theirs = trl_side(a, prompts, work)
-    t = statistics.median(theirs["step_s"][1:] or theirs["step_s"])
+    t = after_warmup(theirs["step_s"])
     tl = theirs["completion_lens"]
     res: dict[str, Any] = {"model": a.model, "pairs": a.pairs, "k": a.k, "thought_tokens": a.thought_tokens,
                            "steps": a.steps, "sequences_per_step": 2 * a.pairs * a.k, "set": a.set,
                            "btpo": ours, "trl": theirs, "trl_step_s": t,
                            "trl_mean_completion_len": statistics.mean(tl) if tl else None}
     for e, side in ours.items():
-        b = statistics.median(side["step_s"][1:] or side["step_s"])
-        res[e] = {"btpo_step_s": b, "btpo_update_s": statistics.median(side["update_s"][1:] or side["update_s"]),
+        b = after_warmup(side["step_s"])
+        res[e] = {"btpo_step_s": b, "btpo_update_s": after_warmup(side["update_s"]),
                   "btpo_generate_s": statistics.median(x for x in (side["generate_s"][1:] or side["generate_s"])
                                                        if x is not None),
                   "trl_over_btpo": t / b,

@@ -231,7 +231,8 @@ def build_math(
     base = base_manifest(
         "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
         grader="math-verify" if HAS_MATH_VERIFY else "builtin",
-        answers="marked only" if marked_only else "marked, else the last number", requested={"train": o.n_train, "test": o.n_test},
+        answers="marked only" if marked_only else "marked, else the last number",
+        requested={"train": o.n_train, "test": o.n_test},
         generator_endpoint=o.describe_generator(),
     )
     base["splits_without_source"] = {

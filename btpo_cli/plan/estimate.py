@@ -230,8 +230,9 @@ def head_bytes(inp: PlanInputs, rows: int, keep: int, backward: bool = True) -> 
     With ``chunked_logprobs``: ``rows × V × (…)`` for the last position (p(Yes)) plus one chunk of
     :func:`logprob_chunk` ``(rows · (keep − 1), V, H)`` positions × ``V × 12`` (fp32 logits, their exp,
     the logits' gradient in the recomputing backward) and, in a ``backward``, the ``V × H`` buffer
-    (the weight's dtype: fp32 but under ``bf16``) that backward accumulates the head weight's gradient in, alive beside the gradient the
-    model's own head gives it (p(Yes)'s position) while the activations still are."""
+    (the weight's dtype: fp32 but under ``bf16``) that backward accumulates the head weight's
+    gradient in, alive beside the gradient the model's own head gives it (p(Yes)'s position) while
+    the activations still are."""
     if keep <= 0:
         return 0.0
     e_logits = 4 if inp.precision == "fp32" else 2
@@ -402,8 +403,8 @@ def scoring_transient(inp: PlanInputs, geo: Geometry) -> float:
     rows = inp.micro_batch * geo.rows_per_pair
     t, mask_once, kv_rows = _tokens_and_masks(inp, geo, False)
     e, _, _ = _dtypes(inp)
-    return float(t * 3 * e * inp.shape.intermediate + head_bytes(inp, rows, geo.keep, backward=False) + mask_once * (1 + e)
-                 + kv_rows)
+    head = head_bytes(inp, rows, geo.keep, backward=False)
+    return float(t * 3 * e * inp.shape.intermediate + head + mask_once * (1 + e) + kv_rows)
 
 
 # ----------------------------------------------------------------------------- the estimate
