@@ -26,5 +26,6 @@ def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, see
     flipped = sum(r.meta["label_flipped"] for r in splits["train"])
     manifest = {"name": "synthetic", "builder": "synthetic", "seed": seed, "settings": asdict(spec),
                 "sources": ["generated (data_builders/synthetic.py)"], "aspect": ASPECT,
+                "requested": {"train": n_train, "test": n_test},
                 "label_flipped": {"train": flipped, "test": 0}, "skipped": {"total": 0, "by_reason": {}}}
     return write_dataset(out, splits, manifest, overwrite)

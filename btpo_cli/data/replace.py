@@ -3,7 +3,9 @@
 :func:`check_replace` compares what a builder is about to write (its manifest, with the sha256 of every
 split file) with what the output folder holds: the same files are a no-op, a folder without them is
 written (or completed), and different files are refused with one line naming the folder and what differs
-(the manifest's builder, seed, settings, sources, counts …, else the file digests) unless ``--overwrite``.
+(the manifest's builder, seed, settings, sources, requested sizes …; the file digests when there is no
+manifest) unless ``--overwrite``. Files that differ while every input in the manifest is the same are a
+re-run of the same build (a generation builder completing its failed requests) and are written.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from typing import Any
 
 from btpo_cli.errors import BtpoError
 
-IGNORED = ("format", "btpo_version", "sha256")
-"""Manifest keys that do not make a dataset different (the writer's version) or are compared as files."""
+OUTCOMES = ("format", "btpo_version", "sha256", "counts", "skipped", "failed", "judging", "grading", "pairs",
+            "no_pair", "ties", "questions", "prompts", "label_flipped", "subset_counts", "missing",
+            "splits_without_source", "generation_run")
+"""Manifest keys that record what a build produced, not what it was asked for: two builds that differ only
+in these are the same dataset, made again (a re-run that completes failed requests, a resumed build)."""
 
 
 def jsonl_digest(rows: Iterable[dict[str, Any]]) -> tuple[str, int]:
@@ -61,13 +66,13 @@ def check_replace(out: Path, new: dict[str, Any], overwrite: bool) -> bool:
     if overwrite:
         return False
     old = _old_manifest(out)
-    what = []
     if old is not None:
-        for key in sorted(set(old) | set(new)):
-            if key not in IGNORED and old.get(key) != new.get(key):
-                what.append(f"{key} {_short(old.get(key))} → {_short(new.get(key))}")
-    if not what:
-        what = [f"{', '.join(differ)} differ" + ("" if old is not None else " (no manifest.json)")]
+        what = [f"{key} {_short(old.get(key))} → {_short(new.get(key))}" for key in sorted(set(old) | set(new))
+                if key not in OUTCOMES and old.get(key) != new.get(key)]
+        if not what:
+            return False         # the same builder, inputs and settings: a re-run that completes or refreshes it
+    else:
+        what = [f"{', '.join(differ)} differ (no manifest.json)"]
     raise BtpoError(f"{out} already holds a different dataset ({'; '.join(what[:4])}"
                     f"{f'; +{len(what) - 4} more' if len(what) > 4 else ''}); pass --overwrite to replace it, "
                     "or choose another --out")
