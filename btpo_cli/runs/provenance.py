@@ -126,10 +126,10 @@ def _selected_step(d: Path) -> int | None:
     return sel.get("step") if isinstance(sel, dict) and isinstance(sel.get("step"), int) else None
 
 
-def model_provenance(model_dir: str | Path, which: str | None) -> dict[str, Any]:
+def model_provenance(model_dir: str | Path, which: str | None, store: bool = True) -> dict[str, Any]:
     """The ``provenance.model`` of an eval: folder, ``final``/``best`` (``None`` for a model judged as it is),
     the step it was saved at and the sha256 of its weights (``None`` when unknown: a Hub id not on disk)."""
-    rec = weights_digest(model_dir) if Path(model_dir).is_dir() else None
+    rec = weights_digest(model_dir, store) if Path(model_dir).is_dir() else None
     return {"dir": str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir), "which": which,
             "step": rec.get("step") if rec else None, "weights_sha256": rec.get("sha256") if rec else None}
 
@@ -251,7 +251,7 @@ def eval_provenance(cfg: Any, model_dir: str | Path, which: str, split: str | No
             same = _same(data, then)
             data["trained_sha256"] = then.get("sha256") or then.get("revision")
             data["changed_since_training"] = None if same is None else not same
-    prov = {"model": model_provenance(model_dir, None if as_is else which), "data": data,
+    prov = {"model": model_provenance(model_dir, None if as_is else which, store=not quiet), "data": data,
             "eval": {**dict(vars(cfg.eval)), **settings}, "evaluated_at": time.strftime(TIME_FORMAT)}
     line = None if quiet else data_change_line(Path(run_root).name, prov)
     if line:
