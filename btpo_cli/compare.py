@@ -27,6 +27,9 @@ Rules (also in ``btpo compare --help``):
   skipped, as are invalid JSON, empty evals and folders that are not run folders. A run folder
   with no usable eval is listed as not evaluated. A folder that is not a run folder but holds run
   folders (``runs/``) is expanded one level.
+- **Stale evals.** An eval whose model or data changed since it ran (:func:`btpo_cli.runs.provenance.staleness`:
+  a resumed or overwritten run, a replaced dataset) is left out of the table and listed in ``stale``
+  with its reason; ``include_stale`` keeps it, its cell marked ``‡`` (json: ``stale``, csv: ``stale``).
 - **Eval settings that differ.** Within a backbone block, rows (or the runs of one row) whose evals
   ran with different settings that move a judge's figure — thought budget, engine, sampled
   thoughts, ``yes_no_normalize`` (:func:`eval_settings_of`) — get a warning naming the values and
@@ -53,6 +56,7 @@ from btpo_cli.errors import BtpoError
 from btpo_cli.judging.protocol import EVAL_VERSION
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.runs.folder import Run
+from btpo_cli.runs.provenance import staleness
 
 BASELINE = "bt"
 SHOW = ("clipped", "raw")
@@ -71,6 +75,8 @@ class RunEvals:
     model: str
     method: str
     results: dict[str, dict[str, Any]] = field(default_factory=dict)   # dataset → eval summary
+    stale: dict[str, str] = field(default_factory=dict)
+    """dataset → why its eval is stale (only with ``include_stale``: otherwise stale evals are left out)."""
 
 
 @dataclass
@@ -79,6 +85,9 @@ class Collected:
     datasets: list[str]
     missing_eval: list[str]
     skipped: list[str]
+    stale: list[dict[str, Any]] = field(default_factory=list)
+    """Evals whose model or data changed since (``run``, ``path``, ``dataset``, ``reason``, ``detail``)."""
+    include_stale: bool = False
 
 
 @dataclass
@@ -103,6 +112,8 @@ class Cell:
     """Pairwise judges: the fraction of verdicts that chose the first slot (0.5 = no position bias)."""
     best: bool = False
     delta_bt: float | None = None
+    stale: str | None = None
+    """Why (one of) its evals is stale, when shown with ``include_stale``."""
 
     def shown(self, show: str) -> float:
         return self.raw if show == "raw" else self.acc
@@ -131,6 +142,8 @@ class Table:
     missing_eval: list[str]
     skipped: list[str]
     warnings: list[str] = field(default_factory=list)
+    stale: list[dict[str, Any]] = field(default_factory=list)
+    include_stale: bool = False
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -158,9 +171,11 @@ def _expand(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
     return out, skipped
 
 
-def collect(run_dirs: Iterable[Path]) -> Collected:
+def collect(run_dirs: Iterable[Path], include_stale: bool = False) -> Collected:
+    """The usable evals of the run folders; stale ones (:func:`btpo_cli.runs.provenance.staleness`) are
+    listed in ``stale`` and left out, or kept and marked with ``include_stale``."""
     dirs, skipped = _expand(run_dirs)
-    runs, datasets, missing = [], set(), []
+    runs, datasets, missing, stale = [], set(), [], []
     for d in dirs:
         evals = sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []
         rec: RunEvals | None = None
@@ -189,6 +204,12 @@ def collect(run_dirs: Iterable[Path]) -> Collected:
             if not s["n"]:
                 skipped.append(f"{e}: no pairs evaluated")
                 continue
+            why, detail = staleness(s, e)
+            if why:
+                stale.append({"run": d.name, "path": str(e), "dataset": str(s["dataset"]), "reason": why,
+                              "detail": detail})
+                if not include_stale:
+                    continue
             if rec is None:
                 rec = RunEvals(path=d, name=d.name, model=str(s["model"]), method=method_label(s))
             elif (s["model"], method_label(s)) != (rec.model, rec.method):
@@ -196,16 +217,20 @@ def collect(run_dirs: Iterable[Path]) -> Collected:
                                f"({rec.model}/{rec.method})")
                 continue
             rec.results[str(s["dataset"])] = s
+            if why:
+                rec.stale[str(s["dataset"])] = why
             datasets.add(str(s["dataset"]))
         if rec is None:
-            missing.append(str(d))
+            if not any(x["run"] == d.name and Path(x["path"]).parent.parent == d for x in stale):
+                missing.append(str(d))
         else:
             runs.append(rec)
-    return Collected(runs, sorted(datasets), missing, skipped)
+    return Collected(runs, sorted(datasets), missing, skipped, stale, include_stale)
 
 
 SETTING_KEYS = ("thought_budget", "engine", "samples", "yes_no_normalize")
 DIFFER_MARK = " †"
+STALE_MARK = " ‡"
 
 
 def eval_settings_of(s: dict[str, Any]) -> dict[str, Any]:
@@ -435,6 +460,7 @@ def build_table(c: Collected, show: str = "clipped") -> Table:
             entries = [(r.name, r.results[ds]) for r in runs if ds in r.results]
             if entries:
                 cells[ds] = _cell(entries)
+                cells[ds].stale = next((r.stale[ds] for r in runs if ds in r.stale), None)
                 if cells[ds].n_pairs is None:
                     warnings.append(f"{model}/{method}/{ds}: runs were evaluated on different numbers of pairs")
         rows.append(TableRow(model, method, runs, cells))
@@ -449,7 +475,8 @@ def build_table(c: Collected, show: str = "clipped") -> Table:
                 acc = sum(r.cells[ds].acc for ds in common) / len(common)
                 raw = sum(r.cells[ds].raw for ds in common) / len(common)
                 r.avg = Cell(acc=acc, acc_std=None, raw=raw, raw_std=None, k=min(r.cells[ds].k for ds in common),
-                             clipped=False, runs=sorted({n for ds in common for n in r.cells[ds].runs}))
+                             clipped=False, runs=sorted({n for ds in common for n in r.cells[ds].runs}),
+                             stale=next((r.cells[ds].stale for ds in common if r.cells[ds].stale), None))
         for ds in c.datasets:
             _mark_best([r.cells[ds] for r in block if ds in r.cells], show)
         _mark_best([r.avg for r in block if r.avg is not None], show)
@@ -470,7 +497,8 @@ def build_table(c: Collected, show: str = "clipped") -> Table:
                         cell.delta_bt = cell.shown(show) - base.cells[ds].shown(show)
                 if r.avg is not None and base.avg is not None:
                     r.avg.delta_bt = r.avg.shown(show) - base.avg.shown(show)
-    return Table(rows, c.datasets, avg_datasets, show, c.missing_eval, c.skipped, warnings)
+    return Table(rows, c.datasets, avg_datasets, show, c.missing_eval, c.skipped, warnings, c.stale,
+                 c.include_stale)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -495,6 +523,8 @@ def cell_text(cell: Cell | None, show: str, bold: tuple[str, str] = ("", "")) ->
         txt += f" n={cell.k}"
     if cell.delta_bt is not None:
         txt += f" ({_signed(cell.delta_bt)})"
+    if cell.stale:
+        txt += STALE_MARK
     return txt
 
 
@@ -502,6 +532,9 @@ def legend(t: Table) -> list[str]:
     fig = "raw accuracy" if t.show == "raw" else "accuracy clipped at 50, raw in [brackets] where clipped"
     lines = [f"{fig} (%); mean ± std over n runs (seeds); (±x) = difference to BT of the same backbone; "
              "best per backbone block marked"]
+    if any(c.stale for r in t.rows for c in r.cells.values()):
+        lines.append(f"{STALE_MARK.strip()} = stale: the model or data changed since this eval (--include-stale; "
+                     "see the stale list)")
     if any(r.settings_differ for r in t.rows):
         lines.append(f"{DIFFER_MARK.strip()} = eval settings differ from another row of the block (see the warnings)")
     for model, ds in t.avg_datasets.items():
@@ -559,7 +592,7 @@ def _cell_json(cell: Cell, show: str) -> dict[str, Any]:
             "raw_values": [_r(v) for v in cell.raw_values], "n_pairs": cell.n_pairs,
             "tie_rate": _r(cell.tie_rate, 4), "format_error_rate": _r(cell.format_error_rate, 4),
             "order_disagreement": _r(cell.order_disagreement, 4), "first_slot_wins": _r(cell.first_slot_wins, 4),
-            "best": cell.best, "delta_bt": _r(cell.delta_bt)}
+            "best": cell.best, "delta_bt": _r(cell.delta_bt), "stale": cell.stale}
 
 
 def to_json(t: Table | Collected) -> str:
@@ -573,7 +606,8 @@ def to_json(t: Table | Collected) -> str:
                                                         if k in ("value", "accuracy", "raw_accuracy", "n_runs",
                                                                  "best", "delta_bt")}})
     doc = {"eval_version": EVAL_VERSION, "show": t.show, "datasets": t.datasets, "avg_datasets": t.avg_datasets,
-           "rows": rows, "missing_eval": t.missing_eval, "skipped": t.skipped, "warnings": t.warnings}
+           "rows": rows, "missing_eval": t.missing_eval, "skipped": t.skipped, "warnings": t.warnings,
+           "include_stale": t.include_stale, "stale": t.stale}
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -581,7 +615,7 @@ def csv_columns(datasets: list[str]) -> list[str]:
     per_ds = ("", "_raw", "_n", "_std", "_runs", "_clipped", "_best", "_delta_bt", "_order_disagreement",
               "_first_slot_wins")
     return (["model", "method", "run"] + [f"{ds}{s}" for ds in datasets for s in per_ds]
-            + ["avg", "avg_raw", "avg_best", "avg_delta_bt", "settings_differ"])
+            + ["avg", "avg_raw", "avg_best", "avg_delta_bt", "settings_differ", "stale"])
 
 
 def to_csv(t: Table | Collected, delimiter: str = ",") -> str:
@@ -593,7 +627,8 @@ def to_csv(t: Table | Collected, delimiter: str = ",") -> str:
     w.writeheader()
     for r in t.rows:
         rec: dict[str, Any] = {"model": r.model, "method": r.method, "run": ";".join(x.name for x in r.runs),
-                               "settings_differ": ";".join(r.settings_differ)}
+                               "settings_differ": ";".join(r.settings_differ),
+                               "stale": ";".join(f"{ds}: {c.stale}" for ds, c in r.cells.items() if c.stale)}
         for ds in t.datasets:
             c = r.cells.get(ds)
             if c is None:

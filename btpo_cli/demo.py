@@ -283,7 +283,7 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     data = folder / "data" / "synthetic"
     n_train, n_test = (1024, 100) if quick else (2000, 200)
     console.rule("[bold]1. data")
-    build_synthetic(data, n_train=n_train, n_test=n_test, seed=0)
+    build_synthetic(data, n_train=n_train, n_test=n_test, seed=0, overwrite=overwrite)
     console.print(f"{data}: {n_train} train / {n_test} test pairs (multi-step arithmetic)")
     console.rule("[bold]2. base model")
     reports = {t: report_thinker(t) for t in thinker_seeds}

@@ -117,6 +117,8 @@ class GenOptions:
     timeout: float | None = None
     """Seconds per server reply; ``None``: :meth:`timeout_for` picks one per role."""
     backoff: float = 1.0
+    overwrite: bool = False
+    """Replace a different dataset already in the output folder (``write_dataset``)."""
 
     @classmethod
     def with_defaults(cls, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> GenOptions:
@@ -746,10 +748,11 @@ def base_manifest(
 
 
 def finish(
-    out: Path, splits: Mapping[str, list[PairRecord]], manifest: dict[str, Any], stats: dict[str, int]
+    out: Path, splits: Mapping[str, list[PairRecord]], manifest: dict[str, Any], stats: dict[str, int],
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the dataset; the run's statistics go with the returned manifest, not into the file (they
     differ between a fresh and a resumed build)."""
-    result = write_dataset(out, dict(splits), manifest)
+    result = write_dataset(out, dict(splits), manifest, overwrite)
     result["generation_run"] = stats
     return result

@@ -210,7 +210,8 @@ def sample_pairs(pool: Sequence[PairRecord], n: int, seed: int, split: str) -> l
 
 def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets: Sequence[str] = HH_SUBSETS,
              n_train: int = 20000, n_test: int = 1000, seed: int = 0, limit: int | None = None,
-             strict: bool = False, dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             strict: bool = False, dry_run: bool = False, progress: Progress | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """Build the HH preference set (METHOD.md §8) and return its manifest.
 
     Args:
@@ -267,4 +268,4 @@ def build_hh(out: Path | None, sources: Mapping[str, str] | None = None, subsets
                 "examples": [r.to_json() for r in splits["train"][:3]]}
     if out is None:
         raise BtpoError("build_hh: an output folder is required unless dry_run is set")
-    return write_dataset(out, splits, manifest)
+    return write_dataset(out, splits, manifest, overwrite)

@@ -254,4 +254,4 @@ def build_if(
         "judging": judging,
         "skipped": skips.as_dict(),
     }
-    return finish(out, splits, manifest, stats)
+    return finish(out, splits, manifest, stats, overwrite=o.overwrite)

@@ -250,7 +250,7 @@ def import_pairs(source: str, out: Path | None, *, column_map: Mapping[str, str]
                  split_map: Mapping[str, str] | str | None = None, aspect: str = DEFAULT_ASPECT, seed: int = 0,
                  test_fraction: float = 0.05, fmt: str = "auto", name: str | None = None, strict: bool = False,
                  limit: int | None = None, dry_run: bool = False,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Import preference pairs from ``source`` into ``out`` (canonical format); return the manifest.
 
     Args:
@@ -306,4 +306,4 @@ def import_pairs(source: str, out: Path | None, *, column_map: Mapping[str, str]
                 "examples": [r.to_json() for r in train[:3]]}
     if out is None:
         raise BtpoError("import_pairs: an output folder is required unless dry_run is set")
-    return write_dataset(out, splits, manifest)
+    return write_dataset(out, splits, manifest, overwrite)

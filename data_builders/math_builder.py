@@ -325,4 +325,4 @@ def build_math(
         },
         "skipped": skips.as_dict(),
     }
-    return finish(out, splits, manifest, gen_stats)
+    return finish(out, splits, manifest, gen_stats, overwrite=o.overwrite)

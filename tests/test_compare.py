@@ -325,3 +325,28 @@ def test_band_is_mean_min_max_over_the_runs_that_logged_each_step() -> None:
     steps, mean, lo, hi = _band([([1, 2, 3], [1.0, 2.0, 3.0]), ([1, 2], [3.0, 0.0])])
     assert steps == [1, 2, 3]
     assert mean == [2.0, 1.0, 3.0] and lo == [1.0, 0.0, 3.0] and hi == [3.0, 2.0, 3.0]
+
+
+def test_old_format_evals_still_compare_and_are_stale_once_their_model_was_retrained(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    kept = fake_run(root, "a-bt", "model-a", "bt", {"hh": 0.60})           # no final/: unknown provenance
+    redone = fake_run(root, "a-gram", "model-a", "gram", {"hh": 0.65, "math": 0.70})
+    (redone / "final").mkdir()
+    (redone / "final" / "btpo.json").write_text(json.dumps(     # a resume rewrote it: only math is still its result
+        {"method": "gram", "eval": {"math/test": {"n": 200, "accuracy": 0.70, "raw_accuracy": 0.70}}}))
+    c = collect([root])
+    assert [r.name for r in c.runs] == ["a-bt", "a-gram"] and not c.missing_eval
+    assert set(c.runs[1].results) == {"math"}
+    assert [(Path(x["path"]).parent.parent.name, x["dataset"], x["reason"]) for x in c.stale] == [
+        ("a-gram", "hh", "model changed since eval")]
+    doc = json.loads(to_json(build_table(collect([root], include_stale=True))))
+    gram = next(r for r in doc["rows"] if r["method"] == "gram")
+    assert gram["cells"]["hh"]["stale"] == "model changed since eval" and gram["cells"]["math"]["stale"] is None
+    assert "‡" in to_markdown(build_table(collect([root], include_stale=True)))
+    p = run_btpo("compare", str(root), "--format", "csv")
+    assert "stale (left out)" in p.stderr and str(redone / "eval" / "hh.json") in p.stderr
+    rows = list(csv.DictReader(io.StringIO(p.stdout)))
+    assert next(r for r in rows if r["method"] == "gram")["hh"] == "" and kept.name in p.stdout
+    st = json.loads(run_btpo("status", str(redone), "--format", "json", check=False).stdout)["evals"]
+    assert st["hh"]["stale"] == "model changed since eval" and st["math"]["stale"] is None
+    assert st["math"]["provenance"] == "unknown"

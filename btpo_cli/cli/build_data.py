@@ -20,6 +20,10 @@ from data_builders.importer import import_pairs
 from data_builders.sources import BUILDER_SOURCES, parse_source_args
 from data_builders.synthetic import build_synthetic
 
+OVERWRITE_HELP = ("Replace a different dataset already in --out (without it, that is an error naming what differs; "
+                  "the same command with the same inputs is a no-op).")
+
+
 app = typer.Typer(help="Build preference-pair datasets: train.jsonl, test.jsonl and manifest.json in a folder.",
                   no_args_is_help=True)
 
@@ -30,7 +34,8 @@ def _done(manifest: dict, folder: Path) -> None:
     for missing in manifest.get("missing") or []:
         console.print(f"[yellow]warning[/]: no {escape(missing)} file in the source; that split has none of it",
                       highlight=False)
-    console.print(f"[green]wrote[/] {escape(str(folder))}  ({counts}; skipped {skipped})", highlight=False)
+    verb = "unchanged (it holds this dataset already)" if manifest.get("unchanged") else "wrote"
+    console.print(f"[green]{verb}[/] {escape(str(folder))}  ({counts}; skipped {skipped})", highlight=False)
     out.print(str(folder), markup=False, highlight=False)
 
 
@@ -45,9 +50,10 @@ def synthetic(
     ops: int = typer.Option(3, "--ops", min=1, max=8, help="Operations per expression (difficulty)."),
     label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=0.5,
                                       help="Fraction of training pairs with chosen/rejected swapped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Multi-step arithmetic pairs (right result vs near miss): hard to judge without thinking; no Hub."""
-    _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise), out_dir)
+    _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise, overwrite=overwrite), out_dir)
 
 
 def print_manifest(manifest: dict) -> None:
@@ -110,12 +116,13 @@ def hh(
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N rows per input file."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Anthropic/hh-rlhf transcripts → pairs (prompt = shared turns, responses = final assistant turns)."""
     subs = [s.strip() for s in subsets.split(",") if s.strip()] if subsets else list(HH_SUBSETS)
     with _progress() as bars:
         m = build_hh(None if dry_run else out_dir, _sources(source, "hh"), subs, n_train, n_test, seed, limit,
-                     strict, dry_run, progress=bars)
+                     strict, dry_run, progress=bars, overwrite=overwrite)
     _finish(m, out_dir, dry_run)
 
 
@@ -134,12 +141,13 @@ def import_(
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N rows per split."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Import any preference data (file, folder, Hub id) into the canonical pair format."""
     with _progress() as bars:
         m = import_pairs(source, None if dry_run else out_dir, column_map=column_map, split_map=split_map,
                          aspect=aspect, seed=seed, test_fraction=test_fraction, fmt=fmt, strict=strict,
-                         limit=limit, dry_run=dry_run, progress=bars)
+                         limit=limit, dry_run=dry_run, progress=bars, overwrite=overwrite)
     _finish(m, out_dir, dry_run)
 
 
@@ -211,6 +219,8 @@ _GENERATION_FLAGS: dict[str, tuple[type, dict[str, Any], dict[str, tuple[Any, st
     "backoff": (float, {"min": 0.0}, {"": (1.0, "First retry delay in seconds (then doubled, at most 30).")}),
     "strict": (bool, {}, {"": (False, "Fail on the first unusable row.")}),
     "dry_run": (bool, {}, {"": (False, "Print the manifest and examples; write nothing.")}),
+    "overwrite": (bool, {}, {"": (False, "Replace a different dataset already in --out (the samples cached in "
+                                         "OUT/.cache are reused).")}),
 }
 
 
@@ -244,7 +254,7 @@ def _generation_command(command: str, epilog: str, layout: tuple[str, ...]) -> C
                              "  btpo build-data math --out data/math              # then assemble",
                      ("out_dir", "source", "generator", "n_samples", "temperature", "top_p", "max_new_tokens",
                       "batch_size", "n_train", "n_test", "shard", "marked_only", "seed", "limit", "device", "engine",
-                      "generator_url", "retries", "timeout", "backoff", "strict", "dry_run"))
+                      "generator_url", "retries", "timeout", "backoff", "strict", "dry_run", "overwrite"))
 def math(
     out_dir: Path = typer.Option(Path("data/math"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Names: metamathqa, gsm8k, math500."),
@@ -286,7 +296,7 @@ def math(
                            "--generator qwen2.5-7b --judge qwen2.5-7b",
                      ("out_dir", "source", "generator", "judge", "judge_url", "n_samples", "temperature", "top_p",
                       "max_new_tokens", "batch_size", "n_train", "n_test", "test_fraction", "seed", "limit", "device",
-                      "engine", "generator_url", "retries", "timeout", "backoff", "strict", "dry_run"))
+                      "engine", "generator_url", "retries", "timeout", "backoff", "strict", "dry_run", "overwrite"))
 def if_(
     out_dir: Path = typer.Option(Path("data/if"), "--out", "-o", help="Output folder (cache in OUT/.cache)."),
     source: list[str] = typer.Option(None, "--source", help=_SOURCE_HELP + " Name: advancedif."),

@@ -32,7 +32,9 @@ are averaged: mean ± sample std, n = number of runs. avg = mean over the datase
 that backbone has. The best figure of each column within each backbone block is marked (bold in
 markdown, * in the table, best flags in csv/json). (+x) = difference to the BT row of the same
 backbone, in points. Eval files of another eval_version, or with a field of the wrong type, are
-skipped and listed by name; run folders without an eval are listed as not evaluated. A folder of
+skipped and listed by name; run folders without an eval are listed as not evaluated. Stale evals
+(the model or data changed since they ran: a resumed or overwritten run, a replaced dataset) are
+left out and listed with the reason; --include-stale shows them, marked ‡. A folder of
 run folders (runs/) is expanded.
 
 --show skips lists the records skipped as unusable instead: per run, training
@@ -59,6 +61,9 @@ def compare(
                              "skips (the skipped-record reports instead of accuracies)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
                                      "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
+    include_stale: bool = typer.Option(False, "--include-stale", help="Also show evals whose model or data "
+                                       "changed since they ran (stale), marked ‡; by default they are left out "
+                                       "and listed under the table."),
 ) -> None:
     check_format(fmt, COMPARE_FORMATS)
     if show not in ("clipped", "raw", "skips"):
@@ -66,8 +71,8 @@ def compare(
     if show == "skips":
         _show_skips(runs, fmt)
         return
-    c = collect(runs)
-    if not c.runs:
+    c = collect(runs, include_stale)
+    if not c.runs and not c.stale:
         raise BtpoError("no evaluated runs among the given folders (run `btpo eval --checkpoint RUN` first)"
                         + (f"; not evaluated: {', '.join(c.missing_eval)}" if c.missing_eval else "")
                         + (f"; skipped: {'; '.join(c.skipped)}" if c.skipped else ""))
@@ -78,6 +83,9 @@ def compare(
         write_text(to_markdown(t))
     elif fmt == "json":
         write_text(to_json(t))
+    elif not t.rows:
+        console.print("no current evals among the given folders (the stale ones are listed below; "
+                      "--include-stale shows them)", highlight=False, soft_wrap=True)
     else:
         out.print(to_rich(t))
         for line in legend(t)[1:]:
@@ -85,6 +93,10 @@ def compare(
     if plot is not None:
         console.print(f"figure: {make_plot(t, plot)}", highlight=False)
 
+    for x in c.stale:
+        what = "shown, marked ‡" if include_stale else "left out"
+        console.print(f"[yellow]stale ({what}):[/] {escape(x['path'])}: {escape(x['reason'])} ({escape(x['detail'])})",
+                      highlight=False, soft_wrap=True)
     for m in c.missing_eval:
         console.print(f"[yellow]not evaluated:[/] {escape(m)}", highlight=False, soft_wrap=True)
     for m in c.skipped:

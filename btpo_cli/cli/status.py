@@ -42,6 +42,6 @@ def status(
             evals = [{"eval": k, **v} for k, v in st.evals.items()]
             if evals:
                 print_records(fmt, (("eval", "eval"), ("split", "split"), ("n", "n"), ("accuracy", "accuracy"),
-                                    ("raw_accuracy", "raw accuracy")), evals, title="eval results")
+                                    ("raw_accuracy", "raw accuracy"), ("stale", "stale")), evals, title="eval results")
     if st.exit_code:
         raise typer.Exit(EXIT_CODES[st.state])

@@ -44,6 +44,7 @@ from btpo_cli.data.files import (
     probe,
     utf8_detail,
 )
+from btpo_cli.data.replace import check_replace, jsonl_digest
 from btpo_cli.errors import BtpoError, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -417,23 +418,26 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def write_dataset(out_dir: str | Path, splits: dict[str, list[PairRecord]], manifest: dict[str, Any]) -> dict[str, Any]:
+def write_dataset(out_dir: str | Path, splits: dict[str, list[PairRecord]], manifest: dict[str, Any],
+                  overwrite: bool = False) -> dict[str, Any]:
     """Write ``<split>.jsonl`` for each split and ``manifest.json``; return the manifest.
 
     The manifest gets ``counts`` and ``sha256`` filled in; everything else (``builder``, ``seed``,
     ``sources``, ``skipped``, ...) comes from the caller. No timestamps, so the same inputs and
-    seed give byte-identical folders.
+    seed give byte-identical folders. A folder that already holds these files is left as it is; one
+    that holds different ones is refused unless ``overwrite`` (:func:`~btpo_cli.data.replace.check_replace`).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     counts, digests = {}, {}
     for name, records in splits.items():
-        p = out / f"{name}.jsonl"
-        counts[name] = write_jsonl(p, (r.to_json() for r in records))
-        digests[p.name] = sha256_file(p)
-
+        digests[f"{name}.jsonl"], counts[name] = jsonl_digest(r.to_json() for r in records)
     full = {"format": "btpo-pairs/1", "btpo_version": __version__, **manifest,
             "counts": counts, "sha256": digests}
+    if check_replace(out, full, overwrite):
+        return {**full, "unchanged": True}     # the same dataset is there already: nothing to write
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in splits.items():
+        write_jsonl(out / f"{name}.jsonl", (r.to_json() for r in records))
     atomic_json(out / "manifest.json", full)
     return full
 

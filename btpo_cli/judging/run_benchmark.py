@@ -27,6 +27,7 @@ from btpo_cli.judging.benchmarks import get_benchmark, judge_items, position_bia
 from btpo_cli.judging.judge import judge_for_eval
 from btpo_cli.judging.protocol import EVAL_VERSION
 from btpo_cli.methods import get_method
+from btpo_cli.runs.provenance import eval_provenance
 
 
 def run_benchmark(cfg: Config, root: Path, model_dir: str, name: str, source: str, limit: int | None,
@@ -69,6 +70,7 @@ def run_benchmark(cfg: Config, root: Path, model_dir: str, name: str, source: st
         "wall_seconds": round(wall, 2),
         "checkpoint": str(model_dir), "which": which, "as_is": as_is, "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__, "eval_settings": settings,
+        "provenance": eval_provenance(cfg, model_dir, which, bench.hub_split, as_is, root, settings, benchmark=True),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_json(out_dir / f"{name}.json", summary)

@@ -29,6 +29,7 @@ from btpo_cli.models.aliases import resolve_model
 from btpo_cli.progress import PhaseProgress
 from btpo_cli.runs.final import model_dir_of, read_checkpoint, read_meta, record_eval
 from btpo_cli.runs.folder import Run
+from btpo_cli.runs.provenance import eval_provenance
 from btpo_cli.training.accelerator import use_cpu
 
 
@@ -217,6 +218,8 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
         "eval_settings": eval_settings(cfg, read_meta(model_dir) if Path(model_dir).is_dir() else {}),
         "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
     }
+    summary["provenance"] = eval_provenance(cfg, model_dir, which, split, as_is, root, summary["eval_settings"],
+                                            quiet=not shards.is_main)
     parse_counts: dict[str, int] = {}
     for r in results:
         for kind, n in (r.detail.get("parse") or {}).items():

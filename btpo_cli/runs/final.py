@@ -13,7 +13,8 @@ folder (``docs/judge.md`` lists every key)::
     settings      the judge's settings in the config's own shape: model.*, data.max_length,
                   eval.* (batch size, thought budget, samples), rollout.temperature / top_p /
                   engine, train.seed, and the method's own section (btpo.*, prefilled.*, …)
-    training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods;
+    training      data, pairs, steps, batch, lr, seed, ``data_sha256`` (the digest of every split file the
+                  run read, as in ``env.json``); rollout budget and K for generative methods;
                   ``early_stop`` when ``train.early_stop_patience`` ended the run
     eval          {"<dataset>/<split>": accuracy, raw accuracy, ties, format errors, n}: filled by ``btpo eval``
     selected      ``best/`` only: the step and eval result it was kept for (``train.eval_every``)
@@ -77,7 +78,7 @@ def describe(cfg: Config, records: Sequence[Any], *, templates: dict[str, Any], 
         "run": cfg.name or Path(cfg.out).name, "data": cfg.data.path, "train_split": cfg.data.train_split,
         "train_pairs": len(records), "max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr, "scheduler": cfg.optim.scheduler,
-        "seed": cfg.train.seed, "tag": cfg.tag}
+        "seed": cfg.train.seed, "tag": cfg.tag, "data_sha256": _data_record(cfg)}
     if spec.rollouts:
         training["rollout"] = {"n": cfg.rollout.n, "max_new_tokens": cfg.rollout.max_new_tokens,
                                "temperature": cfg.rollout.temperature, "batch_size": cfg.rollout.batch_size}
@@ -94,6 +95,15 @@ def describe(cfg: Config, records: Sequence[Any], *, templates: dict[str, Any], 
         "eval": {},
         **extra,
     }
+
+
+def _data_record(cfg: Config) -> dict[str, Any]:
+    """The digests of the run's data at its last start (``env.json``'s ``data``; {} when not recorded)."""
+    try:
+        env = json.loads((Path(cfg.out) / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return env.get("data") if isinstance(env, dict) and isinstance(env.get("data"), dict) else {}
 
 
 # ----------------------------------------------------------------------------- reading

@@ -4,14 +4,15 @@ Layout of ``runs/NAME/``::
 
     .lock              held by the training process (btpo_cli/runs/lock.py)
     config.yaml        the resolved config (every key; rewritten on each resume)
-    env.json           btpo version, git commit, library versions, devices, command line, and
-                       ``starts``: one entry per (re)start (time, host, world size, from step)
+    env.json           btpo version, git commit, library versions, devices, command line, ``data``:
+                       the sha256 of every split file the run reads (btpo_cli/runs/provenance.py), and
+                       ``starts``: one entry per (re)start (time, host, world size, from step, data sha256)
     metrics.jsonl      one JSON object per logged step, keys prefixed (docs/metrics.md)
     data_skips.json    records skipped per split: counts by reason, file:line of the first few
     checkpoints/step-00000040/   accelerate state (model, optimizer, scheduler, RNG per process)
                                  + trainer_state.json (step, data position), written last
     final/             loads with plain transformers (AutoModelFor... .from_pretrained)
-    eval/<dataset>.json
+    eval/<dataset>.json   kept by ``--overwrite`` (they become stale: btpo_cli/runs/provenance.py)
 
 A checkpoint is written into a hidden temporary folder and renamed when complete, so a kill at
 any moment leaves either the previous checkpoint or the new one, never half of one; when the
@@ -45,6 +46,7 @@ from btpo_cli.console import console, print_error
 from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.errors import BtpoError, FollowerError
 from btpo_cli.runs.lock import LOCK_FILE, RunLock, describe
+from btpo_cli.runs.provenance import training_data
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -152,15 +154,19 @@ class Run:
             others += [f"checkpoints/{p.name}" for p in self.ckpt_root.iterdir() if not p.name.startswith(".")]
         return f"it holds {', '.join(others[:5])}" if others else None
 
-    def clear(self) -> None:
-        """Delete the folder's contents except the lock (``--overwrite``, or a launch that never trained)."""
+    def clear(self) -> int:
+        """Delete the folder's contents except the lock and ``eval/`` (``--overwrite``, or a launch that never
+        trained): the old evals stay and show as stale (``btpo status``, ``btpo compare``) until re-evaluated.
+        Returns how many eval results were kept."""
+        kept = len(list((self.root / "eval").rglob("*.json"))) if (self.root / "eval").is_dir() else 0
         for p in self.root.iterdir():
-            if p.name == LOCK_FILE:
+            if p.name in (LOCK_FILE, "eval"):
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink()
+        return kept
 
     def check_new(self, resume: bool, overwrite: bool) -> str | None:
         """Refuse to clobber a run that trained unless ``--resume`` or ``--overwrite``; a folder left
@@ -175,10 +181,12 @@ class Run:
         if what is not None and not overwrite:
             raise BtpoError(f"{self.root} already exists ({what}); pass --resume to continue it or --overwrite "
                             "to start over")
-        if self.is_main:
-            self.clear()
-        return None if what is not None else (f"{self.root}: replacing what a launch that never reached step 1 "
-                                              "left behind")
+        kept = self.clear() if self.is_main else 0
+        note = None if what is not None else f"{self.root}: replacing what a launch that never reached step 1 left behind"
+        if kept:
+            note = (f"{note}; " if note else "") + (f"{self.root}: kept eval/ ({kept} result(s) of the replaced "
+                                                    "model; status and compare mark them stale)")
+        return note
 
     def begin(self, cfg: Config, state: Any, resume: bool, overwrite: bool) -> RunLock:
         """Lock the folder, check it, write config.yaml and env.json — on the main process; the other
@@ -238,6 +246,8 @@ class Run:
                        "pid": os.getpid(), "world_size": world_size, "resume": resume,
                        "from_step": int(self.read_state(ckpt)["step"]) if ckpt else 0,
                        "btpo_version": env["btpo_version"], "git_commit": env["git_commit"], "argv": env["argv"]})
+        env["data"] = training_data(cfg)      # the sha256 of every split file the run reads, at this start
+        starts[-1]["data_sha256"] = {k: v.get("sha256") or v.get("revision") for k, v in env["data"].items()}
         env["starts"] = starts
         atomic_write(old_path, json.dumps(env, indent=2) + "\n")
 

@@ -7,7 +7,8 @@ running   ``RUN/.lock`` held by a live process                  exit 4
 broken    no ``config.yaml``, or one that cannot be read        exit 5
 
 Every state carries the eval summaries found in ``RUN/eval/*.json`` (``RUN/eval/best/*.json``
-under ``best``)."""
+under ``best``), each with ``stale``: why it no longer describes the run's model or data, or ``None``
+(:func:`btpo_cli.runs.provenance.staleness`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import yaml
 from btpo_cli.errors import BtpoError
 from btpo_cli.runs.folder import CKPT_PREFIX, STATE_FILE
 from btpo_cli.runs.lock import LOCK_FILE, pid_alive
+from btpo_cli.runs.provenance import staleness
 
 EXIT_CODES = {"finished": 0, "stopped": 3, "running": 4, "broken": 5}
 """The exit code of ``btpo status`` per state (docs/cli.md)."""
@@ -100,7 +102,10 @@ def _evals(root: Path) -> dict[str, dict[str, Any]]:
             except (OSError, ValueError):
                 continue
             if isinstance(s, dict) and "accuracy" in s:
-                found[prefix + p.stem] = {k: s.get(k) for k in EVAL_KEYS}
+                stale, detail = staleness(s, p)
+                found[prefix + p.stem] = {**{k: s.get(k) for k in EVAL_KEYS}, "stale": stale, "stale_detail": detail,
+                                          "provenance": "recorded" if isinstance(s.get("provenance"), dict)
+                                          else "unknown"}
     return found
 
 

@@ -43,6 +43,7 @@ from btpo_cli.models.lora import (
 )
 from btpo_cli.runs.final import write_meta
 from btpo_cli.runs.folder import Run
+from btpo_cli.runs.provenance import write_weights_digest
 from btpo_cli.training.accelerator import make_accelerator
 from btpo_cli.training.eval_pairs import split_eval_pairs
 from btpo_cli.training.launch import load_split
@@ -240,6 +241,7 @@ class TrainSession:
             self.tok.save_pretrained(str(tmp))
 
             write_meta(tmp, meta)       # btpo.json + README.md (the model card)
+            write_weights_digest(tmp, self._saved_step(meta, dest))   # weights.sha256.json: hashed once, here
             if dest.exists():
                 old = dest.parent / f".{dest.name}.del"
                 shutil.rmtree(old, ignore_errors=True)
@@ -247,6 +249,14 @@ class TrainSession:
                 shutil.rmtree(old)
             os.replace(tmp, dest)
         acc.wait_for_everyone()
+
+    def _saved_step(self, meta: dict[str, Any], dest: Path) -> int | None:
+        """The step of the weights being saved: ``best/``'s selected step, else the last checkpoint's (written
+        at the loop's end, before ``final/``)."""
+        if dest != self.run.final_dir:
+            return (meta.get("selected") or {}).get("step")
+        ckpt = self.run.latest_checkpoint()
+        return int(self.run.read_state(ckpt)["step"]) if ckpt is not None else None
 
     def finish(self, meta: dict[str, Any]) -> None:
         """Write ``final/`` (full weights, tokenizer, ``btpo.json`` with ``meta``; ``adapter/`` with LoRA)

@@ -233,6 +233,22 @@ def test_eval_benchmark_on_a_trained_bt_judge_and_compare(trained_judge, tmp_pat
     assert cell["accuracy"] == pytest.approx(round(100 * s["accuracy"], 2))
 
 
+def test_benchmark_eval_records_provenance(trained_judge) -> None:
+    run = trained_judge("bt")
+    run_btpo("eval", "--checkpoint", str(run), "--benchmark", "judgebench", "--data", str(SOURCES["judgebench"]),
+             "--device", "cpu", "--limit", "3", env=ONE_THREAD)
+    s = json.loads((run / "eval" / "judgebench.json").read_text())
+    prov = s["provenance"]
+    weights = json.loads((run / "final" / "weights.sha256.json").read_text())
+    assert prov["model"] == {"dir": str((run / "final").resolve()), "which": "final", "step": weights["step"],
+                             "weights_sha256": weights["sha256"]}
+    assert prov["data"]["path"] == str(SOURCES["judgebench"]) and len(prov["data"]["sha256"]) == 64
+    assert prov["data"]["file"] == str(SOURCES["judgebench"].resolve())         # the folder as a whole
+    assert prov["eval"]["batch_size"] == s["eval_config"]["batch_size"]
+    st = json.loads(run_btpo("status", str(run), "--format", "json").stdout)["evals"]["judgebench"]
+    assert st["stale"] is None and st["provenance"] == "recorded"
+
+
 @pytest.mark.slow
 def test_eval_benchmark_pairwise_judge_as_is_has_position_bias(tmp_path: Path) -> None:
     out = tmp_path / "gram-base"

@@ -138,6 +138,21 @@ def test_a_run_that_trained_needs_resume_or_overwrite(tmp_path: Path, made: str)
     lock.release()
 
 
+def test_overwrite_keeps_the_old_evals_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "run"
+    run = Run(root)
+    run.begin(_cfg(root), _State(), resume=False, overwrite=False).release()
+    run.log({"step": 1, "train/loss": 0.5})
+    (root / "eval" / "best").mkdir(parents=True)
+    (root / "eval" / "hh.json").write_text("{}")
+    (root / "eval" / "best" / "hh.json").write_text("{}")
+    lock = Run(root).begin(_cfg(root), _State(), resume=False, overwrite=True)
+    lock.release()
+    assert sorted(p.name for p in root.iterdir()) == ["config.yaml", "env.json", "eval"]
+    assert (root / "eval" / "hh.json").exists() and (root / "eval" / "best" / "hh.json").exists()
+    assert "kept eval/ (2 result(s)" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_begin_refuses_while_another_process_holds_the_folder(tmp_path: Path) -> None:
     root = tmp_path / "run"
     p = _holder_process(root)
