@@ -1,4 +1,4 @@
-"""``btpo score``: JSONL in (file or stdin), one JSON result per line on stdout, progress on stderr."""
+"""``btpo score``: JSONL in (file or stdin), one JSON result per input line on stdout, progress on stderr."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ EPILOG = """[bold]Input lines[/] (JSON objects; `prompt` is a string or a list o
 
 Optional on every line: "aspect", "id" (copied to the output).
 
+One output line per input line, in order (so `paste` lines them up): a bad or blank line gives
+{"line": N, "error": "field: reason"} and is counted on stderr; --strict stops there (exit 1).
+
 [bold]Examples[/]
 
   btpo score --judge runs/btpo data/synthetic/test.jsonl > scored.jsonl
@@ -50,8 +53,11 @@ def score(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the sampled thoughts (with --samples)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale budget."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Judge only the first N valid lines."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad line (exit 1) instead of skipping it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    strict: bool = typer.Option(False, "--strict",
+                                help='Stop at the first bad line (exit 1) instead of writing {"line": N, "error": …} '
+                                     "for it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress or summary on stderr (the count of bad lines is still printed)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:
@@ -66,7 +72,7 @@ def score(
         nonlocal skipped_shown
         skipped_shown += 1
         if not quiet and skipped_shown <= 20:
-            console.print(f"[yellow]skipped[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"bad line: {msg}", style="yellow", highlight=False, markup=False, soft_wrap=True)
 
     stream = sys.stdin if input_path == "-" else open_text(Path(input_path))
     try:
@@ -81,12 +87,15 @@ def score(
         if stream is not sys.stdin:
             stream.close()
         judge.close()
+    if summary.errors:                      # even with --quiet: the output holds error rows
+        console.print(f"btpo score: {summary.errors} of {summary.lines} line(s) had errors "
+                      f"(first: {summary.first_error})", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
     if quiet:
         return
-    if summary.skipped:
-        console.print(f"[yellow]{source}: skipped {summary.skipped} bad line(s)[/]", highlight=False)
     kinds = ", ".join(f"{n} {k}{'s' if n != 1 and k != 'candidates' else ''}" for k, n in summary.by_kind.items())
-    console.print(f"[btpo] scored {summary.lines} line(s){': ' + kinds if kinds else ''}", highlight=False,
+    judged = sum(summary.by_kind.values())
+    console.print(f"[btpo] scored {judged} of {summary.lines} line(s){': ' + kinds if kinds else ''}", highlight=False,
                   markup=False)
     s = summary.pairs()
     if s:

@@ -1,6 +1,6 @@
-"""``btpo score``'s engine: JSONL in, one JSONL result per input line out, batched through a judge.
+"""``btpo score``'s engine: JSONL in, exactly one JSONL result per input line out, batched through a judge.
 
-Input lines (one JSON object each; blank lines are ignored)::
+Input lines (one JSON object each)::
 
     {"prompt": P, "response": "..."}                   one response  → {"score", "error"?, "thought"?}
     {"prompt": P, "candidates": ["...", "..."]}        best-of-N     → {"best", "scores", "errors"?, "thoughts"?}
@@ -12,8 +12,10 @@ and ``id`` are optional on every kind (``id`` is copied to the output). Every ou
 ``line`` (the input line number). Pairs go through :meth:`Judge.judge_pairs`, the code path of
 ``btpo eval``, in the same batches when the file holds only pairs, so the decisions are the same.
 
-A bad line is skipped and counted with a one-line message naming the line and the field
-(``strict`` makes the first one an error).
+Output line N answers input line N, so ``paste`` lines them up: a bad line (a blank line included)
+gives ``{"line": N, "id"?, "error": "field: reason"}`` at its place, between the results of the
+good lines around it, and is counted (``strict`` makes the first one an error naming the file, line
+and field, after the results of the lines before it are written).
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class ScoreSummary:
     """What ``btpo score`` reports on stderr at the end."""
 
     lines: int = 0
-    """Results written."""
-    skipped: int = 0
+    """Output lines written: one per input line read."""
+    errors: int = 0
+    """Bad input lines (written as ``{"line", "error"}``)."""
+    first_error: str | None = None
+    """``line N: field: reason`` of the first bad line."""
     by_kind: dict[str, int] = field(default_factory=dict)
     pair_results: list[PairResult] = field(default_factory=list)
 
@@ -114,36 +119,44 @@ def score_lines(judge: Judge, lines: Iterable[str], source: str, out: TextIO, *,
                 detail: bool = False, strict: bool = False, limit: int | None = None,
                 warn: Callable[[str], None] = lambda m: None,
                 progress: Callable[[int], None] = lambda n: None) -> ScoreSummary:
-    """Judge every line of ``lines`` and write one JSON line per result to ``out`` (flushed per group)."""
+    """Judge every line of ``lines`` and write one JSON line per input line to ``out``, in input order
+    (flushed per group): good lines of one kind are batched together, bad lines wait at their place."""
     summary = ScoreSummary()
     group_pairs = judge.batch_size * math.ceil(GROUP_TARGET / judge.batch_size)
-    buf: list[Unit] = []
+    pending: list[Unit | dict[str, Any]] = []       # units of one kind and error rows, in input order
+    units: list[Unit] = []                          # the units of ``pending``
 
     def flush() -> None:
-        if not buf:
+        if not pending:
             return
-        if buf[0].kind == "pair":
-            rows = _pairs(judge, buf, thoughts, summary)
-        elif buf[0].kind == "candidates":
-            rows = _candidates(judge, buf, thoughts, detail)
-        else:
-            scores = judge.score_items([u.items[0] for u in buf])
-            rows = [_head(u) | s.to_json(thoughts, detail) for u, s in zip(buf, scores, strict=True)]
+        done: dict[int, dict[str, Any]] = {}
+        if units:
+            if units[0].kind == "pair":
+                rows = _pairs(judge, units, thoughts, summary)
+            elif units[0].kind == "candidates":
+                rows = _candidates(judge, units, thoughts, detail)
+            else:
+                scores = judge.score_items([u.items[0] for u in units])
+                rows = [_head(u) | s.to_json(thoughts, detail) for u, s in zip(units, scores, strict=True)]
+            done = {u.line: r for u, r in zip(units, rows, strict=True)}
+            for u in units:
+                summary.by_kind[u.kind] = summary.by_kind.get(u.kind, 0) + 1
+        rows = [done[u.line] if isinstance(u, Unit) else u for u in pending]
         out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         out.flush()
-        for u in buf:
-            summary.by_kind[u.kind] = summary.by_kind.get(u.kind, 0) + 1
         summary.lines += len(rows)
-        progress(len(buf))
-        buf.clear()
+        progress(len(rows))
+        pending.clear()
+        units.clear()
 
-    taken = 0
+    taken = size = 0                                # size: responses in ``units``
     for lineno, text in enumerate(lines, start=1):
         if limit is not None and taken >= limit:
             break
-        if not text.strip():
-            continue
+        obj: Any = None
         try:
+            if not text.strip():
+                raise LineError(None, "blank line")
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
@@ -151,14 +164,25 @@ def score_lines(judge: Judge, lines: Iterable[str], source: str, out: TextIO, *,
             unit = parse_unit(judge, obj, lineno)
         except LineError as e:
             if strict:
+                flush()                                  # the lines before it, then the error
                 raise DataError(source, lineno, e.field, e.reason) from None
-            summary.skipped += 1
+            summary.errors += 1
+            reason = f"{e.field}: {e.reason}" if e.field else e.reason
+            summary.first_error = summary.first_error or f"line {lineno}: {reason}"
             warn(str(DataError(source, lineno, e.field, e.reason)))
+            row: dict[str, Any] = {"line": lineno}
+            if isinstance(obj, dict) and obj.get("id") is not None:
+                row["id"] = obj["id"]
+            pending.append(row | {"error": reason})
+            if not units:                                # nothing to judge waits before it
+                flush()
             continue
         taken += 1
-        if buf and (buf[0].kind != unit.kind or sum(u.size for u in buf) >= 2 * group_pairs):
+        if units and (units[0].kind != unit.kind or size >= 2 * group_pairs):
             flush()
-        buf.append(unit)
+        size = unit.size + (size if units else 0)
+        pending.append(unit)
+        units.append(unit)
     flush()
     return summary
 

@@ -249,7 +249,9 @@ def test_score_cli_lines_errors_and_pipes(trained, tmp_path: Path) -> None:
         json.dumps(["a list"]),
     ]) + "\n")
     p = run_btpo("score", "--judge", str(run), str(inp), env=ONE_THREAD)
-    rows = [json.loads(x) for x in p.stdout.splitlines()]
+    every = [json.loads(x) for x in p.stdout.splitlines()]         # one line per input line, bad ones too
+    assert [r["line"] for r in every] == list(range(1, 9))
+    rows = [r for r in every if set(r) - {"line", "id", "error"}]
     assert [r["line"] for r in rows] == [1, 3, 7]
     assert rows[0]["id"] == "q1" and isinstance(rows[0]["score"], float)
     assert rows[1]["best"] in (0, 1, 2) and len(rows[1]["scores"]) == 3
@@ -259,7 +261,8 @@ def test_score_cli_lines_errors_and_pipes(trained, tmp_path: Path) -> None:
     assert "in.jsonl:4 field 'response': expected a string, got int" in err
     assert "in.jsonl:6 field 'candidates': expected a non-empty list of strings" in err
     assert "in.jsonl:8: expected a JSON object, got list" in err
-    assert "skipped 4 bad line(s)" in err and "Traceback" not in err
+    assert "btpo score: 5 of 8 line(s) had errors (first: line 2: invalid JSON" in err     # 4 and the blank line
+    assert "Traceback" not in err
 
     p = run_btpo("score", "--judge", str(run), str(inp), "--strict", check=False)
     assert p.returncode == 1 and "in.jsonl:2: invalid JSON" in p.stderr and "Traceback" not in p.stderr
@@ -275,4 +278,6 @@ def test_score_cli_lines_errors_and_pipes(trained, tmp_path: Path) -> None:
 
     p = run_btpo("score", "--judge", str(trained("gram")), str(inp), env=ONE_THREAD)
     assert "field 'response': gram is a pairwise judge" in p.stderr
-    assert [json.loads(x)["line"] for x in p.stdout.splitlines()] == [3, 7]
+    every = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [r["line"] for r in every] == list(range(1, 9))
+    assert [r["line"] for r in every if "error" not in r] == [3, 7]
