@@ -11,8 +11,9 @@ folder (``docs/judge.md`` lists every key)::
                    through the chat template with {prompt}/{response}/{thought} placeholders}
     token_ids     what the method reads or stops on: yes / no / end_of_turn / A / B / pad
     settings      the judge's settings in the config's own shape: model.*, data.max_length,
-                  eval.* (batch size, thought budget, samples), rollout.temperature / top_p /
-                  engine, train.seed, and the method's own section (btpo.*, prefilled.*, …)
+                  eval.* (batch size, thought budget: null = the training one, samples),
+                  rollout.temperature / top_p / engine / max_new_tokens (the training budget),
+                  train.seed, and the method's own section (btpo.*, prefilled.*, …)
     training      data, pairs, steps, batch, lr, seed; rollout budget and K for generative methods;
                   ``early_stop`` when ``train.early_stop_patience`` ended the run
     eval          {"<dataset>/<split>": accuracy, raw accuracy, ties, format errors, n}: filled by ``btpo eval``
@@ -59,7 +60,8 @@ def judge_settings(cfg: Config) -> dict[str, Any]:
         "eval": {"batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
                  "samples": cfg.eval.samples},
         "rollout": {"engine": cfg.rollout.engine, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
-                    "prompts_per_batch": cfg.rollout.prompts_per_batch},
+                    "prompts_per_batch": cfg.rollout.prompts_per_batch,
+                    "max_new_tokens": cfg.rollout.max_new_tokens},    # eval.max_new_tokens null: this budget
         "train": {"seed": cfg.train.seed},
     }
     section = get_method(cfg.method).config_section
