@@ -382,12 +382,7 @@ def evaluate(cfg: Config, model_dir: str, records: list[PairRecord], device: Any
                   highlight=False, markup=False)
     with judge_for_eval(PrefilledJudge, cfg, model_dir, device) as judge:
         judge.given_thoughts = thoughts
-        results = judge.evaluate_pairs(records, progress)
-    for r in results:          # the written thoughts' lengths and cuts (the eval's `thoughts` and `warnings`)
-        written = [n for n in (thoughts.get(r.id) or {}).get("tokens", []) if n != 0]
-        if written:
-            r.detail.update(thought_tokens=[abs(n) for n in written], thought_cut=[n < 0 for n in written])
-    return results
+        return judge.evaluate_pairs(records, progress)
 
 
 def templates(tok: Any, aspect: str) -> dict[str, Any]:

@@ -206,7 +206,8 @@ def record_eval(model_dir: str | Path, summary: dict[str, Any]) -> None:
     keep = ("n", "accuracy", "raw_accuracy", "tie_rate", "format_error_rate", "protocol", "engine", "data_path")
     entry = {k: summary.get(k) for k in keep}
     if summary.get("engine"):                        # generative: the thought / rationale budget it ran with
-        entry["max_new_tokens"] = (summary.get("eval_config") or {}).get("max_new_tokens")
+        entry["max_new_tokens"] = (summary.get("eval_settings") or {}).get(
+            "thought_budget", (summary.get("eval_config") or {}).get("max_new_tokens"))
     if "sampled" in summary:
         entry["sampled"] = {k: summary["sampled"].get(k) for k in ("samples", "accuracy", "raw_accuracy")}
     meta.setdefault("eval", {})[f"{summary['dataset']}/{summary['split']}"] = entry

@@ -120,11 +120,8 @@ def test_train_resume_eval_reuse_thoughts(tmp_path: Path, synthetic_data: Path) 
     summary = json.loads((run_dir / "eval" / "synthetic.json").read_text())
     assert summary["method"] == "bt-prefilled" and summary["protocol"] == "pointwise" and summary["n"] == 24
     assert len((run_dir / "eval" / "synthetic.prefilled_thoughts.jsonl").read_text().splitlines()) == 24
-    # the writer's training budget, whatever eval.max_new_tokens says; its cuts reach `thoughts` / `warnings`
+    # the writer's training budget, whatever eval.max_new_tokens says
     assert summary["eval_settings"]["thought_budget"] == 6
     assert summary["eval_settings"]["thought_budget_from"] == "training"
-    th = summary["thoughts"]
-    assert th["responses"] == 48 and 0 < th["thought_tokens_mean"] <= 6 and 0 <= th["thought_cut_fraction"] <= 1
-    assert (th["thought_cut_fraction"] > 0.1) == any(w.startswith("thought_cut_fraction") for w in summary["warnings"])
     p = run_btpo("eval", "--checkpoint", str(run_dir))
     assert "24 cached, 0 generated" in p.stdout + p.stderr
