@@ -177,11 +177,27 @@ class RolloutConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 16
-    max_new_tokens: int = 1000
-    """Thought / rationale budget at evaluation (greedy)."""
+    max_new_tokens: int | None = None
+    """Thought / rationale budget at evaluation (greedy). ``null`` (the default): the budget the run was
+    trained with, ``rollout.max_new_tokens`` (:func:`eval_budget`); bt-prefilled always uses its writer's
+    training budget. Older runs hold an explicit number here and keep it."""
     samples: int = 0
     """``--eval-samples K``: also report the mean p(Yes) over K sampled thoughts."""
     limit: int | None = None
+
+
+def eval_budget(cfg: Config) -> int:
+    """The thought / rationale budget a generative judge runs with: ``eval.max_new_tokens`` when set,
+    else the rollout's (the budget a BTPO / GRPO run was trained with; 1000 for an untrained model)."""
+    budget = cfg.eval.max_new_tokens
+    return int(budget) if budget is not None else int(cfg.rollout.max_new_tokens)
+
+
+def settings_budget(settings: dict[str, Any]) -> int | None:
+    """:func:`eval_budget` of a ``btpo.json`` ``settings`` mapping (None when it names neither)."""
+    ev, ro = settings.get("eval") or {}, settings.get("rollout") or {}
+    budget = ev.get("max_new_tokens")
+    return budget if budget is not None else ro.get("max_new_tokens")
 
 
 @dataclass
@@ -555,6 +571,9 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens <= 0:
+        raise ConfigError(f"eval.max_new_tokens: must be positive, or null (the training budget), got "
+                          f"{cfg.eval.max_new_tokens}")
     for key in ("train.eval_every", "train.eval_limit", "train.early_stop_patience"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {_get(cfg, key)}")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from btpo_cli.console import check_format, console, to_tsv, write_json, write_text
@@ -65,7 +66,8 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N pairs."),
     eval_samples: int | None = typer.Option(None, "--eval-samples", min=0,
                                             help="BTPO: also the mean p(Yes) over K sampled thoughts."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought budget."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale "
+                                              "budget (default: eval.max_new_tokens, else the training one)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),
@@ -101,12 +103,19 @@ def evaluate(
         _print_benchmark(s)
     else:
         _print_protocol(s)
+    _print_warnings(s)
     if fmt == "json":
         write_json(s)
     elif fmt == "tsv":
         write_text(to_tsv(TSV_COLUMNS, [[s.get(k) for k in TSV_COLUMNS]]))
     else:
         write_text("".join(f"{path}\n" for path in eval_paths(folder, s)))
+
+
+def _print_warnings(s: dict) -> None:
+    """The summary's ``warnings`` (thoughts cut at the budget, little Yes/No mass), one line each."""
+    for w in s.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {escape(str(w))}", highlight=False, soft_wrap=True)
 
 
 def _pct(x: object) -> str:

@@ -128,14 +128,44 @@ def thought_stats(results: Sequence[PairResult]) -> dict[str, Any] | None:
             v = r.detail.get(key)
             if isinstance(v, list):
                 values.extend(float(x) for x in v if isinstance(x, (int, float)))
-    if not got["thought_tokens"] and not got["yes_no_mass"]:
+    if not any(got.values()):
         return None
 
     def mean(xs: list[float]) -> float | None:
         return sum(xs) / len(xs) if xs else None
 
-    return {"responses": len(got["thought_tokens"]), "thought_tokens_mean": mean(got["thought_tokens"]),
+    return {"responses": max(len(v) for v in got.values()), "thought_tokens_mean": mean(got["thought_tokens"]),
             "thought_cut_fraction": mean(got["thought_cut"]), "yes_no_mass_mean": mean(got["yes_no_mass"])}
+
+
+CUT_LIMIT = 0.10
+"""More than this share of thoughts / rationales cut at the token budget: the eval warns (``warnings``)."""
+YES_NO_FLOOR = 0.5
+"""A mean Yes + No probability at BTPO's answer position below this: the eval warns. Our choice: below ½ the
+judge would rather say something else than answer, so its p(Yes) is mostly the share of a small mass
+(a trained judge sits near 1; an untrained base model, or one whose thoughts were cut, far below)."""
+
+
+def eval_warnings(summary: dict[str, Any]) -> list[str]:
+    """One line per sign that the judge did not get to answer: ``thought_cut_fraction`` above
+    :data:`CUT_LIMIT` (BTPO's thoughts; GRPO's rationales: ``parse`` counts ``truncated``) and
+    ``yes_no_mass`` below :data:`YES_NO_FLOOR`. Each line starts with the key and its value."""
+    th = summary.get("thoughts") or {}
+    cut = th.get("thought_cut_fraction")
+    parse = summary.get("parse") or {}
+    total = sum(v for v in parse.values() if isinstance(v, int))
+    if cut is None and total:
+        cut = parse.get("truncated", 0) / total
+    budget = (summary.get("eval_settings") or {}).get("thought_budget")
+    out = []
+    if cut is not None and cut > CUT_LIMIT:
+        out.append(f"thought_cut_fraction {cut:.2f} > {CUT_LIMIT}: {100 * cut:.0f}% of thoughts / rationales hit the "
+                   f"{budget}-token budget before answering (raise --max-new-tokens)")
+    mass = th.get("yes_no_mass_mean")
+    if mass is not None and mass < YES_NO_FLOOR:
+        out.append(f"yes_no_mass {mass:.4f} < {YES_NO_FLOOR}: the judge puts little probability on Yes/No at the "
+                   "answer position, so its p(Yes) says little")
+    return out
 
 
 class JsonlWriter:

@@ -14,16 +14,23 @@ import torch
 from rich.markup import escape
 
 from btpo_cli import __version__
-from btpo_cli.config import Config, build_config, dump_yaml
+from btpo_cli.config import Config, build_config, dump_yaml, eval_budget
 from btpo_cli.console import console
-from btpo_cli.data.files import atomic_json, atomic_write
+from btpo_cli.data.files import atomic_json, atomic_open, atomic_write
 from btpo_cli.data.pairs import dataset_name, read_split
 from btpo_cli.engines import engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.benchmarks import get_benchmark
 from btpo_cli.judging.judge import override_eval
-from btpo_cli.judging.protocol import EVAL_VERSION, PairResult, pointwise_result, summarize, thought_stats
-from btpo_cli.judging.run_benchmark import run_benchmark
+from btpo_cli.judging.protocol import (
+    EVAL_VERSION,
+    PairResult,
+    eval_warnings,
+    pointwise_result,
+    summarize,
+    thought_stats,
+)
+from btpo_cli.judging.run_benchmark import no_usable, run_benchmark
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.progress import PhaseProgress
@@ -54,10 +61,23 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     its published file or folder, default its Hub id) instead of a split."""
     run = Run(run_dir)
     cfg: Config = run.load_config()
+    budget_from = _budget_from(cfg, max_new_tokens, trained=True)
     _override_eval(cfg, benchmark_source(benchmark, data) if benchmark else data, batch_size, samples,
                    max_new_tokens, engine)
     return run_protocol(cfg, run.root, str(model_dir_of(run.root, which)), split, limit, device, which=which,
-                        benchmark=benchmark)
+                        benchmark=benchmark, budget_from=budget_from)
+
+
+def _budget_from(cfg: Config, flag: int | None, trained: bool) -> str:
+    """Where the eval's thought / rationale budget comes from (``eval_settings.thought_budget_from``):
+    ``flag`` (``--max-new-tokens``), ``config`` (``eval.max_new_tokens`` set: a recipe, ``--set``, or an
+    older run's config.yaml), ``training`` (unset: the budget the run was trained with,
+    ``rollout.max_new_tokens``) or ``default`` (unset, a model as it is: ``rollout.max_new_tokens``)."""
+    if flag:
+        return "flag"
+    if cfg.eval.max_new_tokens is not None:
+        return "config"
+    return "training" if trained else "default"
 
 
 def benchmark_source(benchmark: str, data: str | None) -> str:
@@ -112,6 +132,7 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
         base = read_checkpoint(model_dir).cfg
     cfg = build_config(recipe, overrides, {"method": method, "model.name": model, "data.path": data}, base=base)
     cfg.tag = tag
+    budget_from = _budget_from(cfg, max_new_tokens, trained=base is not None)
     _override_eval(cfg, None, batch_size, samples, max_new_tokens, engine)
     root = Path(out) if out else Path("runs") / f"{method}-{tag}-{_slug(model)}"
     run = Run(root)
@@ -119,8 +140,11 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
         raise BtpoError(f"{root} holds a trained run (checkpoints or final/); pick another --out")
     cfg.out = str(root)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / "config.yaml", dump_yaml(cfg))
-    return root, run_protocol(cfg, root, model_dir, split, limit, device, as_is=True, benchmark=benchmark)
+    text = dump_yaml(cfg)          # written once the eval succeeded: a failed one leaves the folder as it was
+    summary = run_protocol(cfg, root, model_dir, split, limit, device, as_is=True, benchmark=benchmark,
+                           budget_from=budget_from)
+    atomic_write(root / "config.yaml", text)
+    return root, summary
 
 
 def check_model_class(model: str, model_dir: str, model_class: str) -> None:
@@ -147,17 +171,19 @@ def _slug(model: str) -> str:
 
 
 def eval_settings(cfg: Config, meta: dict[str, Any] | None = None, *, engine: str | None = None,
-                  legacy: bool = False) -> dict[str, Any]:
+                  legacy: bool = False, budget_from: str | None = None) -> dict[str, Any]:
     """The settings that change a judge's figures beyond its weights (``btpo compare`` warns when rows
     differ in them): the engine and thought/rationale budget of a generative judge, then the method's own
     (``MethodSpec.eval_settings``: BTPO's sampled-thought count and ``yes_no_normalize``, bt-prefilled's
     writer budget). ``engine``: the resolved engine, when known; ``legacy``: derive them for an eval summary
-    older than ``eval_settings`` (only ``cfg.eval`` and the engine are known; the rest is left out)."""
+    older than ``eval_settings`` (only ``cfg.eval`` and the engine are known; the rest is left out);
+    ``budget_from``: where the budget came from (:func:`_budget_from`; ``thought_budget_from``)."""
     impl = get_method(cfg.method)
     out: dict[str, Any] = {}
     if impl.generative:
         out["engine"] = engine or resolve_engine_name(cfg.rollout.engine)
-        out["thought_budget"] = cfg.eval.max_new_tokens
+        out["thought_budget"] = eval_budget(cfg)
+        out["thought_budget_from"] = budget_from
     if impl.eval_settings is not None:
         out.update(impl.eval_settings(cfg, None if legacy else (meta or {})))
     return {k: v for k, v in out.items() if v is not None}
@@ -165,18 +191,21 @@ def eval_settings(cfg: Config, meta: dict[str, Any] | None = None, *, engine: st
 
 def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, limit: int | None,
                  device: str | None, as_is: bool = False, which: str = "final",
-                 benchmark: str | None = None) -> dict[str, Any]:
+                 benchmark: str | None = None, budget_from: str | None = None) -> dict[str, Any]:
     """METHOD §7 with ``cfg.method``'s judge on ``model_dir``: write ``root/eval/<dataset>.json`` (+ the
     predictions and the method's artifacts) and return the summary. ``benchmark``: judge that benchmark
-    (read from ``cfg.data.path``) instead (:mod:`btpo_cli.judging.run_benchmark`)."""
+    (read from ``cfg.data.path``) instead (:mod:`btpo_cli.judging.run_benchmark`). ``budget_from``: where
+    the thought budget came from (:func:`_budget_from`). No usable pair: a :class:`BtpoError`, nothing written."""
     impl = get_method(cfg.method)
     if impl.generative:
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now, not mid-eval
+        budget_from = budget_from or _budget_from(cfg, None, trained=not as_is)
+        cfg.eval.max_new_tokens = eval_budget(cfg)                # eval_config records the budget it ran with
     if benchmark:
         meta = read_meta(model_dir) if Path(model_dir).is_dir() else {}
         return run_benchmark(cfg, root, model_dir, benchmark, cfg.data.path, limit,
                              torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                             eval_dir(root, which), as_is, which, eval_settings(cfg, meta))
+                             eval_dir(root, which), as_is, which, eval_settings(cfg, meta, budget_from=budget_from))
     split = split or cfg.data.eval_split
     records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict,
                                 limit=limit if limit is not None else cfg.eval.limit)
@@ -198,6 +227,7 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
                                                   progress=lambda k: bar.advance(k * shards.world),
                                                   artifacts=artifacts) if mine else []
     results = shards.gather(results, records, out_dir)
+    check_judged(results, f"{cfg.data.path} [{split}]", skips, cfg.data.max_length)
     summary = {
         "eval_version": EVAL_VERSION,
         "run": root.name,
@@ -215,7 +245,8 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
         "as_is": as_is,
         "btpo_version": __version__,
         "eval_config": cfg.eval.__dict__,
-        "eval_settings": eval_settings(cfg, read_meta(model_dir) if Path(model_dir).is_dir() else {}),
+        "eval_settings": eval_settings(cfg, read_meta(model_dir) if Path(model_dir).is_dir() else {},
+                                       budget_from=budget_from),
         "engine": resolve_engine_name(cfg.rollout.engine) if impl.generative else None,
     }
     summary["provenance"] = eval_provenance(cfg, model_dir, which, split, as_is, root, summary["eval_settings"],
@@ -234,15 +265,25 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
     if sampled:
         summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
             [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
-    if shards.is_main:
-        atomic_json(out_dir / f"{name}.json", summary)
-        with open(out_dir / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
+    summary["warnings"] = eval_warnings(summary)     # thoughts cut, little Yes/No mass: one line each
+    if shards.is_main:                               # predictions first, the summary last: both complete
+        with atomic_open(out_dir / f"{name}.predictions.jsonl") as f:
             for r in results:
                 f.write(json.dumps({"id": r.id, "credit": r.credit, **r.detail}, ensure_ascii=False) + "\n")
+        atomic_json(out_dir / f"{name}.json", summary)
         if not as_is:
             record_eval(Path(model_dir), summary)   # final/btpo.json and its model card learn the result
     shards.wait()
     return summary
+
+
+def check_judged(results: list[PairResult], where: str, skips: Any, max_length: int) -> None:
+    """No pair judged (every one too long for ``data.max_length``): a :class:`BtpoError` naming the data
+    and the reasons, before anything is written (a previous result stays)."""
+    if not results or any(r.detail.get("reason") != "too_long" for r in results):
+        return
+    raise BtpoError(no_usable(where, len(results) + skips.total, skips,
+                              {f"too long for data.max_length={max_length}": len(results)}))
 
 
 @dataclass

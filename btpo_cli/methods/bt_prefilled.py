@@ -398,10 +398,12 @@ def check_model(model: str, meta: dict[str, Any]) -> None:
 
 
 def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
-    """The thought budget is the writer's (``btpo.json``), not ``eval.max_new_tokens``; unknown for older evals."""
+    """The thought budget is the writer's training one (``btpo.json``), never ``eval.max_new_tokens`` nor
+    ``--max-new-tokens``; unknown for older evals."""
     if meta is None:
-        return {"thought_budget": None}
-    return {"thought_budget": int(meta.get("max_thought_tokens") or cfg.prefilled.max_thought_tokens)}
+        return {"thought_budget": None, "thought_budget_from": None}
+    return {"thought_budget": int(meta.get("max_thought_tokens") or cfg.prefilled.max_thought_tokens),
+            "thought_budget_from": "training"}
 
 
 def card(meta: dict[str, Any]) -> Card:

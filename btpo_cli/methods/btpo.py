@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from btpo_cli.config import Config, check_choices, check_fraction, register_section
+from btpo_cli.config import (
+    Config,
+    check_choices,
+    check_fraction,
+    eval_budget,
+    register_section,
+    settings_budget,
+)
 from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
@@ -221,7 +228,8 @@ def _yes(ro: Rollout) -> torch.Tensor:
 
 class BTPOJudge(Judge):
     """BTPO's judge (METHOD.md §7): per response, a greedy thought from the dialog's evaluation turn
-    (``eval.max_new_tokens``, on the rollout engine), then p(Yes) at the answer position in one pass.
+    (``eval.max_new_tokens``, by default the training budget; on the rollout engine), then p(Yes) at the
+    answer position in one pass.
 
     With ``samples = K > 0`` it also samples K thoughts (``rollout.temperature`` / ``top_p``, seeds
     named by the item's key) and the score becomes their mean p(Yes), the paper's ``s(y)`` estimate;
@@ -238,8 +246,8 @@ class BTPOJudge(Judge):
         self.model = self.causal_lm(module)
         self.engine = engine_for(cfg, model_dir, self.ids.pad_id, device, module=self.model,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
-                                 max_new_tokens=cfg.eval.max_new_tokens)
-        self.budget = cfg.eval.max_new_tokens
+                                 max_new_tokens=eval_budget(cfg))
+        self.budget = eval_budget(cfg)
         self.samples = cfg.eval.samples
 
     def preference(self, a: float, b: float) -> float:
@@ -378,18 +386,18 @@ def card(meta: dict[str, Any]) -> Card:
     ids = meta.get("token_ids") or {}
     strings = (meta.get("template") or {}).get("strings") or {}
     aspect = meta.get("aspect", DEFAULT_ASPECT)
-    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens", 1000)
+    budget = settings_budget(meta.get("settings") or {})
     ev = strings.get("eval_instruction", "").format(aspect=aspect)
     q = strings.get("rating_question", "").format(aspect=aspect)
     return Card(
         "a generative preference model trained with Bradley–Terry Policy Optimization: after the "
         "response it is asked to evaluate it, thinks, and is then asked whether the response is "
         "{aspect}; its score is p(Yes) after the thought.",
-        rows=[("judging thought budget", ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens"))],
+        rows=[("judging thought budget", budget)],
         usage=["model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
                f"msgs = prompt + [{{\"role\": \"assistant\", \"content\": \"5\"}}, {{\"role\": \"user\", \"content\": {ev!r}}}]",
                "enc = chat(msgs, gen=True)",
-               f"out = model.generate(**enc, max_new_tokens={budget}, do_sample=False, "
+               f"out = model.generate(**enc, max_new_tokens={1000 if budget is None else budget}, do_sample=False, "
                f"eos_token_id={ids.get('end_of_turn')})",
                "thought = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)",
                f"msgs += [{{\"role\": \"assistant\", \"content\": thought}}, {{\"role\": \"user\", \"content\": {q!r}}}]",

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from btpo_cli.config import Config, check_choices, register_section
+from btpo_cli.config import Config, check_choices, eval_budget, register_section, settings_budget
 from btpo_cli.data.pairs import PairRecord
 from btpo_cli.engines import Sample, SamplingParams, engine_for, request_seed, resolve_engine_name
 from btpo_cli.judging.judge import Judge
@@ -94,7 +94,7 @@ def plan_inputs(cfg: Config) -> dict[str, Any]:
 def rationale_card(meta: dict[str, Any], what: str, tag: str) -> Card:
     """The model card of a GRPO judge: it writes a rationale that ends with ``tag``."""
     ids = meta.get("token_ids") or {}
-    budget = ((meta.get("settings") or {}).get("eval") or {}).get("max_new_tokens")
+    budget = settings_budget(meta.get("settings") or {})
     return Card(what, rows=[("judging thought budget", budget)], usage=[
         "model = AutoModelForCausalLM.from_pretrained(\".\").eval()",
         "# judge prompt: template.strings.judge_prompt in btpo.json (conversation as 'User: ...')",
@@ -259,8 +259,8 @@ def train(cfg: Config, run: Run, resume: bool, task: GRPOTask,
 class RationaleJudge(Judge):
     """A judge that writes a rationale greedily and ends it with a parsable answer (both GRPO baselines).
 
-    The rollout engine (``rollout.engine``) decodes greedily up to ``eval.max_new_tokens`` tokens,
-    stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
+    The rollout engine (``rollout.engine``) decodes greedily up to ``eval.max_new_tokens`` tokens
+    (default: the training budget), stopping at the end of the turn; subclasses build the judge prompts and parse the answers."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
@@ -271,8 +271,8 @@ class RationaleJudge(Judge):
             module = self.causal_lm()
         self.engine = engine_for(cfg, model_dir, self.tok.pad_token_id, device, module=module,
                                  prompts_per_batch=max(1, cfg.eval.batch_size * 2),
-                                 max_new_tokens=cfg.eval.max_new_tokens)
-        self.params = SamplingParams(0.0, 1.0, cfg.eval.max_new_tokens, [end_of_turn_id(self.tok)])
+                                 max_new_tokens=eval_budget(cfg))
+        self.params = SamplingParams(0.0, 1.0, eval_budget(cfg), [end_of_turn_id(self.tok)])
 
     def encode(self, build: Callable[[Any], Any], prompt: Any) -> list[int] | None:
         """``encode_judge`` of one judge prompt; None when it does not fit in ``data.max_length``."""

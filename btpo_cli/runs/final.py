@@ -11,8 +11,9 @@ folder (``docs/judge.md`` lists every key)::
                    through the chat template with {prompt}/{response}/{thought} placeholders}
     token_ids     what the method reads or stops on: yes / no / end_of_turn / A / B / pad
     settings      the judge's settings in the config's own shape: model.*, data.max_length,
-                  eval.* (batch size, thought budget, samples), rollout.temperature / top_p /
-                  engine, train.seed, and the method's own section (btpo.*, prefilled.*, …)
+                  eval.* (batch size, thought budget: null = the training one, samples),
+                  rollout.temperature / top_p / engine / max_new_tokens (the training budget),
+                  train.seed, and the method's own section (btpo.*, prefilled.*, …)
     training      data, pairs, steps, batch, lr, seed, ``data_sha256`` (the digest of every split file the
                   run read, as in ``env.json``); rollout budget and K for generative methods;
                   ``early_stop`` when ``train.early_stop_patience`` ended the run
@@ -60,7 +61,8 @@ def judge_settings(cfg: Config) -> dict[str, Any]:
         "eval": {"batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
                  "samples": cfg.eval.samples},
         "rollout": {"engine": cfg.rollout.engine, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
-                    "prompts_per_batch": cfg.rollout.prompts_per_batch},
+                    "prompts_per_batch": cfg.rollout.prompts_per_batch,
+                    "max_new_tokens": cfg.rollout.max_new_tokens},    # eval.max_new_tokens null: this budget
         "train": {"seed": cfg.train.seed},
     }
     section = get_method(cfg.method).config_section
@@ -214,7 +216,8 @@ def record_eval(model_dir: str | Path, summary: dict[str, Any]) -> None:
     keep = ("n", "accuracy", "raw_accuracy", "tie_rate", "format_error_rate", "protocol", "engine", "data_path")
     entry = {k: summary.get(k) for k in keep}
     if summary.get("engine"):                        # generative: the thought / rationale budget it ran with
-        entry["max_new_tokens"] = (summary.get("eval_config") or {}).get("max_new_tokens")
+        entry["max_new_tokens"] = (summary.get("eval_settings") or {}).get(
+            "thought_budget", (summary.get("eval_config") or {}).get("max_new_tokens"))
     if "sampled" in summary:
         entry["sampled"] = {k: summary["sampled"].get(k) for k in ("samples", "accuracy", "raw_accuracy")}
     meta.setdefault("eval", {})[f"{summary['dataset']}/{summary['split']}"] = entry

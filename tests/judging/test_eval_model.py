@@ -24,7 +24,8 @@ def test_untrained_base_as_btpo_judge_is_the_base_row_in_compare(tmp_path: Path,
     s = _summary(out)
     assert s["as_is"] is True and s["tag"] == "base" and s["method"] == "btpo" and s["model"] == "tiny-qwen2"
     assert s["n"] == 6 and s["protocol"] == "pointwise"
-    assert s["eval_settings"] == {"engine": "hf", "thought_budget": 6, "samples": 0, "yes_no_normalize": False}
+    assert s["eval_settings"] == {"engine": "hf", "thought_budget": 6, "thought_budget_from": "flag", "samples": 0,
+                                  "yes_no_normalize": False}
     th = s["thoughts"]
     assert th["responses"] == 12 and 0 < th["thought_tokens_mean"] <= 6 and 0 <= th["thought_cut_fraction"] <= 1
     assert 0 < th["yes_no_mass_mean"] <= 1

@@ -120,5 +120,8 @@ def test_train_resume_eval_reuse_thoughts(tmp_path: Path, synthetic_data: Path) 
     summary = json.loads((run_dir / "eval" / "synthetic.json").read_text())
     assert summary["method"] == "bt-prefilled" and summary["protocol"] == "pointwise" and summary["n"] == 24
     assert len((run_dir / "eval" / "synthetic.prefilled_thoughts.jsonl").read_text().splitlines()) == 24
+    # the writer's training budget, whatever eval.max_new_tokens says
+    assert summary["eval_settings"]["thought_budget"] == 6
+    assert summary["eval_settings"]["thought_budget_from"] == "training"
     p = run_btpo("eval", "--checkpoint", str(run_dir))
     assert "24 cached, 0 generated" in p.stdout + p.stderr

@@ -43,6 +43,14 @@ class Outcome:
     """Pairwise judges: (chosen i, rejected j) → the verdict letters with chosen shown as A, then as B."""
     errors: list[str] = field(default_factory=list)
     """Error kinds of the candidates or judgements that gave no answer (``too_long``, parser kinds)."""
+    detail: dict[str, list[float]] = field(default_factory=dict)
+    """Generative judges, one value per thought or rationale: ``thought_tokens``, ``thought_cut`` (1: cut at
+    the budget), ``yes_no_mass`` (BTPO) — what :func:`~btpo_cli.judging.protocol.thought_stats` reads."""
+
+    def judged(self) -> bool:
+        """Whether the judge said anything about this item (a score or a verdict)."""
+        return any(s is not None for s in self.scores or []) or \
+            any(v is not None for vs in self.orders.values() for v in vs)
 
     def win(self, i: int, j: int, n_chosen: int) -> float | None:
         """Chosen ``i`` against rejected ``j``: 1 won, ½ tie (or the two orders disagree), 0 lost; None
@@ -222,7 +230,8 @@ def judge_items(judge: Any, bench: Benchmark, items: Sequence[BenchItem],
             for it in part:
                 got = scores[pos:pos + len(it.candidates)]
                 pos += len(it.candidates)
-                out.append(Outcome([s.score for s in got], errors=[s.error for s in got if s.error]))
+                out.append(Outcome([s.score for s in got], errors=[s.error for s in got if s.error],
+                                   detail=_thought_detail([s.detail for s in got])))
         elif bench.mode == "ranking":
             for it in part:
                 ranked = judge.rank([mk(it, k, r) for k, r in enumerate(it.candidates)])
@@ -239,9 +248,24 @@ def judge_items(judge: Any, bench: Benchmark, items: Sequence[BenchItem],
                 o.orders[ij] = (c.orders[0], c.orders[1])
                 if c.error:
                     o.errors.append(c.error)
+                for k, v in _thought_detail([{"finished": f} for f in c.detail.get("finished") or []]).items():
+                    o.detail.setdefault(k, []).extend(v)
             out.extend(by_item[it.id] for it in part)
         if progress:
             progress(len(part))
+    return out
+
+
+def _thought_detail(details: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-judgement details (BTPO's ``thought_tokens`` / ``thought_cut`` / ``yes_no_mass``, a GRPO
+    rationale's ``finished``) → the lists :func:`~btpo_cli.judging.protocol.thought_stats` reads."""
+    out: dict[str, list[float]] = {}
+    for d in details:
+        cut = d.get("thought_cut", None if "finished" not in d else not d["finished"])
+        for key, v in (("thought_tokens", d.get("thought_tokens")), ("thought_cut", cut),
+                       ("yes_no_mass", d.get("yes_no_mass"))):
+            if isinstance(v, (bool, int, float)):
+                out.setdefault(key, []).append(float(v))
     return out
 
 
