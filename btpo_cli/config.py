@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from btpo_cli.errors import ConfigError
+from btpo_cli.errors import ConfigError, ConfigUsageError, did_you_mean
 from btpo_cli.methods import get_method, method_names
 
 
@@ -294,7 +294,8 @@ def check_choices(cfg: Config, choices: dict[str, tuple[Any, ...]]) -> None:
     for key, allowed in choices.items():
         v = _get(cfg, key)
         if v not in allowed:
-            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, allowed))}"
+                              f"{did_you_mean(v, map(str, allowed))}")
 
 
 def check_positive(cfg: Config, keys: list[str]) -> None:
@@ -387,8 +388,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
             continue
         if k not in names:
             section = type(obj)
-            choices = ", ".join(valid_keys(section, prefix))
-            raise ConfigError(f"{source}: unknown key '{key}'. Valid keys: {choices}")
+            keys = valid_keys(section, prefix)
+            raise ConfigError(f"{source}: unknown key '{key}'{did_you_mean(key, keys)}. Valid keys: {', '.join(keys)}")
         t = types[k]
         if dataclasses.is_dataclass(t):
             if not isinstance(v, dict):
@@ -426,7 +427,10 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` → (``a.b``, YAML-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value (e.g. --set train.batch_size=16)")
+        _load_methods()
+        keys = valid_keys()
+        what = "" if text.strip() in keys else f"{did_you_mean(text.strip(), keys)}. Valid keys: {', '.join(keys)}"
+        raise ConfigError(f"--set {text!r}: expected key=value (e.g. --set train.batch_size=16){what}")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
@@ -495,19 +499,35 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def build_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
                  flags: dict[str, Any] | None = None, base: Config | None = None) -> Config:
-    """Defaults (or ``base``) ← recipe ← flags (``--method`` …) ← ``--set`` overrides; then validate."""
+    """Defaults (or ``base``) ← recipe ← flags (``--method`` …) ← ``--set`` overrides; then validate.
+
+    ``flags`` and ``overrides`` come from the command line: an unknown or malformed key there, or a
+    value that validation refuses, is a :class:`~btpo_cli.errors.ConfigUsageError` (exit 2); the same in a recipe (or ``base``)
+    is a :class:`ConfigError` (exit 1)."""
     _load_methods()
     cfg = base or Config()
     if recipe:
         path = find(recipe)
         _apply(cfg, migrate(load_recipe(path)), "", str(path))
-    for key, value in (flags or {}).items():
-        if value is not None:
-            _apply(cfg, _nest(key, value), "", "flag")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _apply(cfg, _nest(key, value), "", f"--set {text}")
-    validate(cfg)
+    given: set[str] = set()
+    try:
+        for key, value in (flags or {}).items():
+            if value is not None:
+                given.add(key)
+                _apply(cfg, _nest(key, value), "", "flag")
+        for text in overrides or []:
+            key, value = parse_override(text)
+            given.add(key)
+            _apply(cfg, _nest(key, value), "", f"--set {text}")
+    except ConfigError as e:
+        raise ConfigUsageError(str(e)) from e
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        key = str(e).split(":", 1)[0]
+        if key in given or any(k.startswith(key + ".") for k in given):
+            raise ConfigUsageError(str(e)) from e
+        raise
     return cfg
 
 
@@ -552,7 +572,7 @@ def validate(cfg: Config) -> None:
     for key, choices in choices_now.items():
         v = _get(cfg, key)
         if v not in choices:
-            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}{did_you_mean(v, choices)}")
     if cfg.train.micro_batch_tokens is not None and cfg.train.micro_batch_tokens <= 0:
         raise ConfigError(f"train.micro_batch_tokens: must be positive, got {cfg.train.micro_batch_tokens}")
     lora = cfg.model.lora

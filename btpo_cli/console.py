@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from btpo_cli.errors import UsageError
+from btpo_cli.errors import check_choice
 
 console = Console(stderr=True)
 """Progress bars, status lines and errors."""
@@ -66,6 +66,8 @@ QUIET_ENV = {
     "DS_LOG_LEVEL": "error",
     "TORCH_CPP_LOG_LEVEL": "ERROR",               # c10d / NCCL / NUMA notices from torch's C++ side
     "NCCL_DEBUG": "WARN",
+    "HF_HUB_VERBOSITY": "error",                  # huggingface_hub sets its logger's level from this on import
+    "DATASETS_VERBOSITY": "error",                # (over quiet_third_party's): no "Retrying in 1s" lines
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
 }
 """Set (where the user has not) by :func:`quiet_third_party`; inherited by every process the CLI
@@ -106,9 +108,7 @@ def quiet_transformers() -> None:
 
 def check_format(fmt: str, allowed: Sequence[str] = FORMATS) -> str:
     """``--format`` must be one of ``allowed``: a bad value is a usage error (exit 2)."""
-    if fmt not in allowed:
-        raise UsageError(f"--format {fmt!r}: expected {', '.join(allowed)}")
-    return fmt
+    return check_choice("--format", fmt, allowed)
 
 
 def tsv_cell(value: Any) -> str:

@@ -329,10 +329,11 @@ def sample_stage(
     return run_cached_stage(items, key, cache, done, batch_size, rows, label, progress, stats, failed)
 
 
-def default_device() -> str:
-    import torch  # heavy: imported on use
+def default_device(device: str | None = None) -> str:
+    """``--device`` checked (:func:`~btpo_cli.models.device.resolve_device`), or cuda where present, else cpu."""
+    from btpo_cli.models.device import resolve_device  # heavy: imported on use
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(device))
 
 
 _MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -357,7 +358,7 @@ class HFSampler:
     """
 
     def __init__(self, name: str, device: str | None = None, batch_size: int = 16, engine: str = "auto"):
-        self.name, self.device, self.batch_size = name, device or default_device(), batch_size
+        self.name, self.device, self.batch_size = name, default_device(device), batch_size
         self.engine_name = engine
         self.calls = 0
         self._tok: Any = None

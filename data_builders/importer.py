@@ -40,7 +40,7 @@ from btpo_cli.data.pairs import (
     normalize_record,
     write_dataset,
 )
-from btpo_cli.errors import BtpoError, UsageError
+from btpo_cli.errors import BtpoError, UsageError, check_choice, did_you_mean
 from data_builders.hh import hh_record
 from data_builders.sources import SourceSpec, available_splits, load_rows, spec_from_value
 
@@ -73,7 +73,7 @@ def parse_column_map(text: str | None) -> dict[str, str]:
             raise UsageError(f"--map {text!r}: expected FIELD=COLUMN pairs separated by commas, "
                             "e.g. prompt=question,chosen=good,rejected=bad")
         if key not in MAP_FIELDS:
-            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
+            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)}){did_you_mean(key, MAP_FIELDS)}")
         if key in out:
             raise UsageError(f"--map: field '{key}' given twice")
         out[key] = col
@@ -268,12 +268,11 @@ def import_pairs(source: str, out: Path | None, *, column_map: Mapping[str, str]
         dry_run: build in memory, write nothing; the manifest gets ``dry_run: true`` and ``examples``.
         progress: ``progress(label, rows_read)``.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    check_choice("--format", fmt, FORMATS)
     cmap = parse_column_map(column_map) if isinstance(column_map, str) or column_map is None else dict(column_map)
     for key in cmap:
         if key not in MAP_FIELDS:
-            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)})")
+            raise UsageError(f"--map: unknown field '{key}' (valid: {', '.join(MAP_FIELDS)}){did_you_mean(key, MAP_FIELDS)}")
     smap = parse_split_map(split_map) if isinstance(split_map, str) or split_map is None else dict(split_map)
     spec = spec_from_value("import", source, flag=False, default=SourceSpec(
         "import", layout="a JSONL/CSV/parquet file or a folder",

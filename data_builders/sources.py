@@ -32,7 +32,8 @@ from typing import Any
 
 from btpo_cli.data.files import DATA_SUFFIXES, guard, looks_like_hub_id, open_text, probe
 from btpo_cli.data.pairs import SkipLog, iter_file, iter_saved
-from btpo_cli.errors import BtpoError, UsageError
+from btpo_cli.errors import BtpoError, UsageError, did_you_mean
+from btpo_cli.hub import hub_down
 
 STANDARD_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 """Split names recognised in file names (``test.jsonl``, ``train-00000-of-00002.parquet``)."""
@@ -121,7 +122,7 @@ def parse_source_args(items: Sequence[str] | None, valid: Iterable[str]) -> dict
                             f"(valid names: {', '.join(valid_names)})")
         if name not in valid_names:
             raise UsageError(f"--source {item!r}: unknown source name '{name}' "
-                            f"(valid names: {', '.join(valid_names)})")
+                            f"(valid names: {', '.join(valid_names)}){did_you_mean(name, valid_names)}")
         if name in out:
             raise UsageError(f"--source {name}=... given twice")
         out[name] = value
@@ -159,7 +160,7 @@ def resolve_sources(builder: str, overrides: Mapping[str, str] | None = None) ->
     for name, value in (overrides or {}).items():
         if name not in defaults:
             raise UsageError(f"--source {name}=...: the {builder} builder has no input '{name}' "
-                            f"(valid names: {', '.join(sorted(defaults))})")
+                            f"(valid names: {', '.join(sorted(defaults))}){did_you_mean(name, defaults)}")
         out[name] = spec_from_value(name, value, defaults[name])
     return out
 
@@ -238,6 +239,7 @@ def available_splits(spec: SourceSpec) -> list[str]:
         import datasets  # heavy: imported on use
 
         kwargs = {"data_dir": spec.data_dir} if spec.data_dir else {}
+        hub_down()       # the Hub does not answer: the cached copy, or the error at once (no retries)
         try:
             return list(datasets.get_dataset_split_names(spec.hub_id, spec.config, **kwargs))
         except Exception as e:  # network, auth, unknown dataset
@@ -292,16 +294,19 @@ def _iter_file(path: Path, split: str | None, skips: SkipLog) -> Iterator[tuple[
 
 def _hub_error(spec: SourceSpec, split: str | None, e: Exception) -> BtpoError:
     first = str(e).splitlines()[0][:200] if str(e) else ""
+    down = hub_down()
+    why = f"the Hub {down}, and no cached copy was found" if down else f"{type(e).__name__}: {first}"
     how = spec.local_hint or f"download it and point at the local copy with --source {spec.name}=./path"
     layout = f" ({spec.layout})" if spec.layout else ""
     return BtpoError(f"source '{spec.name}': could not load {spec.describe(split)} from the Hugging Face Hub "
-                     f"({type(e).__name__}: {first}); {how}{layout}")
+                     f"({why}); {how}{layout}")
 
 
 def _iter_hub(spec: SourceSpec, split: str | None) -> Iterator[tuple[str, int, Any]]:
     import datasets  # heavy: imported on use
 
     kwargs: dict[str, Any] = {"split": split}
+    hub_down()       # the Hub does not answer: the cached copy, or the error at once (no retries)
     if spec.data_dir:
         kwargs["data_dir"] = spec.data_dir
     try:

@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --datasets) DATASETS=${2:?--datasets needs a value}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;   # the header comment
     *) die "unknown option $1 (see --help)" ;;
   esac
 done

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import typer
+import typer.main
+import typer.rich_utils
+from rich.errors import StyleSyntaxError
+from rich.style import Style
 
 from btpo_cli import __version__
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
 from btpo_cli.cli import status as status_cmd
 from btpo_cli.console import console, print_error, quiet_third_party, stop_live
-from btpo_cli.errors import BtpoError, FollowerError, UsageError
+from btpo_cli.errors import BtpoError, FollowerError, UsageError, close_match
 
 EPILOG = ("[bold]Exit codes[/]: 0 done · 1 a named error (one line, no traceback unless --debug) · 2 bad usage · "
           "130 interrupted (Ctrl-C) · btpo status: 3 stopped, 4 running, 5 broken.\n\n"
@@ -82,8 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     traceback unless ``--debug``); 2 bad usage; 130 interrupted (Ctrl-C), quickly: the process
     skips the interpreter's slow teardown of torch once the trackers and files are closed."""
     debug = "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("BTPO_DEBUG") == "1"
+    if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH"):
+        typer.rich_utils.MAX_WIDTH = max(HELP_WIDTH_PIPED, _int(os.environ.get("COLUMNS")))
     try:
-        rv = app(args=argv, prog_name="btpo", standalone_mode=False)
+        command = typer.main.get_command(app)
+        keep_brackets(command)
+        rv = command.main(args=argv, prog_name="btpo", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - last resort: still one line
         if _is_usage_error(e):  # click's (or typer's vendored click's) usage errors: exit 2
             _stop_live()
+            _close_options_only(e)
             e.show()  # type: ignore[attr-defined]
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if type(e).__name__ == "Abort":
@@ -145,3 +155,62 @@ def _interrupted() -> NoReturn:
 
 def _is_usage_error(e: Exception) -> bool:
     return any(c.__name__ == "ClickException" for c in type(e).__mro__) and hasattr(e, "show")
+
+
+def _close_options_only(e: Exception) -> None:
+    """An unknown option: offer only a close one (click offers any that difflib ranks ≥ 0.6 *with* the
+    leading dashes, so ``--bogus`` got ``--out``)."""
+    if type(e).__name__ != "NoSuchOption" or getattr(e, "ctx", None) is None:
+        return
+    given = str(getattr(e, "option_name", ""))
+    if not given.startswith("--"):
+        return
+    longs = [o for p in e.ctx.command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]  # type: ignore[attr-defined]
+    match = close_match(given, longs)
+    e.possibilities = [match] if match else None  # type: ignore[attr-defined]
+
+
+HELP_WIDTH_PIPED = 160
+"""Help drawn into a pipe or file (``btpo train --help | less``) is this wide (or $COLUMNS if wider;
+$TERMINAL_WIDTH sets it exactly), not rich's 80: at 80 columns the option table cut flag names
+(``--no-load-in-4b…``). Every flag name of every command fits (tests/cli/test_usage.py)."""
+
+_TAG = re.compile(r"(?<!\\)\[([a-z#/@][^\[\]]*?)\]")
+
+
+def _escape_non_markup(text: str | None) -> str | None:
+    """``[brackets]`` in a help text that are not rich markup (``[bold]``, ``[/]``, ``[red]``) stay as
+    written instead of vanishing (rich takes any ``[word]`` for a style)."""
+    if not text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        tag = m.group(1)
+        if tag.startswith(("/", "@", "link")):
+            return m.group(0)
+        try:
+            Style.parse(tag)
+        except StyleSyntaxError:
+            return "\\" + m.group(0)
+        return m.group(0)
+
+    return _TAG.sub(one, text)
+
+
+def keep_brackets(command: Any) -> None:
+    """Every help text, epilog and option help of ``command`` and its subcommands, with the brackets
+    that are not rich markup escaped (:func:`_escape_non_markup`)."""
+    command.help = _escape_non_markup(command.help)
+    command.epilog = _escape_non_markup(command.epilog)
+    for p in command.params:
+        if getattr(p, "help", None):
+            p.help = _escape_non_markup(p.help)
+    for sub in getattr(command, "commands", {}).values():
+        keep_brackets(sub)
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0

@@ -13,8 +13,10 @@ import typer
 from rich.markup import escape
 
 from btpo_cli.console import console, out
-from btpo_cli.engines import available_engines, engine_class, resolve_engine_name
+from btpo_cli.engines import check_engine_choice, engine_class, resolve_engine_name
+from btpo_cli.errors import check_choice
 from btpo_cli.progress import PhaseProgress
+from data_builders.generated import default_device
 from data_builders.hh import HH_SUBSETS, build_hh
 from data_builders.importer import import_pairs
 from data_builders.sources import BUILDER_SOURCES, parse_source_args
@@ -119,7 +121,8 @@ def hh(
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Anthropic/hh-rlhf transcripts → pairs (prompt = shared turns, responses = final assistant turns)."""
-    subs = [s.strip() for s in subsets.split(",") if s.strip()] if subsets else list(HH_SUBSETS)
+    subs = [check_choice("--subsets", s.strip(), HH_SUBSETS) for s in subsets.split(",") if s.strip()] if subsets \
+        else list(HH_SUBSETS)
     with _progress() as bars:
         m = build_hh(None if dry_run else out_dir, _sources(source, "hh"), subs, n_train, n_test, seed, limit,
                      strict, dry_run, progress=bars, overwrite=overwrite)
@@ -163,8 +166,7 @@ def _report_generation(m: dict) -> None:
 
 
 def _engine(name: str) -> str:
-    if name != "auto" and name not in available_engines():
-        raise typer.BadParameter(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
+    check_engine_choice(name)
     engine_class(resolve_engine_name(name))      # a one-line error now if it is not installed
     return name
 
@@ -178,6 +180,8 @@ def _generated(name: str, build: Callable[..., dict], unit: str, folder: Path, s
         sources = _sources(source, name)
         local_model = not flags["generator_url"] or ("judge_url" in kw and not kw["judge_url"])
         engine = _engine(flags["engine"]) if local_model else flags["engine"]   # no engine behind URLs
+        if local_model:
+            default_device(flags["device"])       # a bad --device: one line now, not after reading the sources
         m = build(sources=sources, **kw, **{**flags, "engine": engine}, progress=bars)
     if flags["dry_run"]:
         _finish(m, folder, True)

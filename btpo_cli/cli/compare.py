@@ -20,7 +20,7 @@ from btpo_cli.compare import (
 )
 from btpo_cli.compare import plot as make_plot
 from btpo_cli.console import FORMATS, check_format, console, out, write_text
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, check_choice
 
 COMPARE_FORMATS = (*FORMATS, "markdown", "csv")
 
@@ -66,8 +66,7 @@ def compare(
                                        "and listed under the table."),
 ) -> None:
     check_format(fmt, COMPARE_FORMATS)
-    if show not in ("clipped", "raw", "skips"):
-        raise typer.BadParameter(f"--show {show!r}: expected clipped, raw or skips")
+    check_choice("--show", show, ("clipped", "raw", "skips"))
     if show == "skips":
         _show_skips(runs, fmt)
         return

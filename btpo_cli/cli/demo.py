@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from btpo_cli.demo import run_demo
+from btpo_cli.demo import BUDGETS, run_demo
+from btpo_cli.errors import check_choice
 
 HELP = ("Does thinking pay? Synthetic multi-step arithmetic pairs → tiny-thinker base GPM → "
         "train BT and BTPO → evaluate (base GPM too) → table and plot. CPU, minutes.")
@@ -37,9 +38,10 @@ def demo(
              "settings, resume stopped ones)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write <out>/compare.png."),
 ) -> None:
+    method_list = [check_choice("--methods", m.strip(), list(BUDGETS)) for m in methods.split(",") if m.strip()]
     seed_list = _ints("--seeds", seeds)
     thinker_list = _ints("--thinker-seeds", thinker_seeds)
-    run_demo(out, quick=quick, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seed_list,
+    run_demo(out, quick=quick, methods=method_list, seeds=seed_list,
              overwrite=overwrite, plot=out / "compare.png" if plot else None, thinker_seeds=thinker_list)
 
 

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from btpo_cli.console import check_format, console, to_tsv, write_json, write_text
+from btpo_cli.errors import check_choice
+from btpo_cli.methods import method_names
 
 TSV_COLUMNS = ("run", "method", "model", "dataset", "split", "n", "accuracy", "raw_accuracy", "tie_rate",
                "format_error_rate")
@@ -77,9 +79,19 @@ def evaluate(
                             "stdout) | json (the summary on stdout) | tsv (one header line + one row on stdout)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json (kept for scripts)."),
 ) -> None:
+    from btpo_cli.engines import check_engine_choice  # heavy: imported on use
+    from btpo_cli.judging.benchmarks import get_benchmark  # heavy: imported on use
     from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run  # heavy: imported on use
+    from btpo_cli.models.device import resolve_device  # heavy: imported on use
 
     check_format(fmt)
+    check_choice("--which", which, ("final", "best"))
+    if benchmark is not None:
+        get_benchmark(benchmark)    # an unknown name: usage (exit 2), the names and a close one
+    check_choice("--method", method, method_names())
+    if engine is not None:
+        check_engine_choice(engine)
+    resolve_device(device)          # a bad --device is usage (2), cuda without CUDA a named error (1)
     if as_json:
         fmt = "json"
     if (checkpoint is None) == (model is None):
@@ -142,7 +154,7 @@ def _print_benchmark(s: dict) -> None:
 
 def _print_protocol(s: dict) -> None:
     t = Table(title=f"{s['run']} on {s['dataset']}/{s['split']}")
-    for col in ("method", "model", "n", "accuracy", "raw", "ties", "format errors"):
+    for col in ("method", "model", "n", "accuracy (%)", "raw (%)", "ties", "format errors"):
         t.add_column(col, justify="right" if col not in ("method", "model") else "left")
     t.add_row(s["method"], s["model"], str(s["n"]), f"{100 * s['accuracy']:.1f}",
               f"{100 * s['raw_accuracy']:.1f}", f"{100 * s['tie_rate']:.1f}%",

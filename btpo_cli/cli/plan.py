@@ -12,7 +12,7 @@ from rich.table import Table
 
 from btpo_cli.config import build_config
 from btpo_cli.console import check_format, out, to_tsv, write_text
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import UsageError, check_choice
 from btpo_cli.plan.estimate import PRECISIONS, STRATEGIES, GiB, geometry, inputs_from_config, plan_all
 
 HELP = ("Estimate per-GPU memory of a training run by component (weights, gradients, optimizer state, "
@@ -57,22 +57,15 @@ def plan(
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv (component × strategy, GiB)."),
 ) -> None:
     check_format(fmt)
-    if device not in ("cuda", "cpu"):
-        raise BtpoError(f"--device: {device!r} is not one of cuda, cpu")
-    if precision is not None and precision not in PRECISIONS:
-        raise BtpoError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if engine is not None and engine not in ("hf", "vllm"):
-        raise BtpoError(f"--engine: {engine!r} is not one of hf, vllm")
+    check_choice("--strategy", strategy, (*STRATEGIES, "all"))
+    check_choice("--device", device, ("cuda", "cpu"))
+    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--engine", engine, ("hf", "vllm"))
     if recipe is None and (model is None or method is None):
-        raise BtpoError("btpo plan needs --recipe, or --model and --method")
+        raise UsageError("btpo plan needs --recipe, or --model and --method")
     cfg = build_config(recipe, overrides, {"method": method, "model.name": model})
     hw = cfg.hardware
-    if strategy == "all":
-        chosen = list(STRATEGIES)
-    elif strategy in STRATEGIES:
-        chosen = [strategy]
-    else:
-        raise BtpoError(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}, all")
+    chosen = list(STRATEGIES) if strategy == "all" else [strategy]
     extra: dict[str, Any] = {}
     if precision:
         extra["precision"] = precision

@@ -8,7 +8,8 @@ import typer
 
 from btpo_cli.config import dump_yaml, find, recipes_dir, shipped
 from btpo_cli.console import check_format, console, out, print_records
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, check_choice
+from btpo_cli.methods import method_names
 from btpo_cli.recipes import check_fit, description, validate_recipe
 
 app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo train --recipe`).",
@@ -19,6 +20,7 @@ app = typer.Typer(help="List, show and validate recipes (YAML configs for `btpo 
 def list_recipes(method: str | None = typer.Option(None, "--method", help="Only this method's recipes."),
                  fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv.")) -> None:
     check_format(fmt)
+    check_choice("--method", method, method_names())
     root = recipes_dir()
     records = []
     for p in shipped():
@@ -37,28 +39,37 @@ def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or
 
 @app.command("validate", help="Validate recipes (default: every shipped one): keys, values, and — for a recipe "
              "with a hardware: block — the memory planner's estimate against its GPUs (`btpo plan`). "
-             "Exit 1 if any is invalid or cannot fit.")
-def validate(files: list[Path] = typer.Argument(None, help="Recipe files (default: all shipped).")) -> None:
+             "One row per recipe on stdout (whole in a pipe: `btpo recipes validate | grep qwen`); "
+             "exit 1 if any is invalid or cannot fit.")
+def validate(files: list[Path] = typer.Argument(None, help="Recipe files (default: all shipped)."),
+             fmt: str = typer.Option("table", "--format", "-f", help="table | json | tsv.")) -> None:
+    check_format(fmt)
     paths = files or shipped()
-    bad = 0
-    for p in paths:
-        try:
-            cfg = validate_recipe(p)
-        except BtpoError as e:
-            bad += 1
-            console.print(f"[red]bad[/]  {e}", highlight=False)
-            continue
-        fit = check_fit(cfg, p)
-        hw = cfg.hardware
-        where = f"{fit.strategy} on {hw.nodes * hw.gpus}×{hw.gpu_memory_gb:g} GiB" if hw.gpu_memory_gb else ""
-        if fit.verdict == "no":
-            bad += 1
-            console.print(f"[red]bad[/]  {p}: does not fit its hardware: {where} needs ~{fit.peak_gib:.0f} GiB per "
-                          f"GPU (see `btpo plan --recipe {p}`)", highlight=False)
-            continue
-        plan = f"; {where}: ~{fit.peak_gib:.0f} GiB per GPU, {fit.verdict}" if fit.peak_gib is not None else \
-            (f"; {fit.note}" if fit.note.startswith("not planned") else "")
-        console.print(f"[green]ok[/]   {p}  ({cfg.method}, {cfg.model.name}{plan})", highlight=False)
+    rows = [_check(p) for p in paths]
+    print_records(fmt, VALIDATE_COLUMNS, rows, title="recipes")
+    bad = sum(r["status"] == "bad" for r in rows)
     if bad:
         raise BtpoError(f"{bad} of {len(paths)} recipe(s) invalid or too big for their hardware")
-    console.print(f"{len(paths)} recipe(s) valid")
+    console.print(f"{len(paths)} recipe(s) valid", highlight=False)
+
+
+VALIDATE_COLUMNS = (("recipe", "recipe"), ("status", "status"), ("method", "method"), ("model", "model"),
+                    ("note", "note"))
+"""``btpo recipes validate``: one row per recipe; ``status`` ok | bad, ``note`` the plan or what is wrong."""
+
+
+def _check(p: Path) -> dict[str, str | None]:
+    try:
+        cfg = validate_recipe(p)
+    except BtpoError as e:
+        return {"recipe": str(p), "status": "bad", "method": None, "model": None, "note": str(e)}
+    row = {"recipe": str(p), "status": "ok", "method": cfg.method, "model": cfg.model.name}
+    fit = check_fit(cfg, p)
+    hw = cfg.hardware
+    where = f"{fit.strategy} on {hw.nodes * hw.gpus}×{hw.gpu_memory_gb:g} GiB" if hw.gpu_memory_gb else ""
+    if fit.verdict == "no":
+        return {**row, "status": "bad", "note": f"does not fit its hardware: {where} needs ~{fit.peak_gib:.0f} GiB "
+                f"per GPU (see `btpo plan --recipe {p}`)"}
+    note = f"{where}: ~{fit.peak_gib:.0f} GiB per GPU, {fit.verdict}" if fit.peak_gib is not None else \
+        (fit.note if fit.note.startswith("not planned") else "")
+    return {**row, "note": note}

@@ -61,6 +61,10 @@ def score(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:
+    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
+
+    if engine is not None:
+        check_engine_choice(engine)
     if input_path != "-" and not Path(input_path).is_file():
         raise BtpoError(f"{input_path}: no such file (give a JSONL file or - for stdin)")
     judge = load_judge(judge_path, device=device, engine=engine, batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -50,6 +50,10 @@ def serve(
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),
 ) -> None:
+    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
+
+    if engine is not None:
+        check_engine_choice(engine)
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise BtpoError("btpo serve needs fastapi and uvicorn: pip install 'btpo[serve]'")
     from btpo_cli.serving.http import Limits, bind, run_server  # optional extra: imported on use

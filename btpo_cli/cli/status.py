@@ -39,9 +39,15 @@ def status(
         rec = st.to_json()
         print_records(fmt, COLUMNS, [rec], title="run status")
         if fmt == "table":
-            evals = [{"eval": k, **v} for k, v in st.evals.items()]
-            if evals:
-                print_records(fmt, (("eval", "eval"), ("split", "split"), ("n", "n"), ("accuracy", "accuracy"),
-                                    ("raw_accuracy", "raw accuracy"), ("stale", "stale")), evals, title="eval results")
+            evals = [{"eval": k, **v, "accuracy": _pct(v.get("accuracy")), "raw_accuracy": _pct(v.get("raw_accuracy"))}
+                     for k, v in st.evals.items()]
+            if evals:       # percent, as `btpo eval` and `btpo compare` print them (JSON: fractions)
+                print_records(fmt, (("eval", "eval"), ("split", "split"), ("n", "n"), ("accuracy", "accuracy (%)"),
+                                    ("raw_accuracy", "raw accuracy (%)"), ("stale", "stale")), evals,
+                              title="eval results")
     if st.exit_code:
         raise typer.Exit(EXIT_CODES[st.state])
+
+
+def _pct(x: object) -> str | None:
+    return f"{100 * x:.1f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from btpo_cli.config import Config, build_config, flatten
+from btpo_cli.config import Config, build_config
 from btpo_cli.console import console
 from btpo_cli.data.pairs import preload_split
 from btpo_cli.errors import BtpoError
@@ -108,17 +108,14 @@ def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides
         cfg.out = out
         return cfg, False
     saved = run.load_config()
-    flat = flatten(saved.to_dict())
     if Path(saved.out) != Path(out):
         console.print(f"[yellow]note[/]: {escape(out)}/config.yaml names out={escape(saved.out)}; continuing in "
                       f"{escape(out)} (the folder given)", highlight=False, soft_wrap=True)
         if saved.name == Path(saved.out).name:
-            flat["name"] = Path(out).name
-    flat["out"] = out
-    if max_steps is not None:
-        flat["train.max_steps"] = max_steps
-    if engine is not None:      # the engine changes speed, not the samples (derived seeds)
-        flat["rollout.engine"] = engine
-    return build_config(None, overrides, flat), True
+            saved.name = Path(out).name
+    saved.out = out
+    # the saved config is the base (a bad value in it is the file's error, exit 1); the flags on top are
+    # the command line's (exit 2); the engine changes speed, not the samples (derived seeds)
+    return build_config(None, overrides, {"train.max_steps": max_steps, "rollout.engine": engine}, base=saved), True
 
 

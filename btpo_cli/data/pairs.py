@@ -46,6 +46,7 @@ from btpo_cli.data.files import (
 )
 from btpo_cli.data.replace import check_replace, jsonl_digest
 from btpo_cli.errors import BtpoError, DataError
+from btpo_cli.hub import hub_down
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_ASPECT = "helpful and harmless"
@@ -322,12 +323,14 @@ def iter_raw_records(source: str | Path, split: str | None, skips: SkipLog) -> I
 def iter_hub(repo_id: str, split: str) -> Iterator[tuple[str, int, Any]]:
     import datasets  # heavy: imported on use
 
+    down = hub_down()       # the Hub does not answer: the cached copy, or the error at once (no retries)
     try:
         ds = datasets.load_dataset(repo_id, split=split)
     except Exception as e:  # network, auth, missing split: say which source failed
+        why = f"the Hub {down}, and no cached copy was found" if down else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         raise BtpoError(
-            f"{repo_id}: could not load split '{split}' from the Hugging Face Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            f"{repo_id}: could not load split '{split}' from the Hugging Face Hub ({why}); "
             "download it and pass a local path instead"
         ) from e
     for i, row in enumerate(ds, start=1):

@@ -28,7 +28,7 @@ from btpo_cli.engines.base import (
     resolve_seeds,
     sample_seed,
 )
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, check_choice
 
 __all__ = ["EngineSpec", "RolloutEngine", "Sample", "SamplingParams", "WeightStream", "available_engines", "build_engine",
            "default_engine", "engine_class", "engine_for", "register_engine", "request_seed", "resolve_engine_name",
@@ -84,9 +84,8 @@ def available_engines() -> list[str]:
 
 
 def check_engine_choice(name: str) -> None:
-    """:class:`BtpoError` unless ``name`` is ``auto`` or a registered engine (``--engine``, ``engine=``)."""
-    if name != "auto" and name not in available_engines():
-        raise BtpoError(f"--engine {name}: not one of auto, {', '.join(available_engines())}")
+    """A usage error (exit 2) unless ``name`` is ``auto`` or a registered engine (``--engine``, ``engine=``)."""
+    check_choice("--engine", name, ("auto", *available_engines()))
 
 
 def engine_class(name: str) -> Any:

@@ -386,10 +386,10 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     rationale budget (default: the one ``btpo eval`` uses). ``samples`` (BTPO): score by the mean
     p(Yes) over that many sampled thoughts, seeded by ``seed`` and the text. ``aspect``: the default
     aspect (else the checkpoint's)."""
-    import torch  # heavy: imported on use
-
     from btpo_cli.engines import engine_class, resolve_engine_name  # heavy: imported on use (torch)
+    from btpo_cli.models.device import resolve_device  # heavy: imported on use (torch)
 
+    dev = resolve_device(device)
     ck = read_checkpoint(path)
     cfg = ck.cfg
     override_eval(cfg, batch_size=batch_size, max_new_tokens=max_new_tokens, samples=samples, engine=engine)
@@ -401,7 +401,6 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     if spec.generative:
         engine_class(resolve_engine_name(cfg.rollout.engine))     # not installed: one line now
     check_templates(ck.meta, str(ck.model_dir))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = dict(ck.meta)
     if aspect:
         meta["aspect"] = aspect

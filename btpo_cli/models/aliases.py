@@ -9,11 +9,17 @@ use (:mod:`btpo_cli.models.tiny`), ``tiny-thinker`` is pre-trained locally (:mod
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from btpo_cli.errors import BtpoError
+from btpo_cli.hub import require_model
 from btpo_cli.models import smollm2
+
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+"""A name that may be a Hub model id (``org/name``, or a legacy ``gpt2``) when no such local path exists."""
 
 Source = Literal["hub", "built", "pretrained", "hub+pypi"]
 SOURCE_TEXT: dict[str, str] = {
@@ -99,5 +105,8 @@ def resolve_model(name: str) -> str:
     if name == "smollm2-135m":
         return smollm2.resolve()
     if name in ALIASES and ALIASES[name].hub_id:
+        require_model(name, str(ALIASES[name].hub_id))      # the Hub does not answer: cache, or one line now
         return str(ALIASES[name].hub_id)
+    if _HUB_REPO.match(name) and not Path(name).exists():
+        require_model(name, name)
     return name

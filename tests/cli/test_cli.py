@@ -30,7 +30,7 @@ def test_bad_usage_exits_2_runtime_error_exits_1(tmp_path: Path) -> None:
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "missing" in lines[0], p.stderr
     p = run_btpo("train", "--set", "train.bach_size=3", check=False)
-    assert p.returncode == 1 and "Valid keys" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Valid keys" in p.stderr and "Traceback" not in p.stderr   # usage: exit 2
     p = run_btpo("eval", "--checkpoint", str(tmp_path), check=False)
     assert p.returncode == 1 and "not a run folder" in p.stderr
 

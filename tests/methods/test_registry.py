@@ -108,10 +108,10 @@ def test_a_method_registered_in_a_test_file_trains_evaluates_and_compares(tmp_pa
                                "--strategy", "ddp", "--format", "json", env=env).stdout)
     assert plan["inputs"]["method"] == "toy-hinge" and plan["geometry"]["rows_per_pair"] == 2
     assert plan["geometry"]["head"] == "reward" and plan["strategies"]["ddp"]["peak"] > 0
-    # without the plugin the method is unknown: a one-line error naming the choices, exit 1
+    # without the plugin the method is unknown: a one-line error naming the choices, exit 2 (usage)
     p = run_btpo("train", "--method", "toy-hinge", "--data", str(synthetic_data), "--out", str(tmp_path / "x"),
                  check=False)
-    assert p.returncode == 1 and "toy-hinge" in p.stderr + p.stdout and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "toy-hinge" in p.stderr + p.stdout and "Traceback" not in p.stderr
 
 
 def test_registry_drives_choices_and_order() -> None:

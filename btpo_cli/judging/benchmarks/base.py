@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from btpo_cli.data.files import looks_like_hub_id, probe
 from btpo_cli.data.pairs import RecordSkip, SkipLog, iter_file, iter_hub, to_messages
-from btpo_cli.errors import BtpoError, DataError
+from btpo_cli.errors import BtpoError, DataError, UsageError, did_you_mean
 from btpo_cli.judging.judge import Item
 from btpo_cli.judging.protocol import order_bias
 
@@ -101,7 +101,8 @@ def register_benchmark(b: Benchmark) -> Benchmark:
 
 def get_benchmark(name: str) -> Benchmark:
     if name not in _REGISTRY:
-        raise BtpoError(f"unknown benchmark '{name}' (one of {', '.join(benchmark_names())})")
+        raise UsageError(f"unknown benchmark '{name}' (--benchmark: one of {', '.join(benchmark_names())})"
+                         f"{did_you_mean(name, benchmark_names())}")
     return _REGISTRY[name]
 
 
