@@ -6,11 +6,13 @@ the gradient all-reduce / reduce-scatter of N processes, matmul blocking (which 
 thread count), the shared-prefix path's KV-cache concatenation, the chunked log-softmax. Hence:
 
 1. **Values before the optimizer acts** (a loss or metric from identical weights, a gradient):
-   float32 summation of ``n`` terms in two orders. Rounding errors, modelled as independent with
-   unit roundoff ``u = eps32 / 2``, add like a random walk: the two results differ by about
-   ``u·sqrt(n)`` per unit of the terms' magnitude; :data:`SIGMAS` standard deviations of the
-   difference of two such sums give ``float32_sum_bound(n, scale) = SIGMAS·eps32·sqrt(n)·scale``.
-   (The worst case, Higham's ``(n-1)·u·Σ|x|`` per order, is reached only by adversarial data.)
+   float32 summation of ``n`` terms in two orders. Each of the ``n`` additions rounds by at most
+   ``u·|partial sum|`` (unit roundoff ``u = eps32 / 2``); modelled as independent, these errors add
+   like a random walk, so with ``scale`` the partial sums' magnitude the two results differ by about
+   ``u·sqrt(n)·scale``, and :data:`SIGMAS` standard deviations give
+   ``float32_sum_bound(n, scale) = SIGMAS·eps32·sqrt(n)·scale``. ``scale``: ``max(1, |value|)`` for a
+   loss (its terms are log-probabilities and log-ratios of order 1), the largest element for a
+   gradient (the worst case, Higham's ``(n-1)·u·Σ|x|`` per order, needs adversarial data).
 
 2. **A value after optimizer steps** (a later row's loss): the weights then differ as in 3; an
    element's update is well determined to :data:`RHO` (relative) unless its gradient is rounding
@@ -40,8 +42,9 @@ import torch
 
 EPS32 = torch.finfo(torch.float32).eps   # 2**-23: float32's spacing at 1 (unit roundoff u = EPS32 / 2)
 SIGMAS = 4.0
-"""Standard deviations of the random-walk rounding model allowed (the difference of two sums has
-standard deviation ≈ u·sqrt(2n)·scale < EPS32·sqrt(n)·scale: 4 of these is ≥ 5.6 σ)."""
+"""Standard deviations of the random-walk rounding model allowed (each rounding error is uniform in
+±u·scale, standard deviation u·scale/sqrt(3); the difference of two sums has standard deviation
+≤ u·sqrt(2n/3)·scale ≈ 0.41·EPS32·sqrt(n)·scale: 4·EPS32·sqrt(n)·scale is ≈ 10 of them)."""
 RHO = 1e-3
 """Relative accuracy that makes a gradient element "well determined": its sign and size are known to
 0.1 %, which holds for any element whose magnitude is ≥ 1000× the rounding noise of 1."""
@@ -52,8 +55,8 @@ k_proj biases alone are 64 (2.4e-4); a fault moves a fraction near 1."""
 
 
 def float32_sum_bound(n: int, scale: float = 1.0) -> float:
-    """Difference of two float32 sums of ``n`` terms of magnitude ``scale`` taken in different orders
-    (random-walk rounding model, :data:`SIGMAS` standard deviations)."""
+    """Difference of two float32 sums of ``n`` terms taken in different orders, their partial sums of
+    magnitude ≤ ``scale`` (random-walk rounding model, :data:`SIGMAS`)."""
     return SIGMAS * EPS32 * math.sqrt(max(1, n)) * scale
 
 
