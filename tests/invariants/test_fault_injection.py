@@ -7,7 +7,11 @@ seconds after it logs step ``k`` (after it takes the folder's lock when ``k`` is
 resumed from). Anchored on progress rather than on wall time alone (this machine's speed varies
 with its load), the kills fall anywhere: model loading, rollouts, updates, checkpoint writes (right
 after a step is logged), the final save. Each launch resumes from the latest complete checkpoint
-(one per optimizer step here)."""
+(one per optimizer step here).
+
+Bitwise, not within a tolerance: every launch is one process with the same ``OMP_NUM_THREADS``, so
+the resumed run takes every float32 sum in the uninterrupted run's order (tests/invariants/tolerances.py:
+the reduce-order bound of two identical orders is 0)."""
 
 from __future__ import annotations
 
