@@ -14,8 +14,9 @@ from btpo_cli.data.synthetic import ASPECT, TaskSpec, make_pair
 
 def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0,
                     digits: int = 1, ops: int = 3, label_noise: float = 0.0,
-                    bounded: bool = True) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``test.jsonl`` and ``manifest.json``; return the manifest."""
+                    bounded: bool = True, name: str = "synthetic") -> dict[str, Any]:
+    """Write ``train.jsonl``, ``test.jsonl`` and ``manifest.json``; return the manifest. ``name`` is the
+    dataset's name in eval JSONs and ``btpo compare`` columns."""
     spec = TaskSpec(digits=digits, ops=ops, label_noise=label_noise, bounded=bounded)
     rng = random.Random(f"synthetic:{seed}")
     splits = {
@@ -23,7 +24,7 @@ def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, see
         "test": [make_pair(rng, i, "test", spec) for i in range(n_test)],
     }
     flipped = sum(r.meta["label_flipped"] for r in splits["train"])
-    manifest = {"name": "synthetic", "builder": "synthetic", "seed": seed, "settings": asdict(spec),
+    manifest = {"name": name, "builder": "synthetic", "seed": seed, "settings": asdict(spec),
                 "sources": ["generated (data_builders/synthetic.py)"], "aspect": ASPECT,
                 "label_flipped": {"train": flipped, "test": 0}, "skipped": {"total": 0, "by_reason": {}}}
     return write_dataset(out, splits, manifest)

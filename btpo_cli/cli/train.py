@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from rich.markup import escape
 
 from btpo_cli.config import Config, build_config, flatten
 from btpo_cli.console import console
+from btpo_cli.console import out as stdout
 from btpo_cli.data.pairs import preload_split
 from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
@@ -74,6 +76,7 @@ def train(
     main_address: str | None = typer.Option(None, "--main-address", help="Node 0's address (with --nodes)."),
     main_port: int | None = typer.Option(None, "--main-port", help="Node 0's port (default: 29500 on several "
                                          "nodes, a free one on one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --gpus: print the accelerate launch line and exit."),
     force: bool = typer.Option(False, "--force", help="Train even where the start-up check says the launch "
                                "does not fit the recipe's plan."),
     log_every: str | None = typer.Option(None, "--log-every", help="When stderr is not a terminal (a log file): "
@@ -94,6 +97,13 @@ def train(
     else:
         cfg = build_config(recipe, overrides, flags)
         cfg.out = out or (cfg.out if recipe and cfg.out != "runs/default" else _default_out(cfg.method, cfg.model.name))
+    if dry_run:
+        if gpus is None and nodes is None:
+            raise typer.BadParameter("--dry-run shows the launch of --gpus N; pass --gpus")
+        args = launcher.worker_args(_train_args())
+        stdout.print(shlex.join(launcher.command(cfg.hardware.strategy, gpus or 1, nodes or 1, node_rank, main_address,
+                                              main_port, args, cpu=launcher.cpu_only())), markup=False, highlight=False)
+        return
     # cheap checks first (no torch yet): a tracker that is not installed, data that cannot be used
 
     check_tracker(cfg.train.report_to)
@@ -104,13 +114,19 @@ def train(
             console.print("[yellow]note[/]: --gpus/--nodes ignored: already one process of a launched run",
                           highlight=False)
         else:
-            args = launcher.worker_args(sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else [])
+            args = launcher.worker_args(_train_args())
             raise typer.Exit(launcher.run(cfg.hardware.strategy, gpus or 1, nodes or 1, node_rank, main_address,
                                           main_port, args))
     try:
         launch(cfg, resume, overwrite, log_every, force)
     except preempt.Preempted:
         raise typer.Exit(preempt.exit_code()) from None
+
+
+def _train_args() -> list[str]:
+    """This command's arguments after ``train`` (what each launched process is given)."""
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1:] if "train" in argv else []
 
 
 def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides: list[str], flags: dict,

@@ -18,7 +18,7 @@ from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
 from btpo_cli.training import preempt
 
-LAUNCHER_FLAGS = {"--gpus": 1, "--nodes": 1, "--node-rank": 1, "--main-address": 1, "--main-port": 1}
+LAUNCHER_FLAGS = {"--gpus": 1, "--nodes": 1, "--node-rank": 1, "--main-address": 1, "--main-port": 1, "--dry-run": 0}
 """Options that only the launcher reads (and their number of values): not passed to the workers."""
 
 
@@ -49,6 +49,12 @@ def config_file(strategy: str) -> Path:
     return path
 
 
+def cpu_only() -> bool:
+    import torch  # heavy: imported on use
+
+    return not torch.cuda.is_available()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,10 +78,7 @@ def command(strategy: str, gpus: int, nodes: int = 1, node_rank: int = 0, main_a
 def run(strategy: str, gpus: int, nodes: int, node_rank: int, main_address: str | None, main_port: int | None,
         args: list[str]) -> int:
     """Run the workers to the end; the exit code: theirs, or 75 when a signal stopped them with a checkpoint."""
-    import torch  # heavy: imported on use
-
-    cpu = not torch.cuda.is_available()
-    cmd = command(strategy, gpus, nodes, node_rank, main_address, main_port, args, cpu)
+    cmd = command(strategy, gpus, nodes, node_rank, main_address, main_port, args, cpu_only())
     fd, status = tempfile.mkstemp(prefix="btpo-launch-", suffix=".txt")
     os.close(fd)
     env = {**os.environ, "BTPO_LAUNCHER_PID": str(os.getpid()), preempt.STATUS_ENV: status}
@@ -91,8 +94,12 @@ def run(strategy: str, gpus: int, nodes: int, node_rank: int, main_address: str 
     def forward(signum: int, frame: object) -> None:
         got.append(signum)
         sig = signal.SIGINT if signum == signal.SIGINT else signal.SIGUSR1
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, sig)
+        if sig == signal.SIGUSR1 and len(got) == 1:     # the workers name the signal the launcher received
+            Path(status + ".sig").write_text(signal.Signals(signum).name, encoding="utf-8")
+        pids = Path(status + ".pids").read_text().split() if Path(status + ".pids").exists() else []
+        for pid in [child.pid, *map(int, pids)]:      # the agent ignores SIGUSR1; each worker's handler takes it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
@@ -102,6 +109,8 @@ def run(strategy: str, gpus: int, nodes: int, node_rank: int, main_address: str 
             signal.signal(s, h)
         note = Path(status).read_text(encoding="utf-8").strip() if Path(status).exists() else ""
         Path(status).unlink(missing_ok=True)
+        Path(status + ".pids").unlink(missing_ok=True)
+        Path(status + ".sig").unlink(missing_ok=True)
     if note and rc == 0:
         return preempt.EXIT_PREEMPTED
     if signal.SIGINT in got and rc != 0:

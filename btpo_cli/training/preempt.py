@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -20,6 +21,9 @@ from btpo_cli.console import console
 EXIT_PREEMPTED = 75
 """Exit code of a run stopped by SIGTERM / SIGUSR1 with its checkpoint written (EX_TEMPFAIL: try again)."""
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STATUS_ENV = "BTPO_LAUNCH_STATUS"
+"""Set by the launcher: a file where the workers note a preemption (they exit 0), and beside it
+``.pids``, where each worker writes its pid (torchrun starts each worker in its own session)."""
 _got: list[int] = []
 
 
@@ -27,7 +31,11 @@ class Preempted(Exception):  # noqa: N818 - a stop, not an error
     """Raised by the training loop after the checkpoint of ``step`` is written."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        name = signal.Signals(signum).name
+        forwarded = Path(os.environ.get(STATUS_ENV, "") + ".sig")
+        if os.environ.get(STATUS_ENV) and forwarded.exists():      # what the launcher received
+            name = forwarded.read_text(encoding="utf-8").strip() or name
+        super().__init__(f"stopped by {name} at step {step}")
         self.signum, self.step = signum, step
 
 
@@ -44,7 +52,10 @@ def install() -> None:
         for s in SIGNALS:
             signal.signal(s, _handler)
     except ValueError:      # not the main thread (an in-process caller): leave the defaults
-        pass
+        return
+    if os.environ.get(STATUS_ENV):      # under the launcher: tell it where to send the signal
+        with open(os.environ[STATUS_ENV] + ".pids", "a", encoding="utf-8") as f:
+            f.write(f"{os.getpid()}\n")
 
 
 def requested() -> int:
@@ -79,10 +90,6 @@ def _signal_hook(step: int) -> None:
         return
     os.kill(int(os.environ.get("BTPO_LAUNCHER_PID") or os.getpid()), getattr(signal, f"SIG{name or 'TERM'}"))
     time.sleep(0.5)         # let it arrive (and, under the launcher, be forwarded) before the all-reduce
-
-
-STATUS_ENV = "BTPO_LAUNCH_STATUS"
-"""Set by the launcher: a file where the main process notes a preemption (the workers exit 0)."""
 
 
 def report(p: Preempted, root: Any, is_main: bool) -> None:

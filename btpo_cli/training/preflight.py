@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 from btpo_cli.config import Config
@@ -145,14 +144,3 @@ def record(run: Any, info: dict[str, Any]) -> None:
         env["starts"][-1]["launch"] = info
     atomic_write(path, json.dumps(env, indent=2) + "\n")
 
-
-def of_run(run_dir: Any) -> dict[str, Any] | None:
-    """A run folder's launch record (final/btpo.json, else env.json); None for runs made before it."""
-    for p in (Path(run_dir) / "final" / "btpo.json", Path(run_dir) / "env.json"):
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("launch"), dict):
-            return doc["launch"]
-    return None
