@@ -3,7 +3,7 @@
 :func:`install` (each training process, at start-up) sets the handlers; the loops call
 :func:`agreed` at each step boundary — an all-reduce (max) of the flag, so a signal seen by any
 rank stops them all at the same step — write their checkpoint, then :func:`stop` raises
-:class:`Preempted`. A second signal stops at once (KeyboardInterrupt, as Ctrl-C). docs/launching.md.
+:class:`Preempted`. A repeated signal changes nothing; Ctrl-C still stops at once. docs/launching.md.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ class Preempted(Exception):  # noqa: N818 - a stop, not an error
 
 
 def _handler(signum: int, frame: Any) -> None:
-    if _got:
-        raise KeyboardInterrupt
-    _got.append(signum)
+    if not _got:        # a repeat (Slurm may signal every process as well as the launcher) changes nothing
+        _got.append(signum)
 
 
 def install() -> None:
