@@ -111,7 +111,7 @@ def check(cfg: Config, state: Any, force: bool = False) -> dict[str, Any]:
             what += f"; btpo plan: {got} needs {peak[0]:.3g} GiB per process, {budget:.3g} GiB available ({source})"
         if info["verdict"] == "no" and not force:
             fits = _peak(cfg, want, per_node, nodes, budget)
-            fix = (f"launch the recipe's strategy with `btpo train --gpus {per_node} ...` "
+            fix = (f"launch the recipe's strategy with `btpo train --gpus {hw.gpus} ...` "
                    f"(recipes/accelerate/{want}.yaml{', fits' if fits and fits[1] != 'no' else ''})")
             message = (f"{what} — {fix}, or --set hardware.strategy=<one that fits: `btpo plan`>, "
                        "or --force to go on")
