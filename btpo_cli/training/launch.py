@@ -54,12 +54,16 @@ def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every
     impl = get_method(cfg.method)
     check_tracker(cfg.train.report_to)
     state = PartialState(cpu=use_cpu())
-    preempt.install()
-    launched = preflight.check(cfg, state, force)
-    run = Run(cfg.out, is_main=state.is_main_process)
-    lock = run.begin(cfg, state, resume, overwrite)
-    preflight.record(run, launched)
+    handlers = preempt.install()
     try:
+        launched = preflight.check(cfg, state, force)
+        run = Run(cfg.out, is_main=state.is_main_process)
+        lock = run.begin(cfg, state, resume, overwrite)
+    except BaseException:
+        preempt.restore(handlers)
+        raise
+    try:
+        preflight.record(run, launched)
         if state.is_main_process:
             console.print(f"[bold]btpo train[/] method={cfg.method} model={escape(cfg.model.name)} "
                           f"data={escape(str(cfg.data.path))} → {escape(str(run.root))}  ({state.num_processes} "
@@ -83,6 +87,7 @@ def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every
         raise
     finally:
         lock.release()
+        preempt.restore(handlers)
     finish_tracking(ended=True)
     if state.is_main_process:
         console.print(f"[green]done[/]: {escape(str(run.final_dir))}", highlight=False, soft_wrap=True)

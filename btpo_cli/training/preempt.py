@@ -44,17 +44,26 @@ def _handler(signum: int, frame: Any) -> None:
         _got.append(signum)
 
 
-def install() -> None:
-    """Handle SIGTERM and SIGUSR1 in this process (main thread only; elsewhere a no-op)."""
+def install() -> dict[int, Any]:
+    """Handle SIGTERM and SIGUSR1 in this process (main thread only; elsewhere a no-op). Returns the
+    handlers it replaced, for :func:`restore`."""
     _got.clear()
+    old: dict[int, Any] = {}
     try:
         for s in SIGNALS:
-            signal.signal(s, _handler)
+            old[s] = signal.signal(s, _handler)
     except ValueError:      # not the main thread (an in-process caller): leave the defaults
-        return
+        return old
     if os.environ.get(STATUS_ENV):      # under the launcher: tell it where to send the signal
         with open(os.environ[STATUS_ENV] + ".pids", "a", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
+    return old
+
+
+def restore(old: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install` replaced (an in-process caller keeps its own)."""
+    for s, h in old.items():
+        signal.signal(s, h)
 
 
 def requested() -> int:
