@@ -57,6 +57,8 @@ def install() -> dict[int, Any]:
     if os.environ.get(STATUS_ENV):      # under the launcher: tell it where to send the signal
         with open(os.environ[STATUS_ENV] + ".pids", "a", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
+        if Path(os.environ[STATUS_ENV] + ".sig").exists():     # signalled while this process was starting
+            _got.append(signal.SIGUSR1)
     return old
 
 
