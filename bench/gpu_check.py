@@ -5,6 +5,7 @@ weight-sync time; Qwen2.5-0.5B shape, bf16, random weights, the ``hf`` engine.
     python bench/gpu_check.py --smoke                      # anywhere: 2 layers, CPU, fp32, tiny sizes
     python bench/gpu_check.py --scale --json scale.json    # + plan validation, FSDP2 / ZeRO steps (issue 11)
     python bench/gpu_check.py --scale --smoke              # the same on CPU (tiny sizes; ZeRO where deepspeed imports)
+    python bench/gpu_check.py --launch --json launch.json  # + btpo train --gpus 1 under fsdp2.yaml, the refusal (issue 27)
 
 vLLM is not part of it (its wheel cannot be carried to the lent GPU machine); ``bench_engines.py``
 compares engines where both are installed.
@@ -28,6 +29,11 @@ compares engines where both are installed.
   ``bt`` on tiny-qwen2, 4 micro-batches per step): each must equal a plain run's losses and its
   ``final/`` must load with plain transformers. ZeRO rows are skipped where ``deepspeed`` does
   not import (install it with ``pip install deepspeed`` first).
+- ``--launch`` (issue 27, docs/launching.md): (1) ``btpo train --gpus 1`` of ``bt`` on tiny-qwen2 whose
+  config says ``hardware.strategy=fsdp2``: the launcher must start ``recipes/accelerate/fsdp2.yaml``,
+  env.json must say fsdp2 / world size 1, ``final/`` must load; (2) the start-up check on the real
+  device memory: ``bt/qwen2.5-7b-hh`` (fsdp2, ~161 GiB per process as DDP) started as one plain
+  process must be refused before any model loads, in one line naming single/ddp and fsdp2.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=H200["bf16_tflops"])
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--scale", action="store_true", help="also: plan validation and FSDP2/ZeRO training steps")
+    ap.add_argument("--launch", action="store_true", help="also: btpo train --gpus 1 under fsdp2.yaml, and the "
+                    "start-up check's refusal (issue 27)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.layers, a.prompts, a.k, a.prompt_tokens, a.new_tokens = 2, 2, 2, 16, 4
@@ -151,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["scoring"] = scoring_paths(model, device, a)
     if a.scale:
         out["scale"] = scale_checks(device, a.smoke)
+    if a.launch:
+        out["launch"] = launch_checks(device)
     print(json.dumps(out, indent=2))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(out, indent=2) + "\n")
@@ -247,6 +257,44 @@ def scale_checks(device: torch.device, smoke: bool) -> dict[str, Any]:
             diff = max(abs(x - y) for x, y in zip(got, ref, strict=True))
             res[config] = {"ok": diff <= 1e-4, "losses": got, "plain": ref, "max_abs_diff": diff}
     return res
+
+
+def launch_checks(device: torch.device) -> dict[str, Any]:
+    """``btpo train --gpus 1`` under the recipe's fsdp2 config, and the refusal of a 7B fsdp2 recipe run as
+    one plain process, checked against this device's memory (host RAM on a CPU)."""
+    res: dict[str, Any] = {}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    env.pop(_MEMORY_ENV, None)
+    with tempfile.TemporaryDirectory() as d:
+        from data_builders.synthetic import build_synthetic
+
+        data = Path(d) / "syn"
+        build_synthetic(data, n_train=32, n_test=8, seed=0)
+        run = Path(d) / "fsdp2"
+        btpo = [sys.executable, "-m", "btpo_cli", "train"]
+        if device.type == "cpu":
+            res["gpus_1_fsdp2"] = {"skipped": "one CPU process runs without FSDP (tests/launching runs 2 on gloo)"}
+        else:
+            p = subprocess.run([*btpo, "--method", "bt", "--model", "tiny-qwen2", "--data", str(data), "--out", str(run),
+                                "--max-steps", "2", "--set", "train.batch_size=8", "--set", "train.micro_batch_size=4",
+                                "--set", "hardware.strategy=fsdp2", "--gpus", "1"], env=env, capture_output=True, text=True)
+            launch = json.loads((run / "env.json").read_text()).get("launch", {}) if (run / "env.json").exists() else {}
+            ok = p.returncode == 0 and (run / "final" / "model.safetensors").exists()
+            res["gpus_1_fsdp2"] = {"ok": ok and launch.get("strategy") == "fsdp2" and launch.get("world_size") == 1
+                                   and "accelerate/fsdp2.yaml" in p.stderr, "rc": p.returncode, "launch": launch,
+                                   "tail": (p.stderr or p.stdout)[-1500:]}
+        t0 = time.perf_counter()
+        p = subprocess.run([*btpo, "--recipe", "bt/qwen2.5-7b-hh", "--data", str(data), "--out", str(Path(d) / "7b")],
+                           env=env, capture_output=True, text=True)
+        line = next((ln for ln in p.stderr.splitlines() if "launched as" in ln), "")
+        res["refusal"] = {"ok": p.returncode == 1 and "fsdp2" in line and "--force" in line
+                          and not (Path(d) / "7b").exists(), "rc": p.returncode, "line": line,
+                          "seconds": round(time.perf_counter() - t0, 1), "tail": p.stderr[-800:]}
+    return res
+
+
+_MEMORY_ENV = "BTPO_MEMORY_GIB"      # the check must see the device's own memory here
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from btpo_cli.errors import BtpoError
 from btpo_cli.judging.protocol import EVAL_VERSION
 from btpo_cli.methods import get_method, method_names
 from btpo_cli.runs.folder import Run
+from btpo_cli.runs.launched import launch_of
 from btpo_cli.runs.provenance import staleness
 
 BASELINE = "bt"
@@ -601,6 +602,7 @@ def to_json(t: Table | Collected) -> str:
     for r in t.rows:
         rows.append({"model": r.model, "method": r.method, "runs": [x.name for x in r.runs],
                      "run_paths": [str(x.path) for x in r.runs], "settings_differ": r.settings_differ,
+                     "launch": [launch_of(x.path) for x in r.runs],     # per run; None: made before it was recorded
                      "cells": {ds: _cell_json(c, t.show) for ds, c in r.cells.items()},
                      "avg": None if r.avg is None else {k: v for k, v in _cell_json(r.avg, t.show).items()
                                                         if k in ("value", "accuracy", "raw_accuracy", "n_runs",

@@ -14,9 +14,10 @@ from btpo_cli.data.synthetic import ASPECT, TaskSpec, make_pair
 
 def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0,
                     digits: int = 1, ops: int = 3, label_noise: float = 0.0,
-                    bounded: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``test.jsonl`` and ``manifest.json``; return the manifest (a folder holding
-    another dataset is refused unless ``overwrite``: :func:`~btpo_cli.data.pairs.write_dataset`)."""
+                    bounded: bool = True, name: str = "synthetic", overwrite: bool = False) -> dict[str, Any]:
+    """Write ``train.jsonl``, ``test.jsonl`` and ``manifest.json``; return the manifest. ``name`` is the
+    dataset's name in eval JSONs and ``btpo compare`` columns; a folder holding another dataset is refused
+    unless ``overwrite`` (:func:`~btpo_cli.data.pairs.write_dataset`)."""
     spec = TaskSpec(digits=digits, ops=ops, label_noise=label_noise, bounded=bounded)
     rng = random.Random(f"synthetic:{seed}")
     splits = {
@@ -24,7 +25,7 @@ def build_synthetic(out: str | Path, n_train: int = 2000, n_test: int = 200, see
         "test": [make_pair(rng, i, "test", spec) for i in range(n_test)],
     }
     flipped = sum(r.meta["label_flipped"] for r in splits["train"])
-    manifest = {"name": "synthetic", "builder": "synthetic", "seed": seed, "settings": asdict(spec),
+    manifest = {"name": name, "builder": "synthetic", "seed": seed, "settings": asdict(spec),
                 "sources": ["generated (data_builders/synthetic.py)"], "aspect": ASPECT,
                 "requested": {"train": n_train, "test": n_test},
                 "label_flipped": {"train": flipped, "test": 0}, "skipped": {"total": 0, "by_reason": {}}}

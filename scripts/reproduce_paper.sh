@@ -8,13 +8,15 @@
 #
 # Options:
 #   --backbone B     qwen2.5-3b | qwen2.5-7b (default) | llama3.2-3b | llama3.1-8b
-#   --gpus N         processes per run (N > 1: accelerate launch --num_processes N); default 1
+#   --gpus N         processes per run (N > 1: `btpo train --gpus N`, which launches the recipe's
+#                    hardware.strategy config, recipes/accelerate/<strategy>.yaml); default 1
 #   --out DIR        output folder (default: paper-<backbone>, or paper-quick): data/, runs/, logs/, results.*
 #   --methods "M.."  a subset of: bt bt-prefilled gram grpo-pair grpo-point btpo (default: all six)
 #   --datasets "D.." a subset of: hh if math (default: all three)
 #   --dry-run        print every command in order, run nothing
-#   --quick          synthetic data named hh/if/math, tiny-qwen2, 2 steps: end to end on a CPU
-#                    (default methods "bt btpo", datasets "hh")
+#   --quick          synthetic data named hh/if/math (one seed each: their own columns), tiny-qwen2,
+#                    2 steps: end to end on a CPU (default methods "bt btpo", datasets "hh"); with
+#                    --gpus 2 each run trains in 2 processes (gloo on a CPU), evaluation in one
 #
 # One log per step: DIR/logs/<step>.log. A failed step is named with its log, and the script exits with
 # the step's exit code. Re-running skips what is done (data with its manifest.json, finished runs, eval
@@ -65,7 +67,12 @@ for m in $METHODS; do [[ " $ALL_METHODS " == *" $m "* ]] || die "--methods: unkn
 for d in $DATASETS; do [[ " hh if math " == *" $d "* ]] || die "--datasets: unknown dataset $d"; done
 
 read -r -a BTPO_CMD <<< "$BTPO"
-if [ "$GPUS" -gt 1 ]; then LAUNCH=(accelerate launch --num_processes "$GPUS" -m btpo_cli); else LAUNCH=("${BTPO_CMD[@]}"); fi
+# training: btpo's own launcher (the recipe's strategy, GPUS processes); evaluation: data-parallel processes
+GPU_ARGS=(); EVAL=("${BTPO_CMD[@]}")
+if [ "$GPUS" -gt 1 ]; then
+  GPU_ARGS=(--gpus "$GPUS")
+  [ "$QUICK" = 1 ] || EVAL=(accelerate launch --multi_gpu --num_processes "$GPUS" -m btpo_cli)
+fi
 
 # quick mode: a few steps of each method on tiny-qwen2 (the settings of tests/conftest.py JUDGE_TRAIN)
 ROLLOUT=(--set rollout.batch_size=4 --set train.batch_size=2 --set train.micro_batch_size=1 --set rollout.n=2
@@ -106,7 +113,9 @@ for ds in $DATASETS; do
   data="$OUT/data/$ds"
   if [ "$DRY" = 0 ] && [ -f "$data/manifest.json" ]; then skip "build-data-$ds"; continue; fi
   if [ "$QUICK" = 1 ]; then
-    step "build-data-$ds" "${BTPO_CMD[@]}" build-data synthetic --out "$data" --n-train 32 --n-test 8
+    case "$ds" in hh) seed=1 ;; if) seed=2 ;; *) seed=3 ;; esac     # a different set per column
+    step "build-data-$ds" "${BTPO_CMD[@]}" build-data synthetic --out "$data" --n-train 32 --n-test 8 \
+      --seed "$seed" --name "$ds"
   else
     step "build-data-$ds" "${BTPO_CMD[@]}" build-data "$ds" --out "$data"
   fi
@@ -138,18 +147,18 @@ for ds in $DATASETS; do
       finished) skip "train-$m-$ds" ;;
       stopped)
         if [ "${at:-0}" = 0 ]; then
-          step "train-$m-$ds" "${LAUNCH[@]}" "${fresh[@]}" --overwrite
+          step "train-$m-$ds" "${BTPO_CMD[@]}" "${fresh[@]}" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"} --overwrite
         else
           echo "[reproduce] train-$m-$ds: stopped at step $at, resuming" >&2
-          step "train-$m-$ds-resume" "${LAUNCH[@]}" train --out "$run" --resume
+          step "train-$m-$ds-resume" "${BTPO_CMD[@]}" train --out "$run" --resume ${GPU_ARGS[@]+"${GPU_ARGS[@]}"}
         fi ;;
-      new) step "train-$m-$ds" "${LAUNCH[@]}" "${fresh[@]}" ;;
+      new) step "train-$m-$ds" "${BTPO_CMD[@]}" "${fresh[@]}" ${GPU_ARGS[@]+"${GPU_ARGS[@]}"} ;;
     esac
     if [ "$DRY" = 0 ] && compgen -G "$run/eval/*.json" >/dev/null; then skip "eval-$m-$ds"; continue; fi
     if [ "$QUICK" = 1 ]; then
-      step "eval-$m-$ds" "${LAUNCH[@]}" eval --checkpoint "$run" --limit 8 --max-new-tokens 8
+      step "eval-$m-$ds" "${EVAL[@]}" eval --checkpoint "$run" --limit 8 --max-new-tokens 8
     else
-      step "eval-$m-$ds" "${LAUNCH[@]}" eval --checkpoint "$run"
+      step "eval-$m-$ds" "${EVAL[@]}" eval --checkpoint "$run"
     fi
   done
 done

@@ -27,7 +27,8 @@ from btpo_cli.console import console, print_error, quiet_third_party, stop_live
 from btpo_cli.errors import BtpoError, FollowerError, UsageError, close_match
 
 EPILOG = ("[bold]Exit codes[/]: 0 done · 1 a named error (one line, no traceback unless --debug) · 2 bad usage · "
-          "130 interrupted (Ctrl-C) · btpo status: 3 stopped, 4 running, 5 broken.\n\n"
+          "130 interrupted (Ctrl-C) · btpo status: 3 stopped, 4 running, 5 broken · "
+          "btpo train: 75 stopped by SIGTERM/SIGUSR1 with a checkpoint (--resume continues).\n\n"
           "[bold]Output[/]: results on stdout, progress and notes on stderr; every table takes "
           "--format table|json|tsv and is written whole when stdout is not a terminal. "
           "Third-party warnings are hidden unless --verbose (or BTPO_VERBOSE=1).")

@@ -52,10 +52,12 @@ def synthetic(
     ops: int = typer.Option(3, "--ops", min=1, max=8, help="Operations per expression (difficulty)."),
     label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=0.5,
                                       help="Fraction of training pairs with chosen/rejected swapped."),
+    name: str = typer.Option("synthetic", "--name", help="Dataset name (eval JSONs, btpo compare's column)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Multi-step arithmetic pairs (right result vs near miss): hard to judge without thinking; no Hub."""
-    _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise, overwrite=overwrite), out_dir)
+    _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise, name=name, overwrite=overwrite),
+          out_dir)
 
 
 def print_manifest(manifest: dict) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -10,11 +12,13 @@ from rich.markup import escape
 
 from btpo_cli.config import Config, build_config
 from btpo_cli.console import console
+from btpo_cli.console import out as stdout
 from btpo_cli.data.pairs import preload_split
 from btpo_cli.errors import BtpoError
 from btpo_cli.methods import method_specs
 from btpo_cli.progress import check_log_every
 from btpo_cli.runs.folder import Run
+from btpo_cli.training import launcher, preempt
 from btpo_cli.training.tracking import check_tracker
 
 
@@ -30,7 +34,9 @@ EPILOG = """[bold]Examples[/]
 
   btpo train --recipe recipes/btpo/qwen2.5-7b-hh.yaml --set rollout.n=8 --set optim.lr=5e-7
 
-  accelerate launch --num_processes 8 -m btpo_cli train --recipe recipes/bt/qwen2.5-7b-hh.yaml
+  btpo train --recipe bt/qwen2.5-7b-hh --gpus 8          (8 processes under the recipe's hardware.strategy)
+
+  btpo train --recipe btpo/qwen2.5-7b-hh --gpus 8 --nodes 2 --node-rank 0 --main-address 10.0.0.1
 
   btpo train --out runs/bt --resume          (continue a killed run exactly; also a copy of a run folder)
 
@@ -38,6 +44,8 @@ EPILOG = """[bold]Examples[/]
 
 Prints the run folder on stdout when done (progress and messages go to stderr). A run folder is
 locked while a run trains in it.
+
+Before step 1 every process checks what it was launched under against the recipe's hardware block and btpo plan: a mismatch that does not fit is refused (--force goes on; BTPO_MEMORY_GIB states the memory per process). SIGTERM / SIGUSR1 (Slurm --signal=USR1@120): every process stops at the next step boundary with a checkpoint and exits 75; continue with --resume. See docs/launching.md.
 """
 
 
@@ -61,6 +69,16 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint "
                                 "(a run stopped before it started is started, given its options)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder first."),
+    gpus: int | None = typer.Option(None, "--gpus", min=1, help="Launch N processes per node with "
+                                    "accelerate launch under recipes/accelerate/<hardware.strategy>.yaml."),
+    nodes: int | None = typer.Option(None, "--nodes", min=1, help="Machines (with --gpus; default 1)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's rank (with --nodes)."),
+    main_address: str | None = typer.Option(None, "--main-address", help="Node 0's address (with --nodes)."),
+    main_port: int | None = typer.Option(None, "--main-port", help="Node 0's port (default: 29500 on several "
+                                         "nodes, a free one on one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --gpus: print the accelerate launch line and exit."),
+    force: bool = typer.Option(False, "--force", help="Train even where the start-up check says the launch "
+                               "does not fit the recipe's plan."),
     log_every: str | None = typer.Option(None, "--log-every", help="When stderr is not a terminal (a log file): "
                                          "a progress line every N steps ('50') or T seconds ('30s'; default)."),
 ) -> None:
@@ -79,12 +97,36 @@ def train(
     else:
         cfg = build_config(recipe, overrides, flags)
         cfg.out = out or (cfg.out if recipe and cfg.out != "runs/default" else _default_out(cfg.method, cfg.model.name))
+    if dry_run:
+        if gpus is None and nodes is None:
+            raise typer.BadParameter("--dry-run shows the launch of --gpus N; pass --gpus")
+        args = launcher.worker_args(_train_args())
+        stdout.print(shlex.join(launcher.command(cfg.hardware.strategy, gpus or 1, nodes or 1, node_rank, main_address,
+                                              main_port, args, cpu=launcher.cpu_only())), markup=False, highlight=False)
+        return
     # cheap checks first (no torch yet): a tracker that is not installed, data that cannot be used
 
     check_tracker(cfg.train.report_to)
     preload_split(cfg.data.path, cfg.data.train_split, strict=cfg.data.strict)
 
-    launch(cfg, resume, overwrite, log_every)
+    if gpus is not None or nodes is not None:
+        if launcher.inside_launch():
+            console.print("[yellow]note[/]: --gpus/--nodes ignored: already one process of a launched run",
+                          highlight=False)
+        else:
+            args = launcher.worker_args(_train_args())
+            raise typer.Exit(launcher.run(cfg.hardware.strategy, gpus or 1, nodes or 1, node_rank, main_address,
+                                          main_port, args))
+    try:
+        launch(cfg, resume, overwrite, log_every, force)
+    except preempt.Preempted:
+        raise typer.Exit(preempt.exit_code()) from None
+
+
+def _train_args() -> list[str]:
+    """This command's arguments after ``train`` (what each launched process is given)."""
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1:] if "train" in argv else []
 
 
 def _resumed_config(out: str, recipe: Path | None, method: str | None, overrides: list[str], flags: dict,

@@ -21,6 +21,12 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
 
 
+def mixed_precision(cfg: Config) -> str:
+    """``bf16`` or ``no``: what the accelerator computes in (``train.precision``; ``auto`` is bf16 on a GPU)."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    return "bf16" if bf16 else "no"
+
+
 def make_accelerator(cfg: Config, run: Run) -> Any:
     """The accelerator of a training run, for whatever strategy ``accelerate launch`` was given.
 
@@ -31,7 +37,7 @@ def make_accelerator(cfg: Config, run: Run) -> Any:
     from accelerate import Accelerator  # heavy: imported on use
     from accelerate.utils import ProjectConfiguration  # heavy: imported on use
 
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    use_bf16 = mixed_precision(cfg) == "bf16"
     log_with = None if cfg.train.report_to == "none" else cfg.train.report_to
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     fsdp = fsdp_plugin_from_env()

@@ -49,6 +49,7 @@ from btpo_cli.judging.gpm import (
 )
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
+from btpo_cli.training import preempt
 from btpo_cli.training.periodic_eval import TrainEval
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import (
@@ -195,9 +196,12 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
             if stop:
                 break
         every = cfg.train.save_every
+        halt = preempt.agreed(acc, step)      # SIGTERM / SIGUSR1: at a rollout boundary (where a resume is exact)
         if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps \
-                or stop:
+                or stop or halt:
             run.save_checkpoint(acc, step, sess.checkpoint_state(step=step, rollout=r_idx), cfg.train.keep_checkpoints)
+        if halt and step < plan.total_steps and not stop:
+            preempt.stop(halt, step)
         if step >= plan.total_steps or stop:
             break
     bar.close()

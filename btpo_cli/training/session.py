@@ -44,6 +44,7 @@ from btpo_cli.models.lora import (
 from btpo_cli.runs.final import write_meta
 from btpo_cli.runs.folder import Run
 from btpo_cli.runs.provenance import write_weights_digest
+from btpo_cli.training import preflight
 from btpo_cli.training.accelerator import make_accelerator
 from btpo_cli.training.eval_pairs import split_eval_pairs
 from btpo_cli.training.launch import load_split
@@ -240,6 +241,8 @@ class TrainSession:
                 policy.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state, safe_serialization=True)
             self.tok.save_pretrained(str(tmp))
 
+            if preflight.LAST is not None:      # how it was trained: strategy, world size, nodes, precision
+                meta = {**meta, "launch": preflight.LAST}
             write_meta(tmp, meta)       # btpo.json + README.md (the model card)
             write_weights_digest(tmp, self._saved_step(meta, dest))   # weights.sha256.json: hashed once, here
             if dest.exists():

@@ -22,6 +22,7 @@ import torch
 
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
+from btpo_cli.training import preempt
 from btpo_cli.training.periodic_eval import TrainEval
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.steps import (
@@ -78,10 +79,13 @@ def run_supervised(sess: TrainSession, plan: BatchPlan, *, loss: LossFn,
         log_metrics(acc, run, cfg, row, step, plan.total_steps)
         bar.update(step, bar_info(row))
         stop = evals.after_step(step, plan.total_steps) if evals else False
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps or stop:
+        halt = preempt.agreed(acc, step)      # SIGTERM / SIGUSR1 on any rank: checkpoint here, then stop
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == plan.total_steps or stop or halt:
             run.save_checkpoint(acc, step, sess.checkpoint_state(step=step, epoch=plan.epoch_of(step)),
                                 cfg.train.keep_checkpoints)
         maybe_fault(step)
+        if halt and step < plan.total_steps and not stop:
+            preempt.stop(halt, step)
         if stop:
             break
     bar.close()
