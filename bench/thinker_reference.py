@@ -7,7 +7,9 @@ then::
 
 It reads ``<cache>/models/tiny-thinker-v<VERSION>-s<seed>/btpo_thinker.json`` for each seed and
 records their weights / tokenizer sha256, final pre-training loss and the environment of the
-first one (all must have been built with the same library versions and CPU capability).
+first one (all must have been built with the same library versions and CPU capability), and the lock
+they were built in: ``requirements/venv.lock``'s sha256 and key versions (docs/environment.md). It
+refuses unless this environment is that locked set and the thinkers were built with its versions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from btpo_cli.envlock import KEY_PACKAGES, VENV_LOCK, base_version, lock_status  # noqa: E402
 from btpo_cli.models.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinker_dir  # noqa: E402
 from btpo_cli.models.tiny import tiny_cache_root  # noqa: E402
 
@@ -46,8 +49,18 @@ def main() -> int:
         env = e
         seeds[str(s)] = {"weights_sha256": info["weights_sha256"], "tokenizer_sha256": info["tokenizer_sha256"],
                          "final_loss": info["final_loss"]}
-    a.out.write_text(json.dumps({"version": VERSION, "built_with": env, "seeds": seeds}, indent=2) + "\n",
-                     encoding="utf-8")
+    st = lock_status(VENV_LOCK)
+    if st.status != "locked":
+        print(f"thinker_reference: {st.line()}", file=sys.stderr)
+        return 2
+    versions = {k: st.pins[k] for k in KEY_PACKAGES if k in st.pins}
+    built = {k: base_version(env[k]) for k in versions if env and env.get(k)}
+    if built != versions:
+        print(f"thinker_reference: the thinkers were built with {built}, the lock has {versions}", file=sys.stderr)
+        return 2
+    lock = {"file": "requirements/venv.lock", "sha256": st.sha256, "versions": versions}
+    a.out.write_text(json.dumps({"version": VERSION, "built_with": env, "lock": lock, "seeds": seeds}, indent=2)
+                     + "\n", encoding="utf-8")
     print(a.out)
     return 0
 

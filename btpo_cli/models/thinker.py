@@ -288,7 +288,7 @@ class ReferenceCheck:
 
 
 def load_reference() -> dict[str, Any]:
-    """``thinker_reference.json``: ``{"version", "built_with", "seeds": {seed: {weights_sha256, tokenizer_sha256, final_loss}}}``."""
+    """``thinker_reference.json``: ``{"version", "built_with", "lock", "seeds": {seed: {weights_sha256, tokenizer_sha256, final_loss}}}``."""
     try:
         return json.loads(REFERENCE_FILE.read_text(encoding="utf-8"))
     except FileNotFoundError:
