@@ -1,7 +1,8 @@
 """The built-in default pipeline, on CPU: does thinking pay?
 
 1. build the synthetic reasoning-judge set (multi-step arithmetic; ``data_builders/synthetic.py``)
-2. pre-train (or load from the cache) ``tiny-thinker`` for each thinker seed, a base GPM that thinks
+2. say whether this is the locked environment (``requirements/venv.lock``, docs/environment.md), then
+   pre-train (or load from the cache) ``tiny-thinker`` for each thinker seed, a base GPM that thinks
    a little, and say whether it is the very thinker the README's table was made with
 3. evaluate the untrained base GPM (greedy thought, then p(Yes))
 4. train and evaluate each method from that base (BT with a scalar head, BTPO, …) per seed
