@@ -26,7 +26,7 @@ from btpo_cli.models.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinke
 from btpo_cli.models.tiny import tiny_cache_root  # noqa: E402
 
 ENV_KEYS = ("python", "torch", "transformers", "tokenizers", "accelerate", "machine", "system",
-            "cpu_capability", "blas", "build_threads")
+            "cpu_capability", "cpu_flags", "blas", "build_threads")
 
 
 def main() -> int:
