@@ -1,4 +1,4 @@
-"""Write ``btpo_cli/thinker_reference.json`` from built tiny-thinkers (the README table's base models).
+"""Write ``btpo_cli/models/thinker_reference.json`` from built tiny-thinkers (the README table's base models).
 
 Build (or reuse) the thinkers first, e.g. ``btpo base-model`` per seed or ``btpo demo --thinker-seeds 0,1``,
 then::
@@ -7,9 +7,10 @@ then::
 
 It reads ``<cache>/models/tiny-thinker-v<VERSION>-s<seed>/btpo_thinker.json`` for each seed and
 records their weights / tokenizer sha256, final pre-training loss and the environment of the
-first one (all must have been built with the same library versions and CPU capability), and the lock
+first one (all must have been built with the same library versions, CPU capability and CPU flags), and the lock
 they were built in: ``requirements/venv.lock``'s sha256 and key versions (docs/environment.md). It
-refuses unless this environment is that locked set and the thinkers were built with its versions.
+refuses unless this environment is that locked set and the thinkers were built with its versions
+and record their CPU flags.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> int:
         e = {k: info["built_with"].get(k) for k in ENV_KEYS}
         if env is not None and e != env:
             print(f"thinker_reference: seed {s} was built in another environment: {e} vs {env}", file=sys.stderr)
+            return 2
+        if not e.get("cpu_flags"):   # without them the slow demo test cannot tell another CPU model apart
+            print(f"thinker_reference: {path} records no cpu_flags (built by an older btpo): rebuild it "
+                  f"(btpo base-model --seed {s} --force)", file=sys.stderr)
             return 2
         env = e
         seeds[str(s)] = {"weights_sha256": info["weights_sha256"], "tokenizer_sha256": info["tokenizer_sha256"],
