@@ -1,4 +1,4 @@
-"""Write ``btpo_cli/thinker_reference.json`` from built tiny-thinkers (the README table's base models).
+"""Write ``btpo_cli/models/thinker_reference.json`` from built tiny-thinkers (the README table's base models).
 
 Build (or reuse) the thinkers first, e.g. ``btpo base-model`` per seed or ``btpo demo --thinker-seeds 0,1``,
 then::
@@ -7,7 +7,10 @@ then::
 
 It reads ``<cache>/models/tiny-thinker-v<VERSION>-s<seed>/btpo_thinker.json`` for each seed and
 records their weights / tokenizer sha256, final pre-training loss and the environment of the
-first one (all must have been built with the same library versions and CPU capability).
+first one (all must have been built with the same library versions, CPU capability and CPU flags), and the lock
+they were built in: ``requirements/venv.lock``'s sha256 and key versions (docs/environment.md). It
+refuses unless this environment is that locked set and the thinkers were built with its versions
+and record their CPU flags.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from btpo_cli.envlock import KEY_PACKAGES, VENV_LOCK, base_version, lock_status  # noqa: E402
 from btpo_cli.models.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinker_dir  # noqa: E402
 from btpo_cli.models.tiny import tiny_cache_root  # noqa: E402
 
 ENV_KEYS = ("python", "torch", "transformers", "tokenizers", "accelerate", "machine", "system",
-            "cpu_capability", "blas", "build_threads")
+            "cpu_capability", "cpu_flags", "blas", "build_threads")
 
 
 def main() -> int:
@@ -43,11 +47,25 @@ def main() -> int:
         if env is not None and e != env:
             print(f"thinker_reference: seed {s} was built in another environment: {e} vs {env}", file=sys.stderr)
             return 2
+        if not e.get("cpu_flags"):   # without them the slow demo test cannot tell another CPU model apart
+            print(f"thinker_reference: {path} records no cpu_flags (built by an older btpo): rebuild it "
+                  f"(btpo base-model --seed {s} --force)", file=sys.stderr)
+            return 2
         env = e
         seeds[str(s)] = {"weights_sha256": info["weights_sha256"], "tokenizer_sha256": info["tokenizer_sha256"],
                          "final_loss": info["final_loss"]}
-    a.out.write_text(json.dumps({"version": VERSION, "built_with": env, "seeds": seeds}, indent=2) + "\n",
-                     encoding="utf-8")
+    st = lock_status(VENV_LOCK)
+    if st.status != "locked":
+        print(f"thinker_reference: {st.line()}", file=sys.stderr)
+        return 2
+    versions = {k: st.pins[k] for k in KEY_PACKAGES if k in st.pins}
+    built = {k: base_version(env[k]) for k in versions if env and env.get(k)}
+    if built != versions:
+        print(f"thinker_reference: the thinkers were built with {built}, the lock has {versions}", file=sys.stderr)
+        return 2
+    lock = {"file": "requirements/venv.lock", "sha256": st.sha256, "versions": versions}
+    a.out.write_text(json.dumps({"version": VERSION, "built_with": env, "lock": lock, "seeds": seeds}, indent=2)
+                     + "\n", encoding="utf-8")
     print(a.out)
     return 0
 

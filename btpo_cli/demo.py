@@ -1,7 +1,8 @@
 """The built-in default pipeline, on CPU: does thinking pay?
 
 1. build the synthetic reasoning-judge set (multi-step arithmetic; ``data_builders/synthetic.py``)
-2. pre-train (or load from the cache) ``tiny-thinker`` for each thinker seed, a base GPM that thinks
+2. say whether this is the locked environment (``requirements/venv.lock``, docs/environment.md), then
+   pre-train (or load from the cache) ``tiny-thinker`` for each thinker seed, a base GPM that thinks
    a little, and say whether it is the very thinker the README's table was made with
 3. evaluate the untrained base GPM (greedy thought, then p(Yes))
 4. train and evaluate each method from that base (BT with a scalar head, BTPO, …) per seed
@@ -31,6 +32,7 @@ from btpo_cli.compare import collect, to_markdown
 from btpo_cli.compare import plot as draw
 from btpo_cli.config import build_config, flatten
 from btpo_cli.console import console, out
+from btpo_cli.envlock import lock_status
 from btpo_cli.errors import BtpoError
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.runs.folder import Run
@@ -110,6 +112,23 @@ def report_thinker(thinker_seed: int) -> tuple[str, str | None]:
     for i, line in enumerate(check.lines):
         console.print(f"[{style}]{line}[/]" if i >= 2 else line, highlight=False)
     return check.status, info.get("weights_sha256")
+
+
+def report_environment() -> dict[str, Any]:
+    """Print whether this is the locked environment (requirements/*.lock) and whether the reference thinker
+    was recorded with the same lock; returns what ``summary.json`` records under ``environment``."""
+    from btpo_cli.models.thinker import load_reference  # heavy: imported on use
+
+    st = lock_status()
+    ref_lock = load_reference().get("lock") or {}
+    same_lock = st.sha256 is not None and ref_lock.get("sha256") == st.sha256
+    console.print(st.line(), style="green" if st.status == "locked" else "yellow", highlight=False, soft_wrap=True)
+    if st.sha256 is not None and not same_lock:
+        console.print(f"  the README's reference thinker was recorded with another lock (sha256 "
+                      f"{(ref_lock.get('sha256') or 'not recorded')[:12]}…): bench/thinker_reference.py "
+                      "re-records it", style="yellow", highlight=False, soft_wrap=True)
+    return {"lock": f"{st.path.parent.name}/{st.path.name}", "status": st.status, "lock_sha256": st.sha256,
+            "reference_lock": same_lock, "differences": st.differences}
 
 
 STAMP = "demo_thinker.json"
@@ -286,6 +305,7 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     build_synthetic(data, n_train=n_train, n_test=n_test, seed=0, overwrite=overwrite)
     console.print(f"{data}: {n_train} train / {n_test} test pairs (multi-step arithmetic)")
     console.rule("[bold]2. base model")
+    environment = report_environment()
     reports = {t: report_thinker(t) for t in thinker_seeds}
     thinkers = {t: status for t, (status, _) in reports.items()}
     shas = {t: sha for t, (_, sha) in reports.items()}
@@ -310,7 +330,8 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     out.print(to_markdown(c), markup=False, highlight=False)
     summary = seed_summary(folder, methods, seeds, thinker_seeds, thinkers)
     md = summary_markdown(summary)
-    (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+    (folder / "summary.json").write_text(json.dumps({**summary.to_json(), "environment": environment}, indent=2)
+                                         + "\n", encoding="utf-8")
     (folder / "summary.md").write_text(md + "\n", encoding="utf-8")
     out.print("\nraw test accuracy (%), mean ± std over seeds:\n" + md, markup=False, highlight=False)
     if plot is not None:

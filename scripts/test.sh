@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, what CI runs (after `bash scripts/setup.sh --with-vllm`):
 #   1. ruff;
-#   2. the main suite in .venv (newest transformers), vLLM-marked tests left out;
+#   2. the main suite in .venv (the locked set, requirements/venv.lock), vLLM-marked tests left out;
 #   3. the vLLM-marked tests in .venv-vllm with BTPO_REQUIRE_VLLM=1: there a vLLM test that cannot
 #      run FAILS instead of skipping (tests/conftest.py).
 # Extra arguments go to both pytest runs (e.g. -x, -k engines).

@@ -5,7 +5,10 @@ session's cache starts empty, as a fresh clone's does), evaluates the untrained 
 BT and BTPO on two seeds and evaluates them. It fails unless BTPO beats the base model by 10
 points and BT by 5 points on EVERY seed — the claim of the README's table, on a smaller budget.
 A sign error, a wrong mask, a broken weight or a BTPO that collapses shows up here. It has no
-wall-clock limit of its own (CI's applies): on a loaded machine it is slow, not wrong.
+wall-clock limit of its own (CI's applies): on a loaded machine it is slow, not wrong. In the locked
+environment (requirements/venv.lock, what scripts/setup.sh installs) on the reference's CPU (torch
+build, BLAS and CPU flags as recorded in the reference), the freshly pre-trained thinker must be the README's reference thinker bit for bit: re-making the lock
+with versions that build another thinker fails here (docs/environment.md).
 """
 
 from __future__ import annotations
@@ -62,6 +65,51 @@ def test_demo_quick_from_a_fresh_thinker_btpo_beats_base_and_bt(tmp_path: Path) 
     assert (out / "compare.png").stat().st_size > 10_000
     assert "tiny-thinker v" in p.stdout + p.stderr and "weights sha256" in p.stdout + p.stderr
     assert "worst run" in p.stdout
+    _assert_reference_thinker_in_the_locked_set(summary)
+
+
+def _assert_reference_thinker_in_the_locked_set(summary: dict) -> None:
+    """The locked set on the reference's CPU (same torch build, BLAS, CPU flags) rebuilds the reference thinker;
+    elsewhere say why it was not compared. Same versions and AVX512 on another CPU model is not enough:
+    two such machines built different thinkers (docs/environment.md)."""
+    from btpo_cli.envlock import lock_status
+    from btpo_cli.models.thinker import build_environment, load_reference
+
+    st, ref, env = lock_status(), load_reference(), build_environment()
+    assert summary["environment"]["status"] == st.status
+    keys = ("torch", "machine", "cpu_capability", "cpu_flags", "blas")
+    same_cpu = {k: ref["built_with"].get(k) for k in keys} == {k: env.get(k) for k in keys}
+    if st.status == "locked" and same_cpu:
+        assert summary["thinkers"]["0"] == "identical", (
+            "the locked environment no longer builds the reference thinker (btpo_cli/models/"
+            "thinker_reference.json): re-make the reference with bench/thinker_reference.py, and the README's digits")
+    else:
+        why = "CPU flags not recorded in the reference" if not ref["built_with"].get("cpu_flags") else "another CPU"
+        print(f"reference thinker not compared: {st.line()}; {why if not same_cpu else 'not the locked set'}")
+
+
+def test_reference_thinker_check_fails_in_the_locked_set_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the slow demo test asserts of its fresh thinker, with the environment faked."""
+    from btpo_cli import envlock
+    from btpo_cli.models import thinker
+
+    ref_env = {**thinker.load_reference()["built_with"], "cpu_flags": "f" * 16}
+    env = dict(ref_env)
+    monkeypatch.setattr(thinker, "build_environment", lambda: env)
+    monkeypatch.setattr(thinker, "load_reference", lambda: {"built_with": ref_env})
+    for status, flags, thinker_status, fails in [("locked", "f" * 16, "different", True),
+                                                 ("locked", "f" * 16, "identical", False),
+                                                 ("differs", "f" * 16, "different", False),   # not the locked set
+                                                 ("locked", "e" * 16, "different", False),    # another CPU model
+                                                 ("locked", None, "different", False)]:       # flags unreadable
+        monkeypatch.setattr(envlock, "lock_status", lambda s=status: envlock.LockStatus(s, envlock.VENV_LOCK))
+        env["cpu_flags"] = flags
+        summary = {"environment": {"status": status}, "thinkers": {"0": thinker_status}}
+        if fails:
+            with pytest.raises(AssertionError, match="no longer builds the reference thinker"):
+                _assert_reference_thinker_in_the_locked_set(summary)
+        else:
+            _assert_reference_thinker_in_the_locked_set(summary)
 
 
 def test_demo_base_is_evaluated_as_it_is_without_a_copied_model(tmp_path: Path, synthetic_data: Path,

@@ -8,6 +8,7 @@ from dataclasses import replace
 import typer
 
 from btpo_cli.console import console, out
+from btpo_cli.envlock import lock_status
 
 HELP = "Pre-train tiny-thinker, a tiny base GPM that can think a little (CPU, minutes; cached)."
 EPILOG = """[bold]Examples[/]
@@ -34,6 +35,6 @@ def base_model(
     info = json.loads((path / "btpo_thinker.json").read_text())
     console.print(f"tiny-thinker: {info['parameters']:,} parameters, final pre-training loss "
                   f"{info['final_loss']:.3f}", highlight=False)
-    for line in reference_check(info).lines:
-        console.print(line, highlight=False)
+    for line in [*reference_check(info).lines, lock_status().line()]:
+        console.print(line, highlight=False, soft_wrap=True)
     out.print(str(path), markup=False, highlight=False)

@@ -183,8 +183,25 @@ def init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
                 p.zero_()
 
 
+def cpu_flags() -> str | None:
+    """sha256 (16 hex) of the CPU's feature flags (``/proc/cpuinfo``), or None where unreadable.
+
+    torch's CPU capability says AVX512 for every AVX-512 CPU; the BLAS picks its kernels (and so its
+    summation order) by the finer features (e.g. avx512_fp16, avx512_bf16) and the cache sizes: two
+    AVX512 machines built different seed-0 thinkers with the same locked versions (docs/environment.md)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), None)
+    if line is None:
+        return None
+    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    return hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
 def build_environment(threads: int = BUILD_THREADS) -> dict[str, Any]:
-    """What the floats of a build can depend on: library versions, CPU capability, BLAS, threads."""
+    """What the floats of a build can depend on: library versions, CPU capability and flags, BLAS, threads."""
     import tokenizers  # heavy: imported on use
     import transformers  # heavy: imported on use
 
@@ -199,7 +216,7 @@ def build_environment(threads: int = BUILD_THREADS) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "accelerate": acc_version, "machine": platform.machine(), "system": platform.system(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas": blas,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(), "blas": blas,
             "build_threads": threads, "env_OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
@@ -288,7 +305,7 @@ class ReferenceCheck:
 
 
 def load_reference() -> dict[str, Any]:
-    """``thinker_reference.json``: ``{"version", "built_with", "seeds": {seed: {weights_sha256, tokenizer_sha256, final_loss}}}``."""
+    """``thinker_reference.json``: ``{"version", "built_with", "lock", "seeds": {seed: {weights_sha256, tokenizer_sha256, final_loss}}}``."""
     try:
         return json.loads(REFERENCE_FILE.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -319,12 +336,15 @@ def reference_check(info: dict[str, Any], reference: dict[str, Any] | None = Non
     renv = ref.get("built_with", {})
     diff = [f"{k} {renv.get(k)} → {env.get(k)}" for k in ("torch", "transformers", "tokenizers", "machine",
                                                           "cpu_capability", "blas") if renv.get(k) != env.get(k)]
+    if renv.get("cpu_flags") and renv.get("cpu_flags") != env.get("cpu_flags"):   # older references: not recorded
+        diff.append(f"cpu_flags {renv['cpu_flags']} → {env.get('cpu_flags')} (another CPU model)")
     what = ("weights" if not same_w else "") + (" and " if not same_w and not same_t else "") + \
            ("tokenizer" if not same_t else "")
     lines.append(f"  ≠ the README's reference thinker ({what} differ: reference weights "
                  f"{(r.get('weights_sha256') or '?')[:12]}…, final loss {r.get('final_loss', float('nan')):.4f})")
     lines.append("  environment differences: " + (", ".join(diff) if diff else
-                 "none recorded (same versions and CPU capability; a different BLAS build or CPU model)"))
+                 "none recorded (same versions and CPU capability; a different BLAS build or CPU model"
+                 + ("" if renv.get("cpu_flags") else ": the reference does not record its CPU flags") + ")"))
     lines.append("  expect the README's numbers within their stated spread over thinker seeds, not identical")
     return ReferenceCheck("different", lines)
 

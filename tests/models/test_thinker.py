@@ -120,6 +120,14 @@ def test_reference_check_identical_different_and_missing() -> None:
     assert reference_check(_info("aaaa"), {**REF, "version": VERSION - 1}).status == "no-reference"
 
 
+def test_reference_check_names_another_cpu_model_only_where_the_reference_records_its_flags() -> None:
+    old = reference_check(_info("bbbb", transformers="5.20.0", cpu_capability="AVX512", cpu_flags="1234"), REF)
+    assert "the reference does not record its CPU flags" in "\n".join(old.lines)
+    ref = {**REF, "built_with": {**REF["built_with"], "transformers": "5.24.0", "cpu_flags": "abcd"}}
+    new = reference_check(_info("bbbb", cpu_capability="AVX512", cpu_flags="1234"), ref)
+    assert "cpu_flags abcd → 1234 (another CPU model)" in "\n".join(new.lines)
+
+
 def test_shipped_reference_is_for_this_version() -> None:
     ref = load_reference()
     assert ref["version"] == VERSION
