@@ -118,6 +118,14 @@ def check(cfg: Config, state: Any, force: bool = False) -> dict[str, Any]:
         elif state.is_main_process:
             note = "going on (--force)" if info["verdict"] == "no" else "going on"
             console.print(f"[yellow]warning[/]: {what}; {note}", highlight=False, soft_wrap=True)
+    if state.num_processes > 1:
+        # The main process's verdict for everyone: a rank whose planner could not read the model (a tiny
+        # model another rank is still building) must not go on alone while the others stop.
+        from accelerate.utils import broadcast_object_list  # heavy: imported on use
+
+        box = [message]
+        broadcast_object_list(box, from_process=0)
+        message = str(box[0])
     if message:
         info["verdict"] = "refused"
         if state.num_processes == 1:
