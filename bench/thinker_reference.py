@@ -9,8 +9,8 @@ It reads ``<cache>/models/tiny-thinker-v<VERSION>-s<seed>/btpo_thinker.json`` fo
 records their weights / tokenizer sha256, final pre-training loss and the environment of the
 first one (all must have been built with the same library versions, CPU capability and CPU flags), and the lock
 they were built in: ``requirements/venv.lock``'s sha256 and key versions (docs/environment.md). It
-refuses unless this environment is that locked set and the thinkers were built with its versions
-and record their CPU flags.
+refuses unless this environment is that locked set and the thinkers were built with its versions,
+with the fixed CPU kernels (``btpo_cli/cpu_kernels.py``), and record their CPU flags.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from btpo_cli.models.thinker import REFERENCE_FILE, VERSION, ThinkerSpec, thinke
 from btpo_cli.models.tiny import tiny_cache_root  # noqa: E402
 
 ENV_KEYS = ("python", "torch", "transformers", "tokenizers", "accelerate", "machine", "system",
-            "cpu_capability", "cpu_flags", "blas", "build_threads")
+            "cpu_capability", "cpu_flags", "blas", "build_threads", "kernels")
 
 
 def main() -> int:
@@ -50,6 +50,11 @@ def main() -> int:
         if not e.get("cpu_flags"):   # without them the slow demo test cannot tell another CPU model apart
             print(f"thinker_reference: {path} records no cpu_flags (built by an older btpo): rebuild it "
                   f"(btpo base-model --seed {s} --force)", file=sys.stderr)
+            return 2
+        if e.get("kernels") in (None, "native"):   # the machine's own kernels: the digits of one CPU model only
+            print(f"thinker_reference: {path} was built with the machine's own CPU kernels ({e.get('kernels')}): "
+                  f"rebuild it with `btpo base-model --seed {s} --force` (fixed kernels, btpo_cli/cpu_kernels.py)",
+                  file=sys.stderr)
             return 2
         env = e
         seeds[str(s)] = {"weights_sha256": info["weights_sha256"], "tokenizer_sha256": info["tokenizer_sha256"],

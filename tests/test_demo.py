@@ -65,19 +65,26 @@ def test_demo_quick_from_a_fresh_thinker_btpo_beats_base_and_bt(tmp_path: Path) 
     assert (out / "compare.png").stat().st_size > 10_000
     assert "tiny-thinker v" in p.stdout + p.stderr and "weights sha256" in p.stdout + p.stderr
     assert "worst run" in p.stdout
-    _assert_reference_thinker_in_the_locked_set(summary)
+    from btpo_cli.models.thinker import ThinkerSpec, thinker_dir
+
+    built = json.loads((thinker_dir(ThinkerSpec(seed=0)) / "btpo_thinker.json").read_text())["built_with"]
+    _assert_reference_thinker_in_the_locked_set(summary, built)
 
 
-def _assert_reference_thinker_in_the_locked_set(summary: dict) -> None:
+def _assert_reference_thinker_in_the_locked_set(summary: dict, built_with: dict | None = None) -> None:
     """The locked set on the reference's CPU (same torch build, BLAS, CPU flags) rebuilds the reference thinker;
     elsewhere say why it was not compared. Same versions and AVX512 on another CPU model is not enough:
     two such machines built different thinkers (docs/environment.md)."""
     from btpo_cli.envlock import lock_status
     from btpo_cli.models.thinker import build_environment, load_reference
 
-    st, ref, env = lock_status(), load_reference(), build_environment()
+    st, ref, env = lock_status(), load_reference(), built_with or build_environment()
     assert summary["environment"]["status"] == st.status
-    keys = ("torch", "machine", "cpu_capability", "cpu_flags", "blas")
+    # With the fixed kernels (btpo_cli/cpu_kernels.py) the CPU model no longer matters, only the torch build,
+    # the BLAS and an AVX2 CPU; a reference built with the machine's own kernels needs the same CPU model.
+    pinned = ref["built_with"].get("kernels", "native") != "native"
+    keys = ("torch", "machine", "blas", "kernels") if pinned else ("torch", "machine", "cpu_capability", "cpu_flags",
+                                                                   "blas")
     same_cpu = {k: ref["built_with"].get(k) for k in keys} == {k: env.get(k) for k in keys}
     if st.status == "locked" and same_cpu:
         assert summary["thinkers"]["0"] == "identical", (
@@ -104,6 +111,21 @@ def test_reference_thinker_check_fails_in_the_locked_set_only(monkeypatch: pytes
                                                  ("locked", None, "different", False)]:       # flags unreadable
         monkeypatch.setattr(envlock, "lock_status", lambda s=status: envlock.LockStatus(s, envlock.VENV_LOCK))
         env["cpu_flags"] = flags
+        summary = {"environment": {"status": status}, "thinkers": {"0": thinker_status}}
+        if fails:
+            with pytest.raises(AssertionError, match="no longer builds the reference thinker"):
+                _assert_reference_thinker_in_the_locked_set(summary)
+        else:
+            _assert_reference_thinker_in_the_locked_set(summary)
+    # a reference built with the fixed kernels: any CPU model (flags) compares; other kernels do not
+    ref_env.update(kernels="MKL_CBWR=AVX2,STRICT ATEN_CPU_CAPABILITY=avx2", cpu_capability="AVX2")
+    for status, flags, kernels, thinker_status, fails in [
+            ("locked", "e" * 16, ref_env["kernels"], "different", True),     # another CPU model: still compared
+            ("locked", None, ref_env["kernels"], "identical", False),
+            ("differs", "e" * 16, ref_env["kernels"], "different", False),   # not the locked set
+            ("locked", "f" * 16, "native", "different", False)]:              # the machine's own kernels
+        monkeypatch.setattr(envlock, "lock_status", lambda s=status: envlock.LockStatus(s, envlock.VENV_LOCK))
+        env.update(cpu_flags=flags, kernels=kernels, cpu_capability="AVX2" if kernels != "native" else "AVX512")
         summary = {"environment": {"status": status}, "thinkers": {"0": thinker_status}}
         if fails:
             with pytest.raises(AssertionError, match="no longer builds the reference thinker"):

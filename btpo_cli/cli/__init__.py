@@ -19,7 +19,7 @@ import typer.rich_utils
 from rich.errors import StyleSyntaxError
 from rich.style import Style
 
-from btpo_cli import __version__
+from btpo_cli import __version__, cpu_kernels
 from btpo_cli.cli import base_model, build_data, compare, demo, models, plan, recipes, score, serve, train
 from btpo_cli.cli import eval as eval_cmd
 from btpo_cli.cli import status as status_cmd
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     traceback unless ``--debug``); 2 bad usage; 130 interrupted (Ctrl-C), quickly: the process
     skips the interpreter's slow teardown of torch once the trackers and files are closed."""
     debug = "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("BTPO_DEBUG") == "1"
+    words = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")]
+    if words and words[0] in cpu_kernels.PINNED_COMMANDS:
+        cpu_kernels.pin()       # before any torch computation: the README's digits on every x86-64 CPU
     if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH"):
         typer.rich_utils.MAX_WIDTH = max(HELP_WIDTH_PIPED, _int(os.environ.get("COLUMNS")))
     try:

@@ -53,6 +53,8 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +64,7 @@ from typing import Any
 
 import torch
 
+from btpo_cli import cpu_kernels
 from btpo_cli.data.pairs import sha256_file
 from btpo_cli.data.synthetic import (
     ASPECT,
@@ -74,11 +77,12 @@ from btpo_cli.data.synthetic import (
     response_text,
     wrong_thought,
 )
+from btpo_cli.errors import BtpoError
 from btpo_cli.judging.templates import answer_token_id, encode_gpm, encode_text, end_of_turn_id
 from btpo_cli.models.inputs import with_pad_token
 from btpo_cli.progress import PhaseProgress
 
-VERSION = 6
+VERSION = 7
 """v6: 3 heads of 32 (v5: 4 of 24), own weight init, single-thread deterministic build, hashes in the metadata."""
 
 BUILD_THREADS = 1
@@ -217,7 +221,8 @@ def build_environment(threads: int = BUILD_THREADS) -> dict[str, Any]:
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "accelerate": acc_version, "machine": platform.machine(), "system": platform.system(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(), "blas": blas,
-            "build_threads": threads, "env_OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+            "build_threads": threads, "env_OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "kernels": cpu_kernels.described()}
 
 
 def build_thinker(out_dir: Path, spec: ThinkerSpec, progress: Callable[[int, int, float], None] | None = None) -> dict:
@@ -335,7 +340,8 @@ def reference_check(info: dict[str, Any], reference: dict[str, Any] | None = Non
         return ReferenceCheck("identical", lines)
     renv = ref.get("built_with", {})
     diff = [f"{k} {renv.get(k)} → {env.get(k)}" for k in ("torch", "transformers", "tokenizers", "machine",
-                                                          "cpu_capability", "blas") if renv.get(k) != env.get(k)]
+                                                          "cpu_capability", "blas", "kernels")
+            if renv.get(k) != env.get(k)]
     if renv.get("cpu_flags") and renv.get("cpu_flags") != env.get("cpu_flags"):   # older references: not recorded
         diff.append(f"cpu_flags {renv['cpu_flags']} → {env.get('cpu_flags')} (another CPU model)")
     what = ("weights" if not same_w else "") + (" and " if not same_w and not same_t else "") + \
@@ -357,6 +363,9 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
     target = thinker_dir(spec, cache_root)
     if (target / "btpo_thinker.json").exists() and not force:
         return target
+    if not cpu_kernels.is_pinned() and cache_root is None and spec == ThinkerSpec(seed=spec.seed, steps=spec.steps):
+        _build_in_pinned_child(spec, force)       # the same bits as the reference, whatever this process ran
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # one lock per thinker folder: different seeds build side by side, the same seed once
     with file_lock(target.parent / f".{target.name}.lock"):
@@ -372,6 +381,16 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _build_in_pinned_child(spec: ThinkerSpec, force: bool) -> None:
+    """``btpo base-model`` in a child process with the fixed CPU kernels (:mod:`btpo_cli.cpu_kernels`): a
+    process that already computed with the machine's own kernels cannot switch them."""
+    cmd = [sys.executable, "-m", "btpo_cli", "base-model", "--seed", str(spec.seed), "--steps", str(spec.steps)]
+    p = subprocess.run(cmd + (["--force"] if force else []), env=cpu_kernels.pinned_env(), stdout=subprocess.PIPE,
+                       text=True, check=False)
+    if p.returncode != 0:
+        raise BtpoError(f"pre-training tiny-thinker seed {spec.seed} failed (exit {p.returncode}; its error is above)")
 
 
 def _build_with_progress(out: Path, spec: ThinkerSpec) -> None:
