@@ -104,34 +104,31 @@ def test_reference_thinker_check_fails_in_the_locked_set_only(monkeypatch: pytes
     env = dict(ref_env)
     monkeypatch.setattr(thinker, "build_environment", lambda: env)
     monkeypatch.setattr(thinker, "load_reference", lambda: {"built_with": ref_env})
-    for status, flags, thinker_status, fails in [("locked", "f" * 16, "different", True),
-                                                 ("locked", "f" * 16, "identical", False),
-                                                 ("differs", "f" * 16, "different", False),   # not the locked set
-                                                 ("locked", "e" * 16, "different", False),    # another CPU model
-                                                 ("locked", None, "different", False)]:       # flags unreadable
+    native, pinned = "native", "MKL_CBWR=AVX2,STRICT ATEN_CPU_CAPABILITY=avx2"
+
+    def check(status: str, flags: str | None, kernels: str, thinker_status: str, fails: bool) -> None:
         monkeypatch.setattr(envlock, "lock_status", lambda s=status: envlock.LockStatus(s, envlock.VENV_LOCK))
-        env["cpu_flags"] = flags
+        env.update(cpu_flags=flags, kernels=kernels, cpu_capability="AVX2" if kernels == pinned else "AVX512")
         summary = {"environment": {"status": status}, "thinkers": {"0": thinker_status}}
         if fails:
             with pytest.raises(AssertionError, match="no longer builds the reference thinker"):
                 _assert_reference_thinker_in_the_locked_set(summary)
         else:
             _assert_reference_thinker_in_the_locked_set(summary)
-    # a reference built with the fixed kernels: any CPU model (flags) compares; other kernels do not
-    ref_env.update(kernels="MKL_CBWR=AVX2,STRICT ATEN_CPU_CAPABILITY=avx2", cpu_capability="AVX2")
-    for status, flags, kernels, thinker_status, fails in [
-            ("locked", "e" * 16, ref_env["kernels"], "different", True),     # another CPU model: still compared
-            ("locked", None, ref_env["kernels"], "identical", False),
-            ("differs", "e" * 16, ref_env["kernels"], "different", False),   # not the locked set
-            ("locked", "f" * 16, "native", "different", False)]:              # the machine's own kernels
-        monkeypatch.setattr(envlock, "lock_status", lambda s=status: envlock.LockStatus(s, envlock.VENV_LOCK))
-        env.update(cpu_flags=flags, kernels=kernels, cpu_capability="AVX2" if kernels != "native" else "AVX512")
-        summary = {"environment": {"status": status}, "thinkers": {"0": thinker_status}}
-        if fails:
-            with pytest.raises(AssertionError, match="no longer builds the reference thinker"):
-                _assert_reference_thinker_in_the_locked_set(summary)
-        else:
-            _assert_reference_thinker_in_the_locked_set(summary)
+
+    # a reference built with the machine's own kernels: only the same CPU model (flags) compares
+    ref_env.update(kernels=native, cpu_capability="AVX512")
+    check("locked", "f" * 16, native, "different", True)
+    check("locked", "f" * 16, native, "identical", False)
+    check("differs", "f" * 16, native, "different", False)     # not the locked set
+    check("locked", "e" * 16, native, "different", False)      # another CPU model
+    check("locked", None, native, "different", False)          # flags unreadable
+    # a reference built with the fixed kernels: any CPU model compares; the machine's own kernels do not
+    ref_env.update(kernels=pinned, cpu_capability="AVX2")
+    check("locked", "e" * 16, pinned, "different", True)       # another CPU model: still compared
+    check("locked", None, pinned, "identical", False)
+    check("differs", "e" * 16, pinned, "different", False)     # not the locked set
+    check("locked", "f" * 16, native, "different", False)      # the machine's own kernels
 
 
 def test_demo_base_is_evaluated_as_it_is_without_a_copied_model(tmp_path: Path, synthetic_data: Path,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import errno
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -56,6 +57,15 @@ def atomic_open(path: Path) -> Iterator[IO[str]]:
     with open(tmp, "w", encoding="utf-8") as f:
         yield f
     os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -19,7 +19,6 @@ seed, sources, skip reasons, sha256 of every file).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -401,14 +400,6 @@ def seeded_sample(pool: Sequence[PairRecord], n: int, key: str) -> list[PairReco
 
 
 # ----------------------------------------------------------------------------- writing
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSONL atomically (temp file + rename). Deterministic bytes."""

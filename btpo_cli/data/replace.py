@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from btpo_cli.data.files import sha256_file
 from btpo_cli.errors import BtpoError
 
 OUTCOMES = ("format", "btpo_version", "sha256", "counts", "skipped", "failed", "judging", "grading", "pairs",
@@ -32,14 +33,6 @@ def jsonl_digest(rows: Iterable[dict[str, Any]]) -> tuple[str, int]:
         h.update((json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
         n += 1
     return h.hexdigest(), n
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _short(v: Any) -> str:
@@ -59,7 +52,7 @@ def check_replace(out: Path, new: dict[str, Any], overwrite: bool) -> bool:
     """Whether ``out`` already holds exactly the split files of manifest ``new`` (then nothing needs writing).
     Raises :class:`BtpoError` when it holds different ones and ``overwrite`` is not set."""
     digests: dict[str, str] = new.get("sha256") or {}
-    present = {name: _sha256(out / name) for name in digests if (out / name).is_file()}
+    present = {name: sha256_file(out / name) for name in digests if (out / name).is_file()}
     differ = sorted(name for name, d in present.items() if d != digests[name])
     if not differ:
         return len(present) == len(digests)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.console import console, quiet_transformers
-from btpo_cli.data.pairs import sha256_file
+from btpo_cli.data.files import sha256_file
 from btpo_cli.errors import BtpoError
 from btpo_cli.progress import PhaseProgress
 

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from btpo_cli import cpu_kernels
-from btpo_cli.data.pairs import sha256_file
+from btpo_cli.data.files import sha256_file
 from btpo_cli.data.synthetic import (
     ASPECT,
     TaskSpec,

@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from btpo_cli.data.files import atomic_json, looks_like_hub_id
+from btpo_cli.data.files import atomic_json, looks_like_hub_id, sha256_file
 
 WEIGHTS_FILE = "weights.sha256.json"
 WEIGHTS_FORMAT = "btpo-weights/1"
@@ -47,11 +47,7 @@ def sha256_path(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _MEMO[key] = h.hexdigest()
+        _MEMO[key] = sha256_file(path)
     return _MEMO[key]
 
 
