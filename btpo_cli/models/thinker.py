@@ -32,10 +32,12 @@ between versions, nor by torch's vectorized normal sampler), the data order is a
 attention is ``eager``, and the pre-training runs on ONE intra-op thread with torch's
 deterministic algorithms on (:func:`build_determinism`), so that the thread count of the machine
 (``OMP_NUM_THREADS``, ``torch.set_num_threads``) does not change a single bit. What can still
-change the floats is the arithmetic itself: the BLAS (MKL, OpenBLAS, Accelerate), the CPU's
-vector instructions (``torch.backends.cpu.get_cpu_capability()``), and the torch / transformers
-versions. ``btpo_thinker.json`` therefore records the sha256 of the weights and tokenizer files
-and the library versions, CPU capability and thread count of the build, and
+change the floats is the arithmetic itself: the BLAS (MKL, OpenBLAS, Accelerate) and the kernels it
+picks for the CPU model, the CPU's vector instructions (``torch.backends.cpu.get_cpu_capability()``),
+and the torch / transformers versions. The versions are locked (``requirements/venv.lock``) and the
+kernels fixed (:mod:`btpo_cli.cpu_kernels`: a build in a process without them runs in a child with
+them). ``btpo_thinker.json`` records the sha256 of the weights and tokenizer files and the library
+versions, CPU capability, CPU flags, kernels and thread count of the build, and
 :func:`reference_check` compares them with ``thinker_reference.json`` (the thinkers the README's
 table was made with). Measured in docs/experiments.md (2026-11-29).
 
