@@ -85,7 +85,8 @@ from btpo_cli.models.inputs import with_pad_token
 from btpo_cli.progress import PhaseProgress
 
 VERSION = 7
-"""v6: 3 heads of 32 (v5: 4 of 24), own weight init, single-thread deterministic build, hashes in the metadata."""
+"""v7: built with the fixed CPU kernels (:mod:`btpo_cli.cpu_kernels`); v6: 3 heads of 32 (v5: 4 of 24), own weight
+init, single-thread deterministic build, hashes in the metadata."""
 
 BUILD_THREADS = 1
 """Intra-op threads during pre-training: fixed, so that the machine's thread count cannot change the result."""
