@@ -222,7 +222,7 @@ def collect(run_dirs: Iterable[Path], include_stale: bool = False) -> Collected:
                 rec.stale[str(s["dataset"])] = why
             datasets.add(str(s["dataset"]))
         if rec is None:
-            if not any(x["run"] == d.name and Path(x["path"]).parent.parent == d for x in stale):
+            if not any(Path(x["path"]).parent.parent == d for x in stale):   # only stale evals: listed there
                 missing.append(str(d))
         else:
             runs.append(rec)
