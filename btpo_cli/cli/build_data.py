@@ -41,6 +41,12 @@ def _done(manifest: dict, folder: Path) -> None:
     out.print(str(folder), markup=False, highlight=False)
 
 
+# Options several builders share; typer reads these defaults, it never mutates them.
+_STRICT = typer.Option(False, "--strict", help="Fail on the first unusable row.")
+_DRY_RUN = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing.")
+_OVERWRITE = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+
+
 @app.command("synthetic", epilog="[bold]Example[/]\n\n  btpo build-data synthetic --out data/synthetic --n-train 2000 "
              "--n-test 200 --ops 3 --label-noise 0.1")
 def synthetic(
@@ -53,7 +59,7 @@ def synthetic(
     label_noise: float = typer.Option(0.0, "--label-noise", min=0.0, max=0.5,
                                       help="Fraction of training pairs with chosen/rejected swapped."),
     name: str = typer.Option("synthetic", "--name", help="Dataset name (eval JSONs, btpo compare's column)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Multi-step arithmetic pairs (right result vs near miss): hard to judge without thinking; no Hub."""
     _done(build_synthetic(out_dir, n_train, n_test, seed, digits, ops, label_noise, name=name, overwrite=overwrite),
@@ -118,9 +124,7 @@ def hh(
     n_test: int = typer.Option(1000, "--n-test", min=0, help="Test pairs (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N rows per input file."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    strict: bool = _STRICT, dry_run: bool = _DRY_RUN, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Anthropic/hh-rlhf transcripts → pairs (prompt = shared turns, responses = final assistant turns)."""
     subs = [check_choice("--subsets", s.strip(), HH_SUBSETS) for s in subsets.split(",") if s.strip()] if subsets \
@@ -144,9 +148,7 @@ def import_(
                                         help="Held-out share when the source has no test split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split."),
     limit: int = typer.Option(None, "--limit", min=1, help="Read at most N rows per split."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unusable row."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the manifest and examples; write nothing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    strict: bool = _STRICT, dry_run: bool = _DRY_RUN, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Import any preference data (file, folder, Hub id) into the canonical pair format."""
     with _progress() as bars:
