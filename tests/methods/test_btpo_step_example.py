@@ -51,6 +51,15 @@ def load_example():
     return mod
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny float64 models: more threads only add contention on a busy 2-core runner."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ex():
     return load_example()
