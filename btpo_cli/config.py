@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from btpo_cli.errors import ConfigError, ConfigUsageError, did_you_mean
-from btpo_cli.methods import get_method, method_names
+from btpo_cli.methods.spec import get_method, method_names
 
 
 @dataclass

@@ -188,6 +188,23 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     return _read_scores(feats, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
 
 
+def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
+                  temperature: float, batch: int, path: ScorePath = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad :func:`score_thoughts` in chunks of ``batch`` rows: thought
+    log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
+    reads only the log-probs). ``path``: :class:`ScorePath` (with a shared
+    prefix keep ``batch`` a multiple of the group size so that no group is split)."""
+    n = len(seqs)
+    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
+    yes = torch.zeros(n, dtype=torch.float32)
+    for start in range(0, n, batch):
+        rows = list(range(start, min(n, start + batch)))
+        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, path)
+        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
+        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
+    return logp, yes
+
+
 def _head_weight(model: Any, before_forward: bool) -> torch.Tensor | None:
     """The LM head weight for ``train.chunked_logprobs`` (:func:`~btpo_cli.judging.lm_head.head_weight`),
     or a one-line error. Before the forward a sharded weight is fine (FSDP2 gathers it then)."""

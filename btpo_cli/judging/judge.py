@@ -42,7 +42,7 @@ from btpo_cli.config import Config
 from btpo_cli.data.pairs import DEFAULT_ASPECT, RecordSkip, to_messages
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.protocol import PairResult, pairwise_result, pointwise_result, with_unjudged
-from btpo_cli.methods import get_method
+from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.final import check_templates, read_checkpoint, read_meta
 
 Messages = list[dict[str, str]]
