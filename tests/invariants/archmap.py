@@ -312,6 +312,7 @@ def _doc_texts(g: Graph) -> list[tuple[str, str]]:
     return out
 
 
+SOURCE_DIRS = ("tests", "scripts", "bench", "examples")
 EXTERNAL = {
     "run_rm.py", "my_run_rm.py", "scripts/utils.py",   # the benchmarks' own evaluation scripts (docs/benchmarks.md)
     "chat_rl.py",                                       # nanochat's RL script
@@ -331,7 +332,7 @@ _SHORT = re.compile(r"``?([a-z_][a-z0-9_]*)\.([A-Za-z_]\w*)(?:\(\))?``?")
 
 def _project_words(root: Path) -> set[str]:
     words: set[str] = set()
-    for d in (*ROOTS, "tests", "scripts", "bench", "recipes", "examples"):
+    for d in (*ROOTS, *SOURCE_DIRS, "recipes"):
         for p in (root / d).rglob("*"):
             if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".sh", ".json", ".toml"):
                 words |= set(re.findall(r"\w+", p.read_text(errors="replace")))
@@ -342,7 +343,7 @@ def stale_names(g: Graph) -> list[str]:
     """References in comments, strings and docs to files or modules that do not exist: ``btpo_cli/x/y.py``,
     ``btpo_cli.x.y`` (a module or a name in one), ``module.name`` (a name the module does not hold), a bare
     ``name.py`` that no file of the project has, and (docs) a backticked ``snake_name`` nowhere in the code."""
-    files = {p.name for p in g.root.rglob("*.py") if ".venv" not in p.parts}
+    files = {p.name for d in (*ROOTS, *SOURCE_DIRS) for p in (g.root / d).rglob("*.py")}
     by_base: dict[str, list[str]] = {}
     for m in g.modules:
         by_base.setdefault(m.rsplit(".", 1)[-1], []).append(m)
