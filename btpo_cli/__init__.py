@@ -17,7 +17,7 @@ _JUDGE_API = ("load_judge", "Judge", "Score", "Comparison", "BestOfN", "RewardFu
 def __getattr__(name: str) -> Any:
     """The judge API, imported on first use (``btpo --version`` stays fast)."""
     if name in _JUDGE_API:
-        from btpo_cli.judging import judge
+        from btpo_cli.judging import judge  # root package: imports no module of its own at its top
 
         return getattr(judge, name)
     raise AttributeError(f"module 'btpo_cli' has no attribute {name!r}")

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
+from btpo_cli.engines import available_engines
 from btpo_cli.errors import ConfigError, ConfigUsageError, did_you_mean
-from btpo_cli.methods import get_method, method_names
+from btpo_cli.methods.spec import get_method, method_names
 
 
 @dataclass
@@ -562,8 +563,6 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from btpo_cli.engines import available_engines  # heavy: imported on use
-
     # YAML 1.1 reads a bare on/off as a boolean (and a str field then holds 'True' / 'False')
     yaml_bool = {True: "on", False: "off", "True": "on", "False": "off"}
     cfg.train.shared_prefix = yaml_bool.get(cfg.train.shared_prefix, cfg.train.shared_prefix)

@@ -72,7 +72,7 @@ class PhaseProgress:
         self.last_info = ""
         if not enabled or self.plain:
             return
-        from rich.progress import (  # rich's progress module is imported only for a terminal
+        from rich.progress import (  # heavy: rich.progress (50 ms), only for a terminal
             BarColumn,
             MofNCompleteColumn,
             Progress,

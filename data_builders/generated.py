@@ -55,6 +55,7 @@ from typing import Any, Protocol, TypeVar
 
 from btpo_cli.config import ModelConfig
 from btpo_cli.data.pairs import PairRecord, RecordSkip, SkipLog, normalize_record, write_dataset
+from btpo_cli.engines import EngineSpec, SamplingParams, build_engine, resolve_engine_name
 from btpo_cli.errors import BtpoError
 from btpo_cli.models.aliases import resolve_model
 
@@ -367,7 +368,6 @@ class HFSampler:
     def _load(self) -> None:
         if self._engine is not None:
             return
-        from btpo_cli.engines import EngineSpec, build_engine, resolve_engine_name  # heavy: imported on use
         from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # heavy: imported on use
 
         engine = resolve_engine_name(self.engine_name)
@@ -410,8 +410,6 @@ class HFSampler:
         seed: int | None,
         chat: bool,
     ) -> list[list[tuple[str, bool]]]:
-        from btpo_cli.engines import SamplingParams  # heavy: imported on use
-
         self._load()
         self.calls += 1
         ids = [self.encode(p, chat) for p in prompts]

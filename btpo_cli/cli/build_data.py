@@ -18,6 +18,7 @@ from btpo_cli.errors import check_choice
 from btpo_cli.progress import PhaseProgress
 from data_builders.generated import default_device
 from data_builders.hh import HH_SUBSETS, build_hh
+from data_builders.if_builder import build_if
 from data_builders.importer import import_pairs
 from data_builders.sources import BUILDER_SOURCES, parse_source_args
 from data_builders.synthetic import build_synthetic
@@ -315,8 +316,6 @@ def if_(
     flags: dict[str, Any],
 ) -> None:
     """AdvancedIF prompts → sampled responses judged per rubric → pairs (CC-BY-NC-4.0: non-commercial)."""
-    from data_builders.if_builder import build_if  # optional extra: imported on use
-
     m = _generated("if", build_if, "prompts", out_dir, source, flags, out=None if flags["dry_run"] else out_dir,
                    judge=judge, judge_url=judge_url, test_fraction=test_fraction)
     if m is None:

@@ -10,7 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from btpo_cli.console import check_format, console, to_tsv, write_json, write_text
+from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import check_choice
+from btpo_cli.judging.benchmarks import get_benchmark
 from btpo_cli.methods import method_names
 
 TSV_COLUMNS = ("run", "method", "model", "dataset", "split", "n", "accuracy", "raw_accuracy", "tie_rate",
@@ -79,8 +81,6 @@ def evaluate(
                             "stdout) | json (the summary on stdout) | tsv (one header line + one row on stdout)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json (kept for scripts)."),
 ) -> None:
-    from btpo_cli.engines import check_engine_choice  # heavy: imported on use
-    from btpo_cli.judging.benchmarks import get_benchmark  # heavy: imported on use
     from btpo_cli.judging.run_eval import eval_paths, evaluate_model, evaluate_run  # heavy: imported on use
     from btpo_cli.models.device import resolve_device  # heavy: imported on use
 

@@ -10,6 +10,7 @@ import typer
 
 from btpo_cli.console import console
 from btpo_cli.data.pairs import open_text
+from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import load_judge
 from btpo_cli.progress import PhaseProgress
@@ -61,8 +62,6 @@ def score(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:
-    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
-
     if engine is not None:
         check_engine_choice(engine)
     if input_path != "-" and not Path(input_path).is_file():

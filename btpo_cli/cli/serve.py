@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from btpo_cli.console import console
+from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import load_judge
 
@@ -50,8 +51,6 @@ def serve(
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),
 ) -> None:
-    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
-
     if engine is not None:
         check_engine_choice(engine)
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:

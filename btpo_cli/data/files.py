@@ -1,7 +1,7 @@
 """Reading data files whatever their bytes: a one-line error naming the file (and the line), or lines
 the caller skips and counts — never a traceback.
 
-What is handled here, once, for every reader (``data.py``, ``data_builders/sources.py``):
+What is handled here, once, for every reader (``data/pairs.py``, ``data_builders/sources.py``):
 
 * the content decides, not the name: gzip bytes are decompressed whatever the suffix, a plain
   file named ``.gz`` is read as it is;

@@ -25,6 +25,7 @@ import torch
 
 from btpo_cli.engines.base import Sample
 from btpo_cli.errors import BtpoError
+from btpo_cli.judging.lm_head import SHARD, head_weight, token_logprobs
 from btpo_cli.judging.templates import GPMPrompt
 from btpo_cli.models.inputs import left_pad, positions
 
@@ -177,8 +178,6 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
         rel = (tok_abs - 1 - (t - keep)).clamp(min=0, max=keep - 1)              # column predicting the token
         tok = ids.gather(1, tok_abs)                                             # (N, Tz)
     if hidden:
-        from btpo_cli.judging.lm_head import token_logprobs  # small module, kept apart from the plain path
-
         weight = _head_weight(model, before_forward=False)                       # FSDP2: unsharded by now
 
         h = feats[torch.arange(len(seqs), device=device)[:, None], rel][zmask]  # (M, H) thought positions only
@@ -188,11 +187,26 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     return _read_scores(feats, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
 
 
+def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
+                  temperature: float, batch: int, path: ScorePath = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad :func:`score_thoughts` in chunks of ``batch`` rows: thought
+    log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
+    reads only the log-probs). ``path``: :class:`ScorePath` (with a shared
+    prefix keep ``batch`` a multiple of the group size so that no group is split)."""
+    n = len(seqs)
+    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
+    yes = torch.zeros(n, dtype=torch.float32)
+    for start in range(0, n, batch):
+        rows = list(range(start, min(n, start + batch)))
+        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, path)
+        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
+        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
+    return logp, yes
+
+
 def _head_weight(model: Any, before_forward: bool) -> torch.Tensor | None:
     """The LM head weight for ``train.chunked_logprobs`` (:func:`~btpo_cli.judging.lm_head.head_weight`),
     or a one-line error. Before the forward a sharded weight is fine (FSDP2 gathers it then)."""
-    from btpo_cli.judging.lm_head import SHARD, head_weight  # small module, kept apart from the plain path
-
     got = head_weight(_unwrap(model))
     if isinstance(got, str) and not (before_forward and got == SHARD):
         raise BtpoError(f"train.chunked_logprobs=on: {got}; use 'off'")

@@ -40,9 +40,10 @@ from typing import Any, Literal
 
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import DEFAULT_ASPECT, RecordSkip, to_messages
+from btpo_cli.engines import check_engine_choice, engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.protocol import PairResult, pairwise_result, pointwise_result, with_unjudged
-from btpo_cli.methods import get_method
+from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.final import check_templates, read_checkpoint, read_meta
 
 Messages = list[dict[str, str]]
@@ -386,7 +387,6 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     rationale budget (default: the one ``btpo eval`` uses). ``samples`` (BTPO): score by the mean
     p(Yes) over that many sampled thoughts, seeded by ``seed`` and the text. ``aspect``: the default
     aspect (else the checkpoint's)."""
-    from btpo_cli.engines import engine_class, resolve_engine_name  # heavy: imported on use (torch)
     from btpo_cli.models.device import resolve_device  # heavy: imported on use (torch)
 
     dev = resolve_device(device)
@@ -412,8 +412,6 @@ def override_eval(cfg: Config, *, batch_size: int | None = None, max_new_tokens:
     """Apply the judging settings a caller overrides (``btpo eval``'s flags, :func:`load_judge`'s
     arguments) to the config the judge will run on; ``None`` keeps the config's. The engine name is
     checked here (``auto`` or a registered engine)."""
-    from btpo_cli.engines import check_engine_choice  # heavy: imported on use (torch)
-
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
     if max_new_tokens is not None:

@@ -15,6 +15,7 @@ The eval JSON carries ``eval_version``; ``btpo compare`` only puts results of on
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,3 +189,19 @@ class JsonlWriter:
     def __exit__(self, *exc: object) -> None:
         if self._f:
             self._f.close()
+
+
+def batch_block(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s records ``[lo, hi)`` of ``n``: one contiguous block of whole batches, so every
+    batch holds the same pairs (same padding, same numbers) as in a one-process evaluation."""
+    per = math.ceil(math.ceil(n / batch_size) / world) * batch_size
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def in_record_order(results: list[PairResult], records: list[Any]) -> list[PairResult]:
+    """Every process's results → one process's order: judged pairs in record order, then the unjudged."""
+    pos = {r.id: k for k, r in enumerate(records)}
+    unjudged = [r for r in results if r.detail.get("reason") == "too_long" and r.credit == 0]
+    skip = {id(r) for r in unjudged}
+    judged = [r for r in results if id(r) not in skip]
+    return sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ from btpo_cli.judging.judge import override_eval
 from btpo_cli.judging.protocol import (
     EVAL_VERSION,
     PairResult,
+    batch_block,
     eval_warnings,
+    in_record_order,
     pointwise_result,
     summarize,
     thought_stats,
@@ -346,22 +347,6 @@ class EvalShards:
             from accelerate import PartialState  # heavy: imported on use
 
             PartialState().wait_for_everyone()
-
-
-def batch_block(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
-    """Process ``rank``'s records ``[lo, hi)`` of ``n``: one contiguous block of whole batches, so every
-    batch holds the same pairs (same padding, same numbers) as in a one-process evaluation."""
-    per = math.ceil(math.ceil(n / batch_size) / world) * batch_size
-    return min(n, rank * per), min(n, (rank + 1) * per)
-
-
-def in_record_order(results: list[PairResult], records: list[Any]) -> list[PairResult]:
-    """Every process's results → one process's order: judged pairs in record order, then the unjudged."""
-    pos = {r.id: k for k, r in enumerate(records)}
-    unjudged = [r for r in results if r.detail.get("reason") == "too_long" and r.credit == 0]
-    skip = {id(r) for r in unjudged}
-    judged = [r for r in results if id(r) not in skip]
-    return sorted(judged, key=lambda r: pos.get(r.id, 0)) + sorted(unjudged, key=lambda r: pos.get(r.id, 0))
 
 
 def eval_dir(run_dir: str | Path, which: str = "final") -> Path:

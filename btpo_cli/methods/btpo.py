@@ -260,10 +260,10 @@ class BTPOJudge(Judge):
         from btpo_cli.judging.gpm import (  # heavy: imported on use
             ScorePath,
             SeqBatch,
+            score_chunked,
             score_thoughts,
             thought_sequence,
         )
-        from btpo_cli.training.rollouts import score_chunked  # heavy: imported on use
 
         ids = self.ids
         prompts: list[GPMPrompt | None] = []

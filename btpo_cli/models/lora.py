@@ -36,7 +36,7 @@ def quantization_config(lora: Any, device_type: str) -> Any:
         raise BtpoError("model.lora.load_in_4bit: 4-bit base weights need a CUDA GPU (bitsandbytes); "
                         "on this machine use model.lora.load_in_4bit=false")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # optional: probed before transformers needs it  # noqa: F401
     except ImportError as e:
         raise BtpoError("model.lora.load_in_4bit needs bitsandbytes: pip install bitsandbytes") from e
     from transformers import BitsAndBytesConfig  # heavy: imported on use

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.methods import get_method, method_specs
+from btpo_cli.methods.spec import get_method, method_specs
 from btpo_cli.plan.shapes import LINEARS, Head, ModelShape, model_shape
 
 GiB = float(2**30)

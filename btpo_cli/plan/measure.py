@@ -14,7 +14,7 @@ child process (``python -m btpo_cli.plan.measure CONFIG OUT``) that
 - on ``cuda``: reports ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the
   device memory in use outside the allocator (context, NCCL), from ``mem_get_info``.
 
-``bench/plan_memory.py`` runs a table of these; ``tests/test_plan_memory.py`` runs one.
+``bench/plan_memory.py`` runs a table of these; ``tests/plan/test_plan.py`` runs one.
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ class _TrainWindow:
 
 def _child(cfg_path: str, out_path: str, device: str) -> None:
     """The measured process: warm everything up, take the baseline, train, report."""
-    import accelerate  # noqa: F401
+    import accelerate  # heavy: imported on use  # noqa: F401
     import torch  # heavy: imported on use
-    import transformers  # noqa: F401
+    import transformers  # heavy: imported on use  # noqa: F401
 
     from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
     from btpo_cli.training.launch import launch, load_split  # heavy: imported on use

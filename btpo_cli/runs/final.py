@@ -44,7 +44,7 @@ from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import DEFAULT_ASPECT, read_pairs
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.templates import TEMPLATE_VERSION
-from btpo_cli.methods import Card, get_method, method_specs
+from btpo_cli.methods.spec import Card, get_method, method_specs
 from btpo_cli.runs.folder import Run
 
 META_FORMAT = "btpo-checkpoint/1"

@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from btpo_cli.console import console
 from btpo_cli.data.files import atomic_json, looks_like_hub_id, sha256_file
 
 WEIGHTS_FILE = "weights.sha256.json"
@@ -251,8 +252,6 @@ def eval_provenance(cfg: Any, model_dir: str | Path, which: str, split: str | No
             "eval": {**dict(vars(cfg.eval)), **settings}, "evaluated_at": time.strftime(TIME_FORMAT)}
     line = None if quiet else data_change_line(Path(run_root).name, prov)
     if line:
-        from btpo_cli.console import console  # rich: only when there is something to say
-
         console.print(f"[yellow]warning[/]: {escape(line)}", highlight=False, soft_wrap=True)
     return prov
 

@@ -24,7 +24,7 @@ from btpo_cli.config import Config
 from btpo_cli.console import console
 from btpo_cli.data.files import atomic_write, probe
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.methods import get_method
+from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.folder import EVAL_PAIRS_FILE
 from btpo_cli.training.launch import load_split
 

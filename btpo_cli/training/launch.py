@@ -13,7 +13,7 @@ from btpo_cli.config import Config
 from btpo_cli.console import console, out
 from btpo_cli.data.pairs import read_split
 from btpo_cli.errors import BtpoError
-from btpo_cli.methods import get_method
+from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.folder import Run, disk_full, disk_full_error, free_bytes
 from btpo_cli.training import preempt, preflight
 from btpo_cli.training.accelerator import use_cpu

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from btpo_cli.console import console
-from btpo_cli.judging.protocol import summarize
-from btpo_cli.judging.run_eval import batch_block, in_record_order
-from btpo_cli.methods import get_method
+from btpo_cli.judging.protocol import batch_block, in_record_order, summarize
+from btpo_cli.methods.spec import get_method
 from btpo_cli.training.eval_pairs import EvalPairs
 from btpo_cli.training.session import TrainSession
 from btpo_cli.training.sharding import gathered

@@ -13,6 +13,7 @@ from btpo_cli.config import Config
 from btpo_cli.console import console, print_error
 from btpo_cli.data.files import atomic_write
 from btpo_cli.errors import BtpoError, FollowerError
+from btpo_cli.plan.estimate import GiB, estimate, inputs_from_config
 from btpo_cli.training.accelerator import mixed_precision
 
 MEMORY_ENV = "BTPO_MEMORY_GIB"
@@ -77,7 +78,6 @@ def _peak(cfg: Config, strategy: str, per_node: int, nodes: int, budget: float |
     """(peak GiB per process, verdict) of ``strategy`` at this size, or None when the planner cannot tell."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.plan.estimate import GiB, estimate, inputs_from_config  # heavy: imported on use
     try:
         inp = inputs_from_config(cfg, gpus=per_node, nodes=nodes, gpu_memory_gb=budget,
                                  device="cuda" if torch.cuda.is_available() else "cpu")

@@ -39,12 +39,11 @@ from btpo_cli.config import Config
 from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
 from btpo_cli.judging.gpm import (
-    PLAIN,
     ScorePath,
     SeqBatch,
     ThoughtSeq,
     prefix_groups,
-    score_thoughts,
+    score_chunked,
     shared_prefix_blocker,
 )
 from btpo_cli.progress import TrainProgress
@@ -261,23 +260,6 @@ class Scored:
 
 
 @torch.no_grad()
-def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
-                  temperature: float, batch: int, path: ScorePath = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad :func:`~btpo_cli.judging.gpm.score_thoughts` in chunks of ``batch`` rows: thought
-    log-probs (N, Tz) right-padded, log p(Yes) (N,) (GRPO passes the pad id for Yes and No and
-    reads only the log-probs). ``path``: :class:`~btpo_cli.judging.gpm.ScorePath` (with a shared
-    prefix keep ``batch`` a multiple of the group size so that no group is split)."""
-    n = len(seqs)
-    logp = torch.zeros(n, max(1, seqs.max_thought), dtype=torch.float32)
-    yes = torch.zeros(n, dtype=torch.float32)
-    for start in range(0, n, batch):
-        rows = list(range(start, min(n, start + batch)))
-        sc = score_thoughts(model, seqs.select(rows), yes_id, no_id, pad_id, normalize, temperature, path)
-        logp[start:start + len(rows), :sc.logp.shape[1]] = sc.logp.float().cpu()
-        yes[start:start + len(rows)] = sc.logp_yes.float().cpu()
-    return logp, yes
-
-
 def sample_and_score(model: Any, ref: Any, engine: RolloutEngine, prompts: list[list[int]], cfg: Config,
                      eot_id: int, timer: StepTimer, seeds: list[int] | None,
                      to_seq: Callable[[int, Sample], ThoughtSeq], ids: tuple[int, int, int], normalize: bool,

@@ -1,4 +1,4 @@
-"""The supervised loop shared by ``bt``, ``bt-prefilled`` and ``gram`` (the mirror of ``rl_loop.py``).
+"""The supervised loop shared by ``bt``, ``bt-prefilled`` and ``gram`` (the mirror of ``rollouts.py``).
 
 Per optimizer step ``s``: the global batch of ``train.batch_size`` units from
 :class:`~btpo_cli.training.steps.BatchPlan` (depends only on the seed and ``s``), this process's slice,
