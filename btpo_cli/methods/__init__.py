@@ -4,8 +4,11 @@ Each method module ends with ``register_method(MethodSpec(...))``. The CLI's cho
 text, ``config`` validation and ``btpo compare``'s row order are all derived from here, and the
 rest of what is particular to a method lives in its module: its config section, checks and 0.1
 key renames (``btpo_cli.config.register_section``), ``btpo plan``'s memory geometry
-(``plan_geometry``, ``plan_inputs``), its model card (``card``) and eval settings
-(``eval_settings``). So a new method is one file plus its recipes:
+(``plan_geometry``, ``plan_inputs``), its model card (``card``), eval settings (``eval_settings``) and
+eval-summary entries (``eval_summary``), the training curves ``btpo compare --plot`` draws (``curves``)
+and whether compare measures the other rows against it (``compare_baseline``). A rollout-based method
+carries what its loss needs beyond the shared log-probs in ``Rollout.payload``, a type of its own.
+So a new method is one file plus its recipes:
 
 | method        | module                       | trains and saves                     | protocol |
 |---------------|------------------------------|--------------------------------------|----------|
@@ -87,6 +90,16 @@ class MethodSpec:
     as ``meta``) cannot work with this method beyond its model class (e.g. no thought writer recorded)."""
     card: Callable[[dict[str, Any]], Card] | None = None
     """``card(meta) → Card``: the method's part of ``final/README.md``. None: a generic card."""
+    eval_summary: Callable[..., dict[str, Any]] | None = None
+    """``eval_summary(cfg, results: [PairResult]) → {key: value}``: the method's own entries of its eval JSON,
+    from the details its ``evaluate`` put in each result (BTPO: ``sampled``, the figures of the mean over
+    sampled thoughts). None or ``{}``: nothing more."""
+    curves: tuple[tuple[str, str], ...] = ()
+    """``((metrics key, panel title), …)``: training curves ``btpo compare --plot`` draws beside ``train/loss``
+    (BTPO: ``btpo/omega_mean``); a panel appears when a compared run logged the key."""
+    compare_baseline: bool = False
+    """Whether ``btpo compare`` measures the other rows of a backbone block against this method's row
+    (``delta_bt``; BT). When several methods say so, the first in table order is the baseline."""
 
 
 @dataclass(frozen=True)

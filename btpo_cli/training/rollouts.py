@@ -235,10 +235,9 @@ class Rollout:
     seqs: SeqBatch                          # (N) rows: prompt + sampled tokens, left-padded, on the CPU
     old_logp: torch.Tensor                  # (N, Tz) sampled-token log-probs under the rollout weights, right-padded
     ref_logp: torch.Tensor | None           # (N, Tz) under the reference model (β > 0)
-    old_logp_yes: torch.Tensor | None = None
-    """BTPO: (b, 2, K) log p(Yes) after each thought under the rollout weights."""
-    advantages: torch.Tensor | None = None
-    """GRPO: (N,) group-normalized advantages."""
+    payload: Any = None
+    """What the method's loss needs beyond these, in a type the method owns (BTPO: ``BTPOPayload``, the
+    rollout-time log p(Yes) of each thought; GRPO: ``GRPOPayload``, the group-normalized advantages)."""
 
 
 @dataclass
@@ -248,8 +247,8 @@ class Scored:
     samples: list[list[Sample]]             # (prompts, n)
     seqs: SeqBatch                          # (prompts · n) rows, in that order
     old_logp: torch.Tensor                  # (N, Tz)
-    old_logp_yes: torch.Tensor              # (N,)
-    ref_logp: torch.Tensor | None
+    old_logp_yes: torch.Tensor              # (N,) log p(ids[0]) at each row's answer position (what
+    ref_logp: torch.Tensor | None           # score_thoughts returns; GRPO passes pad ids and ignores it)
 
     @property
     def flat(self) -> list[Sample]:
