@@ -21,7 +21,8 @@ Rules (also in ``btpo compare --help``):
   so ties are all marked. Marked only where at least two rows of the block have a figure.
   Markdown: bold; rich table: bold green with a trailing ``*``; csv: ``<ds>_best``; json: ``best``.
 - **Delta to BT.** For every non-BT row, shown figure minus the BT row of the same backbone and
-  dataset (percentage points, ``(+3.2)``), when that BT cell exists.
+  dataset (percentage points, ``(+3.2)``), when that BT cell exists. BT is the baseline because its
+  ``MethodSpec`` says ``compare_baseline=True`` (:func:`baseline_method`).
 - **What is left out, and said so.** Eval files whose ``eval_version`` differs from this version
   of btpo's (:data:`btpo_cli.judging.protocol.EVAL_VERSION`) are never mixed in: they are listed as
   skipped, as are invalid JSON, empty evals and folders that are not run folders. A run folder
@@ -31,8 +32,9 @@ Rules (also in ``btpo compare --help``):
   a resumed or overwritten run, a replaced dataset) is left out of the table and listed in ``stale``
   with its reason; ``include_stale`` keeps it, its cell marked ``‡`` (json: ``stale``, csv: ``stale``).
 - **Eval settings that differ.** Within a backbone block, rows (or the runs of one row) whose evals
-  ran with different settings that move a judge's figure — thought budget, engine, sampled
-  thoughts, ``yes_no_normalize`` (:func:`eval_settings_of`) — get a warning naming the values and
+  ran with different settings that move a judge's figure — thought budget, engine and each method's
+  own ``eval_settings`` (BTPO: sampled thoughts, ``yes_no_normalize``), every key an eval recorded
+  (:func:`eval_settings_of`) — get a warning naming the values and
   rows, and the rows are marked ``†`` (csv/json: ``settings_differ``). Settings a method does not
   read (a BT row's engine) are not compared.
 
