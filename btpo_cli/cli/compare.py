@@ -60,7 +60,7 @@ def compare(
     show: str = typer.Option("clipped", "--show", help="clipped (default, raw in brackets when clipped) | raw | "
                              "skips (the skipped-record reports instead of accuracies)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a figure (PNG): accuracy bars and "
-                                     "training curves (train/loss, btpo/omega_mean). Needs matplotlib."),
+                                     "training curves (train/loss and each method's, e.g. btpo/omega_mean). Needs matplotlib."),
     include_stale: bool = typer.Option(False, "--include-stale", help="Also show evals whose model or data "
                                        "changed since they ran (stale), marked ‡; by default they are left out "
                                        "and listed under the table."),

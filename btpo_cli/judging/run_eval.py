@@ -27,7 +27,6 @@ from btpo_cli.judging.protocol import (
     batch_block,
     eval_warnings,
     in_record_order,
-    pointwise_result,
     summarize,
     thought_stats,
 )
@@ -262,10 +261,8 @@ def run_protocol(cfg: Config, root: Path, model_dir: str, split: str | None, lim
     stats = thought_stats(results)
     if stats:
         summary["thoughts"] = stats    # BTPO: mean thought length, cut fraction, mean Yes+No mass
-    sampled = [r for r in results if "sampled_chosen" in r.detail]
-    if sampled:
-        summary["sampled"] = {"samples": cfg.eval.samples, **summarize(
-            [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}
+    if impl.eval_summary is not None:
+        summary.update(impl.eval_summary(cfg, results))   # the method's own entries (BTPO: ``sampled``)
     summary["warnings"] = eval_warnings(summary)     # thoughts cut, little Yes/No mass: one line each
     if shards.is_main:                               # predictions first, the summary last: both complete
         with atomic_open(out_dir / f"{name}.predictions.jsonl") as f:

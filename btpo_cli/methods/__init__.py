@@ -4,8 +4,11 @@ Each method module ends with ``register_method(MethodSpec(...))``. The CLI's cho
 text, ``config`` validation and ``btpo compare``'s row order are all derived from here, and the
 rest of what is particular to a method lives in its module: its config section, checks and 0.1
 key renames (``btpo_cli.config.register_section``), ``btpo plan``'s memory geometry
-(``plan_geometry``, ``plan_inputs``), its model card (``card``) and eval settings
-(``eval_settings``). So a new method is one file plus its recipes:
+(``plan_geometry``, ``plan_inputs``), its model card (``card``), eval settings (``eval_settings``) and
+eval-summary entries (``eval_summary``), the training curves ``btpo compare --plot`` draws (``curves``)
+and whether compare measures the other rows against it (``compare_baseline``). A rollout-based method
+carries what its loss needs beyond the shared log-probs in ``Rollout.payload``, a type of its own.
+So a new method is one file plus its recipes:
 
 | method        | module                       | trains and saves                     | protocol |
 |---------------|------------------------------|--------------------------------------|----------|

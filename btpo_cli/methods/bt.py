@@ -192,5 +192,5 @@ def reward_usage(meta: dict[str, Any], thought: list[str] | None = None) -> list
 METHOD = register_method(MethodSpec(
     name="bt", help="Bradley-Terry reward model: scalar head on (x, y), loss -log sigmoid(r_w - r_l).",
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForSequenceClassification",
-    order=0, judge=RewardJudge,
+    order=0, judge=RewardJudge, compare_baseline=True,
     plan_geometry=plan_geometry, card=card))

@@ -38,7 +38,7 @@ from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
 from btpo_cli.engines import SamplingParams, engine_for, request_seed
 from btpo_cli.errors import ConfigError
 from btpo_cli.judging.judge import TOO_LONG, Item, Judge, Score, judge_for_eval
-from btpo_cli.judging.protocol import JsonlWriter, PairResult, pointwise_result
+from btpo_cli.judging.protocol import JsonlWriter, PairResult, pointwise_result, summarize
 from btpo_cli.judging.templates import (
     EVAL_INSTRUCTION,
     PLACEHOLDER_PROMPT,
@@ -132,6 +132,14 @@ def encode_pairs(judge: GPMTokens, records: list[PairRecord], max_prefix: int) -
     return out, stats
 
 
+@dataclass
+class BTPOPayload:
+    """What a BTPO rollout carries for its loss (``Rollout.payload``)."""
+
+    old_logp_yes: torch.Tensor
+    """(b, 2, K) log p(Yes) after each thought under the rollout weights (ω̂, p̄, the advantages)."""
+
+
 def do_rollout(model: Any, ref: Any, engine: RolloutEngine, pairs: list[tuple[int, GPMPrompt, GPMPrompt]],
                judge: GPMTokens, cfg: Config, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -149,7 +157,7 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, pairs: list[tuple[in
     lens = sc.seqs.n_thought.tolist()
     stats = {"len": float(sum(lens)), "n": float(len(lens)),
              "cut": float(sum(1 for s in flat if _cut(s, cfg.rollout.max_new_tokens))), **sc.logprob_diff()}
-    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, old_logp_yes=sc.old_logp_yes.view(len(pairs), 2, k)), stats
+    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, BTPOPayload(sc.old_logp_yes.view(len(pairs), 2, k))), stats
 
 
 def rollout_seeds(seed: int, r_idx: int, pair_indices: list[int]) -> list[int]:
@@ -220,8 +228,8 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, c
 
 
 def _yes(ro: Rollout) -> torch.Tensor:
-    assert ro.old_logp_yes is not None, "a BTPO rollout carries log p(Yes)"
-    return ro.old_logp_yes
+    assert isinstance(ro.payload, BTPOPayload), "a BTPO rollout carries log p(Yes)"
+    return ro.payload.old_logp_yes
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -382,6 +390,15 @@ def eval_settings(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
             "yes_no_normalize": None if meta is None else bool(cfg.btpo.yes_no_normalize)}
 
 
+def eval_summary(cfg: Config, results: list[PairResult]) -> dict[str, Any]:
+    """``sampled``: the protocol's figures of the mean p(Yes) over ``eval.samples`` sampled thoughts."""
+    sampled = [r for r in results if "sampled_chosen" in r.detail]
+    if not sampled:
+        return {}
+    return {"sampled": {"samples": cfg.eval.samples, **summarize(
+        [pointwise_result(r.id, r.detail["sampled_chosen"], r.detail["sampled_rejected"]) for r in sampled])}}
+
+
 def card(meta: dict[str, Any]) -> Card:
     ids = meta.get("token_ids") or {}
     strings = (meta.get("template") or {}).get("strings") or {}
@@ -410,4 +427,5 @@ METHOD = register_method(MethodSpec(
     train=train, evaluate=evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
     config_section="btpo", generative=True, order=50, judge=BTPOJudge,
     rollouts=True, plan_geometry=plan_geometry, plan_inputs=plan_inputs,
-    eval_settings=eval_settings, card=card))
+    eval_settings=eval_settings, eval_summary=eval_summary, card=card,
+    curves=(("btpo/omega_mean", "BTPO misalignment weight ω̂ (mean)"),)))

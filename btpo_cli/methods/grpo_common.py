@@ -144,6 +144,14 @@ def decode(tok: Any, sample: Sample) -> str:
 
 # ----------------------------------------------------------------------------- rollout
 
+@dataclass
+class GRPOPayload:
+    """What a GRPO rollout carries for its loss (``Rollout.payload``)."""
+
+    advantages: torch.Tensor
+    """(N,) group-normalized advantages, one per completion."""
+
+
 def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPOTask, queries: list[Query],
                cfg: Config, eot_id: int, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -171,7 +179,7 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPO
              "len": float(sum(lens)), "cut": float(sum(1 for s in flat if not s.finished)),
              "errors": float(pstats.errors), **{f"fmt_{k}": float(pstats.counts[k]) for k in pstats.kinds},
              **sc.logprob_diff()}
-    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, advantages=adv.reshape(-1)), stats
+    return Rollout(sc.seqs, sc.old_logp, sc.ref_logp, GRPOPayload(adv.reshape(-1))), stats
 
 
 def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_id: int, cfg: Config,
@@ -187,8 +195,8 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
                         ScorePath.of(cfg.train))
     width = sc.logp.shape[1]
     old = ro.old_logp[rows, :width].to(device)                                         # (m·q·G, T)
-    assert ro.advantages is not None, "a GRPO rollout carries advantages"
-    adv = ro.advantages[rows].to(device)                                               # (m·q·G,)
+    assert isinstance(ro.payload, GRPOPayload), "a GRPO rollout carries advantages"
+    adv = ro.payload.advantages[rows].to(device)                                       # (m·q·G,)
     seq_loss, stats = clipped_surrogate(sc.logp, old, adv, sc.mask, cfg.grpo.clip_eps_low, cfg.grpo.clip_eps_high,
                                         cfg.grpo.agg, norm_constant=float(cfg.rollout.max_new_tokens))
     m = len(unit_ids)

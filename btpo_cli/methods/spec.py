@@ -62,6 +62,16 @@ class MethodSpec:
     as ``meta``) cannot work with this method beyond its model class (e.g. no thought writer recorded)."""
     card: Callable[[dict[str, Any]], Card] | None = None
     """``card(meta) → Card``: the method's part of ``final/README.md``. None: a generic card."""
+    eval_summary: Callable[..., dict[str, Any]] | None = None
+    """``eval_summary(cfg, results: [PairResult]) → {key: value}``: the method's own entries of its eval JSON,
+    from the details its ``evaluate`` put in each result (BTPO: ``sampled``, the figures of the mean over
+    sampled thoughts). None or ``{}``: nothing more."""
+    curves: tuple[tuple[str, str], ...] = ()
+    """``((metrics key, panel title), …)``: training curves ``btpo compare --plot`` draws beside ``train/loss``
+    (BTPO: ``btpo/omega_mean``); a panel appears when a compared run logged the key."""
+    compare_baseline: bool = False
+    """Whether ``btpo compare`` measures the other rows of a backbone block against this method's row
+    (``delta_bt``; BT). When several methods say so, the first in table order is the baseline."""
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,9 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
                  rollout_metrics: Callable[[dict[str, float]], dict[str, float]],
                  loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
                  bar_info: Callable[[dict[str, Any]], str]) -> None:
-    """Train from optimizer step ``sess.start`` to ``plan.total_steps``.
+    """Train from optimizer step ``sess.start`` to ``plan.total_steps``: per rollout batch, the rollout
+    phase (:func:`_rollout_phase`), the update phase (:func:`_update_phase`) and the rollout boundary
+    (:func:`_boundary`: checkpoint, preemption).
 
     Per rollout: the engine wakes and gets the policy's current full weights
     (``engine.update_weights``, ``perf/weight_sync_s``), ``rollout(local_unit_indices, rollout_index,
@@ -128,82 +130,122 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
     ``rollout_metrics``. ``loss(rollout, local_positions) -> (mean loss, stats)``; the stats are
     logged as ``<prefix>/<key>`` averaged over the global batch.
     """
-    cfg, acc, run, model = sess.cfg, sess.acc, sess.run, sess.model
-    world = acc.num_processes
-    per_proc = cfg.train.batch_size // world
-    timer = StepTimer()
-    bar = TrainProgress(plan.total_steps, sess.start, title, acc.is_main_process)
-    step = sess.start
+    bar = TrainProgress(plan.total_steps, sess.start, title, sess.acc.is_main_process)
     evals = sess.evals = TrainEval.start(sess)
+    loop = _Loop(sess, engine, plan, prefix, rollout, rollout_metrics, loss, bar_info, StepTimer(), bar, evals,
+                 sess.start)
     stop = bool(evals and evals.stopped)          # resumed after an early stop: nothing left to train
     first = plan.batches.total_steps + 1 if stop else sess.start // plan.steps_per_rollout + 1
     for r_idx in range(first, plan.batches.total_steps + 1):
-        # ---- rollout with the current ("old") weights
-        t_roll = time.perf_counter()
-        local = rollout_slice(plan, r_idx, cfg.train.batch_size, acc.process_index, world, cfg.train.seed)
-        model.eval()
-        gen_before = engine.stats()["generated_tokens"]
-        with ExitStack() as weights:
-            with timer.phase("weight_sync"):
-                weights.enter_context(sess.engine_weights(engine))
-            with acc.autocast():
-                ro, sums = rollout(local, r_idx, timer)
-        if cfg.rollout.sleep:
-            engine.sleep()
-        roll_times = timer.pop()
-        rs = reduce_stats(acc, {**sums, "gen": float(engine.stats()["generated_tokens"] - gen_before)}, acc.device)
-        roll_metrics = {**rollout_metrics(rs), "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
-                        "perf/gen_tokens_per_s": round(rs["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9),
-                                                       1),
-                        **roll_times}
-        if rs.get("lp_n"):
-            roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
-        # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
-        model.train()
-        shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
-        for epoch in range(plan.update_epochs):
-            # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
-            # globally); later passes reshuffle this process's units locally
-            order = list(range(len(local))) if epoch == 0 else torch.randperm(len(local), generator=g).tolist()
-            for mb in chunks(order, per_proc):
-                if step >= plan.total_steps:
-                    break
-                step += 1
-                t0 = time.perf_counter()
-                micro = micro_batches(mb, cfg, unit_sizes(ro, len(local), shared))
-                lr = sess.sched.get_last_lr()[0]
-                with timer.phase("update"):
-                    sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loss(ro, ids))
-                    grad_norm, lr = optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm, lr)
-                tot = reduce_stats(acc, sums, acc.device)
-                n = cfg.train.batch_size
-                metrics = {"step": step,
-                           "train/epoch": round((r_idx - 1 + (epoch + 1) / plan.update_epochs) / plan.rollouts_per_epoch, 4),
-                           "train/loss": tot["loss"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
-                           "train/rollout": r_idx,
-                           **{f"{prefix}/{key}": v / n for key, v in tot.items() if key != "loss"},
-                           "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop(), **roll_metrics,
-                           **memory_metrics(acc.device)}
-                roll_metrics = {}   # rollout metrics go with the first step after each rollout
-                log_metrics(acc, run, cfg, metrics, step, plan.total_steps)
-                bar.update(step, bar_info(metrics))
-                stop = evals.after_step(step, plan.total_steps) if evals else False
-                if stop:
-                    break
-                maybe_fault(step)
-            if stop:
-                break
-        every = cfg.train.save_every
-        halt = preempt.agreed(acc, step)      # SIGTERM / SIGUSR1: at a rollout boundary (where a resume is exact)
-        if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps \
-                or stop or halt:
-            run.save_checkpoint(acc, step, sess.checkpoint_state(step=step, rollout=r_idx), cfg.train.keep_checkpoints)
-        if halt and step < plan.total_steps and not stop:
-            preempt.stop(halt, step)
-        if step >= plan.total_steps or stop:
+        local, ro, roll_metrics = _rollout_phase(loop, r_idx)
+        stop = _update_phase(loop, r_idx, local, ro, roll_metrics)
+        if _boundary(loop, r_idx, stop):
             break
     bar.close()
+
+
+@dataclass
+class _Loop:
+    """One :func:`run_rollouts`: the session, the engine, the plan, the method's callbacks and where it is."""
+
+    sess: TrainSession
+    engine: RolloutEngine
+    plan: RolloutPlan
+    prefix: str
+    rollout: Callable[[list[int], int, StepTimer], tuple[Any, dict[str, float]]]
+    rollout_metrics: Callable[[dict[str, float]], dict[str, float]]
+    loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    bar_info: Callable[[dict[str, Any]], str]
+    timer: StepTimer
+    bar: TrainProgress
+    evals: TrainEval | None
+    step: int
+    """The last optimizer step taken."""
+
+
+def _rollout_phase(loop: _Loop, r_idx: int) -> tuple[list[int], Any, dict[str, Any]]:
+    """Rollout ``r_idx`` with the current ("old") weights: this process's units, the method's rollout and
+    the rollout metrics (logged with the first step after it)."""
+    sess, engine, timer = loop.sess, loop.engine, loop.timer
+    cfg, acc = sess.cfg, sess.acc
+    t_roll = time.perf_counter()
+    local = rollout_slice(loop.plan, r_idx, cfg.train.batch_size, acc.process_index, acc.num_processes,
+                          cfg.train.seed)
+    sess.model.eval()
+    gen_before = engine.stats()["generated_tokens"]
+    with ExitStack() as weights:
+        with timer.phase("weight_sync"):
+            weights.enter_context(sess.engine_weights(engine))
+        with acc.autocast():
+            ro, sums = loop.rollout(local, r_idx, timer)
+    if cfg.rollout.sleep:
+        engine.sleep()
+    roll_times = timer.pop()
+    rs = reduce_stats(acc, {**sums, "gen": float(engine.stats()["generated_tokens"] - gen_before)}, acc.device)
+    roll_metrics = {**loop.rollout_metrics(rs), "perf/rollout_s": round(time.perf_counter() - t_roll, 4),
+                    "perf/gen_tokens_per_s": round(rs["gen"] / max(roll_times.get("perf/generate_s", 1e-9), 1e-9),
+                                                   1),
+                    **roll_times}
+    if rs.get("lp_n"):
+        roll_metrics["rollout/logprob_diff"] = rs["lp_diff"] / rs["lp_n"]
+    return local, ro, roll_metrics
+
+
+def _update_phase(loop: _Loop, r_idx: int, local: list[int], ro: Any, roll_metrics: dict[str, Any]) -> bool:
+    """``update_epochs`` passes over rollout ``r_idx`` in minibatches of ``train.batch_size`` units, one
+    optimizer step each (logged, evaluated every ``train.eval_every``); True when an early stop ends the run."""
+    sess, plan, timer = loop.sess, loop.plan, loop.timer
+    cfg, acc, model = sess.cfg, sess.acc, sess.model
+    per_proc = cfg.train.batch_size // acc.num_processes
+    model.train()
+    shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
+    g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
+    for epoch in range(plan.update_epochs):
+        # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
+        # globally); later passes reshuffle this process's units locally
+        order = list(range(len(local))) if epoch == 0 else torch.randperm(len(local), generator=g).tolist()
+        for mb in chunks(order, per_proc):
+            if loop.step >= plan.total_steps:
+                break
+            loop.step += 1
+            step = loop.step
+            t0 = time.perf_counter()
+            micro = micro_batches(mb, cfg, unit_sizes(ro, len(local), shared))
+            lr = sess.sched.get_last_lr()[0]
+            with timer.phase("update"):
+                sums = accumulate(acc, model, micro, per_proc, lambda ids, ro=ro: loop.loss(ro, ids))
+                grad_norm, lr = optimizer_step(acc, model, sess.opt, sess.sched, cfg.optim.max_grad_norm, lr)
+            tot = reduce_stats(acc, sums, acc.device)
+            n = cfg.train.batch_size
+            metrics = {"step": step,
+                       "train/epoch": round((r_idx - 1 + (epoch + 1) / plan.update_epochs) / plan.rollouts_per_epoch, 4),
+                       "train/loss": tot["loss"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
+                       "train/rollout": r_idx,
+                       **{f"{loop.prefix}/{key}": v / n for key, v in tot.items() if key != "loss"},
+                       "perf/step_s": round(time.perf_counter() - t0, 4), **timer.pop(), **roll_metrics,
+                       **memory_metrics(acc.device)}
+            roll_metrics = {}   # rollout metrics go with the first step after each rollout
+            log_metrics(acc, sess.run, cfg, metrics, step, plan.total_steps)
+            loop.bar.update(step, loop.bar_info(metrics))
+            if loop.evals and loop.evals.after_step(step, plan.total_steps):
+                return True
+            maybe_fault(step)
+    return False
+
+
+def _boundary(loop: _Loop, r_idx: int, stop: bool) -> bool:
+    """The end of rollout ``r_idx``: a checkpoint when ``train.save_every`` is crossed, at the end, at an early
+    stop or on a preemption signal (where a resume is exact); True when the run ends here."""
+    sess, plan, step = loop.sess, loop.plan, loop.step
+    every = sess.cfg.train.save_every
+    halt = preempt.agreed(sess.acc, step)      # SIGTERM / SIGUSR1: at a rollout boundary (where a resume is exact)
+    if (every and (step // every) > ((step - plan.steps_per_rollout) // every)) or step >= plan.total_steps \
+            or stop or halt:
+        sess.run.save_checkpoint(sess.acc, step, sess.checkpoint_state(step=step, rollout=r_idx),
+                                 sess.cfg.train.keep_checkpoints)
+    if halt and step < plan.total_steps and not stop:
+        preempt.stop(halt, step)
+    return step >= plan.total_steps or stop
 
 
 def unit_sizes(ro: Any, n_units: int, shared_prefix: str = "off") -> Callable[[int], list[int]] | None:
@@ -234,10 +276,9 @@ class Rollout:
     seqs: SeqBatch                          # (N) rows: prompt + sampled tokens, left-padded, on the CPU
     old_logp: torch.Tensor                  # (N, Tz) sampled-token log-probs under the rollout weights, right-padded
     ref_logp: torch.Tensor | None           # (N, Tz) under the reference model (β > 0)
-    old_logp_yes: torch.Tensor | None = None
-    """BTPO: (b, 2, K) log p(Yes) after each thought under the rollout weights."""
-    advantages: torch.Tensor | None = None
-    """GRPO: (N,) group-normalized advantages."""
+    payload: Any = None
+    """What the method's loss needs beyond these, in a type the method owns (BTPO: ``BTPOPayload``, the
+    rollout-time log p(Yes) of each thought; GRPO: ``GRPOPayload``, the group-normalized advantages)."""
 
 
 @dataclass
@@ -247,8 +288,8 @@ class Scored:
     samples: list[list[Sample]]             # (prompts, n)
     seqs: SeqBatch                          # (prompts · n) rows, in that order
     old_logp: torch.Tensor                  # (N, Tz)
-    old_logp_yes: torch.Tensor              # (N,)
-    ref_logp: torch.Tensor | None
+    old_logp_yes: torch.Tensor              # (N,) log p(ids[0]) at each row's answer position (what
+    ref_logp: torch.Tensor | None           # score_thoughts returns; GRPO passes pad ids and ignores it)
 
     @property
     def flat(self) -> list[Sample]:

@@ -104,7 +104,8 @@ def _btpo_rollout(model, cfg, pairs: int, seed: int) -> tuple[Rollout, btpo_meth
     g = torch.Generator().manual_seed(seed + 1)
     old = old + 0.3 * torch.randn(old.shape, generator=g)           # ratios away from 1: some clip
     ref = old + 0.1 * torch.randn(old.shape, generator=g)
-    return Rollout(seqs, old, ref, old_logp_yes=(yes + 0.2 * torch.randn(yes.shape, generator=g)).view(pairs, 2, k)), judge
+    yes = (yes + 0.2 * torch.randn(yes.shape, generator=g)).view(pairs, 2, k)
+    return Rollout(seqs, old, ref, btpo_method.BTPOPayload(yes)), judge
 
 
 @pytest.mark.parametrize("name,k,lora", [("tiny-qwen2", 2, False), ("tiny-qwen2", 4, True),
@@ -133,7 +134,7 @@ def test_grpo_micro_loss_shared_equals_plain(name: str, g: int, lora: bool) -> N
     gen = torch.Generator().manual_seed(9)
     old = old + 0.3 * torch.randn(old.shape, generator=gen)
     ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
-                 advantages=torch.randn(len(seqs), generator=gen))
+                 grpo_common.GRPOPayload(torch.randn(len(seqs), generator=gen)))
 
     def run(shared: str) -> torch.Tensor:
         cfg.train.shared_prefix = shared

@@ -1,16 +1,21 @@
 """The method registry: a seventh method is one file. This test file IS that file.
 
-Importing this module registers ``toy-hinge`` (a scalar-head reward model trained with a hinge
-loss on the reward margin, with its own config section ``toy``); the CLI finds it through
-``BTPO_PLUGINS=tests.methods.test_registry``. Nothing outside this file knows about it: ``btpo plan``
-sizes it (``plan_geometry``), its ``final/README.md`` says what it is (``card``) and ``btpo compare``
-gives it a row.
+Importing this module registers two: ``toy-hinge`` (a scalar-head reward model trained with a hinge
+loss on the reward margin, with its own config section ``toy``) and ``toy-rl`` (a thinking judge
+trained with the rollout loop: K thoughts per response, rewarded for a thought length near
+``toy_rl.target_len``, GRPO-style clipped updates, its advantages in a payload of its own, its own
+training curve, eval setting and eval-summary entry). The CLI finds them through
+``BTPO_PLUGINS=tests.methods.test_registry``. Nothing outside this file knows about them: ``btpo plan``
+sizes them (``plan_geometry``), their ``final/README.md`` says what they are (``card``) and ``btpo compare``
+gives them a row, compares their eval settings and plots their curve.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,9 +24,10 @@ from typing import Any
 
 import torch
 
-from btpo_cli.config import Config, register_section
+from btpo_cli.config import Config, RolloutConfig, register_section
 from btpo_cli.methods import Card, MethodSpec, register_method
 from btpo_cli.methods import bt as bt_method
+from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.plan.estimate import Geometry, PlanInputs
 from btpo_cli.runs.final import describe
 from btpo_cli.runs.folder import Run
@@ -78,6 +84,141 @@ register_method(MethodSpec(name="toy-hinge", help="Toy: hinge loss on the reward
                            train=toy_train, evaluate=bt_method.evaluate, protocol="pointwise",
                            model_class="AutoModelForSequenceClassification", config_section="toy", order=5,
                            plan_geometry=toy_geometry, card=toy_card))
+
+
+# ----------------------------------------------------------------------------- toy-rl: a rollout-based seventh method
+
+
+@dataclass
+class ToyRLConfig:
+    target_len: int = 4
+    """Training reward of a thought: −|its tokens − target_len|."""
+    eval_normalize: bool = False
+    """Eval: p(Yes) renormalized over {Yes, No} (its own eval setting, ``toy_eval_normalize``)."""
+
+
+@dataclass
+class ToyPayload:
+    """What a toy-rl rollout carries for its loss (``Rollout.payload``)."""
+
+    advantages: torch.Tensor
+    """(N,) advantages of the thoughts, normalized within each response's K thoughts."""
+
+
+def toy_rl_train(cfg: Config, run: Run, resume: bool) -> None:
+    from btpo_cli.judging.gpm import ScorePath, score_thoughts, thought_sequence
+    from btpo_cli.losses import clipped_surrogate, group_advantages
+    from btpo_cli.training.rollouts import Rollout, RolloutPlan, run_rollouts, sample_and_score
+
+    sess = TrainSession.begin(cfg, run, resume, padding_side="left")
+    judge = btpo_method.GPMTokens.from_tokenizer(sess.tok)
+    records = sess.load_split()
+    pairs, enc_stats = btpo_method.encode_pairs(judge, records, cfg.data.max_length)
+    plan = RolloutPlan.from_config(len(pairs), cfg, sess.world)
+    sess.build("causal", plan.total_steps)
+    sess.log_data(len(pairs), enc_stats)
+    engine = sess.rollout_engine()
+    k, ids = cfg.rollout.n, (judge.yes_id, judge.no_id, judge.pad_id)
+
+    def rollout(local: list[int], r_idx: int, timer: Any) -> tuple[Rollout, dict[str, float]]:
+        prompts = [p for i in local for p in pairs[i][1:]]                               # (2b,)
+        seeds = btpo_method.rollout_seeds(cfg.train.seed, r_idx, [pairs[i][0] for i in local])
+        sc = sample_and_score(sess.model, None, engine, [p.prefix for p in prompts], cfg, judge.eot_id, timer,
+                              seeds, lambda i, s: thought_sequence(prompts[i], s, judge.eot_id), ids, False,
+                              cfg.train.micro_batch_size * 2 * k)
+        reward = -(sc.seqs.n_thought.float() - cfg.toy_rl.target_len).abs()             # (2b·K,)
+        adv = group_advantages(reward.view(-1, k)).reshape(-1)
+        return Rollout(sc.seqs, sc.old_logp, None, ToyPayload(adv)), {"reward": float(reward.sum()),
+                                                                        "n": float(reward.numel())}
+
+    def loss(ro: Rollout, unit_ids: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert isinstance(ro.payload, ToyPayload)
+        rows = torch.tensor([u * 2 * k + j for u in unit_ids for j in range(2 * k)])
+        sc = score_thoughts(sess.model, ro.seqs.select(rows), *ids, False, cfg.rollout.temperature,
+                            ScorePath.of(cfg.train))
+        old = ro.old_logp[rows, :sc.logp.shape[1]].to(sess.device)
+        adv = ro.payload.advantages[rows].to(sess.device)
+        seq_loss, st = clipped_surrogate(sc.logp, old, adv, sc.mask, 0.2, 0.2, "token-mean")
+        mean = seq_loss.view(len(unit_ids), 2 * k).mean(-1).mean()
+        return mean, {"loss": mean.detach(), "clip_fraction": st["clip_fraction"]}
+
+    aspect = records[0].aspect
+    sess.meta = describe(cfg, records, templates=btpo_method.templates(sess.tok, aspect),
+                         token_ids={"yes": judge.yes_id, "no": judge.no_id, "end_of_turn": judge.eot_id,
+                                    "pad": judge.pad_id})
+    run_rollouts(sess, engine=engine, plan=plan, prefix="toy_rl", title="toy-rl", rollout=rollout,
+                 rollout_metrics=lambda rs: {"toy_rl/reward_mean": rs["reward"] / rs["n"]}, loss=loss,
+                 bar_info=lambda m: f"loss {m['train/loss']:.3f}")
+    engine.close()
+    sess.finish(sess.meta)
+
+
+def toy_rl_evaluate(cfg: Config, model_dir: str, records: list[Any], device: Any, progress: Any = None,
+                    artifacts: Path | None = None) -> list[Any]:
+    """BTPO's judge (a greedy thought, then p(Yes)), renormalized over {Yes, No} with ``toy_rl.eval_normalize``."""
+    cfg = copy.deepcopy(cfg)
+    cfg.btpo.yes_no_normalize = cfg.toy_rl.eval_normalize
+    return btpo_method.evaluate(cfg, model_dir, records, device, progress, artifacts)
+
+
+def toy_rl_summary(cfg: Config, results: list[Any]) -> dict[str, Any]:
+    tokens = [r.detail["thought_tokens"] for r in results if "thought_tokens" in r.detail]
+    return {"toy_rl": {"target_len": cfg.toy_rl.target_len, "pairs_with_thoughts": len(tokens)}}
+
+
+register_section("toy_rl", ToyRLConfig)
+register_method(MethodSpec(
+    name="toy-rl", help="Toy: a thinking judge rewarded for thoughts of toy_rl.target_len tokens (registry test).",
+    train=toy_rl_train, evaluate=toy_rl_evaluate, protocol="pointwise", model_class="AutoModelForCausalLM",
+    config_section="toy_rl", generative=True, order=60, judge=btpo_method.BTPOJudge, rollouts=True,
+    plan_geometry=btpo_method.plan_geometry,
+    plan_inputs=lambda cfg: {"beta": 0.0, "gen_tokens": cfg.rollout.max_new_tokens},
+    eval_settings=lambda cfg, meta: {"toy_eval_normalize": bool(cfg.toy_rl.eval_normalize)},
+    eval_summary=toy_rl_summary, curves=(("toy_rl/reward_mean", "toy-rl thought-length reward"),),
+    card=lambda meta: Card("a toy thinking judge trained for thoughts of a target length.")))
+
+TOY_RL = ["--set", "rollout.batch_size=2", "--set", "train.batch_size=2", "--set", "train.micro_batch_size=2",
+          "--set", "rollout.n=2", "--set", "rollout.max_new_tokens=6", "--set", "data.max_length=128",
+          "--set", "optim.warmup_ratio=0", "--set", "toy_rl.target_len=3"]
+
+
+def test_a_rollout_based_method_registered_in_a_test_file_trains_evaluates_plans_compares_and_plots(
+        tmp_path: Path, synthetic_data: Path) -> None:
+    from btpo_cli.compare import build_table, collect, plot, plot_panels, to_json
+
+    env = {"BTPO_PLUGINS": "tests.methods.test_registry"}
+    out = tmp_path / "toy-rl"
+    run_btpo("train", "--method", "toy-rl", "--model", "tiny-qwen2", "--data", str(synthetic_data), "--out",
+             str(out), "--max-steps", "2", *TOY_RL, env=env)
+    steps = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and [r["train/rollout"] for r in steps] == [1, 2]
+    # its own curve (one per rollout, with the first step after it) and its loss's stats under its prefix
+    assert all(-6 <= r["toy_rl/reward_mean"] <= 0 for r in steps) and "toy_rl/clip_fraction" in steps[0]
+    meta = json.loads((out / "final" / "btpo.json").read_text())
+    assert meta["method"] == "toy-rl" and meta["settings"]["toy_rl"]["target_len"] == 3
+    run_btpo("eval", "--checkpoint", str(out), "--limit", "6", env=env)
+    summary = json.loads((out / "eval" / "synthetic.json").read_text())
+    assert summary["method"] == "toy-rl" and summary["n"] == 6
+    assert summary["eval_settings"]["toy_eval_normalize"] is False and summary["eval_settings"]["engine"] == "hf"
+    assert summary["toy_rl"] == {"target_len": 3, "pairs_with_thoughts": 6}     # its eval_summary entry
+    # a second run of the same row whose eval ran with the other value of its own setting
+    other = tmp_path / "toy-rl-b"
+    shutil.copytree(out, other)
+    ev = json.loads((other / "eval" / "synthetic.json").read_text())
+    ev["eval_settings"]["toy_eval_normalize"] = True
+    (other / "eval" / "synthetic.json").write_text(json.dumps(ev))
+    table = build_table(collect([out, other]))
+    assert [(r.method, [x.name for x in r.runs]) for r in table.rows] == [("toy-rl", ["toy-rl", "toy-rl-b"])]
+    assert table.rows[0].settings_differ == ["toy_eval_normalize"]
+    assert any("eval setting 'toy_eval_normalize' differs" in w for w in table.warnings), table.warnings
+    assert json.loads(to_json(table))["rows"][0]["cells"]["synthetic"]["n_runs"] == 2
+    assert [k for k, _ in plot_panels(table)] == ["train/loss", "toy_rl/reward_mean"]
+    assert plot(table, tmp_path / "cmp.png").stat().st_size > 0
+    plan = json.loads(run_btpo("plan", "--method", "toy-rl", "--model", "qwen2.5-7b", "--gpus", "1",
+                               "--strategy", "ddp", "--format", "json", env=env).stdout)
+    assert plan["inputs"]["method"] == "toy-rl" and plan["geometry"]["rows_per_pair"] == 2 * RolloutConfig().n
+    assert plan["strategies"]["ddp"]["peak"] > 0
 
 
 def test_a_method_registered_in_a_test_file_trains_evaluates_and_compares(tmp_path: Path,
