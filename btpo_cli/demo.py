@@ -34,6 +34,7 @@ from btpo_cli.config import build_config, flatten
 from btpo_cli.console import console, out
 from btpo_cli.envlock import lock_status
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import atomic_write
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.runs.folder import Run
 from data_builders.synthetic import build_synthetic
@@ -138,8 +139,7 @@ STAMP = "demo_thinker.json"
 
 def stamp(run: Path, thinker_seed: int, sha: str | None) -> None:
     if sha is not None:
-        (run / STAMP).write_text(json.dumps({"model": thinker_model(thinker_seed), "weights_sha256": sha}) + "\n",
-                                 encoding="utf-8")
+        atomic_write(run / STAMP, json.dumps({"model": thinker_model(thinker_seed), "weights_sha256": sha}) + "\n")
 
 
 def check_stamp(run: Path, sha: str | None) -> None:
@@ -330,9 +330,9 @@ def run_demo(folder: Path, quick: bool, methods: list[str], seeds: list[int], ov
     out.print(to_markdown(c), markup=False, highlight=False)
     summary = seed_summary(folder, methods, seeds, thinker_seeds, thinkers)
     md = summary_markdown(summary)
-    (folder / "summary.json").write_text(json.dumps({**summary.to_json(), "environment": environment}, indent=2)
-                                         + "\n", encoding="utf-8")
-    (folder / "summary.md").write_text(md + "\n", encoding="utf-8")
+    atomic_write(folder / "summary.json", json.dumps({**summary.to_json(), "environment": environment}, indent=2)
+                 + "\n")
+    atomic_write(folder / "summary.md", md + "\n")
     out.print("\nraw test accuracy (%), mean ± std over seeds:\n" + md, markup=False, highlight=False)
     if plot is not None:
         try:

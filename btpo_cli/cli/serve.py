@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import typer
@@ -12,6 +11,7 @@ import typer
 from btpo_cli.console import console
 from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import atomic_write
 from btpo_cli.judging.judge import load_judge
 
 HELP = "Serve a trained judge over HTTP: POST /v1/score, POST /v1/compare, GET /health (dynamic batching)."
@@ -68,9 +68,7 @@ def serve(
         raise BtpoError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     bound = sock.getsockname()[1]
     if port_file:
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(f"{bound}\n")
-        os.replace(tmp, port_file)
+        atomic_write(port_file, f"{bound}\n")     # a script polling it never reads half a number
     console.print(f"[btpo] serving the {judge.method} judge from {judge.model_dir} on http://{host}:{bound} "
                   f"(batches of ≤{limits.max_batch} items, ≤{limits.max_wait_ms:g} ms wait"
                   f"{', bearer token required' if token else ''})", highlight=False, markup=False)

@@ -13,9 +13,8 @@ What is handled here, once, for every reader (``data/pairs.py``, ``data_builders
   streams (CSV, JSON lists), located by :func:`utf8_error` to its line and column;
 * a local-looking path that does not exist is not mistaken for a Hub id (:func:`looks_like_hub_id`).
 
-Writing, once for every writer (data sets, run folders, checkpoints' metadata, eval summaries):
-:func:`atomic_open` / :func:`atomic_write` / :func:`atomic_json` go through a hidden temporary
-file and a rename, so a kill leaves the old file or the new one, never half of one.
+Writing lives in :mod:`btpo_cli.fsio` (atomic files, published folders, locks); ``atomic_open`` /
+``atomic_write`` / ``atomic_json`` are re-exported here for the callers that import them from here.
 """
 
 from __future__ import annotations
@@ -30,11 +29,11 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from btpo_cli.errors import BtpoError, DataError
+from btpo_cli.fsio import atomic_json, atomic_open, atomic_write  # noqa: F401 - re-exported: moved to btpo_cli.fsio
 
 GZIP_MAGIC = b"\x1f\x8b"
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
@@ -47,17 +46,7 @@ _STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 _JSON_CHUNK = 1 << 20
 
 
-# ----------------------------------------------------------------------------- writing
-
-@contextmanager
-def atomic_open(path: Path) -> Iterator[IO[str]]:
-    """A text file to write that replaces ``path`` (through ``.<name>.tmp`` and a rename) when the
-    block ends without an exception; a kill or an error leaves the old ``path`` as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yield f
-    os.replace(tmp, path)
-
+# ----------------------------------------------------------------------------- hashing
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file, read in 1 MiB chunks."""
@@ -66,17 +55,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (a kill leaves old or new)."""
-    with atomic_open(path) as f:
-        f.write(text)
-
-
-def atomic_json(path: Path, obj: Any, indent: int = 2) -> None:
-    """Write ``obj`` as indented JSON (non-ASCII kept) with a final newline, atomically."""
-    atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- paths

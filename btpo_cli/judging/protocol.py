@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btpo_cli.fsio import atomic_open
+
 EVAL_VERSION = "btpo-eval/1"
 
 
@@ -171,24 +173,27 @@ def eval_warnings(summary: dict[str, Any]) -> list[str]:
 
 class JsonlWriter:
     """``<artifacts><suffix>`` (an evaluation's per-pair rationales or thoughts) when ``artifacts`` is
-    given, one JSON object a line; a no-op otherwise."""
+    given, one JSON object a line, written atomically (:func:`btpo_cli.fsio.atomic_open`: an interrupted
+    evaluation leaves the previous file); a no-op otherwise."""
 
     def __init__(self, artifacts: Path | None, suffix: str = ".rationales.jsonl"):
         self.path = artifacts.parent / (artifacts.name + suffix) if artifacts else None
         self._f: Any = None
+        self._ctx: Any = None
 
     def __enter__(self) -> JsonlWriter:
         if self.path:
-            self._f = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            self._ctx = atomic_open(self.path)
+            self._f = self._ctx.__enter__()
         return self
 
     def write(self, row: dict[str, Any]) -> None:
         if self._f:
             self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def __exit__(self, *exc: object) -> None:
-        if self._f:
-            self._f.close()
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx:
+            self._ctx.__exit__(*exc)
 
 
 def batch_block(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:

@@ -15,10 +15,10 @@ from rich.markup import escape
 from btpo_cli import __version__
 from btpo_cli.config import Config, build_config, dump_yaml, eval_budget
 from btpo_cli.console import console
-from btpo_cli.data.files import atomic_json, atomic_open, atomic_write
 from btpo_cli.data.pairs import dataset_name, read_split
 from btpo_cli.engines import engine_class, resolve_engine_name
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import atomic_json, atomic_open, atomic_write, run_model
 from btpo_cli.judging.benchmarks import get_benchmark
 from btpo_cli.judging.judge import override_eval
 from btpo_cli.judging.protocol import (
@@ -109,8 +109,8 @@ def evaluate_model(model: str, method: str | None, data: str | None, out: str | 
     if not data:
         raise BtpoError("--data is required with --model (the pairs to judge)")
     model_dir = resolve_model(model)
-    if (Path(model_dir) / "config.yaml").is_file() and (Path(model_dir) / "final").is_dir():
-        model_dir = str(Path(model_dir) / "final")        # a run folder: its final/ model
+    if (Path(model_dir) / "config.yaml").is_file() and (final := run_model(Path(model_dir))) is not None:
+        model_dir = str(final)        # a run folder: its final/ model
     meta = read_meta(model_dir) if Path(model_dir).is_dir() else {}
     trained_as = meta.get("method") if isinstance(meta.get("method"), str) else None
     method = method or trained_as
@@ -332,7 +332,7 @@ class EvalShards:
         if self.is_main:
             parts = [out_dir / ".parts" / f"rank{r}" for r in range(self.world)]
             for fname in sorted({f.name for d in parts if d.exists() for f in d.iterdir()}):
-                with open(out_dir / fname, "wb") as dst:
+                with atomic_open(out_dir / fname, "wb") as dst:
                     for d in parts:
                         if (d / fname).exists():
                             dst.write((d / fname).read_bytes())

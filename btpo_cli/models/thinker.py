@@ -54,10 +54,8 @@ import math
 import os
 import platform
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -80,6 +78,7 @@ from btpo_cli.data.synthetic import (
     wrong_thought,
 )
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import file_lock, publish_folder
 from btpo_cli.judging.templates import answer_token_id, encode_gpm, encode_text, end_of_turn_id
 from btpo_cli.models.inputs import with_pad_token
 from btpo_cli.progress import PhaseProgress
@@ -360,8 +359,6 @@ def reference_check(info: dict[str, Any], reference: dict[str, Any] | None = Non
 
 def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = None, force: bool = False) -> Path:
     """The cached base model folder, pre-training it first if needed (with a progress bar)."""
-    from btpo_cli.models.tiny import file_lock  # heavy: imported on use
-
     spec = spec or ThinkerSpec()
     target = thinker_dir(spec, cache_root)
     if (target / "btpo_thinker.json").exists() and not force:
@@ -374,15 +371,8 @@ def ensure_thinker(spec: ThinkerSpec | None = None, cache_root: Path | None = No
     with file_lock(target.parent / f".{target.name}.lock"):
         if (target / "btpo_thinker.json").exists() and not force:
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-thinker-", dir=target.parent))
-        try:
-            _build_with_progress(tmp, spec)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        # built beside the target, then published: a kill at any point leaves the old folder or the new one
+        publish_folder(target, lambda tmp: _build_with_progress(tmp, spec))
     return target
 
 

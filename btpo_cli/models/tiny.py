@@ -17,12 +17,9 @@ name and seed give byte-identical files. Bump ``VERSION`` whenever anything that
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers.utils import logging as hf_logging
+
+from btpo_cli import fsio
+from btpo_cli.fsio import file_lock
 
 VERSION = 2
 """Version of the tiny-model recipe; part of the cache folder name. v2: 2 attention heads of 32
@@ -523,31 +523,15 @@ def make_readable(folder: Path) -> None:
 
 
 def publish_folder(target: Path, build: Callable[[Path], None]) -> Path:
-    """``build`` a folder into a fresh ``.<name>.tmp-*`` folder next to ``target``, make it readable
-    by all and rename it into place (an incomplete leftover at ``target`` is replaced); a failure or
-    a kill leaves no half-built ``target``. Call it under :func:`file_lock`."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """``build`` a folder beside ``target``, make it readable by all and publish it in place
+    (:func:`btpo_cli.fsio.publish_folder`: an incomplete leftover at ``target`` is replaced; a failure
+    or a kill leaves no half-built ``target``). Call it under :func:`file_lock`."""
+
+    def build_readable(tmp: Path) -> None:
         build(tmp)
         make_readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on ``lock_path`` (blocks until it is free)."""
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return fsio.publish_folder(target, build_readable)
 
 
 def ensure_tiny(name: str, cache_root: Path | None = None) -> Path:

@@ -35,6 +35,7 @@ import yaml
 from btpo_cli.config import config_from_dict, validate
 from btpo_cli.console import quiet_transformers
 from btpo_cli.data.pairs import write_jsonl
+from btpo_cli.fsio import atomic_write
 from btpo_cli.judging.templates import encode_gpm
 from btpo_cli.methods import get_method
 from btpo_cli.models.aliases import resolve_model
@@ -114,7 +115,7 @@ def measure(cfg_dict: dict[str, Any], workdir: Path, device: str = "cpu", timeou
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path, out_path = workdir / "measure-config.yaml", workdir / "measure-result.json"
     data = dict(cfg_dict, _warmup_model=str(warmup_model)) if warmup_model else cfg_dict
-    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write(cfg_path, yaml.safe_dump(data, sort_keys=False))
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -235,7 +236,7 @@ def _child(cfg_path: str, out_path: str, device: str) -> None:
         free, total = torch.cuda.mem_get_info()
         report.update(max_allocated=torch.cuda.max_memory_allocated(), max_reserved=torch.cuda.max_memory_reserved(),
                       outside_allocator=(total - free) - torch.cuda.memory_reserved(), total=total)
-    Path(out_path).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(out_path), json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from btpo_cli.config import Config, config_from_dict
 from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.data.pairs import DEFAULT_ASPECT, read_pairs
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import model_folder
 from btpo_cli.judging.templates import TEMPLATE_VERSION
 from btpo_cli.methods.spec import Card, get_method, method_specs
 from btpo_cli.runs.folder import Run
@@ -127,14 +128,11 @@ def model_dir_of(path: str | Path, which: str = "final") -> Path:
     p = Path(path)
     if which not in ("final", "best"):
         raise BtpoError(f"--which {which}: expected final or best")
+    found = model_folder(p, which)
+    if found is not None:
+        return found
     if which == "best":
-        if not Run(p).best_dir.exists():
-            raise BtpoError(f"{p}: no best/ model (it is kept when training with train.eval_every > 0)")
-        return Run(p).best_dir
-    if (p / META_FILE).exists() or (p / "config.json").exists():
-        return p
-    if (p / "final").is_dir():
-        return p / "final"
+        raise BtpoError(f"{p}: no best/ model (it is kept when training with train.eval_every > 0)")
     if (p / "config.yaml").exists():
         raise BtpoError(f"{p}: no final/ model yet (did training finish? `btpo train --out {p} --resume` completes it)")
     raise BtpoError(f"{p}: not a btpo run folder or final/ folder (no btpo.json, config.json or final/)")

@@ -14,10 +14,10 @@ Layout of ``runs/NAME/``::
     final/             loads with plain transformers (AutoModelFor... .from_pretrained)
     eval/<dataset>.json   kept by ``--overwrite`` (they become stale: btpo_cli/runs/provenance.py)
 
-A checkpoint is written into a hidden temporary folder and renamed when complete, so a kill at
-any moment leaves either the previous checkpoint or the new one, never half of one; when the
-write fails (a full disk, Ctrl-C) the temporary folder is removed before the error goes on.
-config.yaml, env.json and data_skips.json are replaced atomically too.
+A checkpoint is written into a hidden temporary folder and published when complete
+(:func:`btpo_cli.fsio.publish_dir`), so a kill at any moment leaves either the previous checkpoint or
+the new one, never half of one; when the write fails (a full disk, Ctrl-C) the temporary folder is
+removed before the error goes on. config.yaml, env.json and data_skips.json are replaced atomically too.
 """
 
 from __future__ import annotations
@@ -43,13 +43,22 @@ from rich.markup import escape
 from btpo_cli import __version__
 from btpo_cli.config import Config, config_from_dict, dump_yaml
 from btpo_cli.console import console, print_error
-from btpo_cli.data.files import atomic_json, atomic_write
 from btpo_cli.errors import BtpoError, FollowerError
+from btpo_cli.fsio import (
+    CKPT_PREFIX,
+    STATE_FILE,
+    atomic_json,
+    atomic_write,
+    list_checkpoints,
+    publish_dir,
+    recover_all,
+    recover_dir,
+    remove_dir,
+    staging_path,
+)
 from btpo_cli.runs.lock import LOCK_FILE, RunLock, describe
 from btpo_cli.runs.provenance import training_data
 
-CKPT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
 SKIPS_FILE = "data_skips.json"
 EVAL_PAIRS_FILE = "eval_pairs.json"
 LEFTOVERS = {"config.yaml", "env.json", "metrics.jsonl", SKIPS_FILE, "logs", "tracking.json", LOCK_FILE,
@@ -205,8 +214,7 @@ class Run:
                 note = self.check_new(resume, overwrite)
                 if note:
                     _note(note)
-                for stale in [*self.ckpt_root.glob(".*.tmp"), *self.ckpt_root.glob(".*.del")]:
-                    shutil.rmtree(stale, ignore_errors=True)   # what a killed predecessor was writing
+                self.recover()
                 self.write_start(cfg, state.num_processes, resume)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
                 lock.release()
@@ -324,11 +332,15 @@ class Run:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.ckpt_root.exists():
-            return []
-        done = [p for p in self.ckpt_root.iterdir()
-                if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / STATE_FILE).exists()]
-        return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        return [p for _, p in list_checkpoints(self.root)]
+
+    def recover(self) -> None:
+        """Undo what a killed predecessor left half-done: a publish of ``final/``, ``best/`` or a
+        checkpoint interrupted between its renames (:func:`btpo_cli.fsio.recover_dir`), then the
+        checkpoints it was writing or deleting (``checkpoints/.*.tmp``, ``.*.del``)."""
+        for d in (self.final_dir, self.best_dir):
+            recover_dir(d)
+        recover_all(self.ckpt_root)
 
     def latest_checkpoint(self) -> Path | None:
         ckpts = self.checkpoints()
@@ -340,21 +352,19 @@ class Run:
         When the write fails (full disk, Ctrl-C, any error) the temporary folder is removed and the
         error goes on; a full disk becomes a one-line error naming the folder."""
         final = self.ckpt_root / f"{CKPT_PREFIX}{step:08d}"
-        tmp = self.ckpt_root / f".{final.name}.tmp"
+        tmp = staging_path(final)
         try:
             if accelerator.is_main_process:
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
+                tmp.mkdir(parents=True)   # not staging_dir(): every process writes into it, not only this one
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp), safe_serialization=True)
             _fault_in_save(step, tmp)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-                if final.exists():
-                    _remove(final)
-                os.replace(tmp, final)
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")   # last: marks it complete
+                publish_dir(tmp, final)
         except BaseException as e:
             free = free_bytes(self.ckpt_root)
             if accelerator.is_main_process:
@@ -364,25 +374,14 @@ class Run:
             raise
         if accelerator.is_main_process:
             for old in self.checkpoints()[:-keep] if keep > 0 else []:
-                _remove(old)
-            for stale in [*self.ckpt_root.glob(".*.tmp"), *self.ckpt_root.glob(".*.del")]:
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_dir(old)
+            recover_all(self.ckpt_root)       # leftovers of a killed predecessor
         accelerator.wait_for_everyone()
         return final
 
     @staticmethod
     def read_state(ckpt: Path) -> dict[str, Any]:
         return json.loads((ckpt / STATE_FILE).read_text())
-
-
-def _remove(ckpt: Path) -> None:
-    """Delete a checkpoint folder: renamed out of the ``step-*`` namespace first, so that a kill
-    half-way through leaves no partial folder that still looks like a checkpoint."""
-    gone = ckpt.with_name(f".{ckpt.name}.del")
-    if gone.exists():
-        shutil.rmtree(gone, ignore_errors=True)
-    os.replace(ckpt, gone)
-    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _fault_in_save(step: int, tmp: Path) -> None:

@@ -16,10 +16,6 @@ delete once that run is known to be dead.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import json
 import os
 import socket
 import sys
@@ -28,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.errors import BtpoError
+from btpo_cli.fsio import LockFile, LockHeld
 
 LOCK_FILE = ".lock"
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class RunLocked(BtpoError):
@@ -73,80 +69,34 @@ def describe(holder: dict[str, Any]) -> str:
 
 class RunLock:
     """Exclusive use of ``root`` by one process. ``acquire`` returns the record of a dead holder it
-    replaced (``None`` when the folder was free); ``release`` removes the file."""
+    replaced (``None`` when the folder was free); ``release`` removes the file. The mechanism (``flock``,
+    ``O_EXCL`` without it) is :class:`btpo_cli.fsio.LockFile`; this class names the run and its holder."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.path = self.root / LOCK_FILE
-        self.fd: int | None = None
-        self.mode = ""
+        self._file = LockFile(self.path)
 
     @property
     def held(self) -> bool:
-        return self.fd is not None
+        return self._file.fd is not None
+
+    @property
+    def fd(self) -> int | None:
+        return self._file.fd
+
+    @property
+    def mode(self) -> str:
+        return self._file.mode
 
     def acquire(self) -> dict[str, Any] | None:
         self.root.mkdir(parents=True, exist_ok=True)
-
-        while True:
-            try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-            except FileExistsError:
-                try:
-                    fd, created = os.open(self.path, os.O_RDWR), False
-                except FileNotFoundError:
-                    continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_fd(fd)
-                os.close(fd)
-                raise RunLocked(self._busy(holder or {})) from None
-            except OSError as e:
-                os.close(fd)
-                if e.errno in _NO_FLOCK:
-                    if created:
-                        os.unlink(self.path)
-                    return self._acquire_exclusive()
-                raise
-            try:  # the holder may have removed the file between our open() and flock()
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        previous = _read_fd(fd)
-        _write_fd(fd, holder_record())
-        self.fd, self.mode = fd, "flock"
-        return previous
-
-    def _acquire_exclusive(self) -> dict[str, Any] | None:
-        previous = None
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = _read_path(self.path)
-                here = holder is not None and holder.get("host") == socket.gethostname()
-                if not here or pid_alive(_int(holder.get("pid")), holder.get("proc_start")):
-                    # another host's pid cannot be checked from here: say which file to delete
-                    raise RunLocked(self._busy(holder or {}, hint=not here)) from None
-                stale = self.path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
-                try:
-                    os.rename(self.path, stale)
-                except FileNotFoundError:
-                    continue
-                taken = _read_path(stale)
-                os.unlink(stale)
-                if taken != holder:   # someone took it between our read and our rename: theirs now
-                    raise RunLocked(self._busy(taken or {})) from None
-                previous = holder
-                continue
-            _write_fd(fd, holder_record())
-            self.fd, self.mode = fd, "file"
-            return previous
-        raise RunLocked(f"{self.path}: could not take the lock (contended)")
+        try:
+            return self._file.acquire(holder_record(), _stale)
+        except LockHeld as e:
+            if e.contended:
+                raise RunLocked(f"{self.path}: could not take the lock (contended)") from None
+            raise RunLocked(self._busy(e.holder or {}, hint=not e.checked)) from None
 
     def _busy(self, holder: dict[str, Any], hint: bool = False) -> str:
         msg = f"{self.root} is in use by another training run: {describe(holder)}"
@@ -155,12 +105,15 @@ class RunLock:
         return msg + " (two runs in one folder would write the same steps twice)"
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
+        self._file.release()
+
+
+def _stale(holder: dict[str, Any] | None) -> bool | None:
+    """For the ``O_EXCL`` fallback: a holder on this host whose pid is gone is stale; another host's
+    cannot be checked from here (``None``)."""
+    if holder is None or holder.get("host") != socket.gethostname():
+        return None
+    return not pid_alive(_int(holder.get("pid")), holder.get("proc_start"))
 
 
 def _int(v: Any) -> int:
@@ -168,33 +121,3 @@ def _int(v: Any) -> int:
         return int(v)
     except (TypeError, ValueError):
         return -1
-
-
-def _read_fd(fd: int) -> dict[str, Any] | None:
-    os.lseek(fd, 0, os.SEEK_SET)
-    data = b""
-    while chunk := os.read(fd, 65536):
-        data += chunk
-    return _parse(data)
-
-
-def _read_path(path: Path) -> dict[str, Any] | None:
-    try:
-        return _parse(path.read_bytes())
-    except FileNotFoundError:
-        return None
-
-
-def _parse(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {"pid": "?", "host": "?", "argv": "(unreadable lock file)"}
-    return obj if isinstance(obj, dict) else None
-
-
-def _write_fd(fd: int, record: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
-    os.fsync(fd)

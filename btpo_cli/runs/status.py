@@ -12,9 +12,7 @@ under ``best``), each with ``stale``: why it no longer describes the run's model
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import yaml
 
 from btpo_cli.errors import BtpoError
-from btpo_cli.runs.folder import CKPT_PREFIX, STATE_FILE
+from btpo_cli.fsio import list_checkpoints, lock_state, run_model
 from btpo_cli.runs.lock import LOCK_FILE, pid_alive
 from btpo_cli.runs.provenance import staleness
 
@@ -72,23 +70,15 @@ def _lock_holder(root: Path) -> dict[str, Any] | None:
         holder = json.loads(text) if text.strip() else {}
     except ValueError:
         holder = {}
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    state = lock_state(path)
+    if state in ("free", "missing"):
         return None                       # nobody holds it: a crashed run's leftover
-    except BlockingIOError:
+    if state == "held":
         return holder or {"pid": None}
-    except OSError:                       # no flock here: the recorded pid decides
-        if holder.get("host") != socket.gethostname():
-            return holder or None
-        pid = holder.get("pid")
-        return holder if isinstance(pid, int) and pid_alive(pid, holder.get("proc_start")) else None
-    finally:
-        os.close(fd)
+    if holder.get("host") != socket.gethostname():   # no flock here: the recorded pid decides
+        return holder or None
+    pid = holder.get("pid")
+    return holder if isinstance(pid, int) and pid_alive(pid, holder.get("proc_start")) else None
 
 
 def _evals(root: Path) -> dict[str, dict[str, Any]]:
@@ -133,10 +123,10 @@ def run_status(path: str | Path) -> RunStatus:
     if isinstance(cfg, dict):
         st.method = cfg.get("method")
         st.model = (cfg.get("model") or {}).get("name") if isinstance(cfg.get("model"), dict) else None
-    ckpts = _checkpoints(root)
+    ckpts = list_checkpoints(root)
     if ckpts:
         st.checkpoint, st.step = str(ckpts[-1][1]), ckpts[-1][0]
-    final = root / "final"
+    final = run_model(root) or root / "final"
     if holder is not None:
         st.state, st.holder = "running", holder
         st.reason = f"locked by pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
@@ -151,18 +141,3 @@ def run_status(path: str | Path) -> RunStatus:
         st.reason = (f"resumable from step {st.step} ({st.checkpoint})" if st.checkpoint
                      else "no checkpoint yet: --resume starts from step 0")
     return st
-
-
-def _checkpoints(root: Path) -> list[tuple[int, Path]]:
-    d = root / "checkpoints"
-    if not d.is_dir():
-        return []
-    out = []
-    for p in d.iterdir():
-        name = p.name
-        if p.is_dir() and name.startswith(CKPT_PREFIX) and (p / STATE_FILE).exists():
-            try:
-                out.append((int(name[len(CKPT_PREFIX):]), p))
-            except ValueError:
-                continue
-    return sorted(out)

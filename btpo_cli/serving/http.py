@@ -260,135 +260,223 @@ def _settle(job: _Job, result: Any = None, exc: BaseException | None = None) -> 
 # ----------------------------------------------------------------------------- the app
 
 def create_app(judge: Judge, limits: Limits | None = None, token: str | None = None) -> FastAPI:
-    """The FastAPI application serving ``judge`` (see the module docstring)."""
-    limits = limits or Limits()
-    batcher = Batcher(judge, limits)
+    """The FastAPI application serving ``judge`` (see the module docstring): the routes of
+    :data:`ROUTES`, each a method of :class:`Service`, and one JSON error body for every failure."""
+    service = Service(judge, limits or Limits(), token)
 
     @asynccontextmanager
     async def lifespan(app: Any):  # noqa: ANN202
-        await batcher.start()
+        await service.batcher.start()
         yield
-        await batcher.stop()
+        await service.batcher.stop()
 
     app = FastAPI(title=f"btpo judge ({judge.method})", version=__version__, lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher = service.batcher
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    for method, path, name, body in ROUTES:
+        app.add_api_route(path, getattr(service, name), methods=[method],
+                          openapi_extra=_schema(body) if body is not None else None)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        if e.status >= 500:
-            log.warning("%s %s → %d %s", request.method, request.url.path, e.status, e.message)
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse({"error": {"type": e.kind, "message": e.message}}, status_code=e.status, headers=headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse({"error": {"type": kind, "message": f"{request.method} {request.url.path}: {e.detail}"}},
-                            status_code=e.status_code)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    if e.status >= 500:
+        log.warning("%s %s → %d %s", request.method, request.url.path, e.status, e.message)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"error": {"type": e.kind, "message": e.message}}, status_code=e.status, headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": {"type": "invalid_request", "message": str(e.errors()[:1])[:300]}},
-                            status_code=422)
 
-    async def authorize(request: Request) -> None:
-        if not token:
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse({"error": {"type": kind, "message": f"{request.method} {request.url.path}: {e.detail}"}},
+                        status_code=e.status_code)
+
+
+async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": {"type": "invalid_request", "message": str(e.errors()[:1])[:300]}},
+                        status_code=422)
+
+
+async def drain(request: Request) -> None:
+    """Read and drop the body (up to a cap): a refused request's unread body would reset the connection
+    before the client reads the refusal."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > DRAIN_CAP:
+            break
+
+
+async def read_json(request: Request, max_body_bytes: int) -> Any:
+    """The request's JSON body; 413 over ``max_body_bytes`` (drained up to a cap, not kept, so that the
+    client reads the 413 instead of a reset), 400 for an empty, non-UTF-8 or invalid body."""
+    cl = request.headers.get("content-length")
+    if cl is not None and not cl.isdigit():
+        raise ApiError(400, "bad_request", "invalid Content-Length")
+    body = bytearray()
+    seen = 0
+    too_large = cl is not None and int(cl) > max_body_bytes
+    async for chunk in request.stream():
+        seen += len(chunk)
+        too_large = too_large or seen > max_body_bytes
+        if too_large:
+            body.clear()
+            if seen > DRAIN_CAP:
+                break
+        else:
+            body += chunk
+    if too_large:
+        raise ApiError(413, "too_large", f"body is over the limit of {max_body_bytes} bytes")
+    if not body.strip():
+        raise ApiError(400, "bad_json", "empty body: send a JSON object")
+    try:
+        return json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "bad_json", f"body is not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "bad_json", f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "JSON nested too deeply") from None
+
+
+def validate(model: type[BaseModel], obj: Any) -> Any:
+    """``obj`` as a ``model`` request; 422 naming the field."""
+    if not isinstance(obj, dict):
+        raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", _validation_message(e)) from None
+
+
+def parse(model: type[BaseModel], obj: Any) -> Any:
+    """A request with one ``prompt`` (score, compare): validated, its prompt made the judge's."""
+    req = validate(model, obj)
+    try:
+        req.prompt = to_prompt([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    return req
+
+
+ROUTES: tuple[tuple[str, str, str, type[BaseModel] | None], ...] = (
+    ("GET", "/health", "health", None),
+    ("POST", "/v1/score", "score", ScoreRequest),
+    ("POST", "/v1/rewards", "rewards_batch", RewardsRequest),
+    ("POST", "/get_reward", "get_reward", OpenRLHFRequest),
+    ("POST", "/v1/compare", "compare", CompareRequest),
+)
+"""(HTTP method, path, :class:`Service` method, documented request body) of every endpoint."""
+
+
+@dataclass
+class Service:
+    """The endpoints of one judge: each route a method (:data:`ROUTES`), behind one :class:`Batcher`."""
+
+    judge: Judge
+    limits: Limits
+    token: str | None = None
+    batcher: Batcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = Batcher(self.judge, self.limits)
+
+    async def authorize(self, request: Request) -> None:
+        if not self.token:
             return
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
             await drain(request)
             raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer …)")
 
-    async def drain(request: Request) -> None:
-        """Read and drop the body (up to a cap): a refused request's unread body would reset the connection
-        before the client reads the refusal."""
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > DRAIN_CAP:
-                break
+    async def body(self, request: Request) -> Any:
+        """The authorized request's JSON body."""
+        await self.authorize(request)
+        return await read_json(request, self.limits.max_body_bytes)
 
-    async def read_json(request: Request) -> Any:
-        cl = request.headers.get("content-length")
-        if cl is not None and not cl.isdigit():
-            raise ApiError(400, "bad_request", "invalid Content-Length")
-        body = bytearray()
-        seen = 0
-        too_large = cl is not None and int(cl) > limits.max_body_bytes
-        async for chunk in request.stream():    # an oversized body is drained (up to a cap), not kept, so
-            seen += len(chunk)                   # that the client reads the 413 instead of a reset
-            too_large = too_large or seen > limits.max_body_bytes
-            if too_large:
-                body.clear()
-                if seen > DRAIN_CAP:
-                    break
-            else:
-                body += chunk
-        if too_large:
-            raise ApiError(413, "too_large", f"body is over the limit of {limits.max_body_bytes} bytes")
-        if not body.strip():
-            raise ApiError(400, "bad_json", "empty body: send a JSON object")
-        try:
-            return json.loads(bytes(body).decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ApiError(400, "bad_json", f"body is not UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, "bad_json", f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        except RecursionError:
-            raise ApiError(400, "bad_json", "JSON nested too deeply") from None
-
-    def parse(model: type[BaseModel], obj: Any) -> Any:
-        if not isinstance(obj, dict):
-            raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
-        try:
-            req = model.model_validate(obj)
-        except ValidationError as e:
-            raise ApiError(422, "invalid_request", _validation_message(e)) from None
-        try:
-            req.prompt = to_prompt([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
-        except ValueError as e:
-            raise ApiError(422, "invalid_request", str(e)) from None
-        return req
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
+        judge, batcher = self.judge, self.batcher
         return {"status": "ok", "method": judge.method, "protocol": judge.protocol, "aspect": judge.aspect,
                 "base_model": judge.meta.get("base_model"),
                 "stats": {**batcher.stats, "forward_calls": judge.forward_calls, "pending": batcher.pending}}
 
-    @app.post("/v1/score", openapi_extra=_schema(ScoreRequest))
-    async def score(request: Request) -> dict[str, Any]:
-        await authorize(request)
-        req = parse(ScoreRequest, await read_json(request))
+    async def score(self, request: Request) -> dict[str, Any]:
+        req = parse(ScoreRequest, await self.body(request))
         if (req.response is None) == (req.responses is None):
             raise ApiError(422, "invalid_request", "give exactly one of 'response' (a string) or 'responses' (a list)")
         texts = [req.response] if req.response is not None else req.responses
         if not texts:
             raise ApiError(422, "invalid_request", "responses: empty list")
-        if len(texts) > limits.max_items:
-            raise ApiError(413, "too_many_items", f"responses: {len(texts)} items, over the limit of {limits.max_items}")
-        if judge.protocol == "pairwise":
-            raise ApiError(400, "pairwise_judge", f"{judge.method} is a pairwise judge: use POST /v1/compare")
-        items = [judge.item(req.prompt, t, req.aspect) for t in texts]
-        scores = await batcher.submit("score", items)
-        ranked = judge.rank_scores(scores)
+        if len(texts) > self.limits.max_items:
+            raise ApiError(413, "too_many_items",
+                           f"responses: {len(texts)} items, over the limit of {self.limits.max_items}")
+        if self.judge.protocol == "pairwise":
+            raise ApiError(400, "pairwise_judge", f"{self.judge.method} is a pairwise judge: use POST /v1/compare")
+        items = [self.judge.item(req.prompt, t, req.aspect) for t in texts]
+        ranked = self.judge.rank_scores(await self.batcher.submit("score", items))
         out: dict[str, Any] = {"scores": ranked.scores, "errors": ranked.errors, "best": ranked.best}
         if req.thoughts:
             out["thoughts"] = ranked.thoughts
         return out
 
-    async def rewards(items: list[Any]) -> tuple[list[float], list[str | None]]:
+    async def compare(self, request: Request) -> dict[str, Any]:
+        req = parse(CompareRequest, await self.body(request))
+        pair = (self.judge.item(req.prompt, req.a, req.aspect), self.judge.item(req.prompt, req.b, req.aspect))
+        (comp,) = await self.batcher.submit("compare", [pair])
+        return comp.to_json(thoughts=req.thoughts)
+
+    async def rewards_batch(self, request: Request) -> dict[str, Any]:
+        req = validate(RewardsRequest, await self.body(request))
+        items = []
+        for k, it in enumerate(req.items):
+            try:
+                items.append(self.judge.item([m.model_dump() for m in it.prompt] if isinstance(it.prompt, list)
+                                             else it.prompt, it.response, it.aspect))
+            except ValueError as e:
+                raise ApiError(422, "invalid_request", f"items.{k}.{e}") from None
+        got, errors = await self.rewards(items)
+        return {"rewards": got, "errors": errors}
+
+    async def get_reward(self, request: Request) -> dict[str, Any]:
+        req = validate(OpenRLHFRequest, await self.body(request))
+        if req.prompts is not None and len(req.prompts) != len(req.query):
+            raise ApiError(422, "invalid_request", f"prompts: {len(req.prompts)} for {len(req.query)} queries")
+        items: list[Any] = []
+        for k, q in enumerate(req.query):
+            got = split_query(q, req.prompts[k] if req.prompts else None)
+            if isinstance(got, str):
+                self.batcher.stats["unsplittable"] = self.batcher.stats.get("unsplittable", 0) + 1
+                items.append(None)
+                continue
+            try:
+                items.append(self.judge.item(got[0], got[1]))
+            except ValueError:
+                items.append(None)
+        got_rewards, errors = await self.rewards(items)
+        return {"rewards": got_rewards, "scores": got_rewards,
+                "extra_logs": {"btpo_error": [float(e is not None) for e in errors]}, "errors": errors}
+
+    async def rewards(self, items: list[Any]) -> tuple[list[float], list[str | None]]:
         """Rewards of prepared items (None: could not be made) → (rewards, errors)."""
         live = [i for i, it in enumerate(items) if it is not None]
         rewards, errors = [0.0] * len(items), ["unsplittable" if it is None else None for it in items]
-        if len(live) > limits.max_queue:
-            raise ApiError(413, "too_many_items", f"{len(live)} items, over the limit of {limits.max_queue}")
-        if judge.protocol == "pointwise":
-            got = await batcher.submit("score", [items[i] for i in live]) if live else []
+        if len(live) > self.limits.max_queue:
+            raise ApiError(413, "too_many_items", f"{len(live)} items, over the limit of {self.limits.max_queue}")
+        if self.judge.protocol == "pointwise":
+            got = await self.batcher.submit("score", [items[i] for i in live]) if live else []
             for i, s in zip(live, got, strict=True):
                 rewards[i] = 0.0 if s.score is None else float(s.score)
                 errors[i] = s.error
             return rewards, errors
+        await self._pairwise_rewards(items, live, rewards, errors)
+        return rewards, errors
+
+    async def _pairwise_rewards(self, items: list[Any], live: list[int], rewards: list[float],
+                                errors: list[str | None]) -> None:
+        """A pairwise judge's reward: the mean win probability among the responses of the same prompt
+        (and aspect) in the request; a prompt with one response gets the error ``alone``."""
         groups: dict[str, list[int]] = {}
         for i in live:
             groups.setdefault(json.dumps([items[i].prompt, items[i].aspect], ensure_ascii=False), []).append(i)
@@ -396,73 +484,15 @@ def create_app(judge: Judge, limits: Limits | None = None, token: str | None = N
             if len(idx) < 2:
                 errors[idx[0]] = "alone"
                 continue
-            pairs = [(items[a], items[b]) for x, a in enumerate(idx) for b in idx[x + 1:]]
-            comps = await batcher.submit("compare", pairs)
+            pairs = [(a, b) for x, a in enumerate(idx) for b in idx[x + 1:]]
+            comps = await self.batcher.submit("compare", [(items[a], items[b]) for a, b in pairs])
             wins = dict.fromkeys(idx, 0.0)
-            for (a, b), c in zip([(a, b) for x, a in enumerate(idx) for b in idx[x + 1:]], comps, strict=True):
+            for (a, b), c in zip(pairs, comps, strict=True):
                 p = 0.5 if c.prob_a is None else c.prob_a
                 wins[a] += p
                 wins[b] += 1 - p
             for i in idx:
                 rewards[i] = wins[i] / (len(idx) - 1)
-        return rewards, errors
-
-    @app.post("/v1/rewards", openapi_extra=_schema(RewardsRequest))
-    async def rewards_batch(request: Request) -> dict[str, Any]:
-        await authorize(request)
-        obj = await read_json(request)
-        if not isinstance(obj, dict):
-            raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
-        try:
-            req = RewardsRequest.model_validate(obj)
-        except ValidationError as e:
-            raise ApiError(422, "invalid_request", _validation_message(e)) from None
-        items = []
-        for k, it in enumerate(req.items):
-            try:
-                items.append(judge.item([m.model_dump() for m in it.prompt] if isinstance(it.prompt, list)
-                                        else it.prompt, it.response, it.aspect))
-            except ValueError as e:
-                raise ApiError(422, "invalid_request", f"items.{k}.{e}") from None
-        got, errors = await rewards(items)
-        return {"rewards": got, "errors": errors}
-
-    @app.post("/get_reward", openapi_extra=_schema(OpenRLHFRequest))
-    async def get_reward(request: Request) -> dict[str, Any]:
-        await authorize(request)
-        obj = await read_json(request)
-        if not isinstance(obj, dict):
-            raise ApiError(422, "invalid_request", f"body: expected a JSON object, got {type(obj).__name__}")
-        try:
-            req = OpenRLHFRequest.model_validate(obj)
-        except ValidationError as e:
-            raise ApiError(422, "invalid_request", _validation_message(e)) from None
-        if req.prompts is not None and len(req.prompts) != len(req.query):
-            raise ApiError(422, "invalid_request", f"prompts: {len(req.prompts)} for {len(req.query)} queries")
-        items: list[Any] = []
-        for k, q in enumerate(req.query):
-            got = split_query(q, req.prompts[k] if req.prompts else None)
-            if isinstance(got, str):
-                batcher.stats["unsplittable"] = batcher.stats.get("unsplittable", 0) + 1
-                items.append(None)
-                continue
-            try:
-                items.append(judge.item(got[0], got[1]))
-            except ValueError:
-                items.append(None)
-        got_rewards, errors = await rewards(items)
-        return {"rewards": got_rewards, "scores": got_rewards,
-                "extra_logs": {"btpo_error": [float(e is not None) for e in errors]}, "errors": errors}
-
-    @app.post("/v1/compare", openapi_extra=_schema(CompareRequest))
-    async def compare(request: Request) -> dict[str, Any]:
-        await authorize(request)
-        req = parse(CompareRequest, await read_json(request))
-        pair = (judge.item(req.prompt, req.a, req.aspect), judge.item(req.prompt, req.b, req.aspect))
-        (comp,) = await batcher.submit("compare", [pair])
-        return comp.to_json(thoughts=req.thoughts)
-
-    return app
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:

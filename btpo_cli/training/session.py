@@ -19,8 +19,6 @@ rollout engine's weight sync and for ``final/``).
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch
 
 from btpo_cli.config import Config
 from btpo_cli.engines import RolloutEngine, WeightStream, engine_for
+from btpo_cli.fsio import publish_dir, staging_dir
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.models.loading import load_causal_lm, load_policy, load_tokenizer
 from btpo_cli.models.lora import (
@@ -232,9 +231,7 @@ class TrainSession:
             adapter_state = {n: t.detach().to("cpu", copy=True) for n, t in full_state(acc, self.model)
                              if main and (".lora_" in n or ".modules_to_save." in n)}
         if main:
-            tmp = dest.parent / f".{dest.name}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            tmp = staging_dir(dest)
             base = policy.get_base_model() if is_peft(policy) else policy
             base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if adapter_state is not None:
@@ -245,12 +242,7 @@ class TrainSession:
                 meta = {**meta, "launch": preflight.LAST}
             write_meta(tmp, meta)       # btpo.json + README.md (the model card)
             write_weights_digest(tmp, self._saved_step(meta, dest))   # weights.sha256.json: hashed once, here
-            if dest.exists():
-                old = dest.parent / f".{dest.name}.del"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(dest, old)          # a kill from here leaves no half-deleted model under dest's name
-                shutil.rmtree(old)
-            os.replace(tmp, dest)
+            publish_dir(tmp, dest)      # a kill at any point leaves the old model or the new one (fsio)
         acc.wait_for_everyone()
 
     def _saved_step(self, meta: dict[str, Any], dest: Path) -> int | None:

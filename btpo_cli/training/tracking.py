@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.errors import ConfigError
+from btpo_cli.fsio import atomic_write
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 _ACTIVE: list[Any] = []
@@ -64,7 +65,7 @@ def _wandb_id(root: Path) -> str:
         pass
     run_id = uuid.uuid4().hex[:12]
     root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"wandb_id": run_id}) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps({"wandb_id": run_id}) + "\n")
     return run_id
 
 

@@ -89,7 +89,7 @@ def test_ensure_tiny_layout_and_reuse(name: str, cache_root: Path, folders: dict
     assert folder == cache_root / "models" / f"{name}-v{VERSION}"
     for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (folder / file).is_file(), file
-    assert not [p for p in (cache_root / "models").iterdir() if ".tmp-" in p.name]
+    assert not [p for p in (cache_root / "models").iterdir() if ".tmp" in p.name]
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny(name, cache_root) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
