@@ -142,3 +142,48 @@ def test_packing_setting_is_validated_and_on_raises_where_it_cannot_apply() -> N
     assert not packing.resolve("auto", model)
     with pytest.raises(BtpoError, match="train.packing=on: gradient checkpointing"):
         packing.resolve("on", model)
+
+
+def test_plan_counts_a_packed_micro_batch_without_mask() -> None:
+    """``btpo plan``: packed, the micro-batch's tokens are summed (as many as padded at the worst case)
+    and the (N, 1, T, T) mask is gone; the rollout methods are not packed by this setting."""
+    from btpo_cli.plan.estimate import activations, geometry, inputs_from_config
+
+    acts = {}
+    for method in ("bt", "gram", "btpo"):
+        for setting in ("off", "auto"):
+            cfg = build_config(flags={"method": method}, overrides=["model.name=smollm2-135m",
+                                                                   f"train.packing={setting}"])
+            inp = inputs_from_config(cfg, device="cpu")
+            assert inp.packing == (setting != "off")
+            acts[method, setting] = activations(inp, geometry(inp), False)
+    for method in ("bt", "gram"):
+        off, on = acts[method, "off"], acts[method, "auto"]
+        assert on["tokens"] == off["tokens"] and off["masks"] > 0 == on["masks"] and on["peak"] < off["peak"]
+    assert acts["btpo", "off"] == acts["btpo", "auto"]
+
+
+@pytest.mark.parametrize("method", ["bt", "gram"])
+def test_judge_packed_equals_padded(method: str, synthetic_data) -> None:
+    """``btpo eval`` / ``btpo score`` / ``btpo serve`` batches: the same credits and scores (within the bound)."""
+    from btpo_cli.data.pairs import read_pairs
+    from btpo_cli.models.aliases import resolve_model
+
+    records = read_pairs(synthetic_data, "test")[0][:12]
+    cfg = _cfg(method, False, "eval.batch_size=6")
+    torch.manual_seed(0)
+    model = (load_reward_model(cfg.model, 0) if method == "bt" else load_causal_lm(cfg.model)).eval()
+    judge_cls = bt.RewardJudge if method == "bt" else gram.GramJudge
+    got = {}
+    for setting in ("off", "on"):
+        cfg.train.packing = setting
+        judge = judge_cls(resolve_model(cfg.model.name), cfg, torch.device("cpu"), {"aspect": "helpfulness"},
+                          module=model)
+        assert judge.packed == (setting == "on")
+        got[setting] = judge.evaluate_pairs(records)
+    tol = packing_bound(12 * 2 * cfg.data.max_length, 1.0)
+    assert [(r.id, r.credit) for r in got["off"]] == [(r.id, r.credit) for r in got["on"]]
+    for a, b in zip(got["off"], got["on"], strict=True):
+        for key, v in a.detail.items():
+            if isinstance(v, float):
+                assert abs(v - b.detail[key]) <= tol * max(1.0, abs(v)), (a.id, key, v, b.detail[key])
