@@ -6,6 +6,7 @@ weight-sync time; Qwen2.5-0.5B shape, bf16, random weights, the ``hf`` engine.
     python bench/gpu_check.py --scale --json scale.json    # + plan validation, FSDP2 / ZeRO steps (issue 11)
     python bench/gpu_check.py --scale --smoke              # the same on CPU (tiny sizes; ZeRO where deepspeed imports)
     python bench/gpu_check.py --launch --json launch.json  # + btpo train --gpus 1 under fsdp2.yaml, the refusal (issue 27)
+    python bench/gpu_check.py --only-packing [--smoke]      # the packing check alone (issue 28; seconds on CPU)
 
 vLLM is not part of it (its wheel cannot be carried to the lent GPU machine); ``bench_engines.py``
 compares engines where both are installed.
@@ -22,6 +23,12 @@ compares engines where both are installed.
 - scoring: one BTPO update phase (2·pairs·K rows, prompt 512, thoughts 128, K = 4) per scoring
   path — plain, ``train.shared_prefix``, ``train.chunked_logprobs``, both — time and allocator
   peak, as ratios to plain (:func:`scoring_paths`; issue 23).
+- packing (issue 28, docs/packing.md): a BT micro-batch of 8 HH-length pairs
+  (bench/data/hh_harmless_test_lengths.json) through the scalar head, padded against
+  ``train.packing`` — flash-attention varlen (``attn_implementation=flash_attention_2``) where
+  ``flash_attn`` imports on CUDA, else the per-sequence SDPA path — forward + backward: loss and
+  every gradient's largest difference relative to the gradients' largest element, median seconds
+  of both, and the speed-up (:func:`packing_check`).
 - ``--scale``: (1) ``bench/plan_memory.py --device cuda`` — ``btpo plan``'s estimate against
   ``torch.cuda.max_memory_allocated`` of real ``bt`` and ``btpo`` runs of random-init Qwen2.5-0.5B
   (4 layers) and SmolLM2-135M shapes (docs/plan.md § Validation); (2) real training steps under
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=H200["bf16_tflops"])
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--scale", action="store_true", help="also: plan validation and FSDP2/ZeRO training steps")
+    ap.add_argument("--only-packing", action="store_true", help="run the packing check alone (issue 28)")
     ap.add_argument("--launch", action="store_true", help="also: btpo train --gpus 1 under fsdp2.yaml, and the "
                     "start-up check's refusal (issue 27)")
     a = ap.parse_args(argv)
@@ -94,6 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.update_batch, a.update_len, a.repeats = 2, 32, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.only_packing:
+        out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "packing": packing_check(device, a)}
+        print(json.dumps(out, indent=2))
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        return out
     from transformers import Qwen2ForCausalLM
 
     from bench.bench_engines import qwen05_config
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "copies": copy.stats()["weight_sync_copies"]}
         copy.close()
     out["scoring"] = scoring_paths(model, device, a)
+    out["packing"] = packing_check(device, a)
     if a.scale:
         out["scale"] = scale_checks(device, a.smoke)
     if a.launch:
@@ -201,6 +217,57 @@ def scoring_paths(model: Any, device: torch.device, a: argparse.Namespace) -> di
     return {"rows": len(seqs), **vars(shape), "median_s": med,
             "time_ratio": {v: med[v] / med["plain"] for v in med}, "peak_mib": peak,
             "peak_ratio": {v: (peak[v] / peak["plain"]) if peak[v] and peak["plain"] else None for v in peak}}
+
+
+def packing_check(device: torch.device, a: argparse.Namespace) -> dict[str, Any]:
+    """BT's loss over 8 HH-length pairs, padded against packed (flash-attention varlen on CUDA when
+    ``flash_attn`` imports, else per-sequence SDPA): differences and times (docs/packing.md)."""
+    import importlib.util
+    import random
+
+    from transformers import Qwen2ForSequenceClassification
+
+    from bench.bench_engines import qwen05_config
+    from btpo_cli.losses import bt_loss
+    from btpo_cli.methods.bt import rewards
+
+    fa = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    cfg = qwen05_config(2 if a.smoke else a.layers)
+    cfg.num_labels, cfg.pad_token_id = 1, 0
+    if a.smoke:                 # seconds on CPU: the 152k-row embedding's gradient would dominate
+        cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size = 2048, 128, 256
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 32
+    cfg._attn_implementation = "flash_attention_2" if fa else "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(cfg).to(device=device, dtype=dtype).train()
+    pairs = json.loads((REPO / "bench" / "data" / "hh_harmless_test_lengths.json").read_text())["pairs"]
+    pick = random.Random(0).sample(pairs, 8)
+    lens = [min(n, 48 if a.smoke else n) for n in [c for c, _ in pick] + [r for _, r in pick]]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(10, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+    def run(packed: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        r = rewards(model, seqs, 0, device, packed)
+        loss = bt_loss(r[:8], r[8:])
+        loss.backward()
+        return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (l0, g0), (l1, g1) = run(False), run(True)
+    scale = max(float(v.abs().max()) for v in g0.values())
+    grad_rel = max(float((g0[k] - g1[k]).abs().max()) for k in g0) / scale
+    times: dict[str, list[float]] = {"padded": [], "packed": []}
+    for _ in range(a.repeats):
+        for v in times:
+            times[v].append(timed(lambda v=v: run(v == "packed"), device)[0])
+    med = {v: statistics.median(t) for v, t in times.items()}
+    real, padded = sum(lens), len(lens) * max(lens)
+    return {"attn": "flash_attention_2 varlen" if fa else "per-sequence sdpa", "dtype": str(dtype),
+            "layers": cfg.num_hidden_layers, "sequences": len(seqs), "real_tokens": real, "padded_tokens": padded,
+            "loss_padded": l0, "loss_packed": l1, "loss_abs_diff": abs(l0 - l1), "grad_rel_max_diff": grad_rel,
+            "median_s": med, "speedup": med["padded"] / med["packed"],
+            "tokens_per_s": {v: real / t for v, t in med.items()}}
 
 
 def _losses(run: Path) -> list[float]:

@@ -119,6 +119,15 @@ class TrainConfig:
     holds a (tokens × vocab) logits tensor nor its float32 upcast. Equal within float rounding, not
     bitwise, so off by default; models whose head is not a plain ``h Wᵀ`` (bias, soft-capping, logit
     scale) and ZeRO-3 (a partitioned head) raise; FSDP2 works."""
+    packing: str = "off"
+    """``off``, ``on`` or ``auto``: padding-free batches for the supervised methods (BT, BT-prefilled,
+    GRAM) and their evaluation / ``btpo score`` / ``btpo serve``: a micro-batch's sequences go into one
+    row with per-sequence position ids and attention that never crosses sequences
+    (btpo_cli/models/packing.py, docs/packing.md), and a step's pairs are sorted by length into
+    micro-batches (the same pairs per step, so the same gradient). Equal within float rounding, not
+    bitwise, so off by default; ``auto`` packs where measured faster (CPU and CUDA), ``on`` the same
+    but raises where packing does not apply (a rollout method). A judge trained with packing
+    evaluates with it (``--set train.packing=off`` turns it off)."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -550,6 +559,7 @@ _CHOICES: dict[str, Any] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.shared_prefix": ("off", "on", "auto"),
     "train.chunked_logprobs": ("off", "on"),
+    "train.packing": ("off", "on", "auto"),
     "model.dtype": ("auto", "bfloat16", "float32"),
     "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
@@ -567,6 +577,7 @@ def validate(cfg: Config) -> None:
     yaml_bool = {True: "on", False: "off", "True": "on", "False": "off"}
     cfg.train.shared_prefix = yaml_bool.get(cfg.train.shared_prefix, cfg.train.shared_prefix)
     cfg.train.chunked_logprobs = yaml_bool.get(cfg.train.chunked_logprobs, cfg.train.chunked_logprobs)
+    cfg.train.packing = yaml_bool.get(cfg.train.packing, cfg.train.packing)
     choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
     for key, choices in choices_now.items():
         v = _get(cfg, key)

@@ -72,6 +72,8 @@ def evaluate(
                                             help="BTPO: also the mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale "
                                               "budget (default: eval.max_new_tokens, else the training one)."),
+    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
+                                       "off | on | auto (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),
@@ -86,6 +88,7 @@ def evaluate(
 
     check_format(fmt)
     check_choice("--which", which, ("final", "best"))
+    check_choice("--packing", packing, ("off", "on", "auto"))
     if benchmark is not None:
         get_benchmark(benchmark)    # an unknown name: usage (exit 2), the names and a close one
     check_choice("--method", method, method_names())
@@ -104,7 +107,7 @@ def evaluate(
         if as_model:
             raise typer.BadParameter(f"{', '.join(as_model)}: only with --model (a run keeps its own settings)")
         s = evaluate_run(checkpoint, data, split, batch_size, limit, eval_samples, max_new_tokens, device, engine,
-                         which, benchmark)
+                         which, benchmark, packing=packing)
         folder = checkpoint
     else:
         folder, s = evaluate_model(model, method, data, out, split, batch_size, limit, eval_samples, max_new_tokens,

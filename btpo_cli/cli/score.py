@@ -11,7 +11,7 @@ import typer
 from btpo_cli.console import console
 from btpo_cli.data.pairs import open_text
 from btpo_cli.engines import check_engine_choice
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, check_choice
 from btpo_cli.judging.judge import load_judge
 from btpo_cli.progress import PhaseProgress
 from btpo_cli.serving.scoring import score_lines
@@ -59,15 +59,18 @@ def score(
                                      "for it."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress or summary on stderr (the count of bad lines is still printed)."),
+    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
+                                       "off | on | auto (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:
     if engine is not None:
         check_engine_choice(engine)
+    check_choice("--packing", packing, ("off", "on", "auto"))
     if input_path != "-" and not Path(input_path).is_file():
         raise BtpoError(f"{input_path}: no such file (give a JSONL file or - for stdin)")
     judge = load_judge(judge_path, device=device, engine=engine, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       samples=samples, seed=seed, aspect=aspect)
+                       samples=samples, seed=seed, aspect=aspect, packing=packing)
     source = "<stdin>" if input_path == "-" else input_path
     skipped_shown = 0
 

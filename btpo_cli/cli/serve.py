@@ -10,7 +10,7 @@ import typer
 
 from btpo_cli.console import console
 from btpo_cli.engines import check_engine_choice
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, check_choice
 from btpo_cli.fsio import atomic_write
 from btpo_cli.judging.judge import load_judge
 
@@ -47,19 +47,22 @@ def serve(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Judge's pairs per forward."),
     samples: int | None = typer.Option(None, "--samples", min=0, help="BTPO: mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale budget."),
+    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
+                                       "off | on | auto (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),
 ) -> None:
     if engine is not None:
         check_engine_choice(engine)
+    check_choice("--packing", packing, ("off", "on", "auto"))
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise BtpoError("btpo serve needs fastapi and uvicorn: pip install 'btpo[serve]'")
     from btpo_cli.serving.http import Limits, bind, run_server  # optional extra: imported on use
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     judge = load_judge(judge_path, device=device, engine=engine, batch_size=batch_size, samples=samples,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, packing=packing)
     limits = Limits(max_body_bytes=max_body_bytes, max_items=max_items, max_batch=max_batch or 2 * judge.batch_size,
                     max_wait_ms=max_wait_ms, max_queue=max_queue)
     try:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from btpo_cli.config import Config
 from btpo_cli.data.pairs import DEFAULT_ASPECT, RecordSkip, to_messages
 from btpo_cli.engines import check_engine_choice, engine_class, resolve_engine_name
-from btpo_cli.errors import BtpoError
+from btpo_cli.errors import BtpoError, ConfigError
 from btpo_cli.judging.protocol import PairResult, pairwise_result, pointwise_result, with_unjudged
 from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.final import check_templates, read_checkpoint, read_meta
@@ -379,20 +379,22 @@ def _chunks(xs: list[Any], n: int) -> Iterator[list[Any]]:
 
 def load_judge(path: str | Path, *, device: str | None = None, engine: str | None = None,
                batch_size: int | None = None, max_new_tokens: int | None = None, samples: int | None = None,
-               seed: int | None = None, aspect: str | None = None) -> Judge:
+               seed: int | None = None, aspect: str | None = None, packing: str | None = None) -> Judge:
     """Load the judge in ``path`` (a run folder or its ``final/``) from its ``btpo.json``.
 
     ``device``: ``cpu``, ``cuda``, ``cuda:1`` (default: cuda when present). ``engine``: the rollout
     engine of generative judges (``auto``, ``hf``, ``vllm``). ``max_new_tokens``: the thought /
     rationale budget (default: the one ``btpo eval`` uses). ``samples`` (BTPO): score by the mean
     p(Yes) over that many sampled thoughts, seeded by ``seed`` and the text. ``aspect``: the default
-    aspect (else the checkpoint's)."""
+    aspect (else the checkpoint's). ``packing``: ``train.packing`` for the judge's batches (default: the
+    run's; BT, BT-prefilled, GRAM)."""
     from btpo_cli.models.device import resolve_device  # heavy: imported on use (torch)
 
     dev = resolve_device(device)
     ck = read_checkpoint(path)
     cfg = ck.cfg
-    override_eval(cfg, batch_size=batch_size, max_new_tokens=max_new_tokens, samples=samples, engine=engine)
+    override_eval(cfg, batch_size=batch_size, max_new_tokens=max_new_tokens, samples=samples, engine=engine,
+                  packing=packing)
     if seed is not None:
         cfg.train.seed = seed
     spec = get_method(cfg.method)
@@ -408,10 +410,10 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
 
 
 def override_eval(cfg: Config, *, batch_size: int | None = None, max_new_tokens: int | None = None,
-                  samples: int | None = None, engine: str | None = None) -> None:
+                  samples: int | None = None, engine: str | None = None, packing: str | None = None) -> None:
     """Apply the judging settings a caller overrides (``btpo eval``'s flags, :func:`load_judge`'s
     arguments) to the config the judge will run on; ``None`` keeps the config's. The engine name is
-    checked here (``auto`` or a registered engine)."""
+    checked here (``auto`` or a registered engine); ``packing`` is ``train.packing`` (off, on, auto)."""
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
     if max_new_tokens is not None:
@@ -421,6 +423,10 @@ def override_eval(cfg: Config, *, batch_size: int | None = None, max_new_tokens:
     if engine:
         check_engine_choice(engine)
         cfg.rollout.engine = engine
+    if packing is not None:
+        if packing not in ("off", "on", "auto"):
+            raise ConfigError(f"packing: {packing!r} is not one of off, on, auto")
+        cfg.train.packing = packing
 
 
 def judge_for_eval(factory: Callable[..., Judge], cfg: Config, model_dir: str, device: Any) -> Judge:

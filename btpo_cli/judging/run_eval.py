@@ -41,29 +41,31 @@ from btpo_cli.training.accelerator import use_cpu
 
 
 def _override_eval(cfg: Config, data: str | None, batch_size: int | None, samples: int | None,
-                   max_new_tokens: int | None, engine: str | None) -> None:
+                   max_new_tokens: int | None, engine: str | None, packing: str | None = None) -> None:
     """Apply ``btpo eval``'s flags to the config the judge will run on (a 0 batch size or token
     budget keeps the config's)."""
     if data:
         cfg.data.path = data
     override_eval(cfg, batch_size=batch_size or None, max_new_tokens=max_new_tokens or None,
-                  samples=samples, engine=engine)
+                  samples=samples, engine=engine, packing=packing)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None,
                  batch_size: int | None = None, limit: int | None = None, samples: int | None = None,
                  max_new_tokens: int | None = None, device: str | None = None,
-                 engine: str | None = None, which: str = "final", benchmark: str | None = None) -> dict[str, Any]:
+                 engine: str | None = None, which: str = "final", benchmark: str | None = None,
+                 packing: str | None = None) -> dict[str, Any]:
     """Run the method's evaluator and the shared protocol on a run's model; write and return the eval summary.
 
     ``which``: ``final`` (``final/``, results in ``RUN/eval/``) or ``best`` (``best/``, kept by
     ``train.eval_every``; results in ``RUN/eval/best/``). ``benchmark``: judge that benchmark (``data``:
-    its published file or folder, default its Hub id) instead of a split."""
+    its published file or folder, default its Hub id) instead of a split. ``packing``: ``train.packing``
+    for the judge's batches (default: the run's)."""
     run = Run(run_dir)
     cfg: Config = run.load_config()
     budget_from = _budget_from(cfg, max_new_tokens, trained=True)
     _override_eval(cfg, benchmark_source(benchmark, data) if benchmark else data, batch_size, samples,
-                   max_new_tokens, engine)
+                   max_new_tokens, engine, packing)
     return run_protocol(cfg, run.root, str(model_dir_of(run.root, which)), split, limit, device, which=which,
                         benchmark=benchmark, budget_from=budget_from)
 
@@ -186,6 +188,8 @@ def eval_settings(cfg: Config, meta: dict[str, Any] | None = None, *, engine: st
         out["thought_budget_from"] = budget_from
     if impl.eval_settings is not None:
         out.update(impl.eval_settings(cfg, None if legacy else (meta or {})))
+    if getattr(impl.judge, "packs", False) and not legacy and cfg.train.packing != "off":
+        out["packing"] = cfg.train.packing      # absent: off (or an eval older than train.packing)
     return {k: v for k, v in out.items() if v is not None}
 
 

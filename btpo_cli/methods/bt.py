@@ -70,10 +70,16 @@ Encoder = Callable[[Any, list[PairRecord]], tuple[list[EncodedPair], dict[str, i
 """``(tokenizer, records) → (encoded pairs, counts)``: replaces :func:`encode_pairs` (BT-prefilled)."""
 
 
-def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any) -> torch.Tensor:
-    """Scalar rewards for N sequences: (N,)."""
+def rewards(model: Any, seqs: list[list[int]], pad_id: int, device: Any, packed: bool = False,
+            budget: int | None = None) -> torch.Tensor:
+    """Scalar rewards for N sequences: (N,). ``packed``: padding-free rows of ≤ ``budget`` tokens
+    (``train.packing``, :mod:`btpo_cli.models.packing`) instead of one right-padded batch."""
     from btpo_cli.models.inputs import pad_batch  # heavy: imported on use
 
+    if packed:
+        from btpo_cli.models.packing import rewards as packed_rewards  # heavy: imported on use
+
+        return packed_rewards(model, seqs, device, budget)
     ids, mask = pad_batch(seqs, pad_id, device)
     return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
 
@@ -85,6 +91,7 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
     import torch  # heavy: imported on use
 
     from btpo_cli.losses import bt_loss  # heavy: imported on use
+    from btpo_cli.models.packing import resolve  # heavy: imported on use
     from btpo_cli.training.session import TrainSession  # heavy: imported on use
     from btpo_cli.training.steps import BatchPlan  # heavy: imported on use
     from btpo_cli.training.supervised import run_supervised  # heavy: imported on use
@@ -97,13 +104,14 @@ def train(cfg: Config, run: Run, resume: bool, encode: Encoder | None = None,
     sess.build("reward", plan.total_steps)
     sess.log_data(len(pairs), enc_stats)
     model, device, pad = sess.model, sess.device, tok.pad_token_id
+    packed = resolve(cfg.train.packing, model)
     info = describe(cfg, records, templates=(templates_of or templates)(tok), token_ids={"pad": tok.pad_token_id})
     sess.meta = {**info, **(meta or {})}
 
     def loss(ids: list[int]) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = [pairs[i] for i in ids]
         seqs = [p.chosen for p in batch] + [p.rejected for p in batch]            # (2m,) chosen first
-        r = rewards(model, seqs, pad, device)                                    # (2m,)
+        r = rewards(model, seqs, pad, device, packed, cfg.train.micro_batch_tokens)  # (2m,)
         r_w, r_l = r[:len(ids)], r[len(ids):]
         mean = bt_loss(r_w, r_l)
         with torch.no_grad():
@@ -127,14 +135,18 @@ class RewardJudge(Judge):
     ``compare`` is σ(r_a − r_b). One right-padded forward per ``2·batch_size`` responses."""
 
     protocol = "pointwise"
+    packs = True
+    """Its batches follow ``train.packing`` (recorded in the eval settings when not off)."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.models.loading import load_reward_model, load_tokenizer  # heavy: imported on use
+        from btpo_cli.models.packing import resolve  # heavy: imported on use
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir)
         self.model = module if module is not None else load_reward_model(
             cfg.model, self.tok.pad_token_id, device.type, inference=True, path=model_dir).to(device).eval()
+        self.packed = resolve(cfg.train.packing, self.model)
 
     def encode(self, items: list[Item]) -> list[tuple[list[int] | None, str | None]]:
         """(token ids or None when too long, the thought read) per item."""
@@ -150,7 +162,8 @@ class RewardJudge(Judge):
     def _score_chunk(self, items: list[Item]) -> list[Score]:
         enc = self.encode(items)
         idx = [i for i, (ids, _) in enumerate(enc) if ids is not None]
-        r = rewards(self.model, [enc[i][0] for i in idx], self.tok.pad_token_id, self.device).tolist() if idx else []
+        r = rewards(self.model, [enc[i][0] for i in idx], self.tok.pad_token_id, self.device,
+                    self.packed).tolist() if idx else []
         out = [Score(None, TOO_LONG, thought=t) for _, t in enc]
         for i, v in zip(idx, r, strict=True):
             out[i] = Score(v, thought=enc[i][1])

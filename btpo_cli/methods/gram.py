@@ -108,18 +108,24 @@ class Labels:
 # ----------------------------------------------------------------------------- the judgement and the loss
 
 def label_logprobs(model: Any, seqs: list[list[int]], labels: Labels, pad_id: int,
-                   device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                   device: Any, packed: bool = False, budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log p(A), log p(B) at the generation head of N judge prompts: (N,), (N,).
 
     Left-padded with position ids that skip the padding; only the last position reaches the LM head.
+    ``packed``: padding-free rows of ≤ ``budget`` tokens instead (``train.packing``), the LM head on
+    each prompt's last position.
     """
     import torch  # heavy: imported on use
 
     from btpo_cli.models.inputs import left_pad, positions  # heavy: imported on use
+    from btpo_cli.models.packing import last_logits  # heavy: imported on use
 
-    ids, mask = left_pad(seqs, pad_id, device)                                   # (N, T)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                   logits_to_keep=1).logits[:, -1, :]                            # (N, V)
+    if packed:
+        logits = last_logits(model, seqs, device, budget)                        # (N, V)
+    else:
+        ids, mask = left_pad(seqs, pad_id, device)                               # (N, T)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                       logits_to_keep=1).logits[:, -1, :]                        # (N, V)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp[:, labels.a_id], logp[:, labels.b_id]
 
@@ -139,6 +145,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     import torch  # heavy: imported on use
 
     from btpo_cli.losses import gram_loss  # heavy: imported on use
+    from btpo_cli.models.packing import resolve  # heavy: imported on use
     from btpo_cli.training.session import TrainSession  # heavy: imported on use
     from btpo_cli.training.steps import BatchPlan  # heavy: imported on use
     from btpo_cli.training.supervised import run_supervised  # heavy: imported on use
@@ -152,6 +159,7 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
     sess.build("causal", plan.total_steps)
     sess.log_data(len(pairs), enc_stats)
     model, device, eps = sess.model, sess.device, cfg.gram.label_smoothing
+    packed = resolve(cfg.train.packing, model)
     aspect = Counter(r.aspect for r in records).most_common(1)[0][0]
     sess.meta = describe(cfg, records, templates=templates(tok, aspect),
                          token_ids={"A": labels.a_id, "B": labels.b_id, "pad": tok.pad_token_id},
@@ -163,7 +171,8 @@ def train(cfg: Config, run: Run, resume: bool) -> None:
         m = len(batch)
         seqs = [p.ab for p in batch] + [p.ba for p in batch]                  # (2m,) chosen as A, then as B
         target_is_a = torch.arange(2 * m, device=device) < m                    # (2m,)
-        la, lb = label_logprobs(model, seqs, labels, tok.pad_token_id, device)  # (2m,)
+        la, lb = label_logprobs(model, seqs, labels, tok.pad_token_id, device, packed,
+                                cfg.train.micro_batch_tokens)                  # (2m,)
         per = gram_loss(la, lb, target_is_a, eps)                               # (2m,)
         with torch.no_grad():
             margin = torch.where(target_is_a, la - lb, lb - la)                  # (2m,)
@@ -188,14 +197,18 @@ class GramJudge(Judge):
     mean over the two orders."""
 
     protocol = "pairwise"
+    packs = True
+    """Its batches follow ``train.packing`` (recorded in the eval settings when not off)."""
 
     def __init__(self, model_dir: str, cfg: Config, device: Any, meta: dict[str, Any], module: Any = None):
         from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
+        from btpo_cli.models.packing import resolve  # heavy: imported on use
 
         super().__init__(model_dir, cfg, device, meta)
         self.tok = load_tokenizer(model_dir, padding_side="left")
         self.labels = Labels.from_tokenizer(self.tok)
         self.model = self.causal_lm(module)
+        self.packed = resolve(cfg.train.packing, self.model)
 
     def encode(self, a: Item, b: Item) -> tuple[list[int], list[int]] | None:
         """Judge prompts with a shown as A, then as B; None when too long."""
@@ -215,7 +228,7 @@ class GramJudge(Judge):
             return out
         m = len(idx)
         la, lb = label_logprobs(self.model, [enc[i][0] for i in idx] + [enc[i][1] for i in idx], self.labels,
-                                self.tok.pad_token_id, self.device)                     # (2m,) a as A, then a as B
+                                self.tok.pad_token_id, self.device, self.packed)        # (2m,) a as A, then a as B
         pa, pb = la.exp().tolist(), lb.exp().tolist()
         la_l, lb_l = la.tolist(), lb.tolist()
         for j, i in enumerate(idx):

@@ -77,15 +77,22 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i:i + size]
 
 
-def micro_batches(ids: list[int], cfg: Config, sizes: Any = None) -> list[list[int]]:
+def micro_batches(ids: list[int], cfg: Config, sizes: Any = None, packed: bool = False) -> list[list[int]]:
     """Split one process's share of a global batch into micro-batches (forward/backward passes).
 
     ``train.micro_batch_size`` units each, or with ``train.micro_batch_tokens`` set, consecutive
     units while (rows × longest row) — the padded tokens of the forward — stays within the
     budget; a unit alone over the budget forms its own micro-batch. ``sizes(unit) → its rows'
     token lengths``. :func:`accumulate` weights each micro-batch by its units, so every split
-    gives the same gradient."""
+    gives the same gradient.
+
+    ``packed`` (the supervised loop under ``train.packing`` on / auto, ``sizes`` known): the units
+    are first sorted by length (stable: the same units per step, length-grouped micro-batches), and
+    a micro-batch's tokens are its rows' sum (no padding) instead of rows × longest."""
     budget = cfg.train.micro_batch_tokens
+    packing = packed and sizes is not None
+    if packing:
+        ids = sorted(ids, key=lambda i: sum(sizes(i)))
     if budget is None:
         return list(chunks(ids, cfg.train.micro_batch_size))
     if sizes is None:
@@ -96,10 +103,13 @@ def micro_batches(ids: list[int], cfg: Config, sizes: Any = None) -> list[list[i
     rows = longest = 0
     for i in ids:
         lens = list(sizes(i))
-        r, m = rows + len(lens), max(longest, max(lens, default=0))
+        if packing:                       # packed: rows counts tokens, longest stays 1
+            r, m = rows + sum(lens), 1
+        else:
+            r, m = rows + len(lens), max(longest, max(lens, default=0))
         if cur and r * m > budget:
             out.append(cur)
-            cur, r, m = [], len(lens), max(lens, default=0)
+            cur, r, m = [], *((sum(lens), 1) if packing else (len(lens), max(lens, default=0)))
         cur.append(i)
         rows, longest = r, m
     if cur:

@@ -2,7 +2,8 @@
 
 Per optimizer step ``s``: the global batch of ``train.batch_size`` units from
 :class:`~btpo_cli.training.steps.BatchPlan` (depends only on the seed and ``s``), this process's slice,
-micro-batches of ``train.micro_batch_size`` units (or ``train.micro_batch_tokens`` tokens), forward/backward through the method's
+micro-batches of ``train.micro_batch_size`` units (or ``train.micro_batch_tokens`` tokens; sorted by length
+under ``train.packing``), forward/backward through the method's
 ``loss`` (:func:`~btpo_cli.training.steps.accumulate`: DDP sync on the last micro-batch only), one
 clipped optimizer step, metrics, an evaluation every ``train.eval_every`` steps (``sess.evals``:
 ``eval/`` rows, ``best/``, early stopping), a checkpoint every ``train.save_every`` steps, at the end
@@ -62,7 +63,7 @@ def run_supervised(sess: TrainSession, plan: BatchPlan, *, loss: LossFn,
     for step in range(first, plan.total_steps + 1):
         t0 = time.perf_counter()
         local = plan.local_batch(step, acc.process_index, acc.num_processes)
-        micro = micro_batches(local, cfg, sizes)
+        micro = micro_batches(local, cfg, sizes, packed=cfg.train.packing != "off")
         lr = sess.sched.get_last_lr()[0]
         with timer.phase("update"):
             sums = accumulate(acc, model, micro, per_proc, loss)

@@ -123,3 +123,14 @@ def assert_rows_close(r1: Sequence[Mapping], r2: Sequence[Mapping], keys: Sequen
             worst[key] = max(worst.get(key, 0.0), abs(x - y))
     return worst
 
+
+
+def packing_bound(tokens: int, scale: float) -> float:
+    """``train.packing`` against the padded path, same weights: every value is the same float32 products
+    summed in another order — linear layers over a (1, ΣL) row instead of (N, L_max) change the matmul
+    blocking, per-sequence causal SDPA replaces a masked one (the masked tail added exact zeros) — and
+    no term is added or dropped (padding tokens never reach an unpadded position). A loss or reward is a
+    reduction over at most the micro-batch's ``tokens`` positions; a weight's gradient sums one term per
+    position. Hence bound 1 with ``n = tokens``: :func:`float32_sum_bound` ``(tokens, scale)``, ``scale``
+    ``max(1, |loss|)`` for a loss, the largest element for a gradient."""
+    return float32_sum_bound(tokens, scale)
