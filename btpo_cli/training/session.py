@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from btpo_cli.config import Config
+from btpo_cli.data.pairs import load_split
 from btpo_cli.engines import RolloutEngine, WeightStream, engine_for
 from btpo_cli.models.aliases import resolve_model
 from btpo_cli.models.loading import load_causal_lm, load_policy, load_tokenizer
@@ -47,7 +48,6 @@ from btpo_cli.runs.provenance import write_weights_digest
 from btpo_cli.training import preflight
 from btpo_cli.training.accelerator import make_accelerator
 from btpo_cli.training.eval_pairs import split_eval_pairs
-from btpo_cli.training.launch import load_split
 from btpo_cli.training.sharding import (
     base_module,
     full_state,
@@ -124,7 +124,7 @@ class TrainSession:
         """A split of the run's data; the training split without the pairs of ``train.eval_every``
         (``data.valid_split=heldout``: :func:`~btpo_cli.training.eval_pairs.split_eval_pairs`)."""
         split = split or self.cfg.data.train_split
-        records = load_split(self.cfg, split, self.acc)
+        records = load_split(self.cfg, split, self.acc, record_skips=self.run.record_skips)
         if split == self.cfg.data.train_split and self.cfg.train.eval_every:
             records, self.eval_pairs = split_eval_pairs(self.cfg, records, self.acc, self.run, self.resume)
         return records
