@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from btpo_cli.config import Config, ModelConfig
+    from btpo_cli.data.pairs import load_split
     from btpo_cli.methods.bt import encode_pairs
     from btpo_cli.models.loading import load_reward_model, load_tokenizer
     from btpo_cli.models.tiny import ensure_tiny
-    from btpo_cli.training.launch import load_split
     from btpo_cli.training.steps import BatchPlan
     from data_builders.synthetic import build_synthetic
 

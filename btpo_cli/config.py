@@ -469,18 +469,24 @@ def recipes_dir() -> Path:
     return here if here.is_dir() else Path.cwd() / "recipes"
 
 
-NOT_RECIPES = ("accelerate",)
-"""Folders under recipes/ that hold other YAML (accelerate launch configs), not training recipes."""
+ACCELERATE_CONFIGS = "accelerate"
+"""The folder under recipes/ that holds accelerate launch configs (``<hardware.strategy>.yaml``, what
+``btpo train --gpus N`` launches with), not training recipes."""
+
+
+def accelerate_configs_dir() -> Path:
+    """``recipes/accelerate/``: the launch config of each ``hardware.strategy``."""
+    return recipes_dir() / ACCELERATE_CONFIGS
 
 
 def shipped() -> list[Path]:
     d = recipes_dir()
     if not d.is_dir():
         return []
-    return sorted(p for p in d.rglob("*.yaml") if p.relative_to(d).parts[0] not in NOT_RECIPES)
+    return sorted(p for p in d.rglob("*.yaml") if p.relative_to(d).parts[0] != ACCELERATE_CONFIGS)
 
 
-def find(name_or_path: str | Path) -> Path:
+def find_recipe(name_or_path: str | Path) -> Path:
     """A path, or a name like ``bt/qwen2.5-7b-hh`` relative to the recipes folder."""
     p = Path(name_or_path)
     if p.exists():
@@ -517,7 +523,7 @@ def build_config(recipe: str | Path | None = None, overrides: list[str] | None =
     _load_methods()
     cfg = base or Config()
     if recipe:
-        path = find(recipe)
+        path = find_recipe(recipe)
         _apply(cfg, migrate(load_recipe(path)), "", str(path))
     given: set[str] = set()
     try:

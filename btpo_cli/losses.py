@@ -84,6 +84,7 @@ __all__ = [
     "Aggregation",
     "bt_loss",
     "bt_nll_estimate",
+    "btpo_diagnostics",
     "btpo_loss",
     "clipped_surrogate",
     "effective_sample_size",
@@ -636,44 +637,71 @@ def btpo_loss(
             per_pair = per_pair + beta * kl_pair
     loss = per_pair.mean()
 
-    with torch.no_grad():
-        lp_old = _upcast(old_logp_yes).detach()
-        # log ŝ clamped at the smallest normal number, as in bt_nll_estimate (both 0 -> a tie)
-        log_s = log_mc_scores(lp_old).clamp_min(math.log(torch.finfo(lp_old.dtype).tiny))  # (B, 2)
-        gap = log_s[:, 0] - log_s[:, 1]
-        # per-term diagnostics: which side of the pair each term pushes, and how hard
-        lp_new = _upcast(logp_yes).detach()
-        l_score_w = score_loss(lp_new[:, 0], lp_new[:, 1], pbar[:, 0], torch.zeros_like(pbar[:, 1]), omega)
-        # d(L_score)/d(Yes logit) under a full-vocabulary softmax is ω̂ p̄ (1 − p) per thought: the
-        # chosen side's push saturates as p → 1, the rejected side's does not as p → 0
-        p_old = lp_old.exp()
-        push = omega[:, None, None] * pbar * (1.0 - p_old)  # (B, 2, K)
-        stats: dict[str, Tensor] = {
-            "loss": loss.detach(),
-            "loss_score": l_score.detach().mean(),
-            "loss_score_chosen": l_score_w.mean(),
-            "loss_score_rejected": (l_score.detach() - l_score_w).mean(),
-            "loss_thought": l_thought.detach().mean(),
-            "loss_thought_chosen": l_thought_r[:, 0].detach().mean(),
-            "loss_thought_rejected": l_thought_r[:, 1].detach().mean(),
-            "logp_yes_chosen": lp_old[:, 0].mean(),
-            "logp_yes_rejected": lp_old[:, 1].mean(),
-            "logp_yes_drift_chosen": (lp_new[:, 0] - lp_old[:, 0]).mean(),
-            "logp_yes_drift_rejected": (lp_new[:, 1] - lp_old[:, 1]).mean(),
-            "yes_logit_push_chosen": push[:, 0].sum(-1).mean(),
-            "yes_logit_push_rejected": push[:, 1].sum(-1).mean(),
-            # share of the rejected side's score weight (p̄) on thoughts already below the floor
-            "score_floor_share": (pbar[:, 1] * (lp_new[:, 1] < math.log(score_floor)).to(pbar.dtype)).sum(-1).mean()
-            if score_floor > 0 else torch.zeros((), dtype=pbar.dtype),
-            "omega_mean": omega.mean(),
-            "score_chosen": log_s[:, 0].exp().mean(),
-            "score_rejected": log_s[:, 1].exp().mean(),
-            "bt_nll_est": F.softplus(-gap).mean(),
-            "pair_accuracy": ((gap > 0).to(gap.dtype) + 0.5 * (gap == 0).to(gap.dtype)).mean(),
-            "ess_mean": (1.0 / (pbar * pbar).sum(dim=-1)).mean(),
-            "adv_abs_mean": adv.abs().mean(),
-            **clip_stats,
-        }
-        if kl_pair is not None:
-            stats["kl"] = kl_pair.detach().mean()
+    stats = btpo_diagnostics(loss, l_score, l_thought, l_thought_r, logp_yes, old_logp_yes, omega, pbar, adv,
+                             clip_stats, kl_pair, score_floor)
     return loss, stats
+
+
+@torch.no_grad()
+def btpo_diagnostics(
+    loss: Tensor,
+    l_score: Tensor,
+    l_thought: Tensor,
+    l_thought_r: Tensor,
+    logp_yes: Tensor,
+    old_logp_yes: Tensor,
+    omega: Tensor,
+    pbar: Tensor,
+    adv: Tensor,
+    clip_stats: dict[str, Tensor],
+    kl_pair: Tensor | None,
+    score_floor: float,
+) -> dict[str, Tensor]:
+    """The stats :func:`btpo_loss` returns (detached ``()`` tensors): the loss and its terms, split by side
+    of the pair; the Monte-Carlo scores ``ŝ`` and what they say of the pair (``bt_nll_est``,
+    ``pair_accuracy``); ``ω̂``, ESS of ``p̄`` and ``|Â|``; how hard the score term pushes each side's Yes
+    logit; the drift of ``log p(Yes)`` since the rollout; and ``clip_stats`` (``kl`` when ``kl_pair``).
+
+    Shapes as in :func:`btpo_loss`: ``l_score``, ``l_thought`` ``(B,)``; ``l_thought_r`` ``(B, 2)``;
+    ``logp_yes``, ``old_logp_yes``, ``pbar``, ``adv`` ``(B, 2, K)``; ``omega`` ``(B,)``. Nothing here
+    enters the loss."""
+    lp_old = _upcast(old_logp_yes).detach()
+    # log ŝ clamped at the smallest normal number, as in bt_nll_estimate (both 0 -> a tie)
+    log_s = log_mc_scores(lp_old).clamp_min(math.log(torch.finfo(lp_old.dtype).tiny))  # (B, 2)
+    gap = log_s[:, 0] - log_s[:, 1]
+    # per-term diagnostics: which side of the pair each term pushes, and how hard
+    lp_new = _upcast(logp_yes).detach()
+    l_score_w = score_loss(lp_new[:, 0], lp_new[:, 1], pbar[:, 0], torch.zeros_like(pbar[:, 1]), omega)
+    # d(L_score)/d(Yes logit) under a full-vocabulary softmax is ω̂ p̄ (1 − p) per thought: the
+    # chosen side's push saturates as p → 1, the rejected side's does not as p → 0
+    p_old = lp_old.exp()
+    push = omega[:, None, None] * pbar * (1.0 - p_old)  # (B, 2, K)
+    stats: dict[str, Tensor] = {
+        "loss": loss.detach(),
+        "loss_score": l_score.detach().mean(),
+        "loss_score_chosen": l_score_w.mean(),
+        "loss_score_rejected": (l_score.detach() - l_score_w).mean(),
+        "loss_thought": l_thought.detach().mean(),
+        "loss_thought_chosen": l_thought_r[:, 0].detach().mean(),
+        "loss_thought_rejected": l_thought_r[:, 1].detach().mean(),
+        "logp_yes_chosen": lp_old[:, 0].mean(),
+        "logp_yes_rejected": lp_old[:, 1].mean(),
+        "logp_yes_drift_chosen": (lp_new[:, 0] - lp_old[:, 0]).mean(),
+        "logp_yes_drift_rejected": (lp_new[:, 1] - lp_old[:, 1]).mean(),
+        "yes_logit_push_chosen": push[:, 0].sum(-1).mean(),
+        "yes_logit_push_rejected": push[:, 1].sum(-1).mean(),
+        # share of the rejected side's score weight (p̄) on thoughts already below the floor
+        "score_floor_share": (pbar[:, 1] * (lp_new[:, 1] < math.log(score_floor)).to(pbar.dtype)).sum(-1).mean()
+        if score_floor > 0 else torch.zeros((), dtype=pbar.dtype),
+        "omega_mean": omega.mean(),
+        "score_chosen": log_s[:, 0].exp().mean(),
+        "score_rejected": log_s[:, 1].exp().mean(),
+        "bt_nll_est": F.softplus(-gap).mean(),
+        "pair_accuracy": ((gap > 0).to(gap.dtype) + 0.5 * (gap == 0).to(gap.dtype)).mean(),
+        "ess_mean": (1.0 / (pbar * pbar).sum(dim=-1)).mean(),
+        "adv_abs_mean": adv.abs().mean(),
+        **clip_stats,
+    }
+    if kl_pair is not None:
+        stats["kl"] = kl_pair.detach().mean()
+    return stats

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from btpo_cli.config import dump_yaml, find, recipes_dir, shipped
+from btpo_cli.config import dump_yaml, find_recipe, recipes_dir, shipped
 from btpo_cli.console import check_format, console, out, print_records
 from btpo_cli.errors import BtpoError, check_choice
 from btpo_cli.methods import method_names
@@ -34,7 +34,7 @@ def list_recipes(method: str | None = typer.Option(None, "--method", help="Only 
 
 @app.command("show", help="Print a recipe resolved into the full config (every key).")
 def show(name: str = typer.Argument(..., help="Recipe name (bt/qwen2.5-7b-hh) or path.")) -> None:
-    out.print(dump_yaml(validate_recipe(find(name))), markup=False, highlight=False, end="")
+    out.print(dump_yaml(validate_recipe(find_recipe(name))), markup=False, highlight=False, end="")
 
 
 @app.command("validate", help="Validate recipes (default: every shipped one): keys, values, and — for a recipe "

@@ -26,9 +26,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
 
 from btpo_cli import __version__
+from btpo_cli.console import console
 from btpo_cli.data.files import (
     BOM,
     atomic_json,
@@ -46,6 +49,9 @@ from btpo_cli.data.files import (
 from btpo_cli.data.replace import check_replace, jsonl_digest
 from btpo_cli.errors import BtpoError, DataError
 from btpo_cli.hub import hub_down
+
+if TYPE_CHECKING:
+    from btpo_cli.config import Config
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_ASPECT = "helpful and harmless"
@@ -386,6 +392,23 @@ def preload_split(source: str | Path, split: str, strict: bool = False) -> None:
     a second; the training loop's :func:`read_split` then takes the records from here."""
     records, skips = read_split(source, split, strict)
     _PRELOADED[(str(source), split, strict)] = (records, skips)
+
+
+def load_split(cfg: Config, split: str, acc: Any = None, limit: int | None = None,
+               record_skips: Callable[[str, str, int, dict[str, Any]], None] | None = None) -> list[PairRecord]:
+    """Read and validate one split of ``cfg.data.path`` (``data.limit`` applies to the training split).
+    Skipped records are reported on the main process (``acc``'s, or this one without ``acc``): a line
+    on stderr and, when training, ``record_skips(split, data, records, skips)`` (``Run.record_skips``:
+    ``RUN/data_skips.json``)."""
+    lim = limit if limit is not None else (cfg.data.limit if split == cfg.data.train_split else None)
+    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict, limit=lim)
+    main = acc is None or acc.is_main_process
+    if skips.total and main:
+        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
+                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
+    if record_skips is not None and main:
+        record_skips(split, str(cfg.data.path), len(records), skips.as_dict())
+    return records
 
 
 def seeded_sample(pool: Sequence[PairRecord], n: int, key: str) -> list[PairRecord]:

@@ -6,6 +6,7 @@ training run or evaluation::
 
     engine.generate(prompts, n, params, seeds) -> result      # result[i][j]: j-th sample of prompt i
     engine.update_weights(weights)                           # once per rollout, full (unsharded) weights
+    engine.shares_module(module) -> bool                     # generates with module's own tensors: no sync
     engine.sleep(); engine.wake()                            # free / take back memory around the update
     engine.stats() -> dict                                   # counters since construction
     engine.close()
@@ -116,6 +117,12 @@ class RolloutEngine(Protocol):
         """Load full (unsharded) weights, named as in the Hugging Face checkpoint of the model: check
         every name and shape (``WeightStream.shapes``) before the first copy, then copy the tensors
         one at a time as the stream yields them, keeping none."""
+        ...
+
+    def shares_module(self, module: Any) -> bool:
+        """True when the engine generates with ``module``'s own parameters (built on the trainer's module,
+        ``EngineSpec.module``): the trainer then needs no ``update_weights``, only the parameters
+        gathered while it generates (``TrainSession.engine_weights``)."""
         ...
 
     def sleep(self) -> None:

@@ -47,6 +47,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniforms
     """(N, V) logits → (N,) token ids. temperature 0 = argmax; else inverse CDF at ``uniforms`` (N,)."""
     if temperature == 0:
         return logits.argmax(-1)
+    if uniforms is None:
+        raise ValueError("sampling at temperature > 0 needs one uniform per row")
     probs = sampling_probs(logits, temperature, top_p)
     cdf = probs.cumsum(-1)                                                   # (N, V)
     u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]                        # scale by the total mass
@@ -120,6 +122,10 @@ class HFEngine:
         self._stats["weight_syncs"] += 1
         self._stats["weight_sync_copies"] += copied
 
+    def shares_module(self, module: Any) -> bool:
+        """Built on the trainer's module (``EngineSpec.module``), the engine generates with its tensors."""
+        return self.model is module
+
     def sleep(self) -> None:
         """Own weights on a GPU go to host memory until :meth:`wake`; a shared module stays (no-op)."""
         if self.owns_model and self._device().type == "cuda":
@@ -143,7 +149,8 @@ class HFEngine:
     # ------------------------------------------------------------------ generation
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device: torch.device = next(self.model.parameters()).device
+        return device
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,

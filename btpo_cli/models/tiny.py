@@ -35,7 +35,7 @@ from btpo_cli import fsio
 from btpo_cli.fsio import file_lock
 
 VERSION = 2
-"""Version of the tiny-model recipe; part of the cache folder name. v2: 2 attention heads of 32
+"""Version of the tiny-model build (architecture, corpus, training); part of the cache folder name. v2: 2 attention heads of 32
 (1 KV head) instead of 4 of 16 (2 KV heads): same parameter count, and a head dim vLLM's CPU
 attention accepts (32, 64, 80, …)."""
 

@@ -34,7 +34,7 @@ import yaml
 
 from btpo_cli.config import config_from_dict, validate
 from btpo_cli.console import quiet_transformers
-from btpo_cli.data.pairs import write_jsonl
+from btpo_cli.data.pairs import load_split, write_jsonl
 from btpo_cli.fsio import atomic_write
 from btpo_cli.judging.templates import encode_gpm
 from btpo_cli.methods import get_method
@@ -198,7 +198,7 @@ def _child(cfg_path: str, out_path: str, device: str) -> None:
     import transformers  # heavy: imported on use  # noqa: F401
 
     from btpo_cli.models.loading import load_tokenizer  # heavy: imported on use
-    from btpo_cli.training.launch import launch, load_split  # heavy: imported on use
+    from btpo_cli.training.launch import launch  # heavy: imported on use
 
     quiet_transformers()
     data = yaml.safe_load(Path(cfg_path).read_text())

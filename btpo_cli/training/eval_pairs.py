@@ -23,10 +23,10 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.console import console
 from btpo_cli.data.files import atomic_write, probe
+from btpo_cli.data.pairs import load_split
 from btpo_cli.errors import BtpoError, ConfigError
 from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.folder import EVAL_PAIRS_FILE
-from btpo_cli.training.launch import load_split
 
 HELDOUT = "heldout"
 
@@ -95,7 +95,8 @@ def split_eval_pairs(cfg: Config, records: list[Any], acc: Any, run: Any, resume
         if not has_split(cfg.data.path, choice) and Path(str(cfg.data.path)).is_dir():
             raise BtpoError(f"{cfg.data.path}: no {choice!r} split for data.valid_split (use heldout, or name a split "
                             "the folder has)")
-        pairs = EvalPairs(load_split(cfg, choice, acc, limit=cfg.train.eval_limit or None), "split", choice)
+        pairs = EvalPairs(load_split(cfg, choice, acc, limit=cfg.train.eval_limit or None,
+                                      record_skips=run.record_skips), "split", choice)
     main = acc.is_main_process
     path = run.root / EVAL_PAIRS_FILE
     desc = pairs.describe(cfg)

@@ -1,37 +1,21 @@
-"""``btpo train``'s lifecycle: lock the run folder, run the method's training, release; and reading a split."""
+"""``btpo train``'s lifecycle: lock the run folder, run the method's training, release."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from rich.markup import escape
 
 from btpo_cli import progress as progress_settings
 from btpo_cli.config import Config
 from btpo_cli.console import console, out
-from btpo_cli.data.pairs import read_split
 from btpo_cli.errors import BtpoError
 from btpo_cli.methods.spec import get_method
 from btpo_cli.runs.folder import Run, disk_full, disk_full_error, free_bytes
 from btpo_cli.training import preempt, preflight
 from btpo_cli.training.accelerator import use_cpu
 from btpo_cli.training.tracking import check_tracker, finish_tracking
-
-
-def load_split(cfg: Config, split: str, acc: Any = None, limit: int | None = None) -> list[Any]:
-    """Read and validate one split of ``cfg.data.path``. Skipped records are reported on the main
-    process: a line on stderr and, when training (``acc`` given), ``RUN/data_skips.json``."""
-    lim = limit if limit is not None else (cfg.data.limit if split == cfg.data.train_split else None)
-    records, skips = read_split(cfg.data.path, split, strict=cfg.data.strict, limit=lim)
-    main = acc is None or acc.is_main_process
-    if skips.total and main:
-        console.print(f"[yellow]{escape(f'{cfg.data.path} [{split}]')}: skipped {skips.total} record(s): "
-                      f"{escape(skips.summary())}[/]", highlight=False, soft_wrap=True)
-    if acc is not None and main:
-        Run(Path(cfg.out)).record_skips(split, str(cfg.data.path), len(records), skips.as_dict())
-    return records
 
 
 def launch(cfg: Config, resume: bool = False, overwrite: bool = False, log_every: str | None = None,

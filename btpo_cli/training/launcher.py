@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from btpo_cli.config import recipes_dir
+from btpo_cli.config import accelerate_configs_dir
 from btpo_cli.console import console
 from btpo_cli.errors import BtpoError
 from btpo_cli.training import preempt
@@ -43,7 +43,8 @@ def worker_args(argv: list[str]) -> list[str]:
 
 
 def config_file(strategy: str) -> Path:
-    path = recipes_dir() / "accelerate" / f"{strategy}.yaml"
+    """The accelerate launch config of ``hardware.strategy`` (``recipes/accelerate/<strategy>.yaml``)."""
+    path = accelerate_configs_dir() / f"{strategy}.yaml"
     if not path.is_file():
         raise BtpoError(f"{path}: no accelerate config for hardware.strategy={strategy}")
     return path

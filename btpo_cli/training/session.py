@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from btpo_cli.config import Config
+from btpo_cli.data.pairs import load_split
 from btpo_cli.engines import RolloutEngine, WeightStream, engine_for
 from btpo_cli.fsio import publish_dir, staging_dir
 from btpo_cli.models.aliases import resolve_model
@@ -46,7 +47,6 @@ from btpo_cli.runs.provenance import write_weights_digest
 from btpo_cli.training import preflight
 from btpo_cli.training.accelerator import make_accelerator
 from btpo_cli.training.eval_pairs import split_eval_pairs
-from btpo_cli.training.launch import load_split
 from btpo_cli.training.sharding import (
     base_module,
     full_state,
@@ -58,6 +58,13 @@ from btpo_cli.training.sharding import (
 from btpo_cli.training.steps import make_optimizer, make_scheduler, resume_step
 from btpo_cli.training.tracking import init_tracking
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from btpo_cli.training.eval_pairs import EvalPairs
+    from btpo_cli.training.periodic_eval import TrainEval
+
 
 @dataclass
 class TrainSession:
@@ -66,23 +73,23 @@ class TrainSession:
     cfg: Config
     run: Run
     resume: bool
-    acc: Any
-    tok: Any
-    model: Any = None
+    acc: Accelerator
+    tok: PreTrainedTokenizerBase
+    model: torch.nn.Module | None = None
     """The policy as prepared by accelerate (DDP-wrapped under several processes)."""
-    opt: Any = None
-    sched: Any = None
-    ref: Any = None
+    opt: torch.optim.Optimizer | None = None
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    ref: torch.nn.Module | AdapterDisabled | None = None
     """Frozen reference model for a KL term (``reference=True``), in eval mode."""
     start: int = 0
     """Optimizer steps already taken (the resumed checkpoint's step; 0 for a fresh run)."""
     meta: dict[str, Any] | None = None
     """The ``btpo.json`` of the run's model (:func:`~btpo_cli.runs.final.describe`), set by the method
     before its loop: ``best/`` and the in-memory judge of ``train.eval_every`` read it."""
-    eval_pairs: Any = None
+    eval_pairs: EvalPairs | None = None
     """The pairs ``train.eval_every`` evaluates on (:class:`~btpo_cli.training.eval_pairs.EvalPairs`), split off
     by :meth:`load_split`."""
-    evals: Any = None
+    evals: TrainEval | None = None
     """Evaluation during training (:class:`~btpo_cli.training.periodic_eval.TrainEval`), started by the loop."""
 
     @classmethod
@@ -97,15 +104,16 @@ class TrainSession:
 
     @property
     def device(self) -> torch.device:
-        return self.acc.device
+        device: torch.device = self.acc.device
+        return device
 
     @property
     def world(self) -> int:
-        return self.acc.num_processes
+        return int(self.acc.num_processes)
 
     @property
     def rank(self) -> int:
-        return self.acc.process_index
+        return int(self.acc.process_index)
 
     @property
     def is_main(self) -> bool:
@@ -115,7 +123,7 @@ class TrainSession:
         """A split of the run's data; the training split without the pairs of ``train.eval_every``
         (``data.valid_split=heldout``: :func:`~btpo_cli.training.eval_pairs.split_eval_pairs`)."""
         split = split or self.cfg.data.train_split
-        records = load_split(self.cfg, split, self.acc)
+        records = load_split(self.cfg, split, self.acc, record_skips=self.run.record_skips)
         if split == self.cfg.data.train_split and self.cfg.train.eval_every:
             records, self.eval_pairs = split_eval_pairs(self.cfg, records, self.acc, self.run, self.resume)
         return records
@@ -131,8 +139,9 @@ class TrainSession:
         model = load_policy(cfg.model, kind, self.tok.pad_token_id, acc.device)
         if reference and not cfg.model.lora.r:
             with unpartitioned_loading():      # a full frozen copy, also under ZeRO-3
-                self.ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
-            self.ref.requires_grad_(False)
+                ref = load_causal_lm(cfg.model, acc.device.type, inference=True).to(acc.device).eval()
+            ref.requires_grad_(False)
+            self.ref = ref
         opt = make_optimizer(model, cfg)
         sched = make_scheduler(opt, cfg, total_steps)
         self.model, self.opt, self.sched = acc.prepare(model, opt, sched)
@@ -186,8 +195,9 @@ class TrainSession:
         The ``hf`` engine generates with the trainer's own module (no copy; see
         :meth:`engine_weights` for sharded strategies); other engines load the backbone and
         receive the trained weights through ``update_weights`` at every rollout."""
-        return engine_for(self.cfg, resolve_model(self.cfg.model.name), self.tok.pad_token_id, self.device,
-                          module=self.policy(), max_new_tokens=max_new_tokens)
+        engine: RolloutEngine = engine_for(self.cfg, resolve_model(self.cfg.model.name), self.tok.pad_token_id,
+                                           self.device, module=self.policy(), max_new_tokens=max_new_tokens)
+        return engine
 
     @contextmanager
     def engine_weights(self, engine: RolloutEngine) -> Iterator[None]:
@@ -199,7 +209,7 @@ class TrainSession:
         decoding step), with LoRA it runs the adapter as is. Any other engine gets
         :meth:`full_weights` (merged, gathered shard by shard) through ``update_weights``."""
         engine.wake()
-        if getattr(engine, "model", None) is self.policy():
+        if engine.shares_module(self.policy()):
             with gathered(self.acc, self.model):
                 yield
             return

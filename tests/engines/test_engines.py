@@ -23,7 +23,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from btpo_cli.engines import EngineSpec, SamplingParams, available_engines, build_engine, request_seed
+from btpo_cli.engines import (
+    EngineSpec,
+    RolloutEngine,
+    SamplingParams,
+    available_engines,
+    build_engine,
+    request_seed,
+)
 from btpo_cli.models.tiny import ensure_tiny
 
 ENGINE_MARKS: dict[str, list[Any]] = {"vllm": [pytest.mark.vllm]}
@@ -240,3 +247,13 @@ def test_stats_count_tokens(ctx: Ctx) -> None:
     s1 = ctx.engine.stats()
     assert s1["generated_tokens"] - s0["generated_tokens"] == len(ctx.prompts) * 2 * 5
     assert s1["prompt_tokens"] > s0["prompt_tokens"]
+
+
+def test_engine_shares_only_the_module_it_was_built_on(ctx: Ctx) -> None:
+    """The trainer's sync path comes from the contract (``shares_module``): built from a folder, an engine
+    holds its own weights (a sync copies them in); the ``hf`` engine built on a module shares its tensors."""
+    assert isinstance(ctx.engine, RolloutEngine)
+    assert ctx.engine.shares_module(ctx.ref) is False
+    if ctx.engine.name == "hf":
+        shared = build_engine("hf", EngineSpec(model_path=ctx.folder, pad_token_id=0, module=ctx.ref))
+        assert shared.shares_module(ctx.ref) is True and shared.shares_module(perturbed(ctx.ref)) is False
