@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, what CI runs (after `bash scripts/setup.sh --with-vllm`):
-#   1. ruff, then mypy (strict on engines/, training/session.py, losses.py, methods/__init__.py:
+#   1. ruff, then mypy (strict on engines/, training/session.py, losses.py, methods/__init__.py and spec.py:
 #      pyproject.toml's [tool.mypy]);
 #   2. the main suite in .venv (the locked set, requirements/venv.lock), vLLM-marked tests left out;
 #   3. the vLLM-marked tests in .venv-vllm with BTPO_REQUIRE_VLLM=1: there a vLLM test that cannot
