@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -63,7 +63,20 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from btpo_cli.training.eval_pairs import EvalPairs
-    from btpo_cli.training.periodic_eval import TrainEval
+
+
+class PeriodicEval(Protocol):
+    """What the session needs of the evaluation during training (``training.periodic_eval.TrainEval``,
+    which builds on the session: typed here by its shape, so the two modules do not import each other)."""
+
+    stopped: bool
+    best: float | None
+    best_step: int | None
+    patience: int
+
+    def state(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -89,7 +102,7 @@ class TrainSession:
     eval_pairs: EvalPairs | None = None
     """The pairs ``train.eval_every`` evaluates on (:class:`~btpo_cli.training.eval_pairs.EvalPairs`), split off
     by :meth:`load_split`."""
-    evals: TrainEval | None = None
+    evals: PeriodicEval | None = None
     """Evaluation during training (:class:`~btpo_cli.training.periodic_eval.TrainEval`), started by the loop."""
 
     @classmethod
