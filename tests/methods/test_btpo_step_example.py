@@ -35,7 +35,7 @@ from btpo_cli.engines.base import Sample
 from btpo_cli.judging import templates
 from btpo_cli.judging.gpm import ScorePath, score_thoughts
 from btpo_cli.losses import btpo_loss
-from btpo_cli.methods.btpo import BTPOConfig, GPMTokens, do_rollout, encode_pairs, micro_loss
+from btpo_cli.methods.btpo import BTPOConfig, BTPOPayload, GPMTokens, do_rollout, encode_pairs, micro_loss
 from btpo_cli.models.loading import load_tokenizer
 from btpo_cli.models.tiny import ensure_tiny
 from btpo_cli.training.steps import StepTimer
@@ -140,9 +140,9 @@ def test_example_loss_and_gradients_equal_the_library(ex, tiny) -> None:
     with torch.no_grad():
         old = score_thoughts(model, ro.seqs, judge.yes_id, judge.no_id, judge.pad_id, False,
                              cfg.rollout.temperature, ScorePath.of(cfg.train))
-    torch.testing.assert_close(old.logp_yes.view(-1, 2, k).float(), ro.old_logp_yes, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(old.logp_yes.view(-1, 2, k).float(), ro.payload.old_logp_yes, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(old.logp.float(), ro.old_logp, rtol=1e-6, atol=1e-6)
-    ro = dataclasses.replace(ro, old_logp=old.logp, old_logp_yes=old.logp_yes.view(-1, 2, k))
+    ro = dataclasses.replace(ro, old_logp=old.logp, payload=BTPOPayload(old.logp_yes.view(-1, 2, k)))
 
     # the example's rollout numbers, from the same thoughts
     yes_id, eot_id = ex.special_ids(tok)
@@ -151,7 +151,7 @@ def test_example_loss_and_gradients_equal_the_library(ex, tiny) -> None:
     per_pair = [thoughts[2 * i: 2 * i + 2] for i in range(len(pairs))]
     with torch.no_grad():
         old_ex = ex.score_all(model, prompts, per_pair, yes_id, eot_id)
-    torch.testing.assert_close(old_ex[1], ro.old_logp_yes, rtol=REL, atol=0.0)
+    torch.testing.assert_close(old_ex[1], ro.payload.old_logp_yes, rtol=REL, atol=0.0)
 
     # the weights move (a later minibatch of the rollout): ρ ≠ 1, part of the tokens clipped
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
