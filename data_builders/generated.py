@@ -2,10 +2,14 @@
 :mod:`~data_builders.math_builder`): sample responses with a generator → judge or grade each →
 pair a better with a worse one → split → write the dataset and its manifest.
 
-The builders supply only what differs: their items (prompts, questions) and how an item's prompt
-reads, how a response is judged or graded, how pairs are split, and their manifest fields. The
-rest lives here, once:
+The builders supply only what differs, as the stages of a :class:`GeneratedBuilder`: their items
+(prompts, questions) and how an item's prompt reads, how a response is judged or graded, how pairs
+are split, and their manifest fields. The rest lives here, once:
 
+* **the build**, :func:`run_build`: the options checked, the items read (none usable: one line),
+  the manifest's first fields, then the dry run (nothing written) or the generator, the builder's
+  resumable stages (a :class:`BuildRun` shared between them), the failures counted and the dataset
+  written with its manifest.
 * **the generator**, a :class:`Sampler`: texts (or chat messages) in, ``n`` sampled
   ``(text, finished)`` out per prompt. :class:`HFSampler` is a local model behind a rollout engine
   of :mod:`btpo_cli.engines` (``--engine``); :class:`URLSampler` an OpenAI-compatible server
@@ -49,7 +53,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -755,3 +759,100 @@ def finish(
     result = write_dataset(out, dict(splits), manifest, overwrite)
     result["generation_run"] = stats
     return result
+
+
+# ----------------------------------------------------------------------------- the skeleton
+
+DryRun = tuple[dict[str, Any], list[dict[str, Any]]]
+"""A dry run's counts (the report's fields before ``skipped``) and its ``examples``."""
+Assembled = tuple[dict[str, list[PairRecord]], dict[str, Any], dict[str, Any]]
+"""The splits, the manifest's counts (its fields before ``failed``) and its scoring (after ``failed``)."""
+
+
+@dataclass
+class BuildRun:
+    """One generated build past its dry-run check: what its stages share (:func:`run_build` makes it)."""
+
+    options: GenOptions
+    items: list[Any]
+    """What the builder read (questions, prompts)."""
+    skips: SkipLog
+    base: dict[str, Any]
+    """The manifest's first fields (:meth:`GeneratedBuilder.base_manifest`)."""
+    progress: Progress | None
+    cache_dir: Path
+    """``<out>/.cache``: the stages' caches."""
+    sampler: Sampler
+    """The generator."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """The run's statistics (the result's ``generation_run``, not written into the manifest file)."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """``{item id: reason}``: the items left out because a request failed (the manifest's ``failed``)."""
+
+
+class GeneratedBuilder(Protocol):
+    """One generated build's stages (an object per build: the stages may keep what they found on it).
+    :func:`run_build` runs them in the skeleton's order: check the options, :meth:`read` the items,
+    :meth:`base_manifest`, then either :meth:`dry_run` (nothing written) or :meth:`generate` (the
+    resumable stages: sample, judge) and :meth:`assemble` (grade or count → pairs → splits), and
+    writes the dataset with its manifest."""
+
+    name: str
+    """``math``, ``if``: the builder in errors and manifests."""
+    what: str
+    """What the items are (``questions``, ``prompts``) in errors and the manifest's ``failed``."""
+    defaults: Mapping[str, Any]
+    """The builder's :class:`GenOptions` defaults."""
+    pair_needs: str
+    """Why a pair needs 2 samples (the ``--n-samples`` error)."""
+
+    @property
+    def test_fraction(self) -> float | None:
+        """``--test-fraction`` where the builder splits by a fraction (checked with the options)."""
+        ...
+
+    def read(self, o: GenOptions, skips: SkipLog) -> list[Any]: ...
+
+    def base_manifest(self, o: GenOptions) -> dict[str, Any]: ...
+
+    def dry_run(self, items: list[Any], cache_dir: Path | None) -> DryRun:
+        """What a build would do: nothing is written (``cache_dir`` may not exist, or be ``None``)."""
+        ...
+
+    def generate(self, run: BuildRun) -> dict[str, Any] | None:
+        """The resumable stages; a summary returned ends the build there (a shard's sampling run)."""
+        ...
+
+    def assemble(self, run: BuildRun) -> Assembled:
+        """Pairs from what :meth:`generate` cached, split."""
+        ...
+
+
+def run_build(
+    builder: GeneratedBuilder, out: Path | None, options: Mapping[str, Any], progress: Progress | None,
+    sampler: Sampler | None,
+) -> dict[str, Any]:
+    """The generated-build skeleton: the dry run, the caches, the failures and the manifest, once; the
+    ``builder``'s stages (:class:`GeneratedBuilder`) in between. ``options`` are :class:`GenOptions`
+    over the builder's defaults, ``sampler`` replaces the generator. Returns the manifest (with
+    ``generation_run``), the dry run's report or the summary :meth:`~GeneratedBuilder.generate` ended on."""
+    o = GenOptions.with_defaults(builder.defaults, options)
+    o.check(builder.pair_needs, builder.test_fraction)
+    skips = SkipLog(strict=o.strict)
+    items = builder.read(o, skips)
+    require_items(items, builder.name, builder.what, skips)
+    base = builder.base_manifest(o)
+    cache_dir = out / ".cache" if out is not None else None
+    if o.dry_run:
+        counts, examples = builder.dry_run(items, cache_dir)
+        return {**base, "dry_run": True, **counts, "skipped": skips.as_dict(), "examples": examples}
+    if out is None or cache_dir is None:
+        raise BtpoError(f"build_{builder.name}: an output folder is required unless dry_run is set")
+    run = BuildRun(o, items, skips, base, progress, cache_dir, o.sampler(sampler, cache_dir))
+    summary = builder.generate(run)
+    if summary is not None:
+        return summary
+    splits, counts, scoring = builder.assemble(run)
+    manifest = {**base, **counts, "failed": failure_summary(run.failed, builder.what), **scoring,
+                "skipped": skips.as_dict()}
+    return finish(out, splits, manifest, run.stats, overwrite=o.overwrite)

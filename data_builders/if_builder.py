@@ -10,8 +10,8 @@ it are for non-commercial use only.**
 
 Stages (each cached under ``<out>/.cache/``, append-only JSONL with ``fsync`` per batch, reused
 when the settings match; the skeleton is :mod:`data_builders.generated`, shared with
-:mod:`data_builders.math_builder`, and this module supplies the prompts, the rubric judging and
-the pairing rule):
+:mod:`data_builders.math_builder`, and this module supplies its stages, :class:`IFBuild`: the
+prompts, the rubric judging and the pairing rule):
 
 1. **prompts**: :func:`~data_builders.advancedif.read_advancedif` (conversation + rubrics).
 2. **sample** (``if-responses.jsonl``): ``n_samples`` responses per prompt from the generator,
@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from btpo_cli.data.pairs import PairRecord, SkipLog
-from btpo_cli.errors import BtpoError
 from data_builders.advancedif import IFPrompt, read_advancedif
 from data_builders.generated import (
+    Assembled,
+    BuildRun,
+    DryRun,
     Failed,
     GenOptions,
     JsonlCache,
@@ -55,17 +57,15 @@ from data_builders.generated import (
     Sampler,
     URLJudge,
     base_manifest,
-    failure_summary,
-    finish,
     make_judge,
     pick_pair,
-    require_items,
     require_some,
+    run_build,
     run_cached_stage,
     sample_stage,
     split_by_fraction,
 )
-from data_builders.sources import resolve_sources
+from data_builders.sources import SourceSpec, resolve_sources
 
 __all__ = ["LocalJudge", "URLJudge", "build_if", "judge_messages", "pair_prompt", "parse_verdict"]
 
@@ -177,81 +177,99 @@ def build_if(
 
     The shared flags come as ``options`` (:class:`~data_builders.generated.GenOptions`, by
     :data:`IF_DEFAULTS`); ``sampler`` replaces the generator and ``judge_impl`` the judge (tests)."""
-    o = GenOptions.with_defaults(IF_DEFAULTS, options)
-    o.check("two responses", test_fraction)
-    spec = resolve_sources("if", sources)["advancedif"]
-    skips = SkipLog(strict=o.strict)
-    prompts = read_advancedif(spec, skips=skips, limit=o.limit)
-    require_items(prompts, "if", "prompts", skips)
-    s = o.settings()
-    judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
-    endpoints = {"generator_endpoint": o.describe_generator()}
-    if judge_url:
-        endpoints["judge_endpoint"] = {"url": judge_url, "model": judge, "retries": o.retries,
-                                      "timeout": o.timeout_for("judge")}
-    base = base_manifest(
-        "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
-        sources={"advancedif": spec.describe()}, settings=s, judge={**judge_desc, "question": JUDGE_QUESTION},
-        requested={"train": o.n_train, "test": o.n_test, "test_fraction": test_fraction}, **endpoints,
-    )
-    if o.dry_run:
-        return {
-            **base,
-            "dry_run": True,
-            "counts": {"prompts": len(prompts), "rubrics": sum(len(p.rubrics) for p in prompts)},
-            "skipped": skips.as_dict(),
-            "examples": [
-                {"id": p.id, "benchmark": p.benchmark, "messages": p.messages, "rubrics": p.rubrics}
-                for p in prompts[:3]
-            ],
-        }
-    if out is None:
-        raise BtpoError("build_if: an output folder is required unless dry_run is set")
-    cache_dir = out / ".cache"
-    stats = {"batches": 0}
-    sampler = o.sampler(sampler, cache_dir)
-    rcache = JsonlCache(cache_dir / "if-responses.jsonl", "id", "generator", asdict(s))
-    responses = rcache.load()
-    stats["cached_prompts"] = sum(1 for p in prompts if p.id in responses)
-    sample_failed: dict[str, str] = {}
-    sample_stage(
-        prompts, lambda p: p.id, lambda p: p.messages, chat=True, tag="if", sampler=sampler, settings=s,
-        cache=rcache, done=responses, batch_size=o.batch_size, label="sample responses", progress=progress,
-        stats=stats, failed=sample_failed,
-    )
-    require_some(prompts, sample_failed, "if: sampling")
-    if judge_impl is None:
-        judge_impl = make_judge(judge, judge_url, o, sampler, cache_dir)
-    # the judgments depend on the responses: key them by the generator settings too
-    jcache = JsonlCache(
-        cache_dir / "if-judgments.jsonl", "id", "settings", {"generator": asdict(s), **judge_desc}
-    )
-    judge_failed: dict[str, str] = {}
-    verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, progress, stats, judge_failed)
-    require_some([p for p in prompts if p.id in responses], judge_failed, "if: judging")
-    judging = {"judgments": 0, "satisfied": 0, "not_satisfied": 0, "unparsable": 0}
-    pools: list[PairRecord] = []
-    ties = 0
-    for p in prompts:
-        if p.id not in verdicts:  # its sampling or judging failed: counted in "failed", asked again on a re-run
-            continue
-        for vs in verdicts[p.id]["verdicts"]:
-            for v in vs:
-                judging["judgments"] += 1
-                judging["satisfied" if v else "not_satisfied" if v is False else "unparsable"] += 1
-        rec = pair_prompt(p, responses[p.id]["samples"], verdicts[p.id]["verdicts"], o.seed)
-        if rec is None:
-            ties += 1
-        else:
-            pools.append(rec)
-    splits = split_by_fraction(pools, test_fraction, o.n_train, o.n_test, f"if:split:{o.seed}")
-    manifest = {
-        **base,
-        "prompts": len(prompts),
-        "pairs": len(pools),
-        "ties": ties,
-        "failed": failure_summary({**sample_failed, **judge_failed}, "prompts"),
-        "judging": judging,
-        "skipped": skips.as_dict(),
-    }
-    return finish(out, splits, manifest, stats, overwrite=o.overwrite)
+    build = IFBuild(sources, judge, judge_url, test_fraction, judge_impl)
+    return run_build(build, out, options, progress, sampler)
+
+
+class IFBuild:
+    """IF's stages in the generated-build skeleton (:func:`~data_builders.generated.run_build`): sample
+    responses, judge every (response, rubric), pair the most- with a least-satisfying response, split
+    by ``test_fraction``."""
+
+    name = "if"
+    what = "prompts"
+    defaults: Mapping[str, Any] = IF_DEFAULTS
+    pair_needs = "two responses"
+    spec: SourceSpec
+    """The AdvancedIF input (set by :meth:`read`)."""
+
+    def __init__(
+        self, sources: Mapping[str, str] | None, judge: str, judge_url: str | None, test_fraction: float,
+        judge_impl: Judge | None,
+    ):
+        self.sources, self.judge, self.judge_url, self.judge_impl = sources, judge, judge_url, judge_impl
+        self.test_fraction = test_fraction
+        self.judge_desc = {"url": judge_url, "model": judge} if judge_url else {"model": judge}
+        self.responses: dict[str, dict[str, Any]] = {}  # generate's, for assemble
+        self.verdicts: dict[str, dict[str, Any]] = {}
+
+    def read(self, o: GenOptions, skips: SkipLog) -> list[IFPrompt]:
+        self.spec = resolve_sources("if", self.sources)["advancedif"]
+        return read_advancedif(self.spec, skips=skips, limit=o.limit)
+
+    def base_manifest(self, o: GenOptions) -> dict[str, Any]:
+        endpoints = {"generator_endpoint": o.describe_generator()}
+        if self.judge_url:
+            endpoints["judge_endpoint"] = {"url": self.judge_url, "model": self.judge, "retries": o.retries,
+                                          "timeout": o.timeout_for("judge")}
+        return base_manifest(
+            "if", seed=o.seed, aspect=IF_ASPECT, license=LICENSE_NOTE, limit=o.limit,
+            sources={"advancedif": self.spec.describe()}, settings=o.settings(),
+            judge={**self.judge_desc, "question": JUDGE_QUESTION},
+            requested={"train": o.n_train, "test": o.n_test, "test_fraction": self.test_fraction}, **endpoints,
+        )
+
+    def dry_run(self, items: list[IFPrompt], cache_dir: Path | None) -> DryRun:
+        counts = {"counts": {"prompts": len(items), "rubrics": sum(len(p.rubrics) for p in items)}}
+        return counts, [{"id": p.id, "benchmark": p.benchmark, "messages": p.messages, "rubrics": p.rubrics}
+                        for p in items[:3]]
+
+    def generate(self, run: BuildRun) -> None:
+        """Sample the responses, then judge each against every rubric (both stages cached)."""
+        o, prompts = run.options, run.items
+        s = o.settings()
+        run.stats = {"batches": 0}
+        rcache = JsonlCache(run.cache_dir / "if-responses.jsonl", "id", "generator", asdict(s))
+        self.responses = responses = rcache.load()
+        run.stats["cached_prompts"] = sum(1 for p in prompts if p.id in responses)
+        sample_failed: dict[str, str] = {}
+        sample_stage(
+            prompts, lambda p: p.id, lambda p: p.messages, chat=True, tag="if", sampler=run.sampler, settings=s,
+            cache=rcache, done=responses, batch_size=o.batch_size, label="sample responses", progress=run.progress,
+            stats=run.stats, failed=sample_failed,
+        )
+        require_some(prompts, sample_failed, "if: sampling")
+        judge_impl = self.judge_impl
+        if judge_impl is None:
+            judge_impl = make_judge(self.judge, self.judge_url, o, run.sampler, run.cache_dir)
+        # the judgments depend on the responses: key them by the generator settings too
+        jcache = JsonlCache(
+            run.cache_dir / "if-judgments.jsonl", "id", "settings", {"generator": asdict(s), **self.judge_desc}
+        )
+        judge_failed: dict[str, str] = {}
+        self.verdicts = _judge_stage(prompts, responses, jcache, judge_impl, o.batch_size, run.progress, run.stats,
+                                     judge_failed)
+        require_some([p for p in prompts if p.id in responses], judge_failed, "if: judging")
+        run.failed = {**sample_failed, **judge_failed}
+        return None
+
+    def assemble(self, run: BuildRun) -> Assembled:
+        """Count the verdicts, pair each prompt's responses, split by ``test_fraction``."""
+        o, prompts, verdicts = run.options, run.items, self.verdicts
+        judging = {"judgments": 0, "satisfied": 0, "not_satisfied": 0, "unparsable": 0}
+        pools: list[PairRecord] = []
+        ties = 0
+        for p in prompts:
+            if p.id not in verdicts:  # its sampling or judging failed: counted in "failed", asked again on a re-run
+                continue
+            for vs in verdicts[p.id]["verdicts"]:
+                for v in vs:
+                    judging["judgments"] += 1
+                    judging["satisfied" if v else "not_satisfied" if v is False else "unparsable"] += 1
+            rec = pair_prompt(p, self.responses[p.id]["samples"], verdicts[p.id]["verdicts"], o.seed)
+            if rec is None:
+                ties += 1
+            else:
+                pools.append(rec)
+        splits = split_by_fraction(pools, self.test_fraction, o.n_train, o.n_test, f"if:split:{o.seed}")
+        return splits, {"prompts": len(prompts), "pairs": len(pools), "ties": ties}, {"judging": judging}

@@ -35,7 +35,8 @@ the K-th batch is written: the tests use it to simulate a killed build.
 
 The skeleton (the generator, the resumable stages, pairing, writing) is
 :mod:`data_builders.generated`, shared with :mod:`data_builders.if_builder`; this module supplies
-the questions, the prompt, the grading and the per-source split.
+its stages (:class:`MathBuild`, run by :func:`~data_builders.generated.run_build`): the questions,
+the prompt, the grading and the per-source split.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from typing import Any
 from btpo_cli.data.pairs import PairRecord, SkipLog, seeded_sample
 from btpo_cli.errors import BtpoError
 from data_builders.generated import (
+    Assembled,
+    BuildRun,
+    DryRun,
     GenOptions,
     GenSettings,
     JsonlCache,
@@ -55,11 +59,10 @@ from data_builders.generated import (
     Sampler,
     base_manifest,
     failure_summary,
-    finish,
     load_cache_file,
     pick_pair,
-    require_items,
     require_some,
+    run_build,
     sample_stage,
 )
 from data_builders.grading import HAS_MATH_VERIFY, answers_match, extract_answer
@@ -220,109 +223,132 @@ def build_math(
     missing and assembles. ``dry_run`` reads the questions and reports what would be generated; it
     writes nothing. ``sampler`` replaces the generator (tests).
     """
-    o = GenOptions.with_defaults(MATH_DEFAULTS, options)
-    o.check("a correct and an incorrect solution")
-    shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
-    settings = o.settings(MathSettings)
-    skips = SkipLog(strict=o.strict)
-    questions, used = read_math_questions(sources, skips, o.limit)
-    require_items(questions, "math", "questions", skips)
-    mine = [q for i, q in enumerate(questions) if shard_t is None or i % shard_t[1] == shard_t[0]]
-    base = base_manifest(
-        "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=used, settings=settings,
-        grader="math-verify" if HAS_MATH_VERIFY else "builtin",
-        answers="marked only" if marked_only else "marked, else the last number",
-        requested={"train": o.n_train, "test": o.n_test},
-        generator_endpoint=o.describe_generator(),
-    )
-    base["splits_without_source"] = {
-        split: list(names) for split, names in (("train", TRAIN_SOURCES), ("test", TEST_SOURCES))
-        if not any(n in used for n in names)}
-    cache_dir = out / ".cache" if out is not None else None
-    if o.dry_run:
-        cached = load_samples(cache_dir, settings) if cache_dir is not None else {}
+    return run_build(MathBuild(sources, shard, marked_only), out, options, progress, sampler)
+
+
+class MathBuild:
+    """Math's stages in the generated-build skeleton (:func:`~data_builders.generated.run_build`):
+    sample solutions (of one shard, optionally), grade them against the gold answer, pair a correct
+    with an incorrect one, MetaMathQA → train and GSM8K / MATH-500 → test."""
+
+    name = "math"
+    what = "questions"
+    defaults: Mapping[str, Any] = MATH_DEFAULTS
+    pair_needs = "a correct and an incorrect solution"
+    test_fraction = None
+    # set by read(), for the later stages
+    shard: tuple[int, int] | None
+    settings: MathSettings
+    used: dict[str, str]
+    """``{source name: where it was read}``."""
+    mine: list[MathQuestion]
+    """This shard's questions (all without a shard)."""
+
+    def __init__(
+        self, sources: Mapping[str, str] | None, shard: str | tuple[int, int] | None, marked_only: bool
+    ):
+        self.sources, self.shard_arg, self.marked_only = sources, shard, marked_only
+
+    def read(self, o: GenOptions, skips: SkipLog) -> list[MathQuestion]:
+        shard = self.shard_arg
+        self.shard = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
+        self.settings = o.settings(MathSettings)
+        questions, self.used = read_math_questions(self.sources, skips, o.limit)
+        sh = self.shard
+        self.mine = [q for i, q in enumerate(questions) if sh is None or i % sh[1] == sh[0]]
+        return questions
+
+    def base_manifest(self, o: GenOptions) -> dict[str, Any]:
+        base = base_manifest(
+            "math", seed=o.seed, aspect=MATH_ASPECT, limit=o.limit, sources=self.used, settings=self.settings,
+            grader="math-verify" if HAS_MATH_VERIFY else "builtin",
+            answers="marked only" if self.marked_only else "marked, else the last number",
+            requested={"train": o.n_train, "test": o.n_test},
+            generator_endpoint=o.describe_generator(),
+        )
+        base["splits_without_source"] = {
+            split: list(names) for split, names in (("train", TRAIN_SOURCES), ("test", TEST_SOURCES))
+            if not any(n in self.used for n in names)}
+        return base
+
+    def dry_run(self, items: list[MathQuestion], cache_dir: Path | None) -> DryRun:
+        cached = load_samples(cache_dir, self.settings) if cache_dir is not None else {}
         per_src: dict[str, int] = {}
-        for q in questions:
+        for q in items:
             per_src[q.source.split("/")[0]] = per_src.get(q.source.split("/")[0], 0) + 1
+        counts = {"shard": list(self.shard) if self.shard else None, "question_counts": per_src,
+                  "counts": {"questions": len(self.mine)},
+                  "to_generate": sum(1 for q in self.mine if q.qid not in cached)}
+        return counts, [
+            {"qid": q.qid, "source": q.source, "gold": q.gold_answer, "prompt": alpaca_prompt(q.question)}
+            for q in self.mine[:3]
+        ]
+
+    def generate(self, run: BuildRun) -> dict[str, Any] | None:
+        """The sampling stage (this shard's questions); a shard's run ends here with its summary."""
+        cache = JsonlCache(cache_path(run.cache_dir, self.shard), "qid", "generator", asdict(self.settings))
+        others: dict[str, Any] = {}
+        if self.shard is None:  # questions sampled by shard runs count as done
+            others = load_samples(run.cache_dir, self.settings, "math-samples.shard-*.jsonl")
+        run.stats = generate_samples(self.mine, cache, run.sampler, self.settings, run.options.batch_size,
+                                     run.progress, others, run.failed)
+        require_some(self.mine, run.failed, "math: sampling")
+        if self.shard is None:
+            return None
         return {
-            **base,
-            "dry_run": True,
-            "shard": list(shard_t) if shard_t else None,
-            "question_counts": per_src,
-            "counts": {"questions": len(mine)},
-            "to_generate": sum(1 for q in mine if q.qid not in cached),
-            "skipped": skips.as_dict(),
-            "examples": [
-                {"qid": q.qid, "source": q.source, "gold": q.gold_answer, "prompt": alpaca_prompt(q.question)}
-                for q in mine[:3]
-            ],
-        }
-    if out is None or cache_dir is None:
-        raise BtpoError("build_math: an output folder is required unless dry_run is set")
-    cache = JsonlCache(cache_path(cache_dir, shard_t), "qid", "generator", asdict(settings))
-    # questions sampled by shard runs count as done
-    others = load_samples(cache_dir, settings, "math-samples.shard-*.jsonl") if shard_t is None else {}
-    failed: dict[str, str] = {}
-    gen_stats = generate_samples(mine, cache, o.sampler(sampler, cache_dir), settings, o.batch_size, progress,
-                                 others, failed)
-    require_some(mine, failed, "math: sampling")
-    if shard_t is not None:
-        return {
-            **base,
+            **run.base,
             "stage": "sample",
-            "shard": list(shard_t),
-            "generation": gen_stats,
+            "shard": list(self.shard),
+            "generation": run.stats,
             "cache": str(cache.path),
-            "failed": failure_summary(failed, "questions"),
-            "counts": {"questions": len(mine)},
-            "skipped": skips.as_dict(),
+            "failed": failure_summary(run.failed, "questions"),
+            "counts": {"questions": len(self.mine)},
+            "skipped": run.skips.as_dict(),
         }
-    samples = load_samples(cache_dir, settings)
-    missing = [q.qid for q in questions if q.qid not in samples and q.qid not in failed]
-    if missing:  # cannot happen after the sampling stage above, unless the cache was edited meanwhile
-        raise BtpoError(
-            f"math: {len(missing)} question(s) have no cached samples (e.g. {missing[0]}); re-run"
-        )
-    grading = {"correct": 0, "incorrect": 0, "no_answer": 0, "empty": 0}
-    per_source: dict[str, dict[str, int]] = {}
-    pools: dict[str, list[PairRecord]] = {"train": [], "test": []}
-    for i, q in enumerate(questions):
-        name = q.source.split("/")[0]
-        c = per_source.setdefault(
-            name, {"questions": 0, "pairs": 0, "all_correct": 0, "all_incorrect": 0, "failed": 0, "selected": 0}
-        )
-        c["questions"] += 1
-        if q.qid in failed:  # its request failed: counted, asked again on a re-run
-            c["failed"] += 1
-            continue
-        before = grading["correct"]
-        rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading, marked_only)
-        if rec is None:
-            c["all_correct" if grading["correct"] > before else "all_incorrect"] += 1
-        else:
-            c["pairs"] += 1
-            pools["train" if name in TRAIN_SOURCES else "test"].append(rec)
-        if progress is not None and (i + 1) % 200 == 0:
-            progress("grade", i + 1, len(questions))
-    splits = {
-        "train": downsample(pools["train"], o.n_train, o.seed, "math:train"),
-        "test": downsample(pools["test"], o.n_test, o.seed, "math:test"),
-    }
-    for split in splits.values():
-        for r in split:
-            per_source[r.source.split("/")[0]]["selected"] += 1
-    graded = sum(grading.values())
-    no_pair = sum(c["all_correct"] + c["all_incorrect"] for c in per_source.values())
-    manifest = {
-        **base,
-        "questions": per_source,
-        "no_pair": no_pair,
-        "failed": failure_summary(failed, "questions"),
-        "grading": {
+
+    def assemble(self, run: BuildRun) -> Assembled:
+        """Grade every question's solutions (every shard's), pair a correct with an incorrect one,
+        down-sample the splits."""
+        o, questions, failed = run.options, run.items, run.failed
+        samples = load_samples(run.cache_dir, self.settings)
+        missing = [q.qid for q in questions if q.qid not in samples and q.qid not in failed]
+        if missing:  # cannot happen after the sampling stage, unless the cache was edited meanwhile
+            raise BtpoError(
+                f"math: {len(missing)} question(s) have no cached samples (e.g. {missing[0]}); re-run"
+            )
+        grading = {"correct": 0, "incorrect": 0, "no_answer": 0, "empty": 0}
+        per_source: dict[str, dict[str, int]] = {}
+        pools: dict[str, list[PairRecord]] = {"train": [], "test": []}
+        for i, q in enumerate(questions):
+            name = q.source.split("/")[0]
+            c = per_source.setdefault(
+                name, {"questions": 0, "pairs": 0, "all_correct": 0, "all_incorrect": 0, "failed": 0, "selected": 0}
+            )
+            c["questions"] += 1
+            if q.qid in failed:  # its request failed: counted, asked again on a re-run
+                c["failed"] += 1
+                continue
+            before = grading["correct"]
+            rec = grade_and_pair(q, samples[q.qid]["samples"], o.seed, grading, self.marked_only)
+            if rec is None:
+                c["all_correct" if grading["correct"] > before else "all_incorrect"] += 1
+            else:
+                c["pairs"] += 1
+                pools["train" if name in TRAIN_SOURCES else "test"].append(rec)
+            if run.progress is not None and (i + 1) % 200 == 0:
+                run.progress("grade", i + 1, len(questions))
+        splits = {
+            "train": downsample(pools["train"], o.n_train, o.seed, "math:train"),
+            "test": downsample(pools["test"], o.n_test, o.seed, "math:test"),
+        }
+        for split in splits.values():
+            for r in split:
+                per_source[r.source.split("/")[0]]["selected"] += 1
+        graded = sum(grading.values())
+        no_pair = sum(c["all_correct"] + c["all_incorrect"] for c in per_source.values())
+        scoring = {"grading": {
             "samples": graded,
             **grading,
             "rates": {k: round(v / graded, 4) if graded else 0.0 for k, v in grading.items()},
-        },
-        "skipped": skips.as_dict(),
-    }
-    return finish(out, splits, manifest, gen_stats, overwrite=o.overwrite)
+        }}
+        return splits, {"questions": per_source, "no_pair": no_pair}, scoring
