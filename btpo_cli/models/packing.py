@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from btpo_cli.errors import BtpoError
+
 IMPL = "btpo_packed"
 VARLEN = ("flash_attention_2", "flash_attention_3")
 _BOUNDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("btpo_pack_bounds", default=None)
@@ -207,8 +209,6 @@ def token_logprobs(model: Any, seqs: Sequence[Sequence[int]], device: Any,
 
 def resolve(setting: str, model: Any) -> bool:
     """``train.packing`` → pack or not for ``model``: ``on`` raises where it cannot, ``auto`` falls back."""
-    from btpo_cli.errors import BtpoError  # heavy: imported on use
-
     if setting == "off":
         return False
     why = blocker(model)
