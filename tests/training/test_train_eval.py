@@ -147,7 +147,7 @@ def test_heldout_pairs_leave_training(tmp_path: Path, synthetic_data: Path) -> N
 
 
 def _fake(root: Path) -> tuple[SimpleNamespace, SimpleNamespace]:
-    return SimpleNamespace(is_main_process=True), SimpleNamespace(root=root)
+    return SimpleNamespace(is_main_process=True), SimpleNamespace(root=root, record_skips=lambda *a, **k: None)
 
 
 def test_eval_pair_choice(tmp_path: Path, synthetic_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
