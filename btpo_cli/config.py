@@ -118,6 +118,15 @@ class TrainConfig:
     holds a (tokens × vocab) logits tensor nor its float32 upcast. Equal within float rounding, not
     bitwise, so off by default; models whose head is not a plain ``h Wᵀ`` (bias, soft-capping, logit
     scale) and ZeRO-3 (a partitioned head) raise; FSDP2 works."""
+    packing: str = "off"
+    """``off``, ``on`` or ``auto``: padding-free packed rows. Rollout methods (BTPO, GRPO-pair/point):
+    each prompt ONCE with its K thoughts (G completions) in one packed row under a prompt-sharing
+    attention mask, several prompts per row (btpo_cli/judging/packed_prefix.py) — the update, old and
+    reference log-probs, ``eval --samples K``; it supersedes ``shared_prefix`` (no per-row K/V copies,
+    no cache) and works under gradient checkpointing. Same loss and gradients within float rounding
+    (tests/judging/test_packed_prefix.py), not bitwise, so off by default. Where it does not apply
+    (attention other than sdpa/eager, sliding-window or non-attention layers) ``auto`` goes on with
+    ``shared_prefix`` and ``on`` raises. With ``micro_batch_tokens`` a packed prompt counts once."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -549,6 +558,7 @@ _CHOICES: dict[str, Any] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.shared_prefix": ("off", "on", "auto"),
     "train.chunked_logprobs": ("off", "on"),
+    "train.packing": ("off", "on", "auto"),
     "model.dtype": ("auto", "bfloat16", "float32"),
     "hardware.strategy": ("ddp", "fsdp2", "fsdp2-offload", "zero2", "zero3"),
 }
@@ -568,6 +578,7 @@ def validate(cfg: Config) -> None:
     yaml_bool = {True: "on", False: "off", "True": "on", "False": "off"}
     cfg.train.shared_prefix = yaml_bool.get(cfg.train.shared_prefix, cfg.train.shared_prefix)
     cfg.train.chunked_logprobs = yaml_bool.get(cfg.train.chunked_logprobs, cfg.train.chunked_logprobs)
+    cfg.train.packing = yaml_bool.get(cfg.train.packing, cfg.train.packing)
     choices_now = {"method": tuple(method_names()), "rollout.engine": ("auto", *available_engines()), **_CHOICES}
     for key, choices in choices_now.items():
         v = _get(cfg, key)

@@ -105,6 +105,10 @@ class PlanInputs:
     chunked_logprobs: bool = False
     """``train.chunked_logprobs: on``: the thought log-probs come from hidden states through
     chunks (:func:`logprob_chunk`); only the last position's logits are held."""
+    packed_prefix: bool = False
+    """``train.packing`` on/auto for a rollout method: each prompt once with its ``n`` continuations in
+    one packed row (btpo_cli/judging/packed_prefix.py): prompt tokens once per group, no per-row K/V
+    copies, a (p + n·c)² mask per group; also under gradient checkpointing. Supersedes ``shared_prefix``."""
     engine: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (cpu: hf; cuda: the larger of the two)."""
     prompts_per_batch: int = 16
@@ -256,6 +260,10 @@ def shared_tokens(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[
 def _tokens_and_masks(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[int, float, float]:
     """Tokens through the layers, the bool mask entries, and the expanded prefix K/V bytes (all layers)."""
     rows = inp.micro_batch * geo.rows_per_pair
+    if inp.packed_prefix and geo.rollout:            # one packed row per group: the prompt, then its n continuations
+        groups, p = inp.micro_batch * geo.prompts_per_pair, inp.prompt_tokens
+        c, width = geo.seq_len - p, p + rows // groups * (geo.seq_len - p)
+        return groups * p + rows * c, float(groups * width ** 2), 0.0
     sh = shared_tokens(inp, geo, checkpointing)
     if sh is None:
         return rows * geo.seq_len, float(rows * geo.seq_len ** 2 if rows > 1 else 0), 0.0
@@ -542,6 +550,7 @@ def inputs_from_config(cfg: Any, *, gpus: int | None = None, nodes: int | None =
         temperature=cfg.rollout.temperature, engine=cfg.rollout.engine,
         shared_prefix=getattr(cfg.train, "shared_prefix", "off") != "off",
         chunked_logprobs=getattr(cfg.train, "chunked_logprobs", "off") == "on",
+        packed_prefix=getattr(cfg.train, "packing", "off") != "off",
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, engine_sleep=cfg.rollout.sleep,
         ref_dtype_bytes=4.0 if cfg.model.dtype == "float32" else None, **lora_kw)

@@ -47,6 +47,7 @@ from btpo_cli.judging.gpm import (
     score_thoughts,
     shared_prefix_blocker,
 )
+from btpo_cli.judging.packed_prefix import packing_blocker
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training import preempt
@@ -162,6 +163,8 @@ def run_rollouts(sess: TrainSession, *, engine: RolloutEngine, plan: RolloutPlan
         # ---- updates: update_epochs passes over the rollout in minibatches of train.batch_size units
         model.train()
         shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
+        if getattr(cfg.train, "packing", "off") != "off" and packing_blocker(model) is None:
+            shared = "on"                              # a packed prompt counts once too
         g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
         for epoch in range(plan.update_epochs):
             # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
