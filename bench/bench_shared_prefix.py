@@ -1,4 +1,4 @@
-"""Shared-prefix and chunked-logprob scoring against the plain path: one BTPO update phase.
+"""Shared-prefix, packed prompt+K and chunked-logprob scoring against the plain path: one BTPO update phase.
 
 One update phase = forward + backward of :func:`~btpo_cli.judging.gpm.score_thoughts` over the
 ``2 · pairs · K`` sequences of a rollout (prompt ``--prompt`` tokens, thoughts ``--thought``,
@@ -17,12 +17,16 @@ shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``t
 - planned: ``btpo plan``'s activation peak of the same micro-batch (``plan/estimate.activations``:
   fp32, no checkpointing, ``train.shared_prefix`` / ``train.chunked_logprobs`` as the variant) and
   its loss-head (logits) term, beside the measured peak.
+- variants: ``plain``, ``shared`` (``train.shared_prefix``: KV cache), ``packed`` (``train.packing``:
+  the prompt once with its K continuations in one row, dense prompt-sharing mask through SDPA),
+  each also ``+chunked`` (``train.chunked_logprobs``).
 - FLOP ratio: forward FLOPs of the shared path over the plain one (linear layers 2·params per
   token, attention 4·layers·hidden·context per token, the LM head 2·hidden·vocab per kept position —
   the same positions in both paths), what the time ratio would be if time followed FLOPs.
 
     python bench/bench_shared_prefix.py --shape smollm2-135m --repeats 2
     python bench/bench_shared_prefix.py --shape qwen2.5-0.5b --layers 4
+    python bench/bench_shared_prefix.py --variants plain,shared,packed,packed+chunked --repeats 2
 """
 
 from __future__ import annotations
@@ -47,10 +51,11 @@ from btpo_cli.plan.estimate import GiB, PlanInputs, activations, geometry  # noq
 from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
 
 VARIANTS = {"plain": ScorePath(), "shared": ScorePath("on"), "chunked": ScorePath("off", True),
-            "shared+chunked": ScorePath("on", True)}
+            "shared+chunked": ScorePath("on", True), "packed": ScorePath(packing="on"),
+            "packed+chunked": ScorePath(packing="on", chunked_logprobs=True)}
 
 
-def build_model(shape: str, layers: int | None) -> Any:
+def build_model(shape: str, layers: int | None, attn: str = "sdpa") -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = {k: v for k, v in json.loads(known_shapes()[shape].read_text()).items()
@@ -58,7 +63,7 @@ def build_model(shape: str, layers: int | None) -> Any:
     if layers:
         conf["num_hidden_layers"] = layers
         conf.pop("layer_types", None)
-    conf["attn_implementation"] = "sdpa"
+    conf["attn_implementation"] = attn
     cfg = AutoConfig.for_model(**conf)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -107,7 +112,7 @@ def planned_mib(model: Any, args: argparse.Namespace, variant: str) -> dict[str,
     inp = PlanInputs(method="btpo", shape=from_config(args.shape, model.config.to_dict()), device="cpu",
                      precision="fp32", micro_batch=args.pairs, prompt_tokens=args.prompt, gen_tokens=args.thought,
                      tail_tokens=args.tail, n=args.k, shared_prefix=path.shared_prefix != "off",
-                     chunked_logprobs=path.chunked_logprobs)
+                     chunked_logprobs=path.chunked_logprobs, packed_prefix=path.packing != "off")
     act = activations(inp, geometry(inp), False)
     scale = args.responses / 2 * 1024 / GiB          # every term is linear in the rows; BTPO's pair has 2
     return {"peak": act["peak"] * scale, "head": act["head"] * scale}
@@ -127,7 +132,7 @@ def rss_kib(field: str) -> int:
 
 def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model = build_model(args.shape, args.layers)
+    model = build_model(args.shape, args.layers, args.attn)
     seqs = build_seqs(model.config.vocab_size, args)
     Path("/proc/self/clear_refs").write_text("5")
     before = rss_kib("VmRSS")
@@ -147,7 +152,8 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, default=default,
                         help="responses per pair (1 halves the rows and the memory: same ratios)"
                         if name == "responses" else None)
-    ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
+    ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked,packed,packed+chunked")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
@@ -156,7 +162,7 @@ def main() -> None:
         return one(args)
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
-    model = build_model(args.shape, args.layers)
+    model = build_model(args.shape, args.layers, args.attn)
     seqs = build_seqs(model.config.vocab_size, args)
     times: dict[str, list[float]] = {v: [] for v in variants}
     if args.repeats:
@@ -178,11 +184,11 @@ def main() -> None:
     if not args.no_memory:
         for v in variants:
             sizes = [x for name in SIZES if name != "repeats" for x in (f"--{name}", str(getattr(args, name)))]
-            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, *sizes] \
+            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, "--attn", args.attn, *sizes] \
                 + (["--layers", str(args.layers)] if args.layers else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             peak[v] = json.loads(out)["peak_mib"]
-    res = {"shape": args.shape, "layers": layers, "prompt": args.prompt,
+    res = {"shape": args.shape, "layers": layers, "attn": args.attn, "prompt": args.prompt,
            "thought": args.thought, "tail": args.tail, "k": args.k, "pairs": args.pairs, "repeats": args.repeats,
            "threads": args.threads, "rows": len(seqs), "flop_ratio_shared": round(flops, 3),
            "median_s": {v: round(t, 3) for v, t in med.items()},
