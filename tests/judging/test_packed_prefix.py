@@ -218,3 +218,34 @@ def test_fsdp2_btpo_packed_chunked_two_processes_equal_one(tmp_path: Path, synth
     launch(*common, "--out", str(two))
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
     assert_same_run(one, two, 2, ("btpo/kl", "btpo/thought_len", "train/grad_norm"), BTPO_TOKENS)
+
+
+def test_btpo_eval_samples_packed_equals_plain() -> None:
+    """``btpo eval/score --samples K`` scores its K sampled thoughts per response in packed rows."""
+    from btpo_cli.judging.judge import Item
+    from btpo_cli.methods.btpo import BTPOJudge
+    from btpo_cli.models.aliases import resolve_model
+
+    real, taken = gpm.packed_forward, []
+
+    def spy(*a, **kw):
+        taken.append(True)
+        return real(*a, **kw)
+
+    scores = {}
+    gpm.packed_forward = spy
+    try:
+        for packing in ("off", "on"):
+            cfg = build_config(flags={"method": "btpo"}, overrides=["eval.samples=3", "eval.max_new_tokens=6",
+                                                                   f"train.packing={packing}", "eval.batch_size=2"])
+            judge = BTPOJudge(resolve_model("tiny-qwen2"), cfg, torch.device("cpu"), {})
+            items = [Item([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1), "correct", (0, i, 0))
+                     for i in range(3)]
+            scores[packing] = [s.score for s in judge._score_chunk(items)]
+            vocab = judge.model.config.vocab_size
+    finally:
+        gpm.packed_forward = real
+    assert taken
+    # p(Yes) averaged over K: exp of a float32 log-softmax over the vocabulary, |Δp| ≤ p·|Δlog p| ≤ |Δlog p|,
+    # the log-sum-exp's terms of the size of the logits (|logit| < 10 in the tiny models)
+    assert max(abs(a - b) for a, b in zip(scores["off"], scores["on"], strict=True)) <= float32_sum_bound(vocab, 10.0)
