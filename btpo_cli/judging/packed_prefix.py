@@ -142,6 +142,18 @@ def packing_blocker(model: Any) -> str | None:
     return None
 
 
+def additive_mask(mask: torch.Tensor, model: Any, device: Any) -> torch.Tensor:
+    """The bool mask as an additive one (0 / the dtype's minimum) in the model's dtype: SDPA then saves
+    this one tensor for the backward of every layer (a bool mask it turns into a float copy per layer,
+    ``R·L²·4`` bytes each), and eager attention adds it as it adds its own masks. Masked keys get
+    ``exp(min − max) = 0``: the same weights as with the bool mask."""
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    out = torch.zeros(mask.shape, dtype=dtype, device=device)
+    return out.masked_fill_(~mask.to(device), torch.finfo(dtype).min)
+
+
 def packed_forward(model: Any, rows: PackedRows, device: Any, hidden: bool) -> tuple[torch.Tensor, ...]:
     """One forward of the packed rows: ``(feats (M, V|H), last-position logits (N, V), continuation ids
     (N, C), C, cols (N, 1 + C))`` with ``cols`` indexing ``feats``'s rows like :attr:`PackedRows.cols`.
@@ -152,7 +164,7 @@ def packed_forward(model: Any, rows: PackedRows, device: Any, hidden: bool) -> t
     r, width = rows.ids.shape
     cols, last = rows.cols.to(device), rows.last.to(device)
     need = torch.unique(last % width) if hidden else torch.unique(torch.cat([cols.flatten(), last]) % width)
-    out = model(input_ids=rows.ids.to(device), attention_mask=rows.mask.to(device),
+    out = model(input_ids=rows.ids.to(device), attention_mask=additive_mask(rows.mask, model, device),
                 position_ids=rows.pos.to(device), use_cache=False, logits_to_keep=need,
                 output_hidden_states=hidden)
     at = torch.full((width,), -1, dtype=torch.long, device=device)

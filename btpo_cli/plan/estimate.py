@@ -291,6 +291,8 @@ def activations(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> dict[str
     kept = rows * (geo.keep if geo.keep else geo.seq_len)
     final = (4 * s.hidden + r * s.hidden) * t + (2 * s.hidden * kept if cast else 0)
     mask_layer = e * mask_once                                   # its float copy, saved by SDPA per layer
+    if inp.packed_prefix and geo.rollout:                        # packed: one additive mask, saved by reference
+        mask_once, mask_layer = mask_once * (1 + e), 0.0
     if checkpointing:
         body = s.layers * r * s.hidden * t
         peak = body + final + max(head, per_layer + mask_layer) + mask_once
