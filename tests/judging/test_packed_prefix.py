@@ -177,6 +177,12 @@ def test_on_raises_and_auto_falls_back_where_packing_cannot_apply() -> None:
     seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, [5, 6], 2, seed=1), 0)
     with pytest.raises(BtpoError, match="train.packing=on: attn_implementation 'flash_attention_2'"):
         score_thoughts(model, seqs, 11, 12, 0, path=ScorePath(packing="on"))
+    model.config._attn_implementation = "eager"              # eager adds the (additive) mask: same scores
+    e_off = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath())
+    e_on = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath(packing="on"))
+    tol = float32_sum_bound(model.config.vocab_size, max(1.0, float(e_off.logp_yes.abs().max())))
+    assert float((e_on.logp_yes - e_off.logp_yes).abs().max()) <= tol
+    assert float((e_on.logp - e_off.logp).abs().max()) <= tol
     model.config._attn_implementation = "sdpa"
     off = score_thoughts(model, seqs, 11, 12, 0, path=ScorePath())
     model.config._attn_implementation, model.config.sliding_window = "sdpa", 4
