@@ -20,6 +20,9 @@ shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``t
 - variants: ``plain``, ``shared`` (``train.shared_prefix``: KV cache), ``packed`` (``train.packing``:
   the prompt once with its K continuations in one row, dense prompt-sharing mask through SDPA),
   each also ``+chunked`` (``train.chunked_logprobs``).
+- saved (``--saved``, in-process, forward only): the MiB of the distinct storages autograd saves for
+  the backward by the end of the forward (``saved_tensors_hooks``; parameters left out) — the
+  activations the peak is made of, counted from tensors, without the allocator's and RSS's noise.
 - FLOP ratio: forward FLOPs of the shared path over the plain one (linear layers 2·params per
   token, attention 4·layers·hidden·context per token, the LM head 2·hidden·vocab per kept position —
   the same positions in both paths), what the time ratio would be if time followed FLOPs.
@@ -89,6 +92,23 @@ def update_phase(model: Any, seqs: SeqBatch, variant: str) -> None:
     (sc.logp.sum() + sc.logp_yes.sum()).backward()
 
 
+def saved_mib(model: Any, seqs: SeqBatch, variant: str) -> float:
+    """MiB of the distinct non-parameter storages saved for the backward by one update phase's forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sc = score_thoughts(model, seqs, 5, 6, 0, False, 1.0, VARIANTS[variant])
+        loss = sc.logp.sum() + sc.logp_yes.sum()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    del sc, loss
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
+
+
 def flop_ratio(model: Any, args: argparse.Namespace) -> float:
     c = model.config
     h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
@@ -155,6 +175,7 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked,packed,packed+chunked")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--saved", action="store_true", help="also count the tensors saved for the backward")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -174,6 +195,7 @@ def main() -> None:
             times[v].append(time.perf_counter() - t0)
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
     med = {v: statistics.median(t) for v, t in times.items() if t}
+    saved = {v: saved_mib(model, seqs, v) for v in variants} if args.saved else {}
     planned = {v: planned_mib(model, args, v) for v in variants}
     head_grad, layers, flops = head_grad_mib(model), model.config.num_hidden_layers, flop_ratio(model, args)
     del model                                          # give the timing run's memory back before the
@@ -198,6 +220,8 @@ def main() -> None:
            "head_grad_mib": round(head_grad, 1),
            "act_ratio": {v: round((peak[v] - head_grad) / (peak["plain"] - head_grad), 3)
                          for v in peak} if "plain" in peak else {},
+           "saved_mib": {v: round(m, 1) for v, m in saved.items()},
+           "saved_ratio": {v: round(saved[v] / saved["plain"], 3) for v in saved} if "plain" in saved else {},
            "planned_mib": {v: {k: round(x, 1) for k, x in planned[v].items()} for v in variants},
            "plan_over_measured": {v: round((planned[v]["peak"] + head_grad) / peak[v], 3) for v in peak}}
     print(json.dumps(res, indent=1))
