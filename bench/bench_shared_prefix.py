@@ -1,4 +1,4 @@
-"""Shared-prefix and chunked-logprob scoring against the plain path: one BTPO update phase.
+"""Shared-prefix, packed prompt+K and chunked-logprob scoring against the plain path: one BTPO update phase.
 
 One update phase = forward + backward of :func:`~btpo_cli.judging.gpm.score_thoughts` over the
 ``2 · pairs · K`` sequences of a rollout (prompt ``--prompt`` tokens, thoughts ``--thought``,
@@ -17,12 +17,19 @@ shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``t
 - planned: ``btpo plan``'s activation peak of the same micro-batch (``plan/estimate.activations``:
   fp32, no checkpointing, ``train.shared_prefix`` / ``train.chunked_logprobs`` as the variant) and
   its loss-head (logits) term, beside the measured peak.
+- variants: ``plain``, ``shared`` (``train.shared_prefix``: KV cache), ``packed`` (``train.packing``:
+  the prompt once with its K continuations in one row, dense prompt-sharing mask through SDPA),
+  each also ``+chunked`` (``train.chunked_logprobs``).
+- saved (``--saved``, in-process, forward only): the MiB of the distinct storages autograd saves for
+  the backward by the end of the forward (``saved_tensors_hooks``; parameters left out) — the
+  activations the peak is made of, counted from tensors, without the allocator's and RSS's noise.
 - FLOP ratio: forward FLOPs of the shared path over the plain one (linear layers 2·params per
   token, attention 4·layers·hidden·context per token, the LM head 2·hidden·vocab per kept position —
   the same positions in both paths), what the time ratio would be if time followed FLOPs.
 
     python bench/bench_shared_prefix.py --shape smollm2-135m --repeats 2
     python bench/bench_shared_prefix.py --shape qwen2.5-0.5b --layers 4
+    python bench/bench_shared_prefix.py --variants plain,shared,packed,packed+chunked --repeats 2
 """
 
 from __future__ import annotations
@@ -47,10 +54,11 @@ from btpo_cli.plan.estimate import GiB, PlanInputs, activations, geometry  # noq
 from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
 
 VARIANTS = {"plain": ScorePath(), "shared": ScorePath("on"), "chunked": ScorePath("off", True),
-            "shared+chunked": ScorePath("on", True)}
+            "shared+chunked": ScorePath("on", True), "packed": ScorePath(packing="on"),
+            "packed+chunked": ScorePath(packing="on", chunked_logprobs=True)}
 
 
-def build_model(shape: str, layers: int | None) -> Any:
+def build_model(shape: str, layers: int | None, attn: str = "sdpa") -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = {k: v for k, v in json.loads(known_shapes()[shape].read_text()).items()
@@ -58,7 +66,7 @@ def build_model(shape: str, layers: int | None) -> Any:
     if layers:
         conf["num_hidden_layers"] = layers
         conf.pop("layer_types", None)
-    conf["attn_implementation"] = "sdpa"
+    conf["attn_implementation"] = attn
     cfg = AutoConfig.for_model(**conf)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -84,6 +92,23 @@ def update_phase(model: Any, seqs: SeqBatch, variant: str) -> None:
     (sc.logp.sum() + sc.logp_yes.sum()).backward()
 
 
+def saved_mib(model: Any, seqs: SeqBatch, variant: str) -> float:
+    """MiB of the distinct non-parameter storages saved for the backward by one update phase's forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sc = score_thoughts(model, seqs, 5, 6, 0, False, 1.0, VARIANTS[variant])
+        loss = sc.logp.sum() + sc.logp_yes.sum()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    del sc, loss
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
+
+
 def flop_ratio(model: Any, args: argparse.Namespace) -> float:
     c = model.config
     h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
@@ -107,7 +132,7 @@ def planned_mib(model: Any, args: argparse.Namespace, variant: str) -> dict[str,
     inp = PlanInputs(method="btpo", shape=from_config(args.shape, model.config.to_dict()), device="cpu",
                      precision="fp32", micro_batch=args.pairs, prompt_tokens=args.prompt, gen_tokens=args.thought,
                      tail_tokens=args.tail, n=args.k, shared_prefix=path.shared_prefix != "off",
-                     chunked_logprobs=path.chunked_logprobs)
+                     chunked_logprobs=path.chunked_logprobs, packing=path.packing != "off")
     act = activations(inp, geometry(inp), False)
     scale = args.responses / 2 * 1024 / GiB          # every term is linear in the rows; BTPO's pair has 2
     return {"peak": act["peak"] * scale, "head": act["head"] * scale}
@@ -127,7 +152,7 @@ def rss_kib(field: str) -> int:
 
 def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model = build_model(args.shape, args.layers)
+    model = build_model(args.shape, args.layers, args.attn)
     seqs = build_seqs(model.config.vocab_size, args)
     Path("/proc/self/clear_refs").write_text("5")
     before = rss_kib("VmRSS")
@@ -147,8 +172,10 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, default=default,
                         help="responses per pair (1 halves the rows and the memory: same ratios)"
                         if name == "responses" else None)
-    ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked")
+    ap.add_argument("--variants", default="plain,shared,chunked,shared+chunked,packed,packed+chunked")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--saved", action="store_true", help="also count the tensors saved for the backward")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -156,7 +183,7 @@ def main() -> None:
         return one(args)
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
-    model = build_model(args.shape, args.layers)
+    model = build_model(args.shape, args.layers, args.attn)
     seqs = build_seqs(model.config.vocab_size, args)
     times: dict[str, list[float]] = {v: [] for v in variants}
     if args.repeats:
@@ -168,6 +195,7 @@ def main() -> None:
             times[v].append(time.perf_counter() - t0)
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
     med = {v: statistics.median(t) for v, t in times.items() if t}
+    saved = {v: saved_mib(model, seqs, v) for v in variants} if args.saved else {}
     planned = {v: planned_mib(model, args, v) for v in variants}
     head_grad, layers, flops = head_grad_mib(model), model.config.num_hidden_layers, flop_ratio(model, args)
     del model                                          # give the timing run's memory back before the
@@ -178,11 +206,11 @@ def main() -> None:
     if not args.no_memory:
         for v in variants:
             sizes = [x for name in SIZES if name != "repeats" for x in (f"--{name}", str(getattr(args, name)))]
-            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, *sizes] \
+            cmd = [sys.executable, __file__, "--one", v, "--shape", args.shape, "--attn", args.attn, *sizes] \
                 + (["--layers", str(args.layers)] if args.layers else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             peak[v] = json.loads(out)["peak_mib"]
-    res = {"shape": args.shape, "layers": layers, "prompt": args.prompt,
+    res = {"shape": args.shape, "layers": layers, "attn": args.attn, "prompt": args.prompt,
            "thought": args.thought, "tail": args.tail, "k": args.k, "pairs": args.pairs, "repeats": args.repeats,
            "threads": args.threads, "rows": len(seqs), "flop_ratio_shared": round(flops, 3),
            "median_s": {v: round(t, 3) for v, t in med.items()},
@@ -192,6 +220,8 @@ def main() -> None:
            "head_grad_mib": round(head_grad, 1),
            "act_ratio": {v: round((peak[v] - head_grad) / (peak["plain"] - head_grad), 3)
                          for v in peak} if "plain" in peak else {},
+           "saved_mib": {v: round(m, 1) for v, m in saved.items()},
+           "saved_ratio": {v: round(saved[v] / saved["plain"], 3) for v in saved} if "plain" in saved else {},
            "planned_mib": {v: {k: round(x, 1) for k, x in planned[v].items()} for v in variants},
            "plan_over_measured": {v: round((planned[v]["peak"] + head_grad) / peak[v], 3) for v in peak}}
     print(json.dumps(res, indent=1))

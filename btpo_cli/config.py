@@ -120,14 +120,21 @@ class TrainConfig:
     bitwise, so off by default; models whose head is not a plain ``h Wᵀ`` (bias, soft-capping, logit
     scale) and ZeRO-3 (a partitioned head) raise; FSDP2 works."""
     packing: str = "off"
-    """``off``, ``on`` or ``auto``: padding-free batches for the supervised methods (BT, BT-prefilled,
-    GRAM) and their evaluation / ``btpo score`` / ``btpo serve``: a micro-batch's sequences go into one
-    row with per-sequence position ids and attention that never crosses sequences
-    (btpo_cli/models/packing.py, docs/packing.md), and a step's pairs are sorted by length into
-    micro-batches (the same pairs per step, so the same gradient). Equal within float rounding, not
-    bitwise, so off by default; ``auto`` packs where measured faster (CPU and CUDA), ``on`` the same
-    but raises where packing does not apply (a rollout method). A judge trained with packing
-    evaluates with it (``--set train.packing=off`` turns it off)."""
+    """``off``, ``on`` or ``auto``: padding-free packed rows, for every method.
+    Supervised methods (BT, BT-prefilled, GRAM) and their evaluation / ``btpo score`` / ``btpo serve``: a
+    micro-batch's sequences go into one row with per-sequence position ids and attention that never
+    crosses sequences (btpo_cli/models/packing.py, docs/packing.md), and a step's pairs are sorted by
+    length into micro-batches (the same pairs per step, so the same gradient). A judge trained with
+    packing evaluates with it (``--set train.packing=off`` turns it off).
+    Rollout methods (BTPO, GRPO-pair/point): each prompt ONCE with its K thoughts (G completions) in one
+    packed row under a prompt-sharing attention mask, several prompts per row
+    (btpo_cli/judging/packed_prefix.py, docs/packing-prefix.md) — the update, old and reference
+    log-probs, ``eval --samples K``; it supersedes ``shared_prefix`` (no per-row K/V copies, no cache)
+    and works under gradient checkpointing. With ``micro_batch_tokens`` a packed prompt counts once.
+    Same loss and gradients within float rounding (tests/models/test_packing.py,
+    tests/judging/test_packed_prefix.py), not bitwise, so off by default. ``auto`` packs where it
+    applies and falls back where it does not; ``on`` raises there (attention other than sdpa/eager,
+    sliding-window or non-attention layers)."""
     save_every: int = 100
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2

@@ -26,6 +26,7 @@ import torch
 from btpo_cli.engines.base import Sample
 from btpo_cli.errors import BtpoError
 from btpo_cli.judging.lm_head import SHARD, head_weight, token_logprobs
+from btpo_cli.judging.packed_prefix import NOT_PACKABLE, pack_prefix_groups, packed_forward, packing_blocker
 from btpo_cli.judging.templates import GPMPrompt
 from btpo_cli.models.inputs import left_pad, positions
 
@@ -104,16 +105,17 @@ NOTHING_SHARED = "no two consecutive rows share a prefix, or a row has no contin
 
 @dataclass(frozen=True)
 class ScorePath:
-    """How :func:`score_thoughts` runs the forward (``train.shared_prefix``, ``train.chunked_logprobs``);
-    the default is the plain path, bitwise what it always was."""
+    """How :func:`score_thoughts` runs the forward (``train.shared_prefix``, ``train.chunked_logprobs``,
+    ``train.packing``); the default is the plain path, bitwise what it always was."""
 
     shared_prefix: str = "off"
     chunked_logprobs: bool = False
+    packing: str = "off"
 
     @classmethod
     def of(cls, train: Any) -> ScorePath:
-        """From a ``train`` config section."""
-        return cls(train.shared_prefix, train.chunked_logprobs == "on")
+        """From a ``train`` config section (one without ``packing``: off)."""
+        return cls(train.shared_prefix, train.chunked_logprobs == "on", getattr(train, "packing", "off"))
 
 
 PLAIN = ScorePath()
@@ -137,6 +139,11 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     :func:`~btpo_cli.judging.lm_head.token_logprobs` (chunks of positions, logits recomputed in the
     backward), so no (tokens × vocab) logits are held. Models whose head is not a plain ``h Wᵀ`` raise
     (:func:`~btpo_cli.judging.lm_head.head_weight`).
+
+    ``path.packing`` (``train.packing``): ``on`` / ``auto`` forward each group's prompt once with its
+    continuations in packed rows under a prompt-sharing mask (btpo_cli/judging/packed_prefix.py); it
+    supersedes ``shared_prefix``. Where it does not apply (:func:`~btpo_cli.judging.packed_prefix.packing_blocker`)
+    ``auto`` goes on with ``shared_prefix`` (or the plain path) and ``on`` raises.
     """
     if not isinstance(seqs, SeqBatch):
         seqs = SeqBatch.from_seqs(seqs, pad_id)
@@ -149,7 +156,15 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     if hidden:
         _head_weight(model, before_forward=True)                                 # fail before the forward
     shared = None
-    if path.shared_prefix != "off":
+    if path.packing != "off":
+        reason = packing_blocker(model)
+        got = reason or pack_prefix_groups(seqs.ids, seqs.mask, seqs.n_thought, seqs.n_tail, prefix_groups(seqs))
+        if isinstance(got, str):
+            if path.packing == "on" and got != NOT_PACKABLE:
+                raise BtpoError(f"train.packing=on: {got}; use 'auto' or 'off'")
+        else:
+            shared = packed_forward(model, got, device, hidden)                 # (M, V|H), ..., cols (N, 1+C)
+    if shared is None and path.shared_prefix != "off":
         reason = shared_prefix_blocker(model)
         got = _shared_forward(model, seqs, device, hidden) if reason is None else reason
         if isinstance(got, str):
@@ -158,13 +173,15 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
         else:
             shared = got
     if shared is not None:
-        feats, last, tok, c = shared                                             # (N, 1+C, V|H), (N, V), (N, C)
+        feats, last, tok, c = shared[:4]                                         # (N, 1+C, V|H), (N, V), (N, C)
         start = c - n_tl - n_th                                                  # (N,) first thought column in tok
         tok_col = (start[:, None] + ar[None, :]).clamp(min=0, max=c - 1)         # (N, Tz)
         # the first thought token is predicted by the prefix's last position (column 0); token at
         # continuation column j by the continuation's position j-1 (column j)
         rel = torch.where(ar[None, :] == 0, torch.zeros_like(tok_col), tok_col)
         tok = tok.gather(1, tok_col)                                             # (N, Tz)
+        if len(shared) == 5:                                                     # packed: rows of feats (M, F)
+            rel = shared[4].gather(1, rel)
     else:
         ids, mask = seqs.ids.to(device), seqs.mask.to(device)                    # (N, T)
         t = ids.shape[1]
@@ -180,11 +197,11 @@ def score_thoughts(model: Any, seqs: SeqBatch | list[ThoughtSeq], yes_id: int, n
     if hidden:
         weight = _head_weight(model, before_forward=False)                       # FSDP2: unsharded by now
 
-        h = feats[torch.arange(len(seqs), device=device)[:, None], rel][zmask]  # (M, H) thought positions only
+        h = _pick(feats, rel)[zmask]                                             # (M, H) thought positions only
         logp = torch.zeros(zmask.shape, dtype=torch.float32, device=device)
         logp = logp.masked_scatter(zmask, token_logprobs(h, weight, tok[zmask], temperature))
         return _answer(logp, zmask, _upcast(last), yes_id, no_id, yes_no_normalize)
-    return _read_scores(feats, rel, tok, zmask, yes_id, no_id, yes_no_normalize, temperature)
+    return _read_scores(feats, rel, tok, zmask, last, yes_id, no_id, yes_no_normalize, temperature)
 
 
 def score_chunked(model: Any, seqs: SeqBatch, yes_id: int, no_id: int, pad_id: int, normalize: bool,
@@ -213,17 +230,24 @@ def _head_weight(model: Any, before_forward: bool) -> torch.Tensor | None:
     return got if isinstance(got, torch.Tensor) else None
 
 
-def _read_scores(logits: torch.Tensor, rel: torch.Tensor, tok: torch.Tensor, zmask: torch.Tensor, yes_id: int,
-                 no_id: int, yes_no_normalize: bool, temperature: float) -> Scores:
-    """Thought log-probs from ``logits[i, rel[i, j]]`` (predicting ``tok[i, j]``) and log p(Yes) from
-    the last column."""
-    n = logits.shape[0]
-    sel = _upcast(logits[torch.arange(n, device=logits.device)[:, None], rel])  # (N, Tz, V)
+def _pick(feats: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """``feats[i, rel[i, j]]`` (N, Tz, F) for per-row features (N, cols, F); ``feats[rel[i, j]]`` for
+    packed ones (M, F)."""
+    if feats.dim() == 2:
+        return feats[rel]
+    return feats[torch.arange(feats.shape[0], device=feats.device)[:, None], rel]
+
+
+def _read_scores(logits: torch.Tensor, rel: torch.Tensor, tok: torch.Tensor, zmask: torch.Tensor,
+                 last: torch.Tensor, yes_id: int, no_id: int, yes_no_normalize: bool, temperature: float) -> Scores:
+    """Thought log-probs from ``logits[i, rel[i, j]]`` (predicting ``tok[i, j]``, :func:`_pick`) and
+    log p(Yes) from ``last`` (N, V), the last position's logits."""
+    sel = _upcast(_pick(logits, rel))                                           # (N, Tz, V)
     if temperature != 1.0:
         sel = sel / temperature
     logp = sel.gather(-1, tok[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
     logp = torch.where(zmask, logp, torch.zeros_like(logp))
-    return _answer(logp, zmask, _upcast(logits[:, -1, :]), yes_id, no_id, yes_no_normalize)
+    return _answer(logp, zmask, _upcast(last), yes_id, no_id, yes_no_normalize)
 
 
 def _answer(logp: torch.Tensor, zmask: torch.Tensor, last: torch.Tensor, yes_id: int, no_id: int,

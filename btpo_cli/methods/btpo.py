@@ -304,7 +304,7 @@ class BTPOJudge(Judge):
                                         for s in g], ids.pad_id)
             path = ScorePath.of(self.cfg.train)
             # with a shared prefix, chunks hold whole groups of K (a split group still scores right)
-            batch = self.cfg.eval.batch_size * 2 * (k if path.shared_prefix != "off" else 1)
+            batch = self.cfg.eval.batch_size * 2 * (k if path.shared_prefix != "off" or path.packing != "off" else 1)
             _, syes = score_chunked(self.model, sseqs, ids.yes_id, ids.no_id, ids.pad_id, self.cfg.btpo.yes_no_normalize,
                                     self.cfg.rollout.temperature, batch, path)
             sampled = syes.exp().view(-1, k).tolist()

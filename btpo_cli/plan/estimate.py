@@ -106,9 +106,12 @@ class PlanInputs:
     """``train.chunked_logprobs: on``: the thought log-probs come from hidden states through
     chunks (:func:`logprob_chunk`); only the last position's logits are held."""
     packing: bool = False
-    """``train.packing`` on/auto (BT, BT-prefilled, GRAM): a micro-batch's sequences are one row of
-    their summed tokens (every sequence at ``prompt_tokens``, the worst case, so as many tokens as
-    padded) with attention per sequence: no (N, 1, T, T) mask, and no padding to count."""
+    """``train.packing`` on/auto. Supervised methods (BT, BT-prefilled, GRAM): a micro-batch's sequences are
+    one row of their summed tokens (every sequence at ``prompt_tokens``, the worst case, so as many tokens
+    as padded) with attention per sequence: no (N, 1, T, T) mask, and no padding to count. Rollout
+    methods: each prompt once with its ``n`` continuations in one packed row
+    (btpo_cli/judging/packed_prefix.py): prompt tokens once per group, no per-row K/V copies, a
+    (p + n·c)² mask per group; also under gradient checkpointing. Supersedes ``shared_prefix``."""
     engine: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (cpu: hf; cuda: the larger of the two)."""
     prompts_per_batch: int = 16
@@ -260,6 +263,10 @@ def shared_tokens(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[
 def _tokens_and_masks(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> tuple[int, float, float]:
     """Tokens through the layers, the bool mask entries, and the expanded prefix K/V bytes (all layers)."""
     rows = inp.micro_batch * geo.rows_per_pair
+    if inp.packing and geo.rollout:            # one packed row per group: the prompt, then its n continuations
+        groups, p = inp.micro_batch * geo.prompts_per_pair, inp.prompt_tokens
+        c, width = geo.seq_len - p, p + rows // groups * (geo.seq_len - p)
+        return groups * p + rows * c, float(groups * width ** 2), 0.0
     if inp.packing and not geo.rollout and not checkpointing:        # packed: tokens summed, no mask
         return rows * geo.seq_len, 0.0, 0.0
     sh = shared_tokens(inp, geo, checkpointing)
@@ -289,6 +296,8 @@ def activations(inp: PlanInputs, geo: Geometry, checkpointing: bool) -> dict[str
     kept = rows * (geo.keep if geo.keep else geo.seq_len)
     final = (4 * s.hidden + r * s.hidden) * t + (2 * s.hidden * kept if cast else 0)
     mask_layer = e * mask_once                                   # its float copy, saved by SDPA per layer
+    if inp.packing and geo.rollout:                        # packed: one additive mask, saved by reference
+        mask_once, mask_layer = mask_once * (1 + e), 0.0
     if checkpointing:
         body = s.layers * r * s.hidden * t
         peak = body + final + max(head, per_layer + mask_layer) + mask_once

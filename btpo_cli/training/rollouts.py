@@ -46,6 +46,7 @@ from btpo_cli.judging.gpm import (
     score_chunked,
     shared_prefix_blocker,
 )
+from btpo_cli.judging.packed_prefix import packing_blocker
 from btpo_cli.progress import TrainProgress
 from btpo_cli.runs.folder import maybe_fault
 from btpo_cli.training import preempt
@@ -199,6 +200,8 @@ def _update_phase(loop: _Loop, r_idx: int, local: list[int], ro: Any, roll_metri
     per_proc = cfg.train.batch_size // acc.num_processes
     model.train()
     shared = cfg.train.shared_prefix if shared_prefix_blocker(model) is None else "off"
+    if getattr(cfg.train, "packing", "off") != "off" and packing_blocker(model) is None:
+        shared = "on"                              # a packed prompt counts once too
     g = torch.Generator().manual_seed(cfg.train.seed * 7919 + r_idx + 1)
     for epoch in range(plan.update_epochs):
         # first pass: minibatch m is the m-th slice of `local` (rollout_slice shuffled it
