@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.peak_rss import peak_growth_mib  # noqa: E402
 from btpo_cli.losses import bt_loss  # noqa: E402
 from btpo_cli.methods.bt import rewards  # noqa: E402
 from btpo_cli.models import packing  # noqa: E402
@@ -119,21 +120,11 @@ def eval_pass(model: Any, args: argparse.Namespace, variant: str, vocab: int) ->
             fn(model, [torch.randint(10, vocab, (n,), generator=g).tolist() for p in chunk for n in p])
 
 
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = build_model(args.shape, args.layers).train()
     micro = micro_batches(args, model.config.vocab_size)[:1]
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss_kib("VmRSS")
-    train_step(model, micro, args.one)
-    print(json.dumps({"variant": args.one, "peak_mib": (rss_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"variant": args.one, "peak_mib": peak_growth_mib(lambda: train_step(model, micro, args.one))}))
 
 
 def timed(fn: Any) -> float:

@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.peak_rss import peak_growth_mib  # noqa: E402
 from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts  # noqa: E402
 from btpo_cli.plan.estimate import GiB, PlanInputs, activations, geometry  # noqa: E402
 from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
@@ -143,21 +144,11 @@ def head_grad_mib(model: Any) -> float:
     return model.get_output_embeddings().weight.numel() * 4 / 2**20
 
 
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = build_model(args.shape, args.layers, args.attn)
     seqs = build_seqs(model.config.vocab_size, args)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss_kib("VmRSS")
-    update_phase(model, seqs, args.one)
-    print(json.dumps({"variant": args.one, "peak_mib": (rss_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"variant": args.one, "peak_mib": peak_growth_mib(lambda: update_phase(model, seqs, args.one))}))
 
 
 SIZES = {"prompt": 512, "thought": 128, "tail": 24, "k": 4, "pairs": 1, "responses": 2, "repeats": 2, "threads": 1}

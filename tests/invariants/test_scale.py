@@ -107,11 +107,14 @@ def test_fsdp2_btpo_two_processes_equal_one(tmp_path: Path, synthetic_data: Path
 
 
 @pytest.mark.slow
-def test_fsdp2_btpo_shared_prefix_chunked_two_processes_equal_one(tmp_path: Path, synthetic_data: Path) -> None:
-    """train.shared_prefix=on + train.chunked_logprobs=on under FSDP2: the LM head weight is read after
-    the root unit's forward (unsharded then) and its gradient reduce-scattered like the others."""
+@pytest.mark.parametrize("path", ["shared_prefix", "packing"])
+def test_fsdp2_btpo_scoring_path_chunked_two_processes_equal_one(tmp_path: Path, synthetic_data: Path,
+                                                                path: str) -> None:
+    """train.shared_prefix=on (or train.packing=on: each prompt once with its K thoughts in packed rows)
+    + train.chunked_logprobs=on under FSDP2 on 2 CPU processes equals 1 process: the LM head weight is
+    read after the root unit's forward (unsharded then) and its gradient reduce-scattered like the others."""
     common = ["train", "--method", "btpo", "--data", str(synthetic_data), "--max-steps", "2", *BTPO_SMALL,
-              "--set", "train.shared_prefix=on", "--set", "train.chunked_logprobs=on"]
+              "--set", f"train.{path}=on", "--set", "train.chunked_logprobs=on"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_btpo(*common, "--out", str(one))
     launch(*common, "--out", str(two))

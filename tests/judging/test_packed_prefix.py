@@ -13,37 +13,21 @@ largest magnitude involved (``max(1, |loss|)``, the largest gradient element).""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from btpo_cli.config import build_config
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging import gpm
-from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, prefix_groups, score_thoughts
+from btpo_cli.judging.gpm import ScorePath, SeqBatch, prefix_groups, score_thoughts
 from btpo_cli.judging.packed_prefix import pack_prefix_groups
 from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.methods import grpo_common
 from btpo_cli.training.rollouts import Rollout, score_chunked
 from tests.invariants.tolerances import float32_sum_bound
-from tests.judging.test_shared_prefix import _cfg, _grads, _model
+from tests.judging.scoring_paths import off_on_differences, sampled_scores, thought_groups
+from tests.judging.test_shared_prefix import _cfg, _model
 
-
-def _seqs(vocab: int, prefixes: list[int], k: int, seed: int, tail: int = 4) -> list[ThoughtSeq]:
-    """One group per prefix length, k continuations each of mixed lengths (with a tail one thought
-    is empty)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, p in enumerate(prefixes):
-        prefix = torch.randint(5, vocab, (p,), generator=g).tolist()
-        for j in range(k):
-            n_th = [7, 2, 5, 0 if tail else 1, 3][(i + j) % 5]
-            th = torch.randint(5, vocab, (n_th,), generator=g).tolist()
-            tl = torch.randint(5, vocab, (tail,), generator=g).tolist()
-            out.append(ThoughtSeq(prefix + th + tl, n_th, tail))
-    return out
+_seqs = thought_groups
 
 
 PREFIXES = [60, 6, 9, 7]
@@ -54,28 +38,10 @@ def _compare(run, model, n: int) -> tuple[float, float]:
     """``run(packing)`` → loss for off and on; max |Δloss| and max |Δgrad| over all parameters, each as
     a fraction of its float32 reduce-order bound over ``n`` tokens (≤ 1: they agree). The "on" run
     must really take the packed path (not fall back)."""
-    res, taken = {}, []
-    real = gpm.packed_forward
-
-    def spy(*a, **kw):
-        taken.append(a[1].ids.shape[0])                      # packed rows
-        return real(*a, **kw)
-
-    gpm.packed_forward = spy
-    try:
-        for packing in ("off", "on"):
-            model.zero_grad(set_to_none=True)
-            loss = run(packing)
-            loss.backward()
-            res[packing] = (loss.detach(), _grads(model))
-    finally:
-        gpm.packed_forward = real
+    dl, dg, calls = off_on_differences(run, model, n, "packed_forward")
+    taken = [a[1].ids.shape[0] for a, _ in calls]            # packed rows
     assert taken and max(taken) < len(PREFIXES), taken     # taken, with several prompts in a row
-    (l0, g0), (l1, g1) = res["off"], res["on"]
-    assert g0.keys() == g1.keys() and g0
-    tol_l = float32_sum_bound(n, max(1.0, float(l0.abs())))
-    tol_g = float32_sum_bound(n, max(float(g.abs().max()) for g in g0.values()))
-    return float((l0 - l1).abs()) / tol_l, max(float((g0[k] - g1[k]).abs().max()) for k in g0) / tol_g
+    return dl, dg
 
 
 def test_layout_positions_and_mask() -> None:
@@ -118,7 +84,7 @@ def test_btpo_micro_loss_packed_equals_plain(k: int, lora: bool, chunked: bool) 
     g = torch.Generator().manual_seed(4)
     old = old + 0.3 * torch.randn(old.shape, generator=g)                # ratios away from 1: some clip
     ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=g),
-                 old_logp_yes=(yes + 0.2 * torch.randn(yes.shape, generator=g)).view(pairs, 2, k))
+                 btpo_method.BTPOPayload((yes + 0.2 * torch.randn(yes.shape, generator=g)).view(pairs, 2, k)))
 
     def run(packing: str) -> torch.Tensor:
         cfg.train.packing = packing
@@ -139,7 +105,7 @@ def test_grpo_micro_loss_packed_equals_plain(method: str) -> None:
     gen = torch.Generator().manual_seed(9)
     old = old + 0.3 * torch.randn(old.shape, generator=gen)
     ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
-                 advantages=torch.randn(len(seqs), generator=gen))
+                 grpo_common.GRPOPayload(torch.randn(len(seqs), generator=gen)))
 
     def run(packing: str) -> torch.Tensor:
         cfg.train.packing = packing
@@ -211,47 +177,10 @@ def test_config_choices_and_plan_counts_the_prompt_once() -> None:
     assert acts["on"]["body"] < acts["off"]["body"]
 
 
-@pytest.mark.slow
-def test_fsdp2_btpo_packed_chunked_two_processes_equal_one(tmp_path: Path, synthetic_data: Path) -> None:
-    """train.packing=on + train.chunked_logprobs=on under FSDP2 on 2 CPU processes equals 1 process."""
-    from tests.conftest import run_btpo
-    from tests.invariants.test_scale import BTPO_SMALL, BTPO_TOKENS, assert_same_run, launch
-
-    common = ["train", "--method", "btpo", "--data", str(synthetic_data), "--max-steps", "2", *BTPO_SMALL,
-              "--set", "train.packing=on", "--set", "train.chunked_logprobs=on"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_btpo(*common, "--out", str(one))
-    launch(*common, "--out", str(two))
-    assert json.loads((two / "env.json").read_text())["world_size"] == 2
-    assert_same_run(one, two, 2, ("btpo/kl", "btpo/thought_len", "train/grad_norm"), BTPO_TOKENS)
-
-
 def test_btpo_eval_samples_packed_equals_plain() -> None:
     """``btpo eval/score --samples K`` scores its K sampled thoughts per response in packed rows."""
-    from btpo_cli.judging.judge import Item
-    from btpo_cli.methods.btpo import BTPOJudge
-    from btpo_cli.models.aliases import resolve_model
-
-    real, taken = gpm.packed_forward, []
-
-    def spy(*a, **kw):
-        taken.append(True)
-        return real(*a, **kw)
-
-    scores = {}
-    gpm.packed_forward = spy
-    try:
-        for packing in ("off", "on"):
-            cfg = build_config(flags={"method": "btpo"}, overrides=["eval.samples=3", "eval.max_new_tokens=6",
-                                                                   f"train.packing={packing}", "eval.batch_size=2"])
-            judge = BTPOJudge(resolve_model("tiny-qwen2"), cfg, torch.device("cpu"), {})
-            items = [Item([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1), "correct", (0, i, 0))
-                     for i in range(3)]
-            scores[packing] = [s.score for s in judge._score_chunk(items)]
-            vocab = judge.model.config.vocab_size
-    finally:
-        gpm.packed_forward = real
-    assert taken
+    scores, returned, vocab = sampled_scores("train.packing", "packed_forward")
+    assert returned
     # p(Yes) averaged over K: exp of a float32 log-softmax over the vocabulary, |Δp| ≤ p·|Δlog p| ≤ |Δlog p|,
     # the log-sum-exp's terms of the size of the logits (|logit| < 10 in the tiny models)
     assert max(abs(a - b) for a, b in zip(scores["off"], scores["on"], strict=True)) <= float32_sum_bound(vocab, 10.0)

@@ -20,6 +20,7 @@ from btpo_cli.methods import grpo_common
 from btpo_cli.models.loading import load_causal_lm
 from btpo_cli.training.rollouts import Rollout, score_chunked, unit_sizes
 from tests.invariants.tolerances import float32_sum_bound
+from tests.judging.scoring_paths import grads, off_on_differences, sampled_scores, thought_groups
 
 
 def _cfg(name: str, method: str, k: int, shared: str, lora: bool = False, beta: float = 0.0):
@@ -47,52 +48,21 @@ def _model(cfg, seed: int = 0):
 def _groups(model, n_groups: int, k: int, seed: int, tail: int = 4) -> list[ThoughtSeq]:
     """n_groups prefixes of different lengths, k thoughts each (some stop early; with a tail one is
     empty)."""
-    g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size if hasattr(model, "config") else 100
-    out = []
-    for i in range(n_groups):
-        prefix = torch.randint(5, vocab, (6 + 5 * i,), generator=g).tolist()
-        for j in range(k):
-            n_th = [7, 2, 5, 0 if tail else 1, 3][(i + j) % 5]
-            th = torch.randint(5, vocab, (n_th,), generator=g).tolist()
-            tl = torch.randint(5, vocab, (tail,), generator=g).tolist()
-            out.append(ThoughtSeq(prefix + th + tl, n_th, tail))
-    return out
+    return thought_groups(vocab, [6 + 5 * i for i in range(n_groups)], k, seed, tail)
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+_grads = grads
 
 
 def _compare(run, model, n: int, shared_used: bool = True) -> tuple[float, float]:
     """Run ``run(shared)`` → loss for off and on; max |Δloss|, max |Δgrad| over all parameters, each
     as a fraction of its float32 reduce-order bound over ``n`` tokens (≤ 1: they agree).
     ``shared_used``: the "on" run must really take the shared-prefix path (not fall back)."""
-    import btpo_cli.judging.gpm as gpm
-
-    res, taken = {}, []
-    real = gpm._shared_forward
-
-    def spy(*a, **kw):
-        got = real(*a, **kw)
-        taken.append(not isinstance(got, str))
-        return got
-
-    gpm._shared_forward = spy
-    try:
-        for shared in ("off", "on"):
-            model.zero_grad(set_to_none=True)
-            loss = run(shared)
-            loss.backward()
-            res[shared] = (loss.detach(), _grads(model))
-    finally:
-        gpm._shared_forward = real
+    dl, dg, calls = off_on_differences(run, model, n, "_shared_forward")
+    taken = [not isinstance(got, str) for _, got in calls]
     assert not shared_used or (taken and all(taken)), taken
-    (l0, g0), (l1, g1) = res["off"], res["on"]
-    assert g0.keys() == g1.keys() and g0
-    tol_l = float32_sum_bound(n, max(1.0, float(l0.abs())))
-    tol_g = float32_sum_bound(n, max(float(g.abs().max()) for g in g0.values()))
-    return float((l0 - l1).abs()) / tol_l, max(float((g0[k] - g1[k]).abs().max()) for k in g0) / tol_g
+    return dl, dg
 
 
 def _btpo_rollout(model, cfg, pairs: int, seed: int) -> tuple[Rollout, btpo_method.GPMTokens]:
@@ -251,29 +221,7 @@ def test_btpo_micro_loss_chunked_equals_plain(name: str, shared: str, lora: bool
 
 def test_btpo_eval_samples_shared_equals_plain() -> None:
     """``btpo eval/score --samples K`` scores its K sampled thoughts per response with the shared path."""
-    import btpo_cli.judging.gpm as gpm
-    from btpo_cli.judging.judge import Item
-    from btpo_cli.methods.btpo import BTPOJudge
-    from btpo_cli.models.aliases import resolve_model
-
-    real, taken = gpm._shared_forward, []
-
-    def spy(*a, **kw):
-        got = real(*a, **kw)
-        taken.append(not isinstance(got, str))
-        return got
-
-    scores = {}
-    gpm._shared_forward = spy
-    try:
-        for sp in ("off", "on"):
-            cfg = build_config(flags={"method": "btpo"}, overrides=["eval.samples=3", "eval.max_new_tokens=6",
-                                                                   f"train.shared_prefix={sp}", "eval.batch_size=2"])
-            judge = BTPOJudge(resolve_model("tiny-qwen2"), cfg, torch.device("cpu"), {})
-            items = [Item([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1), "correct", (0, i, 0))
-                     for i in range(3)]
-            scores[sp] = [s.score for s in judge._score_chunk(items)]
-    finally:
-        gpm._shared_forward = real
+    scores, returned, _ = sampled_scores("train.shared_prefix", "_shared_forward")
+    taken = [not isinstance(got, str) for got in returned]
     assert taken and all(taken)
     assert max(abs(a - b) for a, b in zip(scores["off"], scores["on"], strict=True)) <= 1e-6
