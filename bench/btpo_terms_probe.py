@@ -56,7 +56,7 @@ def _terms(model: Any, ro: Any, pair_ids: list[int], judge: Any, cfg: Any, devic
     m = len(pair_ids)
     old = ro.old_logp[rows, :sc.logp.shape[1]].to(device)
     lp_yes = sc.logp_yes.view(m, 2, k)
-    omega, pbar, adv = rollout_weights(ro.old_logp_yes[pair_ids].to(device), cfg.btpo.thought_advantage,
+    omega, pbar, adv = rollout_weights(ro.payload.old_logp_yes[pair_ids].to(device), cfg.btpo.thought_advantage,
                                        cfg.btpo.misalignment_weight)
     zero = torch.zeros_like(pbar[:, 0])
     seq, _ = clipped_surrogate(sc.logp, old, adv.reshape(-1), sc.mask, cfg.btpo.clip_eps_low, cfg.btpo.clip_eps_high,
