@@ -80,7 +80,7 @@ def _start_thinker_build(root: Path) -> tuple[subprocess.Popen, Path]:
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     with log.open("w") as f:
         proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "btpo_cli", "base-model"], stdout=f,
-                                stderr=subprocess.STDOUT, env=e, cwd=REPO, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=e, cwd=REPO, process_group=0)
     return proc, log
 
 
