@@ -1,7 +1,8 @@
 """The built-in benchmark: its seed summary, and end to end on the quick budget.
 
 The integration test builds the synthetic set, pre-trains tiny-thinker from scratch (the test
-session's cache starts empty, as a fresh clone's does), evaluates the untrained base GPM, trains
+session's cache starts empty, as a fresh clone's does; ``btpo base-model`` pre-trains it into that cache in
+the background from the session's start, tests/conftest.py, and the demo waits for it), evaluates the untrained base GPM, trains
 BT and BTPO on two seeds and evaluates them. It fails unless BTPO beats the base model by 10
 points and BT by 5 points on EVERY seed — the claim of the README's table, on a smaller budget.
 A sign error, a wrong mask, a broken weight or a BTPO that collapses shows up here. It has no
@@ -48,7 +49,7 @@ def test_seed_summary_means_worst_run_and_gaps(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_quick_from_a_fresh_thinker_btpo_beats_base_and_bt(tmp_path: Path) -> None:
+def test_demo_quick_from_a_fresh_thinker_btpo_beats_base_and_bt(tmp_path: Path, fresh_thinker: None) -> None:
     out = tmp_path / "demo"
     p = run_btpo("demo", "--quick", "--methods", "bt,btpo", "--seeds", "0,1", "--out", str(out),
                  env={"OMP_NUM_THREADS": "2"}, timeout=None)
