@@ -32,7 +32,7 @@ from btpo_cli.config import Config, ModelConfig  # noqa: E402
 from btpo_cli.data.synthetic import make_pair  # noqa: E402
 from btpo_cli.engines import SamplingParams
 from btpo_cli.engines.hf import HFEngine  # noqa: E402
-from btpo_cli.judging.gpm import SeqBatch, thought_sequence  # noqa: E402
+from btpo_cli.judging.logprobs import SeqBatch, thought_sequence  # noqa: E402
 from btpo_cli.methods.btpo import GPMTokens, Rollout, encode_pairs, micro_loss, score_chunked  # noqa: E402
 from btpo_cli.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from btpo_cli.training.steps import chunks  # noqa: E402

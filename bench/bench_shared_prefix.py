@@ -1,6 +1,6 @@
 """Shared-prefix, packed prompt+K and chunked-logprob scoring against the plain path: one BTPO update phase.
 
-One update phase = forward + backward of :func:`~btpo_cli.judging.gpm.score_thoughts` over the
+One update phase = forward + backward of :func:`~btpo_cli.judging.logprobs.score_thoughts` over the
 ``2 · pairs · K`` sequences of a rollout (prompt ``--prompt`` tokens, thoughts ``--thought``,
 tail ``--tail``), loss = Σ thought log-probs + Σ log p(Yes). Random-init weights of a shipped
 shape (``btpo_cli/plan/shapes``), optionally cut to ``--layers``; CPU, fp32, ``torch.set_num_threads``
@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peak_rss import peak_growth_mib  # noqa: E402
-from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts  # noqa: E402
+from btpo_cli.judging.logprobs import ScorePath, SeqBatch, ThoughtSeq, score_thoughts  # noqa: E402
 from btpo_cli.plan.estimate import GiB, PlanInputs, activations, geometry  # noqa: E402
 from btpo_cli.plan.shapes import from_config, known_shapes  # noqa: E402
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import btpo_cli.methods.btpo as M  # noqa: E402
 import btpo_cli.training.session as S  # noqa: E402
-from btpo_cli.judging.gpm import score_thoughts  # noqa: E402
+from btpo_cli.judging.logprobs import score_thoughts  # noqa: E402
 from btpo_cli.losses import clipped_surrogate, rollout_weights, score_loss  # noqa: E402
 
 STATE: dict[str, Any] = {"opt": None, "calls": 0, "every": 2, "out": None}

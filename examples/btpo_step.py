@@ -3,7 +3,7 @@
 What ``btpo train --method btpo`` does with one rollout batch under the library's defaults
 (thought_advantage=grpo, agg=token-mean, clip ε 0.2/0.2, β = 0 so no KL term, T = 1, p(Yes) over
 the full vocabulary, no score floor), as one file to read. The library spreads it over
-methods/btpo.py, training/rollouts.py, judging/gpm.py and losses.py;
+methods/btpo.py, training/rollouts.py, judging/logprobs.py and losses.py;
 tests/methods/test_btpo_step_example.py checks that this file's loss and gradients equal the
 library's on the same thoughts. Left to the library: padded batches (one forward per sequence
 here), minibatches and accumulation, several processes, seeded rollout engines, the lr schedule,

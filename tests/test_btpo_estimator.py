@@ -8,8 +8,8 @@ the library's own pieces, in the order a training step uses them:
 
 1. :class:`~btpo_cli.engines.hf.HFEngine` samples ``K`` thoughts per response (temperature 1,
    top-p 1, stopping on the end-of-turn token, at most ``L`` tokens),
-2. :func:`~btpo_cli.judging.gpm.thought_sequence` joins prompt, thought and tail,
-3. :func:`~btpo_cli.judging.gpm.score_thoughts` gives the thought-token log-probs and ``log p(Yes)`` (once
+2. :func:`~btpo_cli.judging.logprobs.thought_sequence` joins prompt, thought and tail,
+3. :func:`~btpo_cli.judging.logprobs.score_thoughts` gives the thought-token log-probs and ``log p(Yes)`` (once
    without grad for the "old" rollout values, once with grad), and
 4. :func:`~btpo_cli.losses.btpo_loss` with ``thought_advantage="exact"``, ``agg="seq-sum"``
    gives the loss whose negative gradient is the estimate ``ĝ`` (ρ = 1: old == current, so the
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from btpo_cli.engines import Sample, SamplingParams
 from btpo_cli.engines.hf import HFEngine
-from btpo_cli.judging.gpm import Scores, ThoughtSeq, score_thoughts, thought_sequence
+from btpo_cli.judging.logprobs import Scores, ThoughtSeq, score_thoughts, thought_sequence
 from btpo_cli.judging.templates import GPMPrompt
 from btpo_cli.losses import btpo_loss, rollout_weights
 

@@ -1,7 +1,7 @@
 """``train.packing`` for the rollout methods: each prompt ONCE with its K continuations, packed in rows.
 
 The rows a rollout method scores come in groups that share a prompt (a BTPO response's K thoughts, a
-GRPO query's G completions; :func:`~btpo_cli.judging.gpm.prefix_groups`). The packed layout puts a
+GRPO query's G completions; :func:`~btpo_cli.judging.logprobs.prefix_groups`). The packed layout puts a
 group in one stretch of a row — the prompt's ``P`` tokens once, then its continuations (thought +
 tail) one after the other — with
 

@@ -144,7 +144,7 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, pairs: list[tuple[in
                judge: GPMTokens, cfg: Config, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample K thoughts per response with ``engine``; score them with the trainer's ``model`` (no grad)."""
-    from btpo_cli.judging.gpm import thought_sequence  # heavy: imported on use
+    from btpo_cli.judging.logprobs import thought_sequence  # heavy: imported on use
     from btpo_cli.training.rollouts import Rollout, sample_and_score  # heavy: imported on use
 
     k = cfg.rollout.n
@@ -208,7 +208,7 @@ def micro_loss(model: Any, ro: Rollout, pair_ids: list[int], judge: GPMTokens, c
     """BTPO surrogate on a micro-batch of pairs (all 2K sequences of each)."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.judging.gpm import ScorePath, score_thoughts  # heavy: imported on use
+    from btpo_cli.judging.logprobs import ScorePath, score_thoughts  # heavy: imported on use
     from btpo_cli.losses import btpo_loss  # heavy: imported on use
 
     k = cfg.rollout.n
@@ -265,7 +265,7 @@ class BTPOJudge(Judge):
     def _score_chunk(self, items: list[Item]) -> list[Score]:
         import torch  # heavy: imported on use
 
-        from btpo_cli.judging.gpm import (  # heavy: imported on use
+        from btpo_cli.judging.logprobs import (  # heavy: imported on use
             ScorePath,
             SeqBatch,
             score_chunked,

@@ -12,7 +12,7 @@ Everything else is here, in the same order as BTPO's loop (``methods/btpo.py``):
    ``Â = (r − mean_group) / (std_group + 1e-6)`` with the population std
    (:func:`btpo_cli.losses.group_advantages`).
 3. One no-grad forward per completion gives the old per-token log-probs (and the reference
-   model's when ``β > 0``), with :func:`btpo_cli.judging.gpm.score_thoughts` on ``prompt + completion``
+   model's when ``β > 0``), with :func:`btpo_cli.judging.logprobs.score_thoughts` on ``prompt + completion``
    (the whole completion, end-of-turn token included, is the "thought"; there is no tail).
 4. ``update_epochs`` passes over the rollout in minibatches of ``train.batch_size`` pairs (a
    pair's ``q·G`` completions stay together); each step minimizes, per pair, the mean over its
@@ -156,7 +156,7 @@ def do_rollout(model: Any, ref: Any, engine: RolloutEngine, tok: Any, task: GRPO
                cfg: Config, eot_id: int, timer: StepTimer,
                seeds: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample ``G`` completions per query with ``engine``; parse, reward, score with the trainer's ``model``."""
-    from btpo_cli.judging.gpm import ThoughtSeq  # heavy: imported on use
+    from btpo_cli.judging.logprobs import ThoughtSeq  # heavy: imported on use
     from btpo_cli.losses import group_advantages  # heavy: imported on use
     from btpo_cli.training.rollouts import Rollout, sample_and_score  # heavy: imported on use
 
@@ -187,7 +187,7 @@ def micro_loss(model: Any, ro: Rollout, unit_ids: list[int], per_unit: int, pad_
     """GRPO surrogate on a micro-batch of units: mean over each unit's ``q·G`` completions, mean over units."""
     import torch  # heavy: imported on use
 
-    from btpo_cli.judging.gpm import ScorePath, score_thoughts  # heavy: imported on use
+    from btpo_cli.judging.logprobs import ScorePath, score_thoughts  # heavy: imported on use
     from btpo_cli.losses import clipped_surrogate, kl_k3  # heavy: imported on use
 
     rows = torch.tensor([u * per_unit + j for u in unit_ids for j in range(per_unit)])   # (m·q·G,)

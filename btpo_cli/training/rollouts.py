@@ -38,7 +38,7 @@ import torch
 from btpo_cli.config import Config
 from btpo_cli.engines.base import RolloutEngine, Sample, SamplingParams
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import (
+from btpo_cli.judging.logprobs import (
     ScorePath,
     SeqBatch,
     ThoughtSeq,
@@ -253,7 +253,7 @@ def _boundary(loop: _Loop, r_idx: int, stop: bool) -> bool:
 
 def unit_sizes(ro: Any, n_units: int, shared_prefix: str = "off") -> Callable[[int], list[int]] | None:
     """Token lengths of a local unit's rows, for token-sized micro-batches: a rollout's ``seqs``
-    (a :class:`~btpo_cli.judging.gpm.SeqBatch`) holds each unit's rows contiguously, the same number per unit.
+    (a :class:`~btpo_cli.judging.logprobs.SeqBatch`) holds each unit's rows contiguously, the same number per unit.
 
     With ``shared_prefix`` on, a row of a group of ``g`` rows sharing a prefix of ``p`` tokens counts
     its continuation plus ``ceil(p / g)``: the prompt is forwarded once per group, so rows × longest

@@ -244,7 +244,7 @@ LAYER_HEAD = "Layers, from the bottom"
 def parse_layers(doc: str) -> list[list[str]]:
     """The numbered list after "Layers, from the bottom": one layer per item, each a list of module patterns.
 
-    A pattern is a backticked name relative to ``btpo_cli`` (``data``, ``judging.gpm``) or a top-level package
+    A pattern is a backticked name relative to ``btpo_cli`` (``data``, ``judging.logprobs``) or a top-level package
     (``data_builders``); ``a.b/c/d`` is short for ``a.b``, ``a.c``, ``a.d``. A pattern covers its submodules."""
     text = doc[doc.index(LAYER_HEAD):]
     layers = []
@@ -320,6 +320,8 @@ EXTERNAL = {
     "compute_score",                                    # verl's reward hook
     "reduce_bucket_size",                               # DeepSpeed's ZeRO setting
     "set_offset",                                       # vLLM's seeded generator
+    "deepspeed_shm_comm",                               # DeepSpeed's CPU all-reduce op
+    "cu_seqlens",                                       # flash-attention's varlen argument
 }
 """Names of other projects' files and functions the docs cite: not this project's, never stale."""
 NOT_MODULES = {"train", "data", "eval", "model", "rollout", "btpo", "gram", "grpo", "bt", "lora", "plan", "serve",

@@ -10,27 +10,27 @@ from typing import Any
 
 import torch
 
-import btpo_cli.judging.gpm as gpm
+import btpo_cli.judging.logprobs as logprobs
 from btpo_cli.config import build_config
-from btpo_cli.judging.gpm import ThoughtSeq
+from btpo_cli.judging.logprobs import ThoughtSeq
 from tests.invariants.tolerances import float32_sum_bound
 
 
 @contextmanager
 def spying(name: str):
-    """``gpm.<name>`` records ``(args, result)`` of every call into the list it yields, then is restored."""
-    real, calls = getattr(gpm, name), []
+    """``logprobs.<name>`` records ``(args, result)`` of every call into the list it yields, then is restored."""
+    real, calls = getattr(logprobs, name), []
 
     def spy(*a: Any, **kw: Any) -> Any:
         got = real(*a, **kw)
         calls.append((a, got))
         return got
 
-    setattr(gpm, name, spy)
+    setattr(logprobs, name, spy)
     try:
         yield calls
     finally:
-        setattr(gpm, name, real)
+        setattr(logprobs, name, real)
 
 
 def grads(model: Any) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ def off_on_differences(run: Callable[[str], torch.Tensor], model: Any, n: int,
                        spied: str) -> tuple[float, float, list[Any]]:
     """``run(value)`` → loss for ``off`` and ``on``: max |Δloss| and max |Δgrad| over all parameters, each
     as a fraction of its float32 reduce-order bound over ``n`` tokens (≤ 1: they agree), and the calls
-    ``gpm.<spied>`` saw (``(args, result)``: whether the "on" run really took the path)."""
+    ``logprobs.<spied>`` saw (``(args, result)``: whether the "on" run really took the path)."""
     res = {}
     with spying(spied) as calls:
         for value in ("off", "on"):
@@ -59,7 +59,7 @@ def off_on_differences(run: Callable[[str], torch.Tensor], model: Any, n: int,
 
 def sampled_scores(setting: str, spied: str) -> tuple[dict[str, list[float]], list[Any], int]:
     """Scores of three items by a tiny-qwen2 BTPO judge (3 sampled thoughts each) with ``setting`` (a
-    ``train.*`` key) ``off`` and ``on``; what ``gpm.<spied>`` returned on each call; the vocabulary size."""
+    ``train.*`` key) ``off`` and ``on``; what ``logprobs.<spied>`` returned on each call; the vocabulary size."""
     from btpo_cli.judging.judge import Item
     from btpo_cli.methods.btpo import BTPOJudge
     from btpo_cli.models.aliases import resolve_model

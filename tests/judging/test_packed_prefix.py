@@ -18,7 +18,7 @@ import torch
 
 from btpo_cli.config import build_config
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import ScorePath, SeqBatch, prefix_groups, score_thoughts
+from btpo_cli.judging.logprobs import ScorePath, SeqBatch, prefix_groups, score_thoughts
 from btpo_cli.judging.packed_prefix import pack_prefix_groups
 from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.methods import grpo_common

@@ -14,7 +14,7 @@ import torch
 
 from btpo_cli.config import build_config
 from btpo_cli.errors import BtpoError, ConfigError
-from btpo_cli.judging.gpm import ScorePath, SeqBatch, ThoughtSeq, score_thoughts
+from btpo_cli.judging.logprobs import ScorePath, SeqBatch, ThoughtSeq, score_thoughts
 from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.methods import grpo_common
 from btpo_cli.models.loading import load_causal_lm

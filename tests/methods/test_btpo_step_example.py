@@ -33,7 +33,7 @@ from btpo_cli.config import RolloutConfig, build_config
 from btpo_cli.data.synthetic import TaskSpec, make_pair
 from btpo_cli.engines.base import Sample
 from btpo_cli.judging import templates
-from btpo_cli.judging.gpm import ScorePath, score_thoughts
+from btpo_cli.judging.logprobs import ScorePath, score_thoughts
 from btpo_cli.losses import btpo_loss
 from btpo_cli.methods.btpo import BTPOConfig, BTPOPayload, GPMTokens, do_rollout, encode_pairs, micro_loss
 from btpo_cli.models.loading import load_tokenizer

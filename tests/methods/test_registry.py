@@ -106,7 +106,7 @@ class ToyPayload:
 
 
 def toy_rl_train(cfg: Config, run: Run, resume: bool) -> None:
-    from btpo_cli.judging.gpm import ScorePath, score_thoughts, thought_sequence
+    from btpo_cli.judging.logprobs import ScorePath, score_thoughts, thought_sequence
     from btpo_cli.losses import clipped_surrogate, group_advantages
     from btpo_cli.training.rollouts import Rollout, RolloutPlan, run_rollouts, sample_and_score
 

@@ -98,7 +98,7 @@ def _lora_policy(kind: str = "causal") -> tuple[object, object]:
 
 
 def test_kl_with_adapter_disabled_equals_separate_reference() -> None:
-    from btpo_cli.judging.gpm import SeqBatch, ThoughtSeq, score_thoughts
+    from btpo_cli.judging.logprobs import SeqBatch, ThoughtSeq, score_thoughts
     from btpo_cli.losses import kl_k3
     from btpo_cli.models.loading import load_causal_lm
     from btpo_cli.models.lora import AdapterDisabled

@@ -8,7 +8,7 @@ import torch
 from btpo_cli.config import ModelConfig
 from btpo_cli.engines import SamplingParams
 from btpo_cli.engines.hf import HFEngine
-from btpo_cli.judging.gpm import score_thoughts, thought_sequence
+from btpo_cli.judging.logprobs import score_thoughts, thought_sequence
 from btpo_cli.judging.templates import (
     EVAL_INSTRUCTION,
     RATING_QUESTION,
