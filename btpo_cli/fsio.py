@@ -175,7 +175,11 @@ def remove_dir(path: Path) -> None:
     if os.path.lexists(gone):
         shutil.rmtree(gone, ignore_errors=True)
     os.replace(path, gone)
-    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        shutil.rmtree(gone, ignore_errors=True)
+    except BaseException:       # Ctrl-C half-way: the folder is already out of sight; finish, then stop
+        shutil.rmtree(gone, ignore_errors=True)
+        raise
 
 
 _RENAME_EXCHANGE = 2

@@ -162,6 +162,26 @@ def test_publish_folder_failing_build_keeps_the_target(tmp_path: Path) -> None:
     assert _seen(fsio.publish_folder(tmp_path / "first", lambda tmp: _folder(tmp, "new"))) == "new"
 
 
+def test_remove_dir_interrupted_half_way_finishes_and_reraises(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while an old checkpoint is being deleted (rotation after a save): the deletion finishes,
+    the interrupt goes on, and no ``.*.del`` folder is left in the run (it once was: test_run_safety)."""
+    old = _folder(tmp_path / "step-00000001", "old")
+    real, calls = shutil.rmtree, []
+
+    def interrupted(path: Any, *a: Any, **kw: Any) -> None:
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            os.remove(next(p for p in Path(path).rglob("*") if p.is_file()))      # half-way
+            raise KeyboardInterrupt
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(fsio.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fsio.remove_dir(old)
+    assert calls == [".step-00000001.del"] * 2 and list(tmp_path.iterdir()) == []
+
+
 def test_a_run_start_recovers_an_interrupted_publish_of_final_and_of_a_checkpoint(tmp_path: Path) -> None:
     run = Run(tmp_path / "run")
     _folder(fsio.backup_path(run.final_dir), "old")                # killed between the two renames
