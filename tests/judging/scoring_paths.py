@@ -12,7 +12,9 @@ import torch
 
 import btpo_cli.judging.logprobs as logprobs
 from btpo_cli.config import build_config
-from btpo_cli.judging.logprobs import ThoughtSeq
+from btpo_cli.judging.logprobs import SeqBatch, ThoughtSeq, score_chunked
+from btpo_cli.methods.grpo_common import GRPOPayload
+from btpo_cli.training.rollouts import Rollout
 from tests.invariants.tolerances import float32_sum_bound
 
 
@@ -90,3 +92,14 @@ def thought_groups(vocab: int, prefixes: list[int], k: int, seed: int, tail: int
             tl = torch.randint(5, vocab, (tail,), generator=g).tolist()
             out.append(ThoughtSeq(prefix + th + tl, n_th, tail))
     return out
+
+
+def grpo_rollout(model: Any, seqs: SeqBatch, temperature: float) -> Rollout:
+    """A GRPO rollout of ``seqs`` for the update: old log-probs from ``model`` moved by noise (the policy
+    has moved since), a reference near them, random advantages (seeded)."""
+    with torch.no_grad():
+        old, _ = score_chunked(model, seqs, 0, 0, 0, False, temperature, len(seqs))
+    gen = torch.Generator().manual_seed(9)
+    old = old + 0.3 * torch.randn(old.shape, generator=gen)
+    return Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
+                   GRPOPayload(torch.randn(len(seqs), generator=gen)))

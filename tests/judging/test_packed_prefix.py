@@ -24,7 +24,7 @@ from btpo_cli.methods import btpo as btpo_method
 from btpo_cli.methods import grpo_common
 from btpo_cli.training.rollouts import Rollout, score_chunked
 from tests.invariants.tolerances import float32_sum_bound
-from tests.judging.scoring_paths import off_on_differences, sampled_scores, thought_groups
+from tests.judging.scoring_paths import grpo_rollout, off_on_differences, sampled_scores, thought_groups
 from tests.judging.test_shared_prefix import _cfg, _model
 
 _seqs = thought_groups
@@ -100,12 +100,7 @@ def test_grpo_micro_loss_packed_equals_plain(method: str) -> None:
     model = _model(cfg)
     per_unit = 2 * 3                                         # 2 queries per unit, G completions each
     seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, PREFIXES, 3, seed=5, tail=0), 0)
-    with torch.no_grad():
-        old, _ = score_chunked(model, seqs, 0, 0, 0, False, cfg.rollout.temperature, len(seqs))
-    gen = torch.Generator().manual_seed(9)
-    old = old + 0.3 * torch.randn(old.shape, generator=gen)
-    ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
-                 grpo_common.GRPOPayload(torch.randn(len(seqs), generator=gen)))
+    ro = grpo_rollout(model, seqs, cfg.rollout.temperature)
 
     def run(packing: str) -> torch.Tensor:
         cfg.train.packing = packing

@@ -20,7 +20,13 @@ from btpo_cli.methods import grpo_common
 from btpo_cli.models.loading import load_causal_lm
 from btpo_cli.training.rollouts import Rollout, score_chunked, unit_sizes
 from tests.invariants.tolerances import float32_sum_bound
-from tests.judging.scoring_paths import grads, off_on_differences, sampled_scores, thought_groups
+from tests.judging.scoring_paths import (
+    grads,
+    grpo_rollout,
+    off_on_differences,
+    sampled_scores,
+    thought_groups,
+)
 
 
 def _cfg(name: str, method: str, k: int, shared: str, lora: bool = False, beta: float = 0.0):
@@ -99,12 +105,7 @@ def test_grpo_micro_loss_shared_equals_plain(name: str, g: int, lora: bool) -> N
     model = _model(cfg)
     units, per_unit = 2, 2 * g                   # 2 queries per unit, G completions each
     seqs = SeqBatch.from_seqs(_groups(model, units * 2, g, seed=5, tail=0), 0)
-    with torch.no_grad():
-        old, _ = score_chunked(model, seqs, 0, 0, 0, False, cfg.rollout.temperature, len(seqs))
-    gen = torch.Generator().manual_seed(9)
-    old = old + 0.3 * torch.randn(old.shape, generator=gen)
-    ro = Rollout(seqs, old, old + 0.1 * torch.randn(old.shape, generator=gen),
-                 grpo_common.GRPOPayload(torch.randn(len(seqs), generator=gen)))
+    ro = grpo_rollout(model, seqs, cfg.rollout.temperature)
 
     def run(shared: str) -> torch.Tensor:
         cfg.train.shared_prefix = shared
