@@ -72,8 +72,9 @@ def evaluate(
                                             help="BTPO: also the mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale "
                                               "budget (default: eval.max_new_tokens, else the training one)."),
-    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
-                                       "off | on | auto (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
+                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
+                                       "its K thoughts (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),

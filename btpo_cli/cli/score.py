@@ -59,8 +59,9 @@ def score(
                                      "for it."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress or summary on stderr (the count of bad lines is still printed)."),
-    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
-                                       "off | on | auto (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
+                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
+                                       "its K thoughts (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:

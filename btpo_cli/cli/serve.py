@@ -47,8 +47,9 @@ def serve(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Judge's pairs per forward."),
     samples: int | None = typer.Option(None, "--samples", min=0, help="BTPO: mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale budget."),
-    packing: str | None = typer.Option(None, "--packing", help="BT, BT-prefilled, GRAM: padding-free batches "
-                                       "off | on | auto (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
+                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
+                                       "its K thoughts (default: the run's train.packing)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),

@@ -387,7 +387,8 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     rationale budget (default: the one ``btpo eval`` uses). ``samples`` (BTPO): score by the mean
     p(Yes) over that many sampled thoughts, seeded by ``seed`` and the text. ``aspect``: the default
     aspect (else the checkpoint's). ``packing``: ``train.packing`` for the judge's batches (default: the
-    run's; BT, BT-prefilled, GRAM)."""
+    run's): BT, BT-prefilled, GRAM pack their sequences; BTPO with ``samples`` each prompt once with its
+    sampled thoughts."""
     from btpo_cli.models.device import resolve_device  # heavy: imported on use (torch)
 
     dev = resolve_device(device)
