@@ -13,6 +13,7 @@ from btpo_cli.console import check_format, console, to_tsv, write_json, write_te
 from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import check_choice
 from btpo_cli.judging.benchmarks import get_benchmark
+from btpo_cli.judging.judge import PACKING_HELP
 from btpo_cli.methods import method_names
 
 TSV_COLUMNS = ("run", "method", "model", "dataset", "split", "n", "accuracy", "raw_accuracy", "tie_rate",
@@ -72,9 +73,7 @@ def evaluate(
                                             help="BTPO: also the mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale "
                                               "budget (default: eval.max_new_tokens, else the training one)."),
-    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
-                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
-                                       "its K thoughts (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help=PACKING_HELP),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for greedy thoughts/rationales: auto, hf, "
                                       "vllm (default: the run's rollout.engine)."),

@@ -12,7 +12,7 @@ from btpo_cli.console import console
 from btpo_cli.data.pairs import open_text
 from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import BtpoError, check_choice
-from btpo_cli.judging.judge import load_judge
+from btpo_cli.judging.judge import PACKING_HELP, load_judge
 from btpo_cli.progress import PhaseProgress
 from btpo_cli.serving.scoring import score_lines
 
@@ -59,9 +59,7 @@ def score(
                                      "for it."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress or summary on stderr (the count of bad lines is still printed)."),
-    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
-                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
-                                       "its K thoughts (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help=PACKING_HELP),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
 ) -> None:

@@ -12,7 +12,7 @@ from btpo_cli.console import console
 from btpo_cli.engines import check_engine_choice
 from btpo_cli.errors import BtpoError, check_choice
 from btpo_cli.fsio import atomic_write
-from btpo_cli.judging.judge import load_judge
+from btpo_cli.judging.judge import PACKING_HELP, load_judge
 
 HELP = "Serve a trained judge over HTTP: POST /v1/score, POST /v1/compare, GET /health (dynamic batching)."
 EPILOG = """[bold]Examples[/]
@@ -47,9 +47,7 @@ def serve(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Judge's pairs per forward."),
     samples: int | None = typer.Option(None, "--samples", min=0, help="BTPO: mean p(Yes) over K sampled thoughts."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Thought / rationale budget."),
-    packing: str | None = typer.Option(None, "--packing", help="Padding-free batches off | on | auto: BT, BT-prefilled, "
-                                       "GRAM pack their sequences, BTPO with --samples K each prompt once with "
-                                       "its K thoughts (default: the run's train.packing)."),
+    packing: str | None = typer.Option(None, "--packing", help=PACKING_HELP),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     engine: str | None = typer.Option(None, "--engine", help="Engine for thoughts/rationales: auto, hf, vllm."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (one line each)."),

@@ -410,6 +410,11 @@ def load_judge(path: str | Path, *, device: str | None = None, engine: str | Non
     return spec.judge(str(ck.model_dir), cfg, dev, meta)
 
 
+PACKING_HELP = ("Padding-free batches off | on | auto: BT, BT-prefilled, GRAM pack their sequences, BTPO with "
+                "--samples K each prompt once with its K thoughts (default: the run's train.packing).")
+"""``--packing`` of ``btpo eval``, ``score`` and ``serve`` (:func:`override_eval` applies it)."""
+
+
 def override_eval(cfg: Config, *, batch_size: int | None = None, max_new_tokens: int | None = None,
                   samples: int | None = None, engine: str | None = None, packing: str | None = None) -> None:
     """Apply the judging settings a caller overrides (``btpo eval``'s flags, :func:`load_judge`'s
