@@ -27,9 +27,6 @@ from tests.invariants.tolerances import float32_sum_bound
 from tests.judging.scoring_paths import grpo_rollout, off_on_differences, sampled_scores, thought_groups
 from tests.judging.test_shared_prefix import _cfg, _model
 
-_seqs = thought_groups
-
-
 PREFIXES = [60, 6, 9, 7]
 """A long prompt and three short ones: the three share a row beside the long one's (several per row)."""
 
@@ -47,7 +44,7 @@ def _compare(run, model, n: int) -> tuple[float, float]:
 def test_layout_positions_and_mask() -> None:
     """Prompt once, continuations after it with positions continuing the prompt's, each attending to
     the prompt and itself only; small groups share a row; padding attends to itself."""
-    seqs = SeqBatch.from_seqs(_seqs(50, [20, 3, 3], 2, seed=0), 0)
+    seqs = SeqBatch.from_seqs(thought_groups(50, [20, 3, 3], 2, seed=0), 0)
     rows = pack_prefix_groups(seqs.ids, seqs.mask, seqs.n_thought, seqs.n_tail, prefix_groups(seqs))
     assert not isinstance(rows, str)
     r, width = rows.ids.shape
@@ -77,7 +74,7 @@ def test_btpo_micro_loss_packed_equals_plain(k: int, lora: bool, chunked: bool) 
     cfg.train.chunked_logprobs = "on" if chunked else "off"
     model = _model(cfg)
     pairs = 2
-    seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, PREFIXES, k, seed=3), 0)
+    seqs = SeqBatch.from_seqs(thought_groups(model.config.vocab_size, PREFIXES, k, seed=3), 0)
     judge = btpo_method.GPMTokens(None, 11, 12, 13, 0)
     with torch.no_grad():
         old, yes = score_chunked(model, seqs, 11, 12, 0, False, cfg.rollout.temperature, len(seqs))
@@ -99,7 +96,7 @@ def test_grpo_micro_loss_packed_equals_plain(method: str) -> None:
     cfg = _cfg("tiny-qwen2", method, 3, "off", beta=0.05)
     model = _model(cfg)
     per_unit = 2 * 3                                         # 2 queries per unit, G completions each
-    seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, PREFIXES, 3, seed=5, tail=0), 0)
+    seqs = SeqBatch.from_seqs(thought_groups(model.config.vocab_size, PREFIXES, 3, seed=5, tail=0), 0)
     ro = grpo_rollout(model, seqs, cfg.rollout.temperature)
 
     def run(packing: str) -> torch.Tensor:
@@ -116,7 +113,7 @@ def test_no_grad_scores_match_and_packing_supersedes_shared_prefix() -> None:
     path cannot run) packing still applies."""
     cfg = _cfg("tiny-qwen2", "btpo", 3, "off")
     model = _model(cfg).eval()
-    seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, PREFIXES, 3, seed=7), 0)
+    seqs = SeqBatch.from_seqs(thought_groups(model.config.vocab_size, PREFIXES, 3, seed=7), 0)
     a = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("off"))
     b = score_chunked(model, seqs, 11, 12, 0, False, 0.8, 5, ScorePath("on", packing="on"))
     tol = float32_sum_bound(model.config.vocab_size, max(1.0, *(float(x.abs().max()) for x in a)))  # log-softmax
@@ -135,7 +132,7 @@ def test_on_raises_and_auto_falls_back_where_packing_cannot_apply() -> None:
     cfg = _cfg("tiny-qwen2", "btpo", 2, "off")
     model = _model(cfg).eval()
     model.config._attn_implementation = "flash_attention_2"   # never run: the blocker answers first
-    seqs = SeqBatch.from_seqs(_seqs(model.config.vocab_size, [5, 6], 2, seed=1), 0)
+    seqs = SeqBatch.from_seqs(thought_groups(model.config.vocab_size, [5, 6], 2, seed=1), 0)
     with pytest.raises(BtpoError, match="train.packing=on: attn_implementation 'flash_attention_2'"):
         score_thoughts(model, seqs, 11, 12, 0, path=ScorePath(packing="on"))
     model.config._attn_implementation = "eager"              # eager adds the (additive) mask: same scores

@@ -21,7 +21,6 @@ from btpo_cli.models.loading import load_causal_lm
 from btpo_cli.training.rollouts import Rollout, score_chunked, unit_sizes
 from tests.invariants.tolerances import float32_sum_bound
 from tests.judging.scoring_paths import (
-    grads,
     grpo_rollout,
     off_on_differences,
     sampled_scores,
@@ -56,9 +55,6 @@ def _groups(model, n_groups: int, k: int, seed: int, tail: int = 4) -> list[Thou
     empty)."""
     vocab = model.config.vocab_size if hasattr(model, "config") else 100
     return thought_groups(vocab, [6 + 5 * i for i in range(n_groups)], k, seed, tail)
-
-
-_grads = grads
 
 
 def _compare(run, model, n: int, shared_used: bool = True) -> tuple[float, float]:
